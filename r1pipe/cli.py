@@ -1,0 +1,49 @@
+"""The `r1pipe` console script.
+
+Each command lives in the module that owns it; this file only maps command words to modules
+and imports a module when its command runs, so `r1pipe model info` never pays for Ray.
+A command module provides `add_arguments(parser)` and `main(args) -> int | None`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import r1pipe
+
+# (command words, module, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("model", "info"), "r1pipe.model.info", "parameter counts, KV-cache and weight memory of a preset or checkpoint"),
+    (("run",), "r1pipe.run", "run a recipe (r1-zero, r1, distill, ...) with key=value overrides"),
+    (("eval",), "r1pipe.eval.cli", "evaluate a model or saved generations on math and code suites"),
+]
+
+
+def usage() -> str:
+    lines = [f"r1pipe {r1pipe.__version__}: R1-style reasoning RL on DeepSeek-V3", "", "commands:"]
+    lines += [f"  r1pipe {' '.join(words):<12} {help_text}" for words, _, help_text in COMMANDS]
+    lines += ["", "`r1pipe COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, module_name, help_text in COMMANDS:
+        if tuple(argv[: len(words)]) == words:
+            parser = argparse.ArgumentParser(prog="r1pipe " + " ".join(words), description=help_text)
+            module = importlib.import_module(module_name)
+            module.add_arguments(parser)
+            return int(module.main(parser.parse_args(argv[len(words):])) or 0)
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if argv == ["--version"]:
+        print(f"r1pipe {r1pipe.__version__}")
+        return 0
+    print(f"r1pipe: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

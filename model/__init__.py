@@ -1,1 +1,12 @@
 """DeepSeek-V3: MLA, DeepSeekMoE, FP8, MTP, Hugging Face checkpoint I/O (imported as r1pipe.model)."""
+from .cache import DenseLatentCache, LatentCache
+from .checkpoint import dequantize_blocks, load_pretrained, save_pretrained
+from .config import ModelConfig
+from .linear import make_linear
+from .loss import lm_loss
+from .transformer import ModelOutput, Transformer
+
+__all__ = [
+    "ModelConfig", "Transformer", "ModelOutput", "LatentCache", "DenseLatentCache", "load_pretrained",
+    "save_pretrained", "dequantize_blocks", "lm_loss", "make_linear",
+]

@@ -1,0 +1,38 @@
+"""Multi-token prediction module k: combine the previous depth's hidden state at t with the embedding of token
+t+k+1 (each RMS-normed, concatenated, projected), run one decoder block, predict token t+k+2 through the shared
+head. Stored like the official checkpoints: model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.*,<block params>}."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .block import Block
+from .config import ModelConfig
+from .linear import make_linear
+from .norm import RMSNorm
+
+
+class SharedHead(nn.Module):
+    def __init__(self, config: ModelConfig, head: nn.Linear):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = head  # the main model's output head, shared (stored again under this name in checkpoints)
+
+
+class MTPModule(Block):
+    def __init__(self, config: ModelConfig, layer: int, embed_tokens: nn.Embedding, head: nn.Linear):
+        super().__init__(config, layer)
+        D = config.hidden_size
+        self.embed_tokens = embed_tokens  # shared with the main model
+        self.enorm = RMSNorm(D, config.rms_norm_eps)
+        self.hnorm = RMSNorm(D, config.rms_norm_eps)
+        self.eh_proj = make_linear(2 * D, D, fp8=config.fp8_for(f"model.layers.{layer}.eh_proj"))
+        self.shared_head = SharedHead(config, head)
+
+    def combine(self, hidden: Tensor, next_ids: Tensor) -> Tensor:
+        """[B,S,D] hidden of token t and ids of token t+k+1 -> block input [B,S,D]."""
+        e = self.enorm(self.embed_tokens(next_ids))
+        return self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.shared_head.head(self.shared_head.norm(hidden)).float()

@@ -1,0 +1,171 @@
+"""The DeepSeek-V3 causal LM: embedding, decoder blocks, final norm, output head, and the MTP modules.
+
+State-dict keys are exactly the Hugging Face checkpoint keys, so checkpoints load with no renaming.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .block import Block
+from .cache import LatentCache
+from .config import ModelConfig
+from .moe import MoE
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B,S,V] float32
+    hidden: Tensor  # [B,S,D] final normed hidden state
+    mtp_logits: list[Tensor] = field(default_factory=list)  # module k at t predicts token t+k+2
+    routing: list[Tensor] | None = None  # expert ids [B,S,k] per MoE layer of the main model
+    aux_loss: Tensor | None = None  # seq_aux_alpha * sequence-wise balance loss (summed over MoE layers)
+
+
+class Decoder(nn.Module):
+    """Holds `model.*` keys: embed_tokens, layers (main blocks, then MTP modules), norm."""
+
+    def __init__(self, config: ModelConfig, lm_head: nn.Linear):
+        super().__init__()
+        L = config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        layers: list[nn.Module] = [Block(config, i) for i in range(L)]
+        layers += [MTPModule(config, L + k, self.embed_tokens, lm_head) for k in range(config.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = Decoder(config, self.lm_head)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.rope_attention_factor = rope_inv_freq(config)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        if not self.lm_head.weight.is_meta:
+            self.init_weights(torch.Generator(device=self.lm_head.weight.device).manual_seed(seed))
+
+    # ---- structure
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.model.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_modules(self) -> list[MTPModule]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def moe_layers(self, include_mtp: bool = True) -> list[MoE]:
+        layers = self.model.layers if include_mtp else self.blocks
+        return [b.mlp for b in layers if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Normal(0, initializer_range) for projections, embedding and router; ones for norms; zero biases."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for moe in self.moe_layers():
+            if not moe.gate.e_score_correction_bias.is_meta:
+                moe.gate.e_score_correction_bias.zero_()
+
+    # ---- forward
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
+                attention_mask: Tensor | None = None, routing: list[Tensor] | None = None,
+                return_routing: bool = False, mtp: bool = False) -> ModelOutput:
+        c = self.config
+        B, S = input_ids.shape
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        moe_count = sum(b.is_moe for b in self.blocks)
+        if routing is not None and len(routing) != moe_count:
+            raise ValueError(f"routing has {len(routing)} tensors; the model has {moe_count} MoE layers")
+        mask, cache_positions = self._masks(positions, attention_mask, cache)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
+        h = self.model.embed_tokens(input_ids)
+        routes: list[Tensor] = []
+        aux = h.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            replay = routing[len(routes)] if routing is not None and block.is_moe else None
+            h, ids, balance = block(h, cos, sin, mask, cache_positions, cache, replay, attention_mask)
+            aux = aux + balance
+            if ids is not None:
+                routes.append(ids)
+        hidden = self.model.norm(h)
+        logits = self.lm_head(hidden).float()
+        mtp_logits: list[Tensor] = []
+        if mtp:
+            prev = hidden
+            for k, module in enumerate(self.mtp_modules):
+                # module k at position t reads token t+k+1; the last k+1 positions have no such token (not meaningful)
+                next_ids = torch.roll(input_ids, shifts=-(k + 1), dims=1)
+                prev, step_logits, balance = self._mtp_step(module, prev, next_ids, cos, sin, mask, cache_positions,
+                                                            cache, attention_mask)
+                mtp_logits.append(step_logits)
+                aux = aux + balance
+        return ModelOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits,
+                           routing=routes if return_routing else None, aux_loss=c.seq_aux_alpha * aux)
+
+    def mtp_step(self, k: int, hidden: Tensor, next_ids: Tensor, positions: Tensor,
+                 cache: LatentCache | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run MTP module k alone (for speculative drafting): hidden [B,S,D] of tokens at `positions` and the ids
+        of the tokens one step later -> (module hidden to chain into module k+1, logits [B,S,V])."""
+        mask, cache_positions = self._masks(positions, attention_mask, cache)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
+        h, logits, _ = self._mtp_step(self.mtp_modules[k], hidden, next_ids, cos, sin, mask, cache_positions, cache,
+                                      attention_mask)
+        return h, logits
+
+    def _mtp_step(self, module: MTPModule, prev: Tensor, next_ids: Tensor, cos: Tensor, sin: Tensor,
+                  mask: Tensor | None, positions: Tensor, cache: LatentCache | None, attention_mask: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        h, _, balance = module(module.combine(prev, next_ids), cos, sin, mask, positions, cache, None, attention_mask)
+        return h, module.logits(h), balance
+
+    @staticmethod
+    def _masks(positions: Tensor, attention_mask: Tensor | None, cache: LatentCache | None
+               ) -> tuple[Tensor | None, Tensor]:
+        """(self-attention mask [B,S,S] for the no-cache path, positions for the cache with padding as -1)."""
+        if cache is not None:
+            cache_positions = positions if attention_mask is None else positions.masked_fill(~attention_mask.bool(), -1)
+            return None, cache_positions
+        if attention_mask is None and _is_arange(positions):
+            return None, positions  # plain causal attention
+        mask = positions[:, None, :] <= positions[:, :, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]
+        # a padded query that sees nothing attends itself, so softmax stays finite (its output is never used)
+        mask = mask | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
+        return mask, positions
+
+    # ---- balancing
+    def expert_load(self) -> list[Tensor]:
+        """Tokens routed to each expert since the last update_router_bias, per MoE layer (main, then MTP)."""
+        return [moe.expert_load.clone() for moe in self.moe_layers()]
+
+    def update_router_bias(self, gamma: float | None = None) -> list[float]:
+        """Auxiliary-loss-free balancing after an optimizer step; returns each MoE layer's MaxVio."""
+        gamma = self.config.bias_update_gamma if gamma is None else gamma
+        return [moe.update_bias(gamma) for moe in self.moe_layers()]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _is_arange(positions: Tensor) -> bool:
+    S = positions.shape[1]
+    return bool((positions == torch.arange(S, device=positions.device)).all())

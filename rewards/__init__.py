@@ -1,1 +1,16 @@
-"""Rule-based rewards and the code sandbox (imported as r1pipe.rewards)."""
+"""Rule-based rewards and the code sandbox (imported as r1pipe.rewards).
+
+math: `extract_answer`, `math_equal`; rewards: `build_reward_fn(weights, **options)` ->
+`RewardFn(completion, reference) -> RewardResult`; code: `r1pipe.rewards.code`,
+`r1pipe.rewards.sandbox.run_python`; parallel scoring: `r1pipe.rewards.worker.RewardPool`.
+"""
+
+from .compose import REWARDS, RewardFn, RewardOptions, RewardResult, build_reward_fn
+from .extract import extract_answer, extract_gsm8k_gold, find_boxed, last_boxed
+from .grader import Verdict, math_equal, verify_math
+
+__all__ = [
+    "REWARDS", "RewardFn", "RewardOptions", "RewardResult", "build_reward_fn",
+    "extract_answer", "extract_gsm8k_gold", "find_boxed", "last_boxed",
+    "Verdict", "math_equal", "verify_math",
+]

@@ -1,0 +1,102 @@
+"""Math answer equivalence: normalisation and exact fast paths first, math-verify (sympy) last.
+
+`verify_math` returns a `Verdict` (how it was decided, timeouts and errors); `math_equal` is the
+boolean. Verdicts are cached (an LRU keyed by the cleaned pair); timeouts are not cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .fastmath import Undecided, fast_equal
+from .normalize import canonical_text, clean_answer
+from .verifier import VerifierPool, default_pool
+
+DEFAULT_TIMEOUT_S = 5.0
+_MAX_ANSWER_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    equal: bool
+    method: str  # "empty" | "text" | "fast" | "math_verify" | "cache" | "too_long"
+    timed_out: bool = False
+    error: str | None = None
+
+
+class _LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> Verdict | None:
+        with self._lock:
+            v = self._data.get(key)
+            if v is not None:
+                self._data.move_to_end(key)
+            return v
+
+    def put(self, key: tuple[str, str], v: Verdict) -> None:
+        with self._lock:
+            self._data[key] = v
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_cache = _LRU(200_000)
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -> Verdict:
+    p, g = clean_answer(pred), clean_answer(gold)
+    if not p.latex:
+        return Verdict(False, "empty")
+    kp, kg = canonical_text(p.latex), canonical_text(g.latex)
+    if kp == kg or (kp.replace(" ", "").isalpha() and kp.casefold() == kg.casefold()):
+        return Verdict(True, "text")
+    try:
+        return Verdict(fast_equal(p.latex, g.latex, percent=p.percent or g.percent), "fast")
+    except (Undecided, RecursionError):
+        pass
+    reply = (pool or default_pool()).verify(p.latex, g.latex, timeout_s)
+    if not reply.equal and not reply.timed_out and reply.error is None and (p.latex, g.latex) != (pred, gold):
+        # the cleaning is lossy at the edges (a unit that was a variable): give math-verify the raw pair too
+        raw = (pool or default_pool()).verify(pred, gold, timeout_s)
+        if raw.equal:
+            return Verdict(True, "math_verify")
+    return Verdict(reply.equal, "math_verify", reply.timed_out, reply.error)
+
+
+def verify_math(pred: str | None, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                pool: VerifierPool | None = None) -> Verdict:
+    """Is `pred` the same mathematical answer as `gold`? Never raises; bounded by timeout_s."""
+    if pred is None or not pred.strip():
+        return Verdict(False, "empty")
+    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+        return Verdict(pred.strip() == gold.strip(), "too_long")
+    key = (pred, gold)
+    hit = _cache.get(key)
+    if hit is not None:
+        return Verdict(hit.equal, "cache", False, hit.error)
+    try:
+        verdict = _decide(pred, gold, timeout_s, pool)
+    except Exception as exc:  # a bug in a fast path must cost one answer, never the run
+        verdict = Verdict(False, "error", False, f"{type(exc).__name__}: {exc}")
+    if not verdict.timed_out:
+        _cache.put(key, verdict)
+    return verdict
+
+
+def math_equal(pred: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    return verify_math(pred, gold, timeout_s).equal

@@ -1,0 +1,84 @@
+"""Surface normalisation of final answers: the forms people and models write for the same value.
+
+`clean_answer` returns LaTeX that still parses (for math-verify) with the decoration removed:
+`$...$`, `\\boxed{}`, `\\dfrac`, `\\left/\\right`, spacing commands, units text, degrees, dollars,
+percent (remembered as a flag), thousands separators, a leading `x =`, choice letters `(A)`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from .extract import last_boxed
+
+_UNICODE = {
+    "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+    "\u00f7": "/", "\u00b0": "^\\circ", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u221a": "\\sqrt",
+    "\u2264": "\\le ", "\u2265": "\\ge ", "\u222a": "\\cup ", "\u00b1": "\\pm ", "\u2009": " ", "\u00a0": " ",
+}
+_UNIT_WORDS = (
+    "units?|square units|sq units|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|yards?|yd|miles?|mph|"
+    "seconds?|sec|s|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|cents?|dollars?|pounds?|lbs?|ounces?|oz|"
+    "grams?|kg|g|liters?|litres?|ml|gallons?|degrees?|deg|percent|points?|people|students?|ways|cookies|apples"
+)
+_TRAILING_UNIT_TEXT = re.compile(r"(?<=[\d}a-zA-Z)])\s*\\(?:text|mbox|mathrm|textnormal)\s*\{\s*[^{}]*\}(\^\{?[23]\}?)?\s*$")
+_TRAILING_UNIT_WORD = re.compile(rf"(?<=\d)\s+(?:square\s+|sq\.?\s+|cubic\s+)?(?:{_UNIT_WORDS})\.?(\^\{{?[23]\}}?)?\s*$", re.IGNORECASE)
+_WHOLE_TEXT = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox|textnormal)\s*\{([^{}]*)\}$")
+_LEADING_VAR = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=(?!=)\s*")
+_CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?$")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+@dataclass(frozen=True)
+class CleanAnswer:
+    latex: str  # still valid LaTeX
+    percent: bool  # a % sign was written: the value may be meant as x or x/100
+
+
+def _strip_math_delimiters(s: str) -> str:
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            return s[len(left):len(s) - len(right)].strip()
+    return s
+
+
+def clean_answer(raw: str) -> CleanAnswer:
+    s = unicodedata.normalize("NFKC", raw)
+    for k, v in _UNICODE.items():
+        s = s.replace(k, v)
+    s = _strip_math_delimiters(s.strip())
+    if "\\boxed" in s or "\\fbox" in s:
+        s = last_boxed(s) or s
+    s = _strip_math_delimiters(s.strip())
+    s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)\s*\.", "", s)
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad", " ", s).replace("~", " ")  # not the row break \\
+    s = s.replace("{,}", "")
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
+    percent = bool(re.search(r"\\?%", s))
+    s = re.sub(r"\\?%", "", s)
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.strip().rstrip(".").strip()
+    if m := _WHOLE_TEXT.match(s):
+        s = m.group(1).strip()
+    s = _TRAILING_UNIT_TEXT.sub("", s).strip()
+    s = _TRAILING_UNIT_WORD.sub("", s).strip()
+    s = re.sub(r"\s+(?:dollars?|degrees?)$", "", s)
+    if (m := _LEADING_VAR.match(s)) and "=" not in s[m.end():] and s[m.end():].strip():
+        s = s[m.end():].strip()
+    if m := _CHOICE.match(s):
+        s = m.group(1).upper()
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    return CleanAnswer(s.strip(), percent)
+
+
+def canonical_text(latex: str) -> str:
+    """A key for plain string equality: no whitespace (a command keeps its separating space)."""
+    s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", latex)
+    s = re.sub(r"\s+", "", s).replace("\0", " ")
+    return re.sub(r"\\text\{([^{}]*)\}", r"\1", s)

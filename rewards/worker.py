@@ -1,0 +1,61 @@
+"""Ray actors that score batches of completions in parallel: `RewardPool(weights, num_workers)`.
+
+Each `RewardWorker` owns one RewardFn (and, lazily, its own math-verify processes); inside a
+worker, code sandboxes run on a small thread pool since they mostly wait on child processes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from .compose import RewardResult, build_reward_fn
+
+
+class RewardWorker:
+    """Plain class; `RewardPool` wraps it with `ray.remote`. Usable directly in tests or one process."""
+
+    def __init__(self, weights: dict[str, float], threads: int = 2, **options):
+        self.reward_fn = build_reward_fn(weights, **options)
+        self.threads = threads
+
+    def score(self, completions: list[str], references: list[dict]) -> list[RewardResult]:
+        if len(completions) != len(references):
+            raise ValueError(f"{len(completions)} completions but {len(references)} references")
+        if self.threads <= 1 or len(completions) <= 1:
+            return [self.reward_fn(c, r) for c, r in zip(completions, references)]
+        with ThreadPoolExecutor(self.threads) as ex:
+            return list(ex.map(self.reward_fn, completions, references))
+
+
+class RewardPool:
+    """Scores a batch across `num_workers` Ray actors (contiguous chunks, order preserved)."""
+
+    def __init__(self, weights: dict[str, float], num_workers: int = 2, num_cpus_per_worker: float = 1.0,
+                 threads_per_worker: int = 2, **options):
+        import ray  # lazily: rewards work without Ray
+
+        if num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        build_reward_fn(weights, **options)  # a bad weight or option fails here, in the caller
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        actor = ray.remote(num_cpus=num_cpus_per_worker)(RewardWorker)
+        self._ray = ray
+        self.workers = [actor.remote(weights, threads_per_worker, **options) for _ in range(num_workers)]
+
+    def score(self, completions: list[str], references: list[dict]) -> list[RewardResult]:
+        if len(completions) != len(references):
+            raise ValueError(f"{len(completions)} completions but {len(references)} references")
+        n = len(completions)
+        if n == 0:
+            return []
+        k = len(self.workers)
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        futures = [w.score.remote(completions[a:b], references[a:b]) for w, (a, b) in zip(self.workers, bounds) if b > a]
+        return [r for chunk in self._ray.get(futures) for r in chunk]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            self._ray.kill(w)
+        self.workers = []

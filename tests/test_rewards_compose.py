@@ -1,0 +1,116 @@
+"""Reward composition, format and language rewards, error accounting, and the Ray pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1pipe.rewards import RewardResult, build_reward_fn
+from r1pipe.rewards.format import format_lenient, format_strict
+from r1pipe.rewards.language import language_share
+
+GOOD = "<think>We add 2 and 3 to get 5.</think> <answer>\\boxed{5}</answer>"
+
+
+def test_weighted_total_and_components():
+    fn = build_reward_fn({"accuracy": 1.0, "format": 0.5, "language": 0.1})
+    r = fn(GOOD, {"answer": "5"})
+    assert isinstance(r, RewardResult)
+    assert r.components == {"accuracy": 1.0, "format": 1.0, "language": 1.0}
+    assert r.total == pytest.approx(1.6)
+    assert r.info["errors"] == {}
+    wrong = fn(GOOD.replace("{5}", "{6}"), {"answer": "5"})
+    assert wrong.components["accuracy"] == 0.0 and wrong.total == pytest.approx(0.6)
+
+
+def test_gsm8k_gold_field_is_understood():
+    fn = build_reward_fn({"accuracy": 1.0})
+    assert fn("<answer>1200</answer>", {"answer": "so 12 * 100\n#### 1,200"}).total == 1.0
+
+
+def test_crashing_reward_scores_zero_and_is_counted():
+    fn = build_reward_fn({"accuracy": 1.0, "format": 1.0})
+    r = fn(GOOD, {})  # no gold answer: accuracy raises
+    assert r.components["accuracy"] == 0.0 and r.components["format"] == 1.0
+    assert "accuracy" in r.info["errors"] and r.total == 1.0
+
+
+def test_math_timeout_scores_zero_and_is_counted():
+    fn = build_reward_fn({"accuracy": 1.0}, math_timeout_s=0.5)
+    r = fn("<answer>9^{9^{9^{9}}}</answer>", {"answer": "3"})
+    assert r.total == 0.0 and "accuracy" in r.info["errors"] and r.info["timeouts"] == ["accuracy"]
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="acuracy"):
+        build_reward_fn({"acuracy": 1.0})
+    with pytest.raises(ValueError, match="math_timeout"):
+        build_reward_fn({"accuracy": 1.0}, math_timeout=1)
+
+
+def test_code_reward_humaneval_style():
+    problem = {"prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "entry_point": "add",
+               "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    fn = build_reward_fn({"code": 1.0, "format": 0.5})
+    good = "<think>easy</think> <answer>```python\ndef add(a, b):\n    return a + b\n```</answer>"
+    assert fn(good, problem).components == {"code": 1.0, "format": 1.0}
+    assert fn(good.replace("a + b", "a - b"), problem).components["code"] == 0.0
+
+
+@pytest.mark.parametrize("text,strict,lenient", [
+    ("<think>reasoning</think> <answer>4</answer>", 1.0, 1.0),
+    ("  <think>\nr\n</think>\n<answer>\n4\n</answer>\n", 1.0, 1.0),
+    ("intro <think>r</think> <answer>4</answer>", 0.0, 1.0),
+    ("<think>r</think> <answer>4</answer> trailing", 0.0, 1.0),
+    ("<think>r</think> middle <answer>4</answer>", 0.0, 1.0),
+    ("<think>r</think><answer>4</answer><answer>5</answer>", 0.0, 1.0),
+    ("<think>r</think> <answer> </answer>", 0.0, 0.0),
+    ("<think></think> <answer>4</answer>", 0.0, 1.0),
+    ("<answer>4</answer> <think>r</think>", 0.0, 0.0),
+    ("no tags at all", 0.0, 0.0),
+    ("<think>r <answer>4</answer>", 0.0, 0.0),
+])
+def test_format_rewards(text, strict, lenient):
+    assert format_strict(text) == strict
+    assert format_lenient(text) == lenient
+
+
+def test_format_with_think_in_prompt():
+    assert format_strict("reasoning</think> <answer>4</answer>", think_in_prompt=True) == 1.0
+    assert format_strict("reasoning</think> <answer>4</answer>") == 0.0
+
+
+def test_language_share():
+    assert language_share("We compute $x^2 + \\frac{1}{2}$ and then 3 + 4 = 7.") == 1.0
+    assert language_share("我们 compute 平方") == pytest.approx(1 / 5)  # 4 Han characters, 1 English word
+    assert language_share("我们计算", "zh") == 1.0
+    assert language_share("Сначала we посчитаем", "ru") == pytest.approx(2 / 3)
+    assert language_share("12 + 34 = 46") == 0.0  # no words at all
+    fn = build_reward_fn({"language": 1.0})
+    assert fn("<think>Zuerst rechnen wir</think><answer>4</answer>", {"language": "zh"}).total == 0.0
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_reward_pool_matches_local_scoring(ray_local):
+    from r1pipe.rewards.worker import RewardPool, RewardWorker
+
+    weights = {"accuracy": 1.0, "format": 0.5}
+    completions = [f"<think>t</think> <answer>\\boxed{{{k}/2}}</answer>" for k in range(12)]
+    references = [{"answer": str(k / 2)} if k % 3 else {"answer": "100"} for k in range(12)]
+    references[5] = {}  # a broken reference: scored 0 and counted, not fatal
+    pool = RewardPool(weights, num_workers=2)
+    try:
+        remote = pool.score(completions, references)
+    finally:
+        pool.shutdown()
+    local = RewardWorker(weights, threads=1).score(completions, references)
+    assert [r.total for r in remote] == [r.total for r in local]
+    assert [r.components for r in remote] == [r.components for r in local]
+    assert remote[5].info["errors"].keys() == {"accuracy"}
+    assert [r.components["accuracy"] for r in remote] == [0.0 if k % 3 == 0 or k == 5 else 1.0 for k in range(12)]

@@ -1,0 +1,320 @@
+"""The LLM class: continuous-batched generation on r1pipe's own DeepSeek-V3 with the paged latent cache.
+
+Each engine step admits waiting prompts (one shared prefill per prompt for its n samples), then feeds the
+last token of every running sequence in ONE batched forward and samples all of them at once. With
+speculative_k > 0 a step instead drafts k tokens with the model's own MTP module and verifies them in one
+forward (r1pipe.engine.speculative).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from r1pipe.engine.paged_cache import PagedLatentCache
+from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams
+from r1pipe.engine.sampler import SamplingTensors, sample, token_logprobs
+from r1pipe.engine.scheduler import Scheduler, Sequence, SequenceGroup
+from r1pipe.engine.tokenizer import TokenizerAdapter
+
+_SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
+
+
+class LLM:
+    """Offline batched generation, shaped like vllm.LLM.
+
+    model: a Hugging Face-format deepseek_v3 checkpoint directory or an r1pipe.model.Transformer (used in
+    place, moved to device/dtype). tokenizer: a directory or tokenizer object (default: the checkpoint
+    dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
+    block_size tokens (default: enough for max_num_seqs sequences of max_model_len tokens, capped by
+    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off).
+    """
+
+    def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
+                 max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
+        self.device = torch.device(device)
+        if isinstance(model, (str, Path)):
+            from r1pipe.model import load_pretrained
+
+            self.model = load_pretrained(model, dtype=dtype, device=self.device)
+            tokenizer = model if tokenizer is None else tokenizer
+        else:
+            self.model = model.to(device=self.device, dtype=dtype)
+        self.config = self.model.config
+        c = self.config
+        self.tokenizer = TokenizerAdapter.load(tokenizer, eos_token_id=c.eos_token_id)
+        eos = self.tokenizer.eos_token_id if self.tokenizer else c.eos_token_id
+        # configs may list several EOS ids
+        self.eos_token_ids: frozenset[int] = frozenset(
+            [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])])
+        self.vocab_size = c.vocab_size
+        self.num_moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        if speculative_k and c.num_nextn_predict_layers < 1:
+            raise ValueError("speculative_k > 0 needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.speculative_k = speculative_k
+        self.max_model_len = max_model_len or c.max_position_embeddings
+        cache_layers = c.num_hidden_layers + (1 if speculative_k else 0)
+        per_token = cache_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
+        if num_blocks is None:
+            wanted = max_num_seqs * -(-self.max_model_len // block_size) + 1
+            affordable = int(cache_memory_gb * 2**30) // (per_token * block_size)
+            num_blocks = max(2, min(wanted, affordable))
+        self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
+                                      dtype=dtype, device=self.device)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=speculative_k)
+        self._seeds = random.Random(seed)
+        self._next_request = 0
+        self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed MTP draft tokens since the engine was built (speculative_k > 0)."""
+        return self.stats["accepted_tokens"] / max(1, self.stats["draft_tokens"])
+
+    def generate(self, prompts: Seq[str] | Seq[Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        groups = [self._make_group(p, sp) for p, sp in zip(prompts, plist)]
+        for group in groups:
+            self.scheduler.add(group)
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                while self.scheduler.has_work():
+                    done_before = self._num_done(groups)
+                    self._step()
+                    if progress is not None:
+                        progress.update(self._num_done(groups) - done_before)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self.model.train(was_training)
+            if progress is not None:
+                progress.close()
+        return [self._request_output(g) for g in groups]
+
+    @torch.no_grad()
+    def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy new weights into the model in place (names as in its state dict); returns how many were set.
+        Unknown names or wrong shapes are an error naming them; nothing is half-applied on error."""
+        items = list(weights.items()) if isinstance(weights, dict) else list(weights)
+        own = self.model.state_dict(keep_vars=True)
+        unknown = [n for n, _ in items if n not in own and not n.endswith(_SHARED_ALIASES)]
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names not in the model, e.g. {unknown[:5]}")
+        bad = [f"{n}: {tuple(t.shape)} vs {tuple(own[n].shape)}" for n, t in items
+               if n in own and t.shape != own[n].shape]
+        if bad:
+            raise ValueError(f"update_weights: shape mismatch for {bad[:5]}")
+        count = 0
+        for name, tensor in items:
+            if name in own:
+                own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
+                count += 1
+        return count
+
+    # ------------------------------------------------------------------ requests
+    def _make_group(self, prompt: str | Seq[int], params: SamplingParams) -> SequenceGroup:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer; pass tokenizer= or token-id prompts")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(ids) + params.max_tokens + self.speculative_k > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                             f"{self.max_model_len}")
+        if params.seed is not None:
+            seeds = [(params.seed * 1_000_003 + i) & 0x7FFF_FFFF_FFFF_FFFF for i in range(params.n)]
+        else:
+            seeds = [self._seeds.getrandbits(63) for _ in range(params.n)]
+        group = SequenceGroup(self._next_request, text, ids, params, seeds)
+        self._next_request += 1
+        return group
+
+    def _num_done(self, groups: list[SequenceGroup]) -> int:
+        return sum(1 for g in groups if g.seqs and all(s.finished and not s.awaiting_final_feed for s in g.seqs))
+
+    def _abort(self) -> None:
+        """Leave the engine usable after an error: free everything, drop queued work."""
+        self.scheduler.retire(list(self.scheduler.running))
+        for group in self.scheduler.waiting:
+            self.cache.allocator.free(group.prompt_blocks)
+        self.scheduler.waiting.clear()
+
+    # ------------------------------------------------------------------ engine step
+    def _step(self) -> None:
+        self.stats["steps"] += 1
+        groups = self.scheduler.admit()
+        if groups:
+            self._prefill(groups)
+        if not self.scheduler.running:
+            if self.scheduler.waiting and not groups:
+                raise RuntimeError("scheduler stalled: no running sequences and nothing admissible")
+            return
+        if self.speculative_k:
+            from r1pipe.engine.speculative import speculative_step
+
+            done = speculative_step(self, self.scheduler.running)
+        else:
+            done = self._decode(self.scheduler.running)
+        self.scheduler.retire(done)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                 block_tables: list[list[int]], routing: bool, mtp: bool = False):
+        """One model forward through the paged cache. Padding is fed at position 0 and never stored."""
+        self.cache.plan(block_tables, positions, valid)
+        return self.model(input_ids.to(self.device), positions=positions.to(self.device), cache=self.cache,
+                          return_routing=routing, mtp=mtp)
+
+    def _prefill(self, groups: list[SequenceGroup]) -> None:
+        """One padded forward over the admitted prompts, then each prompt's n samples draw their first token."""
+        lens = [g.prompt_len for g in groups]
+        S = max(lens)
+        ids = torch.zeros(len(groups), S, dtype=torch.long)
+        for i, g in enumerate(groups):
+            ids[i, : g.prompt_len] = torch.tensor(g.prompt_ids)
+        lens_t = torch.tensor(lens)
+        valid = torch.arange(S).unsqueeze(0) < lens_t.unsqueeze(1)
+        positions = torch.arange(S).expand(len(groups), S) * valid
+        want_routing = any(g.params.return_routing for g in groups)
+        out = self._forward(ids, positions, valid, [g.prompt_blocks for g in groups], want_routing)
+        rows = torch.arange(len(groups), device=self.device)
+        last = lens_t.to(self.device) - 1
+        logits = out.logits[rows, last]  # [G, V]
+        if want_routing:
+            routing = torch.stack(out.routing).cpu()  # [layers, G, S, k]
+            for i, g in enumerate(groups):
+                if g.params.return_routing:
+                    g.prompt_routing = routing[:, i, : g.prompt_len].clone()
+        if self.speculative_k:
+            from r1pipe.engine.speculative import mtp_prefill
+
+            mtp_prefill(self, groups, ids, out.hidden, lens)
+        seqs: list[Sequence] = []
+        repeat = []
+        for i, g in enumerate(groups):
+            forked = self.scheduler.fork(g)
+            seqs += forked
+            repeat += [i] * len(forked)
+        rep = torch.tensor(repeat, device=self.device)
+        self._sample_and_append(seqs, logits[rep])
+        if self.speculative_k:
+            hidden = out.hidden[rows, last]
+            for seq, r in zip(seqs, repeat):
+                seq.pending_hidden = hidden[r : r + 1]
+        done = [s for s in seqs if s.finished and not s.awaiting_final_feed]
+        self.scheduler.retire(done)
+
+    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Feed every running sequence's newest token in one forward and sample the next for each."""
+        B = len(seqs)
+        ids = torch.tensor([[s.last_token()] for s in seqs], dtype=torch.long)
+        positions = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)
+        valid = torch.ones(B, 1, dtype=torch.bool)
+        want_routing = any(s.params.return_routing for s in seqs)
+        out = self._forward(ids, positions, valid, [s.blocks for s in seqs], want_routing)
+        for s in seqs:
+            s.num_cached += 1
+        if want_routing:
+            self._record_routing(seqs, torch.stack(out.routing)[:, :, 0].cpu())  # [layers, B, k]
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        if live:
+            logits = out.logits[:, -1]
+            if len(live) < B:
+                logits = logits[torch.tensor(live, device=self.device)]
+            self._sample_and_append([seqs[i] for i in live], logits)
+        return [s for s in seqs if s.finished and not s.awaiting_final_feed]
+
+    def _record_routing(self, seqs: list[Sequence], routing: torch.Tensor) -> None:
+        """routing [layers, B, k]: the experts each fed output token used."""
+        for b, s in enumerate(seqs):
+            if s.params.return_routing:
+                s.routing.append(routing[:, b])
+                s.awaiting_final_feed = False
+
+    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        return SamplingTensors.build([s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
+                                     [s.params.top_k for s in seqs], self.vocab_size, self.device)
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        st = self.sampling_tensors(seqs)
+        tokens = sample(logits, st, [s.stream for s in seqs])
+        want_lp = any(s.params.logprobs for s in seqs)
+        lps = token_logprobs(logits, tokens, st).tolist() if want_lp else None
+        for i, (seq, tok) in enumerate(zip(seqs, tokens.tolist())):
+            self.append_token(seq, tok, lps[i] if lps is not None else None)
+
+    # ------------------------------------------------------------------ stopping
+    def append_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        """Add one sampled token and decide whether the sequence is finished."""
+        seq.output_ids.append(token)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)  # type: ignore[arg-type]
+        p = seq.params
+        reason: str | None = None
+        if token in self.eos_token_ids and not p.ignore_eos:
+            reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif p.stop and self.tokenizer is not None and (hit := self._stop_string(seq)) is not None:
+            reason, seq.stop_reason = "stop", hit
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            # its routing is recorded when it is fed; the last token never is, so feed it once more
+            seq.awaiting_final_feed = p.return_routing
+
+    def _stop_string(self, seq: Sequence) -> str | None:
+        stops = seq.params.stop or []
+        window = max(len(s) for s in stops) + 8  # tokens: every token yields at least ~1 character
+        tail = self.tokenizer.decode(seq.output_ids[-window:], seq.params.skip_special_tokens)  # type: ignore[union-attr]
+        found = [(tail.find(s), s) for s in stops if s in tail]
+        return min(found)[1] if found else None
+
+    # ------------------------------------------------------------------ results
+    def _request_output(self, group: SequenceGroup) -> RequestOutput:
+        outs = []
+        for seq in group.seqs:
+            text = ""
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_ids, seq.params.skip_special_tokens)
+                if isinstance(seq.stop_reason, str):
+                    cut = [text.find(s) for s in seq.params.stop or [] if s in text]
+                    if cut:
+                        text = text[: min(cut)]
+            routing = None
+            if seq.params.return_routing:
+                k = self.config.num_experts_per_tok
+                routing = (torch.stack(seq.routing, dim=1) if seq.routing
+                           else torch.zeros(self.num_moe_layers, 0, k, dtype=torch.long))
+            outs.append(CompletionOutput(index=seq.index, text=text, token_ids=list(seq.output_ids),
+                                         logprobs=list(seq.logprobs) if seq.params.logprobs else None,
+                                         finish_reason=seq.finish_reason or "length", routing=routing,
+                                         stop_reason=seq.stop_reason))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_ids),
+                             outputs=outs, prompt_routing=group.prompt_routing)

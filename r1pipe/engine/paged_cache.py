@@ -1,0 +1,141 @@
+"""The MLA latent cache in preallocated blocks (paged), with per-sequence block tables.
+
+Per token and layer only the normalised KV latent (kv_lora_rank values) and the RoPE'd shared key
+(qk_rope_head_dim values) are stored. Block 0 is a scratch block: padding tokens are written there and
+unused block-table entries point at it, so every index stays in range and is masked out.
+
+Before each forward the engine calls `plan(...)` with the rows' block tables and the positions it
+feeds; `update` (the model's LatentCache protocol) then writes the new tokens into their slots and
+gathers each row's cached tokens in position order, so key index j is position j.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+SCRATCH_BLOCK = 0
+
+
+class BlockAllocator:
+    """Free list and reference counts of the cache blocks (shared prompt blocks are ref-counted)."""
+
+    def __init__(self, num_blocks: int, on_first_use: Callable[[int], None] | None = None) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"need at least 2 cache blocks (one is scratch), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_blocks
+        self._used = [False] * num_blocks
+        self._on_first_use = on_first_use
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("latent cache is out of blocks (the scheduler should have prevented this)")
+        block = self._free.pop()
+        self._refs[block] = 1
+        if not self._used[block]:
+            self._used[block] = True
+            if self._on_first_use is not None:
+                self._on_first_use(block)
+        return block
+
+    def share(self, block: int) -> None:
+        self._refs[block] += 1
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
+            elif self._refs[block] < 0:
+                raise RuntimeError(f"cache block {block} freed twice")
+
+
+class PagedLatentCache:
+    """Implements r1pipe.model.cache.LatentCache over a block pool shared by all sequences."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
+                 qk_rope_head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
+        slots = num_blocks * block_size
+        # uninitialised, so memory is only touched as blocks come into use; a block is zeroed on first use
+        # (masked keys still enter the attention product with weight 0, so they must never hold NaN)
+        self.kv = torch.empty(num_layers, slots, kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.empty(num_layers, slots, qk_rope_head_dim, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, on_first_use=self._zero_block)
+        self._zero_block(SCRATCH_BLOCK)
+        self.device = torch.device(device)
+        self._write: torch.Tensor | None = None  # [B*S] slot per fed token (scratch for padding)
+        self._read: torch.Tensor | None = None  # [B*T] slot per key, position order
+        self._mask: torch.Tensor | None = None  # [B, S, T]
+        self._positions: torch.Tensor | None = None
+        self._shape: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across all cached layers."""
+        per_layer = (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv.element_size()
+        return per_layer * self.num_layers
+
+    def plan(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
+             context_lens: list[int] | None = None) -> None:
+        """Set up the next forward. block_tables[b] are row b's blocks in order; positions [B, S] are
+        the positions fed (padding entries may hold anything); valid [B, S] marks real tokens. A query
+        at position p attends keys 0..p of its row; a padding query attends key 0 only.
+        context_lens[b] (default: max position + 1) bounds the keys gathered."""
+        B, S = positions.shape
+        bs = self.block_size
+        if context_lens is None:
+            context_lens = (positions.masked_fill(~valid, 0).amax(dim=1) + 1).tolist()
+        max_blocks = max(1, max(-(-n // bs) for n in context_lens))
+        rows = [blocks[:max_blocks] + [SCRATCH_BLOCK] * (max_blocks - len(blocks)) for blocks in block_tables]
+        table = torch.tensor(rows, dtype=torch.long, device=self.device)
+        positions = positions.to(self.device)
+        valid = valid.to(self.device)
+        T = max_blocks * bs
+        slot_of_position = (table.unsqueeze(-1) * bs + torch.arange(bs, device=self.device)).view(B, T)
+        safe_pos = torch.where(valid, positions, torch.zeros_like(positions)).clamp_(max=T - 1)
+        write = slot_of_position.gather(1, safe_pos)
+        self._write = torch.where(valid, write, torch.full_like(write, SCRATCH_BLOCK * bs)).reshape(-1)
+        self._read = slot_of_position.reshape(-1)
+        key_pos = torch.arange(T, device=self.device)
+        query_pos = torch.where(valid, positions, torch.zeros_like(positions))
+        self._mask = key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1)
+        self._positions = positions
+        self._shape = (B, S, T)
+
+    def update(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._write is None:
+            raise RuntimeError("PagedLatentCache.update called without plan()")
+        if layer >= self.num_layers:
+            raise IndexError(f"cache has {self.num_layers} layers, got layer {layer}")
+        B, S, T = self._shape
+        if kv_latent.shape[:2] != (B, S):
+            raise ValueError(f"planned a [{B}, {S}] batch, the model fed {tuple(kv_latent.shape[:2])}")
+        kv, pe = self.kv[layer], self.pe[layer]
+        kv.index_copy_(0, self._write, kv_latent.reshape(B * S, -1).to(kv.dtype))
+        pe.index_copy_(0, self._write, k_rope.reshape(B * S, -1).to(pe.dtype))
+        return (kv.index_select(0, self._read).view(B, T, -1),
+                pe.index_select(0, self._read).view(B, T, -1), self._mask)
+
+    def _zero_block(self, block: int) -> None:
+        bs = self.block_size
+        self.kv[:, block * bs:(block + 1) * bs] = 0
+        self.pe[:, block * bs:(block + 1) * bs] = 0
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's contents in every layer (copy-on-write of a shared partial block)."""
+        bs = self.block_size
+        self.kv[:, dst * bs:(dst + 1) * bs] = self.kv[:, src * bs:(src + 1) * bs]
+        self.pe[:, dst * bs:(dst + 1) * bs] = self.pe[:, src * bs:(src + 1) * bs]

@@ -1,0 +1,45 @@
+"""One small interface over the tokenizers the engine may be given (transformers or `tokenizers`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class TokenizerAdapter:
+    """encode / decode / eos_token_id over a transformers tokenizer or a tokenizers.Tokenizer."""
+
+    def __init__(self, tokenizer: Any, eos_token_id: int | list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self._is_raw = hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "batch_decode")
+        own_eos = None if self._is_raw else getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | list[int] | None = own_eos if own_eos is not None else eos_token_id
+
+    @staticmethod
+    def load(source: Any, eos_token_id: int | list[int] | None = None) -> "TokenizerAdapter | None":
+        """A tokenizer from a directory (transformers AutoTokenizer, or a bare tokenizer.json) or an
+        object; None when a directory holds no tokenizer files."""
+        if source is None:
+            return None
+        if isinstance(source, TokenizerAdapter):
+            return source
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+                return None
+            try:
+                from transformers import AutoTokenizer
+
+                return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path)), eos_token_id)
+            except (OSError, ValueError, KeyError):
+                from tokenizers import Tokenizer
+
+                return TokenizerAdapter(Tokenizer.from_file(str(path / "tokenizer.json")), eos_token_id)
+        return TokenizerAdapter(source, eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        if self._is_raw:
+            return list(self.tokenizer.encode(text).ids)
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

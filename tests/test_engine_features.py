@@ -1,0 +1,183 @@
+"""Engine features against references: stop strings through a real tokenizer and checkpoint directory,
+routing replay in the training forward, MTP self-speculation (exactness and the rejection rule)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from r1pipe.engine import LLM, SamplingParams
+from r1pipe.engine.sampler import draw
+from r1pipe.engine.speculative import rejection_sample
+from r1pipe.model import ModelConfig, Transformer, save_pretrained
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [42], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=3, **overrides)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer(tiny_config(), seed=7).eval()
+
+
+def engine(model, **kw) -> LLM:
+    kw.setdefault("block_size", 4)
+    kw.setdefault("num_blocks", 512)
+    return LLM(model, **kw)
+
+
+def tokens(outs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def char_tokenizer(vocab_size: int):
+    """A real transformers fast tokenizer with one character per id (so text positions are token positions)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(0x100 + i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0x100)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0x100))
+
+
+def test_checkpoint_dir_text_prompts_and_stop_strings(model, tmp_path):
+    save_pretrained(model, tmp_path)
+    char_tokenizer(model.config.vocab_size).save_pretrained(tmp_path)
+    llm = LLM(tmp_path, block_size=4, num_blocks=256)
+    prompt = "".join(chr(0x100 + i) for i in PROMPTS[3])
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    assert free.prompt == prompt and free.prompt_token_ids == PROMPTS[3]
+    full = free.outputs[0]
+    assert full.text == "".join(chr(0x100 + t) for t in full.token_ids)
+    # a 2-character stop string whose first occurrence starts at character i >= 3
+    i = next(i for i in range(3, 20) if full.text.find(full.text[i:i + 2]) == i)
+    stop = full.text[i:i + 2]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop=["\n\n\n", stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == full.text[:i]  # the stop string is cut from the text ...
+    assert out.token_ids == full.token_ids[: i + 2]  # ... the tokens keep the one that completed it
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_routing_records_replay_the_rollout_logprobs(model):
+    m = Transformer(tiny_config(), seed=7).eval()
+    llm = engine(m)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=4, return_routing=True, ignore_eos=True)
+    outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    n_moe, k = len(m.moe_layers(include_mtp=False)), m.config.num_experts_per_tok
+    with torch.no_grad():  # later selection biases (as after policy updates) change which experts win
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    drift = 0.0
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.prompt_routing.shape == (n_moe, len(prompt), k)
+        for c in out.outputs:
+            assert c.routing.shape == (n_moe, len(c.token_ids), k) and c.routing.dtype == torch.long
+            seq = torch.tensor([prompt + c.token_ids])
+            replay = [r.unsqueeze(0) for r in torch.cat([out.prompt_routing, c.routing], dim=1)]
+            with torch.no_grad():
+                replayed = m(seq, routing=replay).logits[0, len(prompt) - 1: -1]
+                free = m(seq).logits[0, len(prompt) - 1: -1]
+            target = torch.tensor(c.token_ids)[:, None]
+            lp = torch.log_softmax(replayed, -1).gather(-1, target)[:, 0]
+            torch.testing.assert_close(lp, torch.tensor(c.logprobs), atol=1e-5, rtol=0)
+            drift = max(drift, float((torch.log_softmax(free, -1).gather(-1, target)[:, 0] - lp).abs().max()))
+    assert drift > 1e-3  # without the replay the new biases would have changed the log-probs
+
+
+def test_rejection_rule_preserves_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    V, N = 6, 200_000
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    drafts = draw(q.expand(N, V), torch.rand(N, generator=g, dtype=torch.float64))
+    target = p.expand(N, 2, V)
+    accepted, nxt = rejection_sample(target, q.expand(N, 1, V), drafts[:, None],
+                                     torch.rand(N, 2, generator=g, dtype=torch.float64))
+    first = torch.where(accepted == 1, drafts, nxt)
+    freq = torch.bincount(first, minlength=V).double() / N
+    assert (freq - p.double()).abs().max() < 0.006
+    assert abs(accepted.double().mean() - torch.minimum(p, q).sum()) < 0.006  # acceptance = sum min(p, q)
+    # a greedy target (one-hot) keeps exactly the matching drafts and otherwise gives its argmax
+    onehot = torch.zeros(3, 2, V)
+    onehot[:, :, 2] = 1
+    a, t = rejection_sample(onehot, q.expand(3, 1, V), torch.tensor([[2], [4], [0]]), torch.full((3, 2), 0.99))
+    assert a.tolist() == [1, 0, 0] and t.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(model, k):
+    sp = [SamplingParams(n=2, temperature=0, max_tokens=m, ignore_eos=True) for m in (11, 6, 14, 9)]
+    plain = engine(model).generate(PROMPTS, sp, use_tqdm=False)
+    spec_llm = engine(model, speculative_k=k, max_num_seqs=3)
+    spec = spec_llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert tokens(spec) == tokens(plain)
+    for a, b in zip(spec, plain):
+        torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
+                                   atol=1e-5, rtol=0)
+    assert spec_llm.stats["draft_tokens"] > 0 and 0.0 <= spec_llm.acceptance_rate <= 1.0
+
+
+def test_speculative_drafts_get_accepted_when_mtp_agrees():
+    """Zeroed output norms make the main head and the MTP head both predict token 0 everywhere (all logits
+    tie at 0, argmax takes the first): every draft must be accepted and the output is unchanged."""
+    m = Transformer(tiny_config(), seed=3).eval()
+    with torch.no_grad():
+        m.model.norm.weight.zero_()
+        m.mtp_modules[0].shared_head.norm.weight.zero_()
+    sp = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    plain = engine(m).generate(PROMPTS, sp, use_tqdm=False)
+    llm = engine(m, speculative_k=2)
+    spec = llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert tokens(spec) == tokens(plain) == [[[0] * 9]] * len(PROMPTS)
+    assert llm.acceptance_rate == 1.0
+    # 9 tokens = 1 from the prefill + 8 in steps of 3 (2 drafts + 1): the last step's surplus is dropped
+    assert llm.stats["accepted_tokens"] == 2 * 3 * len(PROMPTS)
+
+
+def test_speculative_sampling_logprobs_and_routing_replay(model):
+    m = Transformer(tiny_config(), seed=7).eval()
+    llm = engine(m, speculative_k=2)
+    sp = SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=9, return_routing=True, ignore_eos=True)
+    outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+    again = engine(m, speculative_k=2).generate(PROMPTS, sp, use_tqdm=False)
+    assert tokens(outs) == tokens(again)
+    for prompt, out in zip(PROMPTS, outs):
+        for c in out.outputs:
+            assert len(c.token_ids) == 12 and c.routing.shape[1] == 12
+            seq = torch.tensor([prompt + c.token_ids])
+            replay = [r.unsqueeze(0) for r in torch.cat([out.prompt_routing, c.routing], dim=1)]
+            with torch.no_grad():
+                logits = m(seq, routing=replay, return_routing=True)
+            lp = torch.log_softmax(logits.logits[0, len(prompt) - 1: -1] / 0.8, -1)
+            lp = lp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(lp, torch.tensor(c.logprobs), atol=1e-5, rtol=0)
+            free = m(seq, return_routing=True).routing
+            # recorded = what the model picks (top-k order aside)
+            assert all(torch.equal(f[0].sort(-1).values, r[0].sort(-1).values) for f, r in zip(free, replay))
+
+
+def test_vllm_backend_is_lazy_and_explains_itself():
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    from r1pipe.engine import vllm_backend
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed; the GPU tests cover it")
+    with pytest.raises(ImportError, match="vllm and a CUDA GPU"):
+        vllm_backend.VLLMEngine("/nonexistent")

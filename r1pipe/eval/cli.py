@@ -1,0 +1,105 @@
+"""`r1pipe eval`: evaluate a model, or re-score saved generations, on math and code suites.
+
+    r1pipe eval --model runs/r1-zero/rl/final --suite gsm8k,math500 -k 4 --out eval_out
+    r1pipe eval --model Qwen2.5-Math-1.5B/ --suite aime24 -k 64 --max-tokens 32768
+    r1pipe eval --suite-file heldout.jsonl --model ckpt/ --greedy
+    r1pipe eval --suite gsm8k --responses eval_out/generations.jsonl --out rescored
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from r1pipe.eval.backends import BACKENDS
+from r1pipe.eval.suites import KINDS, REGISTRY, load_suite_file, resolve_suites
+from r1pipe.eval.templates import TEMPLATES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("what to evaluate")
+    source.add_argument("--model", help="checkpoint directory (r1pipe deepseek_v3 or a Hugging Face causal LM)")
+    source.add_argument("--responses", help="JSONL of saved generations {'id', 'response'[, 'suite']} to score instead of generating")
+    source.add_argument("--suite", default=None,
+                        help=f"comma-separated shipped suites: {', '.join(REGISTRY)}, or the groups math, code, all")
+    source.add_argument("--suite-file", action="append", default=[], help="a user JSONL suite (repeatable)")
+    source.add_argument("--suite-name", help="name of the --suite-file suite in reports (default: the file's stem)")
+    source.add_argument("--suite-kind", choices=KINDS, default="math", help="how --suite-file rows are graded")
+    source.add_argument("--prompt-field", default="prompt", help="--suite-file field with the question")
+    source.add_argument("--answer-field", default="answer", help="--suite-file field with the gold answer (math)")
+    source.add_argument("--id-field", default="id", help="--suite-file field with the problem id (else the line number)")
+    source.add_argument("--limit", type=int, help="only the first N problems of each suite")
+
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("-k", "--samples", type=int, default=1, help="samples per problem (R1 paper: 4..64)")
+    protocol.add_argument("--greedy", action="store_true", help="greedy decoding (one sample)")
+    protocol.add_argument("--temperature", type=float, default=0.6)
+    protocol.add_argument("--top-p", type=float, default=0.95)
+    protocol.add_argument("--max-tokens", type=int, default=4096)
+    protocol.add_argument("--pass-at", type=int_list, default=[], help="extra pass@j values to report, e.g. 1,5,10")
+    protocol.add_argument("--template", choices=TEMPLATES, default="auto",
+                          help="auto: the chat template with the R1 instruction when the tokenizer has one, else R1-Zero's")
+    protocol.add_argument("--extract", default="auto", help="answer extraction mode passed to r1pipe.rewards.extract_answer")
+    protocol.add_argument("--seed", type=int, default=0)
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--backend", choices=BACKENDS, default="auto")
+    runtime.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    runtime.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    runtime.add_argument("--max-num-seqs", type=int, help="engine backend: sequences decoded together")
+    runtime.add_argument("--max-model-len", type=int, help="engine backend: longest prompt + completion (sizes the KV cache)")
+    runtime.add_argument("--workers", type=int, default=None, help="grading processes (default: CPU count, at most 8)")
+    runtime.add_argument("--timeout", type=float, default=10.0, help="seconds per answer check or program run")
+    runtime.add_argument("--out", default="eval_out", help="output directory for report.json, report.md, generations.jsonl")
+    runtime.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, int]:
+    """Cache sizing for the engine (vLLM takes the same two; transformers ignores them)."""
+    options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len}
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def main(args: argparse.Namespace) -> int:
+    from r1pipe.eval.runner import evaluate
+
+    if (args.model is None) == (args.responses is None):
+        print("r1pipe eval: give --model to generate or --responses to score saved generations (one of them)", file=sys.stderr)
+        return 2
+    if not args.suite and not args.suite_file:
+        print("r1pipe eval: name at least one --suite or --suite-file", file=sys.stderr)
+        return 2
+    try:
+        suites = resolve_suites(args.suite) if args.suite else []
+        for path in args.suite_file:
+            name = args.suite_name if args.suite_name and len(args.suite_file) == 1 else None
+            suite = load_suite_file(path, name=name, kind=args.suite_kind, prompt_field=args.prompt_field,
+                                    answer_field=args.answer_field, id_field=args.id_field or None)
+            if suite.skipped:
+                print(f"r1pipe eval: {path}: skipped {suite.skipped} malformed rows, e.g. {suite.skipped_reasons[0]}", file=sys.stderr)
+            if not suite.problems:
+                print(f"r1pipe eval: {path}: no usable problems", file=sys.stderr)
+                return 2
+            suites.append(suite)
+        evaluate(
+            args.model, suites, args.out, responses=args.responses, k=args.samples, greedy=args.greedy,
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, template=args.template,
+            backend=args.backend, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed, limit=args.limit,
+            pass_at=args.pass_at, num_workers=args.workers, timeout_s=args.timeout, extract_mode=args.extract,
+            show=not args.quiet, backend_options=engine_options(args),
+        )
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"r1pipe eval: {e}", file=sys.stderr)
+        return 2
+    print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
+    return 0

@@ -1,0 +1,200 @@
+"""`evaluate`: generate (or read saved) responses for each suite, grade them, compute the R1
+protocol's metrics and write report.json, report.md and generations.jsonl into `out_dir`."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1pipe.eval.backends import Backend, GenerationConfig, load_backend
+from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
+from r1pipe.eval.report import SuiteResult, append_generations, print_table, write_report
+from r1pipe.eval.scoring import Graded, grade_all, make_pool
+from r1pipe.eval.suites import Problem, Suite, read_jsonl, resolve_suites
+from r1pipe.eval.templates import render, resolve_template
+
+
+def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str, dict[str, list[str]]], int]:
+    """Saved responses grouped as {suite name: {problem id: [response, ...]}}, in file order.
+    Rows may name their `suite`; rows without one belong to the only suite given. Returns the
+    groups and the number of malformed rows skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"responses file not found: {path}")
+    names = {s.name for s in suites}
+    grouped: dict[str, dict[str, list[str]]] = {s.name: {} for s in suites}
+    skipped = 0
+    for _, row, _ in read_jsonl(path):
+        if row is None or "id" not in row or not isinstance(row.get("response"), str):
+            skipped += 1
+            continue
+        suite_name = row.get("suite")
+        if suite_name is None:
+            if len(suites) != 1:
+                raise ValueError(f"{path}: rows need a 'suite' field when scoring several suites")
+            suite_name = suites[0].name
+        if suite_name not in names:
+            continue  # another suite's samples in a shared file
+        grouped[suite_name].setdefault(str(row["id"]), []).append(row["response"])
+    return grouped, skipped
+
+
+def suite_metrics(suite: Suite, graded: list[list[Graded]], pass_at: Sequence[int]) -> tuple[int, dict[str, float]]:
+    """(k, metrics) over the problems' graded samples; k is the fewest samples any problem has."""
+    scores = [[g.score for g in samples] for samples in graded]
+    k = min((len(s) for s in scores), default=0)
+    metrics: dict[str, float] = {"pass@1": mean_pass_at_1(scores)}
+    if suite.kind == "math":
+        metrics["cons@k"] = cons_at_k([[g.answer for g in samples] for samples in graded], scores)
+    if k >= 1:
+        metrics["pass@k"] = mean_pass_at_k(scores, k)
+        for j in sorted(set(pass_at)):
+            if 1 < j < k:
+                metrics[f"pass@{j}"] = mean_pass_at_k(scores, j)
+    return k, metrics
+
+
+def evaluate(
+    model: Any = None,
+    suites: str | Sequence[str | Suite] = "gsm8k",
+    out_dir: str | Path = "eval_out",
+    *,
+    responses: str | Path | None = None,
+    k: int = 1,
+    greedy: bool = False,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_tokens: int = 4096,
+    template: str = "auto",
+    backend: str = "auto",
+    tokenizer: Any = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    limit: int | None = None,
+    pass_at: Sequence[int] = (),
+    num_workers: int | None = None,
+    timeout_s: float = 10.0,
+    extract_mode: str = "auto",
+    backend_options: dict[str, Any] | None = None,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `model` (checkpoint dir, live r1pipe model, or Backend) on `suites`, or re-score
+    saved `responses` (JSONL of {"id", "response"[, "suite"]}) with no model at all. Returns the
+    report dict also written to out_dir/report.json."""
+    if (model is None) == (responses is None):
+        raise ValueError("give exactly one of a model to generate with or saved responses to score")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if greedy and k != 1:
+        raise ValueError("greedy decoding gives one sample per problem: use k=1 with greedy")
+    if isinstance(suites, str):
+        suites = resolve_suites(suites)
+    suite_list = [s if isinstance(s, Suite) else resolve_suites(s)[0] for s in suites]
+    if len({s.name for s in suite_list}) != len(suite_list):
+        raise ValueError("suite names must be distinct")
+    if responses is not None and not Path(responses).is_file():
+        raise FileNotFoundError(f"responses file not found: {responses}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generations_path = out / "generations.jsonl"
+    generations_path.write_text("")  # this run's samples only
+
+    config = GenerationConfig(n=k, temperature=0.0 if greedy else temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    meta: dict[str, Any] = {"mode": "responses" if responses is not None else "generate"}
+    saved: dict[str, dict[str, list[str]]] = {}
+    runner: Backend | None = None
+    if responses is not None:
+        saved, bad_rows = read_responses(responses, suite_list)
+        meta.update(responses=str(responses), malformed_response_rows=bad_rows)
+    else:
+        runner = load_backend(model, backend, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed, **(backend_options or {}))
+        template = resolve_template(template, runner.tokenizer)
+        meta.update(model=str(model) if isinstance(model, (str, Path)) else type(model).__name__, backend=runner.name,
+                    template=template, k=k, greedy=greedy, temperature=config.temperature, top_p=config.top_p,
+                    max_tokens=max_tokens, seed=seed)
+
+    results: list[SuiteResult] = []
+    report: dict[str, Any] = {}
+    pool = make_pool(num_workers)
+    try:
+        for suite in suite_list:
+            result = evaluate_suite(suite, runner, saved, template, config, limit, pass_at, timeout_s, extract_mode,
+                                    pool, show, generations_path)
+            results.append(result)
+            report = write_report(out, results, meta)  # after every suite, so a long run leaves partial numbers
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if show:
+        print_table(results)
+    return report
+
+
+def evaluate_suite(suite: Suite, runner: Backend | None, saved: dict[str, dict[str, list[str]]], template: str,
+                   config: GenerationConfig, limit: int | None, pass_at: Sequence[int], timeout_s: float,
+                   extract_mode: str, pool: Any, show: bool, generations_path: Path) -> SuiteResult:
+    """Generate (or look up) one suite's samples, grade them, append them to generations.jsonl."""
+    problems = suite.problems[:limit] if limit is not None else suite.problems
+    result = SuiteResult(name=suite.name, kind=suite.kind, n_problems=0, k=0, metrics={}, skipped_rows=suite.skipped)
+    started = time.perf_counter()
+    if runner is not None:
+        prompts = [render(suite, p, template, runner.tokenizer) for p in problems]
+        stop = prompts[0].stop if prompts else ()
+        texts = runner.generate([p.text for p in prompts], stop, config)
+        prompt_texts = [p.text for p in prompts]
+    else:
+        by_id = saved[suite.name]
+        known = {p.id for p in suite.problems}
+        result.unknown_ids = sum(len(v) for i, v in by_id.items() if i not in known)
+        result.missing = sum(1 for p in problems if p.id not in by_id)
+        problems = [p for p in problems if p.id in by_id]
+        texts = [by_id[p.id] for p in problems]
+        prompt_texts = [None] * len(problems)
+    result.generate_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    flat = [(i, t) for i, samples in enumerate(texts) for t in samples]
+    graded_flat = grade_all(
+        suite.kind, [t for _, t in flat], [problems[i].reference for i, _ in flat], timeout_s=timeout_s,
+        extract_mode=extract_mode, pool=pool, description=f"grading {suite.name}", progress=show,
+    )
+    graded: list[list[Graded]] = [[] for _ in problems]
+    for (i, _), g in zip(flat, graded_flat):
+        graded[i].append(g)
+    result.grade_s = time.perf_counter() - started
+    result.grader_errors = sum(1 for g in graded_flat if g.error)
+    result.n_problems = len(problems)
+    result.n_samples = len(flat)
+    result.k, result.metrics = suite_metrics(suite, graded, pass_at)
+    if result.missing:
+        result.notes.append(f"{result.missing} problems had no saved response and are not counted")
+    append_generations(generations_path, generation_rows(suite, problems, prompt_texts, texts, graded))
+    return result
+
+
+def generation_rows(suite: Suite, problems: list[Problem], prompts: list[str | None], texts: list[list[str]],
+                    graded: list[list[Graded]]) -> list[dict[str, Any]]:
+    rows = []
+    for problem, prompt, samples, grades in zip(problems, prompts, texts, graded):
+        for index, (text, g) in enumerate(zip(samples, grades)):
+            row: dict[str, Any] = {"suite": suite.name, "id": problem.id, "sample": index}
+            if prompt is not None and index == 0:
+                row["prompt"] = prompt  # once per problem: prompts can be long
+            row.update(response=text, extracted=g.answer, score=g.score)
+            if suite.kind == "math":
+                row["gold"] = problem.reference["answer"]
+            if g.error:
+                row["error"] = g.error
+            if g.info:
+                row["grader"] = g.info
+            rows.append(row)
+    return rows
+
+
+def load_report(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "report.json").read_text())

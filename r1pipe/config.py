@@ -1,0 +1,171 @@
+"""Recipes: OmegaConf YAML checked against typed dataclass configs.
+
+A recipe has top-level sections `run`, `cluster`, `model`, `stages` (the order to run) and one
+section per stage, whose `kind` picks that stage's config dataclass (see r1pipe.stages). Users
+override any value with dot-lists (`rl.group_size=16 model.path=/ckpt`). Loading merges the YAML
+and the overrides onto the structured schema, so a misspelt key or a value of the wrong type is
+a ConfigError naming the key before anything runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TOP_LEVEL = ("run", "cluster", "model", "stages")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key or value."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # run directories go to <out_dir>/<name>, relative to the working directory
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: a local Ray instance; "auto": join a running cluster; "ray://host:port"
+    num_cpus: Optional[int] = None  # for a local instance; None = all cores
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class ModelConfigSection:
+    preset: str = "tiny"  # ModelConfig.preset name used when a stage builds a model from scratch
+    path: Optional[str] = None  # a checkpoint (Hugging Face layout) to start from
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields set over the preset
+    fp8: bool = False
+    dtype: str = "float32"
+
+
+@dataclass
+class RecipeBase:
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfigSection = field(default_factory=ModelConfigSection)
+    stages: list[str] = field(default_factory=list)
+
+
+def recipe_names() -> list[str]:
+    """Recipes shipped in the r1pipe.recipes package."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("r1pipe.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe ("r1-zero")."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file {str(p)!r} not found")
+        return p
+    shipped = resources.files("r1pipe.recipes") / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(recipe_names())} (or give a path to a .yaml)")
+    return Path(str(shipped))
+
+
+def _error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ConfigError(f"{key}: {msg}" if key else msg)
+
+
+def stage_config_class(kind: str) -> type:
+    from r1pipe.stages import get_stage
+
+    return get_stage(kind).config_cls
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load, override and validate a recipe; returns the resolved, read-only config.
+
+    Raises ConfigError naming the bad key or value.
+    """
+    path = find_recipe(name_or_path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors come from yaml, not OmegaConf
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got a {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        untyped = OmegaConf.merge(raw, dotlist)
+    except OmegaConfBaseException as e:
+        raise _error(e) from None
+    return validate(untyped, dotlist)
+
+
+def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConfig:
+    """Merge an untyped recipe onto its schema: RecipeBase for the top level and, for each
+    section with a `kind`, that kind's stage config class."""
+    schema = OmegaConf.structured(RecipeBase)
+    OmegaConf.set_struct(schema, False)
+    stage_sections: dict[str, str] = {}
+    for key in untyped:
+        if key in TOP_LEVEL:
+            continue
+        section = untyped[key]
+        if not isinstance(section, DictConfig) or "kind" not in section:
+            raise ConfigError(f"{key}: unknown top-level key (expected {', '.join(TOP_LEVEL)} or a stage section with a `kind`)")
+        kind = section.kind
+        if not isinstance(kind, str):
+            raise ConfigError(f"{key}.kind: must be a string, got {kind!r}")
+        try:
+            cls = stage_config_class(kind)
+        except KeyError as e:
+            raise ConfigError(f"{key}.kind: {e.args[0]}") from None
+        schema[key] = OmegaConf.structured(cls)
+        stage_sections[key] = kind
+    OmegaConf.set_struct(schema, True)
+    _open_dict_fields(schema)
+    try:
+        cfg = OmegaConf.merge(schema, untyped)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _error(e) from None
+    for i, name in enumerate(cfg.stages):
+        if name not in stage_sections:
+            raise ConfigError(f"stages[{i}]: stage {name!r} has no section with a `kind` in the recipe")
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"stages: a stage is listed twice: {list(cfg.stages)}")
+    for name in stage_sections:
+        try:  # the dataclass's own checks (__post_init__) run on the typed values
+            OmegaConf.to_object(cfg[name])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{name}: {e}") from None
+        except OmegaConfBaseException as e:
+            raise _error(e) from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _open_dict_fields(node: DictConfig) -> None:
+    """Fields typed dict[str, ...] (e.g. model.overrides) take any key; dataclass fields stay strict."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type in (None, dict):
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_dict_fields(child)
+
+
+def stage_config(cfg: DictConfig, name: str) -> Any:
+    """The typed dataclass instance of stage section `name`."""
+    return OmegaConf.to_object(cfg[name])
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,106 @@
+"""`r1pipe run RECIPE [key=value ...] [--dry-run] [--run-dir DIR]`: run a recipe's stages in order.
+
+The run directory (default <run.out_dir>/<run.name>, relative to where the command runs) holds
+config.yaml (the resolved recipe) and one folder per stage. A stage that finished wrote
+DONE.json with its outputs and is skipped on re-run; an interrupted stage is re-entered and
+resumes from its own last checkpoint. So re-running the same command continues a killed run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from r1pipe.config import ConfigError, load_recipe, recipe_names, stage_config, to_yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help=f"a shipped recipe ({', '.join(recipe_names())}) or a path to a recipe .yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. rl.group_size=16 model.path=/ckpt")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: <run.out_dir>/<run.name>)")
+
+
+def run_dir_for(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
+    return Path(run_dir) if run_dir else Path(cfg.run.out_dir) / cfg.run.name
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, dict]:
+    """Run (or continue) every stage of a resolved recipe in `run_dir`; returns outputs by stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from r1pipe.stages import StageContext, get_stage
+
+    console = console or Console()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if saved.exists() and saved.read_text() != text:
+        previous = saved.with_name(f"config.{int(time.time())}.yaml")
+        saved.rename(previous)
+        console.print(f"[yellow]the recipe differs from this run's earlier one (kept as {previous.name}); "
+                      "finished stages are not re-run[/yellow]")
+    saved.write_text(text)
+
+    outputs: dict[str, dict] = {}
+    timings: list[tuple[str, str, str]] = []
+    for name in cfg.stages:
+        section = cfg[name]
+        stage_dir = run_dir / name
+        done = stage_dir / "DONE.json"
+        if done.exists():
+            outputs[name] = json.loads(done.read_text())
+            console.rule(f"[dim]{name} ({section.kind}): done earlier, skipped")
+            timings.append((name, section.kind, "skipped"))
+            continue
+        console.rule(f"[bold]{name}[/bold] ({section.kind})")
+        spec = get_stage(section.kind)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=cfg, seed=int(cfg.run.seed), outputs=dict(outputs))
+        t0 = time.time()
+        result = spec.fn(stage_config(cfg, name), ctx)
+        if not isinstance(result, dict):
+            raise TypeError(f"stage {name!r} ({section.kind}) returned {type(result).__name__}, not a dict of outputs")
+        json.dumps(result)  # outputs must be JSON-serialisable; fail here, not on re-run
+        _write_json(done, result)
+        outputs[name] = result
+        timings.append((name, section.kind, f"{time.time() - t0:.1f} s"))
+
+    table = Table(title=f"run {cfg.run.name}: {run_dir}")
+    for col in ("stage", "kind", "time"):
+        table.add_column(col)
+    for row in timings:
+        table.add_row(*row)
+    console.print(table)
+    return outputs
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except ConfigError as e:
+        console.print(f"[red]r1pipe run: bad recipe: {e}[/red]")
+        return 2
+    if args.dry_run:
+        from rich.syntax import Syntax
+
+        console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
+        console.print(f"[dim]run directory: {run_dir_for(cfg, args.run_dir)}[/dim]")
+        return 0
+    run_recipe(cfg, run_dir_for(cfg, args.run_dir), console)
+    return 0

@@ -1,0 +1,76 @@
+"""The stage contract: a stage kind has a typed config dataclass and a function
+`fn(cfg, ctx) -> dict` that returns its outputs (JSON-serialisable, e.g. {"model_path": ...}).
+
+Stage modules register themselves on import with `@register_stage(kind, ConfigClass)`; the
+runner writes stage_dir/DONE.json with the outputs, skips a stage whose DONE.json exists, and
+re-enters an interrupted one (which resumes from its own last checkpoint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class StageConfig:
+    """Base of every stage config: `kind` picks the stage implementation and its config class."""
+
+    kind: str = MISSING
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    stage_dir: Path
+    recipe: DictConfig  # the whole resolved recipe
+    seed: int
+    outputs: dict[str, dict] = field(default_factory=dict)  # earlier stages' outputs, by stage name, in run order
+
+    def model_path(self) -> Path:
+        """The newest earlier stage output's "model_path", else the recipe's model.path."""
+        for outputs in reversed(list(self.outputs.values())):
+            if outputs.get("model_path"):
+                return Path(outputs["model_path"])
+        path = self.recipe.get("model", {}).get("path")
+        if not path:
+            raise ValueError("no model: no earlier stage produced a model_path and model.path is not set")
+        return Path(path).expanduser()
+
+    def output(self, key: str) -> Any:
+        """The newest earlier stage output named `key` (e.g. "heldout_path"), or None."""
+        for outputs in reversed(list(self.outputs.values())):
+            if outputs.get(key) is not None:
+                return outputs[key]
+        return None
+
+
+StageFn = Callable[[Any, StageContext], dict]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config_cls: type
+    fn: StageFn
+
+
+_REGISTRY: dict[str, StageSpec] = {}
+
+
+def register_stage(kind: str, config_cls: type) -> Callable[[StageFn], StageFn]:
+    """Decorator: `fn(cfg: config_cls, ctx: StageContext) -> dict` implements stage `kind`."""
+    if not (isinstance(config_cls, type) and hasattr(config_cls, "__dataclass_fields__") and "kind" in config_cls.__dataclass_fields__):
+        raise TypeError(f"stage {kind!r}: config class {config_cls!r} must be a dataclass with a `kind` field")
+
+    def wrap(fn: StageFn) -> StageFn:
+        _REGISTRY[kind] = StageSpec(kind, config_cls, fn)
+        return fn
+
+    return wrap
+
+
+def registered() -> dict[str, StageSpec]:
+    return dict(_REGISTRY)

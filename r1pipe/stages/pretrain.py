@@ -1,0 +1,276 @@
+"""Stage `pretrain`: the embedded tiny base model.
+
+Builds a BPE tokenizer and pre-trains a DeepSeek-V3 preset (normally `tiny`) from scratch on a
+synthetic corpus of arithmetic problems in the R1-Zero format (r1pipe.data.synthetic), where
+completions that work the steps are rare and bare guesses are common. The result solves some but
+far from all held-out problems, which is what R1-Zero-style RL starts from.
+
+Outputs: model_path (Hugging Face layout + tokenizer), train_path and heldout_path (JSONL
+{"id", "prompt", "answer"}; held-out disjoint from train and from the corpus), and the base's
+held-out accuracy (greedy and sampled at T=1). Training checkpoints every `checkpoint_every`
+steps and an interrupted run resumes from the last one; a finished base is cached under
+`cache_dir`, keyed by everything that shapes it, so later runs reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from r1pipe.stages.base import StageConfig, StageContext, register_stage
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    kind: str = "pretrain"
+    # the synthetic task
+    problem_kinds: list[str] = field(default_factory=lambda: ["add", "sub"])  # "mul" too: a digit times a number
+    max_digits: int = 2
+    worked_fraction: float = 0.25  # share of "What is ...?" corpus completions that work the steps
+    tutor_fraction: float = 0.5  # share of the corpus that asks for the steps (always worked)
+    guess_correct: float = 0.15  # share of bare guesses that are right
+    train_size: int = 2000  # RL prompts written to train_path
+    heldout_size: int = 256  # held-out problems written to heldout_path
+    # tokenizer
+    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
+    tokenizer_examples: int = 20000
+    # optimisation (AdamW, linear warmup then cosine to min_lr_ratio * lr)
+    steps: int = 450
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
+    checkpoint_every: int = 100
+    num_threads: int = 0  # torch threads for this stage; 0 keeps torch's default
+    # the base's own check on held-out problems
+    eval_size: int = 256  # 0 skips it
+    eval_max_tokens: int = 64
+    cache_dir: Optional[str] = "~/.cache/r1pipe/tiny-base"  # None: never reuse or store a finished base
+
+    def __post_init__(self) -> None:
+        from r1pipe.data.synthetic import KINDS
+
+        bad = [k for k in self.problem_kinds if k not in KINDS]
+        if bad or not self.problem_kinds:
+            raise ValueError(f"problem_kinds={list(self.problem_kinds)}: each must be one of {list(KINDS)}")
+        if not 2 <= self.max_digits <= 6:
+            raise ValueError(f"max_digits={self.max_digits}: must be in 2..6")
+        for name in ("worked_fraction", "tutor_fraction", "guess_correct", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        for name in ("steps", "batch_size", "checkpoint_every", "heldout_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.eval_size > self.heldout_size:
+            raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
+    """Everything that shapes the base (not where it is written or how it is checked)."""
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")}
+    blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _batches(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of batch `step`: epochs are fresh seeded permutations, so the data position
+    is the step number alone and a resumed run sees exactly the batches it would have."""
+    per_epoch = n_examples // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _copy_outputs(src: Path, dst: Path) -> None:
+    for name in ("model", "train.jsonl", "heldout.jsonl", "base_eval.json"):
+        s, d = src / name, dst / name
+        if not s.exists():
+            continue
+        if d.exists():
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
+        shutil.copytree(s, d) if s.is_dir() else shutil.copy2(s, d)
+
+
+def _outputs(stage_dir: Path, key: str) -> dict:
+    report = json.loads((stage_dir / "base_eval.json").read_text()) if (stage_dir / "base_eval.json").exists() else {}
+    return {
+        "model_path": str(stage_dir / "model"),
+        "train_path": str(stage_dir / "train.jsonl"),
+        "heldout_path": str(stage_dir / "heldout.jsonl"),
+        "base_key": key,
+        **{k: v for k, v in report.items() if k != "samples"},
+    }
+
+
+@register_stage("pretrain", PretrainConfig)
+def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
+    model_section = OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {}
+    key = base_key(cfg, model_section, ctx.seed)
+    stage_dir = ctx.stage_dir
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    cached = Path(cfg.cache_dir).expanduser() / key if cfg.cache_dir else None
+    if cached is not None and (cached / "COMPLETE").exists():
+        _copy_outputs(cached, stage_dir)
+        print(f"pretrain: reusing the cached base {cached}")
+        return _outputs(stage_dir, key)
+
+    train_base(cfg, model_section, ctx.seed, stage_dir)
+
+    if cached is not None:  # publish atomically: copy to a temp dir, then rename
+        try:
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _copy_outputs(stage_dir, tmp)
+            (tmp / "COMPLETE").write_text(key)
+            if not cached.exists():
+                os.replace(tmp, cached)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:  # a read-only home must not fail the run
+            print(f"pretrain: could not cache the base in {cached}: {e}")
+    return _outputs(stage_dir, key)
+
+
+def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: Path) -> None:
+    """Write stage_dir/{train,heldout}.jsonl, stage_dir/model (weights + tokenizer), base_eval.json."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from r1pipe.data.jsonl import write_jsonl
+    from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
+    from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from r1pipe.model import ModelConfig, Transformer, lm_loss, save_pretrained
+    from r1pipe.stages.base_eval import measure_accuracy
+
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    t0 = time.time()
+
+    # 1. problems: held-out and RL-train splits, then a corpus that avoids both
+    heldout, train = make_splits(seed, cfg.problem_kinds, cfg.max_digits, cfg.heldout_size, cfg.train_size)
+    write_jsonl(stage_dir / "heldout.jsonl", (problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout)))
+    write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
+    n_corpus = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
+    n_corpus = min(n_corpus, 200_000)
+    corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
+                          cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
+
+    # 2. tokenizer (deterministic given the corpus), saved beside the weights
+    model_dir = stage_dir / "model"
+    if not (model_dir / "tokenizer.json").exists():
+        tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
+        save_tokenizer(tok, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+
+    # prompt and completion are encoded apart, exactly as generation sees them (a prompt is
+    # tokenized alone, then the model continues it), and the loss covers the completion + eos.
+    prompts = tokenizer([p for p, _ in corpus], add_special_tokens=False).input_ids
+    completions = tokenizer([c for _, c in corpus], add_special_tokens=False).input_ids
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    examples = [(p, c + [eos]) for p, c in zip(prompts, completions)]
+
+    # 3. model: the preset with the recipe's overrides, vocabulary from the tokenizer
+    config = ModelConfig.preset(model_section.get("preset") or "tiny")
+    for name, value in (model_section.get("overrides") or {}).items():
+        if not hasattr(config, name):
+            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
+        setattr(config, name, value)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, eos, pad
+    config.torch_dtype = "float32"
+    config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
+    torch.manual_seed(seed)  # the model initialises from torch's default generator
+    model = Transformer(config)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    ckpt_path = stage_dir / "checkpoint.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        print(f"pretrain: resuming from step {start}/{cfg.steps}")
+
+    model.train()
+    tokens_seen, t_train, loss_ema = 0, time.time(), None
+    with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+        task = progress.add_task("pretrain", total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            batch = [examples[i] for i in _batches(len(examples), cfg.batch_size, step, seed)]
+            width = max(len(p) + len(c) for p, c in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            loss_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, (p, c) in enumerate(batch):  # right padding: causal attention never looks ahead at it
+                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                loss_mask[row, len(p): len(p) + len(c)] = True
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            out = model(ids, mtp=cfg.mtp)
+            loss, metrics = lm_loss(out, ids, loss_mask=loss_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            model.update_router_bias()
+            tokens_seen += int(loss_mask.sum())
+            loss_value = metrics["loss"]
+            loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
+            rate = tokens_seen / max(time.time() - t_train, 1e-6)
+            progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                    "torch_rng": torch.get_rng_state()}, ckpt_path)
+    train_seconds = time.time() - t_train
+
+    save_pretrained(model, model_dir)
+    report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
+                              "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+    if cfg.eval_size > 0:
+        rows = [problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout[: cfg.eval_size])]
+        for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            acc = measure_accuracy(model, tokenizer, rows, temperature, cfg.eval_max_tokens, seed=seed)
+            report[f"base_accuracy_{name}"] = acc.accuracy
+            report[f"base_worked_fraction_{name}"] = acc.worked_fraction
+            report[f"base_worked_accuracy_{name}"] = None if math.isnan(acc.worked_accuracy) else acc.worked_accuracy
+        print("pretrain: base held-out accuracy greedy {:.1%} (worked {:.0%}), sampled T=1 {:.1%} (worked {:.0%}, "
+              "accuracy when worked {})".format(report["base_accuracy_greedy"], report["base_worked_fraction_greedy"],
+                                                 report["base_accuracy_sampled"], report["base_worked_fraction_sampled"],
+                                                 report["base_worked_accuracy_sampled"]))
+    report["seconds"] = round(time.time() - t0, 1)
+    (stage_dir / "base_eval.json").write_text(json.dumps(report, indent=2))
+    ckpt_path.unlink(missing_ok=True)

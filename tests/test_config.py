@@ -1,0 +1,162 @@
+"""Recipes: loading, overrides, errors that name the key, the stage registry and the runner."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from r1pipe.config import ConfigError, find_recipe, load_recipe, recipe_names, stage_config
+from r1pipe.stages import StageConfig, StageContext, get_stage, register_stage
+
+CALLS: list[str] = []
+
+
+@dataclass
+class EchoConfig(StageConfig):
+    kind: str = "test_echo"
+    value: int = 1
+    label: str = "x"
+    model_path: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError(f"value={self.value}: must be >= 0")
+
+
+@register_stage("test_echo", EchoConfig)
+def echo_stage(cfg: EchoConfig, ctx: StageContext) -> dict:
+    CALLS.append(ctx.stage_dir.name)
+    (ctx.stage_dir / "work.txt").write_text(str(cfg.value))
+    out = {"value": cfg.value, "seen": sorted(ctx.outputs), "upstream_model": str(ctx.model_path()) if ctx.outputs or ctx.recipe.model.path else None}
+    if cfg.model_path:
+        out["model_path"] = cfg.model_path
+    return out
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+ECHO = """
+run: {name: echo, seed: 7}
+model: {path: /base}
+stages: [first, second]
+first: {kind: test_echo, value: 2, model_path: /from-first}
+second: {kind: test_echo, label: two}
+"""
+
+
+def test_shipped_recipes_resolve():
+    assert {"r1-zero", "r1-zero-tiny"} <= set(recipe_names())
+    for name in ("r1-zero", "r1-zero-tiny"):
+        cfg = load_recipe(name)
+        assert list(cfg.stages) == ["pretrain", "rl", "eval"]
+        assert cfg.pretrain.kind == "pretrain" and cfg.rl.kind == "grpo" and cfg.eval.kind == "eval"
+        assert type(stage_config(cfg, "pretrain")).__name__ == "PretrainConfig"
+    assert find_recipe("r1-zero").name == "r1-zero.yaml"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_recipe("r1-zero-tiny", ["pretrain.steps=7", "run.name=x", "model.overrides.hidden_size=32", "stages=[pretrain]"])
+    assert cfg.pretrain.steps == 7 and isinstance(cfg.pretrain.steps, int)
+    assert cfg.run.name == "x" and cfg.model.overrides.hidden_size == 32 and list(cfg.stages) == ["pretrain"]
+    assert stage_config(cfg, "pretrain").steps == 7
+    with pytest.raises(Exception):  # resolved recipes are read-only
+        cfg.pretrain.steps = 3
+
+
+@pytest.mark.parametrize("override, names", [
+    ("pretrain.stepz=5", "pretrain.stepz"),
+    ("pretrain.steps=abc", "pretrain.steps"),
+    ("pretrain.worked_fraction=1.5", "worked_fraction"),
+    ("pretrain.problem_kinds=[add,div]", "problem_kinds"),
+    ("runn.name=x", "runn"),
+    ("run.seed=zero", "run.seed"),
+    ("cluster.adress=auto", "cluster.adress"),
+    ("eval.kind=nope", "eval.kind"),
+    ("stages=[pretrain,train]", "train"),
+    ("pretrain.steps", "pretrain.steps"),
+])
+def test_bad_overrides_name_the_key(override, names):
+    with pytest.raises(ConfigError) as info:
+        load_recipe("r1-zero-tiny", [override])
+    assert names in str(info.value)
+
+
+def test_misspelt_key_in_the_file_is_named(tmp_path):
+    path = write_recipe(tmp_path, ECHO.replace("label: two", "lable: two"))
+    with pytest.raises(ConfigError, match=r"second\.lable"):
+        load_recipe(path)
+    path = write_recipe(tmp_path, ECHO + "extra: 3\n")
+    with pytest.raises(ConfigError, match="extra: unknown top-level key"):
+        load_recipe(path)
+    path = write_recipe(tmp_path, ECHO.replace("value: 2", "value: -1"))
+    with pytest.raises(ConfigError, match="first: value=-1"):
+        load_recipe(path)
+    path = write_recipe(tmp_path, ECHO.replace("stages: [first, second]", "stages: [first, first]"))
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_recipe(path)
+
+
+def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="r1-zero-tiny"):
+        load_recipe("r1-zeroo")
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_registry():
+    assert get_stage("test_echo").config_cls is EchoConfig
+    assert get_stage("pretrain").config_cls.__name__ == "PretrainConfig"
+    with pytest.raises(KeyError, match="unknown stage kind 'nope'"):
+        get_stage("nope")
+    with pytest.raises(TypeError, match="dataclass with a `kind`"):
+        register_stage("bad", dict)
+
+
+def test_runner_runs_in_order_then_skips_done_stages(tmp_path, capsys):
+    from r1pipe.run import run_recipe
+
+    cfg = load_recipe(write_recipe(tmp_path, ECHO))
+    CALLS.clear()
+    outputs = run_recipe(cfg, tmp_path / "run")
+    assert CALLS == ["first", "second"]
+    assert outputs["first"] == {"value": 2, "seen": [], "upstream_model": "/base", "model_path": "/from-first"}
+    # the second stage sees the first's outputs, and its newest model_path
+    assert outputs["second"] == {"value": 1, "seen": ["first"], "upstream_model": "/from-first"}
+    assert json.loads((tmp_path / "run" / "second" / "DONE.json").read_text()) == outputs["second"]
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml") == cfg
+
+    (tmp_path / "run" / "second" / "DONE.json").unlink()  # as if killed during the second stage
+    CALLS.clear()
+    again = run_recipe(cfg, tmp_path / "run")
+    assert CALLS == ["second"] and again == outputs
+
+
+def test_model_path_falls_back_to_the_recipe(tmp_path):
+    cfg = load_recipe(write_recipe(tmp_path, ECHO))
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "s", recipe=cfg, seed=0)
+    assert ctx.model_path() == Path("/base")
+    ctx.outputs = {"a": {"model_path": "/a"}, "b": {"report": 1}, "c": {"model_path": "/c", "heldout_path": "/h"}}
+    assert ctx.model_path() == Path("/c") and ctx.output("heldout_path") == "/h" and ctx.output("nothing") is None
+    cfg = load_recipe(write_recipe(tmp_path, ECHO.replace("model: {path: /base}", "model: {}")))
+    with pytest.raises(ValueError, match="model.path"):
+        StageContext(run_dir=tmp_path, stage_dir=tmp_path, recipe=cfg, seed=0).model_path()
+
+
+def test_cli_dry_run_and_bad_key(tmp_path, capsys, monkeypatch):
+    from r1pipe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r1-zero", "pretrain.steps=11", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 11" in out and "runs/r1-zero" in out
+    assert not (tmp_path / "runs").exists()  # a dry run creates nothing
+    assert main(["run", "r1-zero", "rl.grup_size=16"]) == 2
+    assert "rl.grup_size" in capsys.readouterr().out

@@ -1,0 +1,31 @@
+"""GRPO as pure functions on tensors: advantages, losses, KL, sampling filters, metrics.
+
+Nothing here knows about Ray, models or engines, so every piece is testable by hand.
+"""
+from r1pipe.algo.advantages import group_advantages
+from r1pipe.algo.logprobs import token_logprobs_and_entropy
+from r1pipe.algo.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate,
+    clipped_surrogate,
+    grpo_loss,
+    kl_k3,
+)
+from r1pipe.algo.sampling import (
+    dynamic_sampling_keep,
+    overlong_filter_mask,
+    overlong_soft_penalty,
+)
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregate",
+    "clipped_surrogate",
+    "dynamic_sampling_keep",
+    "group_advantages",
+    "grpo_loss",
+    "kl_k3",
+    "overlong_filter_mask",
+    "overlong_soft_penalty",
+    "token_logprobs_and_entropy",
+]

@@ -1,0 +1,490 @@
+"""Stage `grpo`: GRPO with a single Ray controller (HybridFlow-style).
+
+Each step the driver (this loop) takes a batch of prompts, has RolloutWorker(s) sample a group
+of completions per prompt, scores them on the RewardPool, computes group-relative advantages,
+gets the trainer's old (and reference) log-probs from the PolicyGroup, runs the update(s),
+and pushes the new weights to the rollout engine. Checkpoints hold model, optimizer, RNG and
+data position; re-entering the stage continues after the newest one, so a SIGKILLed run
+neither loses nor repeats a step.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from r1pipe.algo.losses import LOSS_AGGREGATIONS
+from r1pipe.stages.base import StageConfig, StageContext, register_stage
+
+OVERLONG_MODES = ("none", "filter", "soft")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    kind: str = "grpo"
+    # data: JSONL problems {"id", "prompt", "answer"}; default: the earlier stages' outputs
+    train_path: Optional[str] = None
+    heldout_path: Optional[str] = None
+    heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
+    eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
+    # rollout
+    steps: int = 40
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
+    engine: dict[str, Any] = field(default_factory=dict)  # extra r1pipe.engine.LLM arguments
+    # rewards
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
+    accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
+    # algorithm
+    normalize_std: bool = True  # False: Dr. GRPO advantages
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # 0 disables the KL term and drops the reference model
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
+    overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
+    overlong_cache: int = 16
+    overlong_penalty: float = 1.0
+    updates_per_step: int = 1  # optimizer steps (mini-batches) per rollout batch
+    micro_batch_size: int = 32
+    # optimizer
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bias_update_gamma: Optional[float] = None  # None: the model config's gamma
+    # workers and placement (Ray resources; the same recipe scales out with cluster.address=auto)
+    num_policy_workers: int = 1
+    num_rollout_workers: int = 1
+    num_reward_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    device: str = "cpu"
+    # checkpoints
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
+        if self.overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
+        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "updates_per_step", "micro_batch_size",
+                     "num_policy_workers", "num_rollout_workers", "num_reward_workers", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
+            raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+# ---------------------------------------------------------------- data
+
+
+class PromptStream:
+    """Problems in a fresh seeded order every epoch; the position (prompts consumed) is all the
+    state a checkpoint needs to continue the same sequence."""
+
+    def __init__(self, rows: list[dict], seed: int, position: int = 0):
+        if not rows:
+            raise ValueError("no training problems")
+        self.rows, self.seed, self.position = rows, seed, position
+        self._epoch, self._order = -1, []
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, len(self.rows))
+            if epoch != self._epoch:
+                self._order = list(range(len(self.rows)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+                self._epoch = epoch
+            out.append(self.rows[self._order[index]])
+            self.position += 1
+        return out
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def _load_callable(spec: str) -> Callable[[str, dict], float]:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"extra reward {spec!r} is not 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+class Scorer:
+    """The RewardPool plus any extra reward functions. Nothing it scores can stop the run: a reward
+    that raises scores 0 and is counted (the pool does this per reward; here too for extra rewards
+    and for a pool whose worker died, which is then rebuilt)."""
+
+    def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int):
+        self.weights, self.num_workers = dict(weights), num_workers
+        self.extra = {spec: (w, _load_callable(spec)) for spec, w in extra.items()}
+        self.pool = self._new_pool() if self.weights else None
+        self.errors: list[str] = []
+
+    def _new_pool(self) -> Any:
+        from r1pipe.rewards.worker import RewardPool
+
+        return RewardPool(self.weights, num_workers=self.num_workers)
+
+    def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
+        """(total reward per text, component -> values, number of reward errors)."""
+        n = len(texts)
+        totals = [0.0] * n
+        components: dict[str, list[float]] = {}
+        errors = 0
+        if self.pool is not None:
+            try:
+                results = self.pool.score(texts, references)
+            except Exception as e:  # a reward worker died: score this batch 0 and start a new pool
+                self.errors.append(f"reward pool failed: {type(e).__name__}: {e}")
+                errors += n
+                results = None
+                self.pool = self._new_pool()
+            if results is not None:
+                for i, r in enumerate(results):
+                    totals[i] += float(r.total)
+                    for name, value in r.components.items():
+                        components.setdefault(name, [0.0] * n)[i] = float(value)
+                    errors += len(r.info.get("errors", []) or []) if isinstance(r.info, dict) else 0
+        for spec, (weight, fn) in self.extra.items():
+            values = components.setdefault(spec.rpartition(":")[2], [0.0] * n)
+            for i, (text, ref) in enumerate(zip(texts, references)):
+                try:
+                    value = float(fn(text, ref))
+                    if not math.isfinite(value):
+                        raise ValueError(f"non-finite reward {value}")
+                except Exception as e:
+                    errors += 1
+                    if len(self.errors) < 100:
+                        self.errors.append(f"{spec}: {type(e).__name__}: {e}")
+                    value = 0.0
+                values[i] = value
+                totals[i] += weight * value
+        return totals, components, errors
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@register_stage("grpo", GRPOConfig)
+def run_grpo(cfg: GRPOConfig, ctx: StageContext) -> dict:
+    return GRPOTrainer(cfg, ctx).run()
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.stage_dir = Path(ctx.stage_dir)
+        self.ckpt_root = self.stage_dir / "checkpoints"
+
+    # ---- setup
+
+    def _ray_init(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        cluster = self.ctx.recipe.get("cluster", {}) or {}
+        ray.init(
+            address=cluster.get("address"),
+            num_cpus=cluster.get("num_cpus") if not cluster.get("address") else None,
+            num_gpus=cluster.get("num_gpus") if not cluster.get("address") else None,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+
+    def _problems(self, key: str, explicit: Optional[str]) -> list[dict]:
+        from r1pipe.data import JsonlStats, read_problems
+
+        path = explicit or self.ctx.output(key)
+        if not path:
+            raise ValueError(f"grpo: no {key} (set it in the recipe or run a stage that outputs it)")
+        stats = JsonlStats()
+        rows = read_problems(path, stats=stats)
+        if stats.skipped:
+            print(f"grpo: {path}: skipped {stats.skipped} malformed rows ({'; '.join(stats.reasons[:3])})")
+        return rows
+
+    def _start_workers(self, model_path: str) -> None:
+        import ray
+
+        from r1pipe.workers import PolicyConfig, RolloutWorker
+        from r1pipe.workers.group import PolicyGroup
+
+        cfg = self.cfg
+        policy_cfg = PolicyConfig(
+            lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
+            temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
+            device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
+        )
+        self.policy = PolicyGroup(cfg.num_policy_workers, model_path, policy_cfg, with_reference=cfg.kl_coef > 0,
+                                  num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+        rollout_actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+        engine_kwargs = {"device": cfg.device, **dict(cfg.engine)}
+        self.rollout = [rollout_actor.remote(model_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
+                        for i in range(cfg.num_rollout_workers)]
+        self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
+        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers)
+
+    # ---- rollout
+
+    def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[dict]:
+        """Prompts split over the rollout workers; results in prompt order."""
+        import ray
+
+        k = len(self.rollout)
+        chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
+        refs = [
+            w.generate.remote(prompts[a:b], n, temperature, self.cfg.max_tokens, seeds[a:b], self.cfg.top_p,
+                              -1, list(self.cfg.stop) or None, self.cfg.routing_replay and temperature > 0)
+            for w, (a, b) in zip(self.rollout, chunks) if b > a
+        ]
+        return [r for part in ray.get(refs) for r in part]
+
+    def heldout_accuracy(self, rows: list[dict]) -> float:
+        """Greedy pass@1 on the held-out problems, by the accuracy reward."""
+        outs = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
+        texts = [o["completions"][0]["text_with_stop"] for o in outs]
+        _, components, _ = self.scorer.score(texts, [dict(r) for r in rows])
+        acc = components.get(self.cfg.accuracy_reward)
+        if acc is None:
+            raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
+        return sum(1.0 for a in acc if a > 0.5) / max(len(rows), 1)
+
+    # ---- the loop
+
+    def run(self) -> dict:
+        import ray
+        import torch
+
+        from r1pipe.algo import dynamic_sampling_keep, group_advantages, overlong_filter_mask, overlong_soft_penalty
+        from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
+        from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
+        from r1pipe.workers import build_batch, pad_per_token
+
+        cfg = self.cfg
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._ray_init()
+        train_rows = self._problems("train_path", cfg.train_path)
+        heldout_rows = self._problems("heldout_path", cfg.heldout_path)[: cfg.heldout_size]
+        base_model = str(self.ctx.model_path())
+
+        resume = latest_checkpoint(self.ckpt_root)
+        state: dict[str, Any] = {"step": 0, "data_position": 0, "wall_seconds": 0.0, "base_accuracy": None}
+        start_model = base_model
+        if resume is not None:
+            start_model, state = str(resume[0]), resume[1]
+            print(f"grpo: resuming after step {state['step']} from {resume[0]}")
+        self._start_workers(start_model)
+        if resume is not None:
+            self.policy.load_checkpoint(start_model)
+
+        t_start = time.perf_counter() - state["wall_seconds"]
+        if state["base_accuracy"] is None:
+            state["base_accuracy"] = self.heldout_accuracy(heldout_rows)
+            print(f"grpo: held-out accuracy of the base model: {state['base_accuracy']:.3f} on {len(heldout_rows)} problems")
+        stream = PromptStream(train_rows, self.ctx.seed, state["data_position"])
+        step = state["step"]
+        logger = MetricsLogger(self.stage_dir, resume_step=step)
+        if step == 0:
+            logger.log(0, {"heldout_accuracy": state["base_accuracy"]})
+        G = cfg.group_size
+
+        with StepProgress(cfg.steps, step, "grpo", show=("reward/mean", "accuracy", "response_length/mean")) as progress:
+            while step < cfg.steps:
+                step += 1
+                t0 = time.perf_counter()
+                timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+                # -- rollout + reward, refilling groups dropped by dynamic sampling
+                kept: list[tuple[dict, dict, list[float]]] = []  # (problem, completion, reward parts)
+                samples: list[dict] = []
+                all_rewards: list[float] = []
+                all_components: dict[str, list[float]] = {}
+                reward_errors = 0
+                generated_tokens = 0
+                groups_seen = groups_kept = 0
+                for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
+                    need = cfg.prompts_per_step - groups_kept
+                    if need <= 0:
+                        break
+                    first = stream.position
+                    problems = stream.take(need if round_ else cfg.prompts_per_step)
+                    seeds = [hash((self.ctx.seed, first + i)) % (2**31) for i in range(len(problems))]
+                    ta = time.perf_counter()
+                    outs = self._generate([p["prompt"] for p in problems], G, cfg.temperature, seeds)
+                    timings["rollout"] += time.perf_counter() - ta
+                    flat = [(p, o, c) for p, o in zip(problems, outs) for c in o["completions"]]
+                    generated_tokens += sum(len(c["token_ids"]) for _, _, c in flat)
+                    ta = time.perf_counter()
+                    rewards, components, errs = self.scorer.score([c["text_with_stop"] for _, _, c in flat], [dict(p) for p, _, _ in flat])
+                    timings["reward"] += time.perf_counter() - ta
+                    reward_errors += errs
+                    if cfg.overlong == "soft":
+                        lengths = torch.tensor([len(c["token_ids"]) for _, _, c in flat])
+                        penalty = overlong_soft_penalty(lengths, cfg.max_tokens, cfg.overlong_cache, cfg.overlong_penalty)
+                        rewards = [r + float(q) for r, q in zip(rewards, penalty)]
+                    all_rewards += rewards
+                    for name, values in components.items():
+                        all_components.setdefault(name, []).extend(values)
+                    keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
+                    groups_seen += len(problems)
+                    for g in range(len(problems)):
+                        if keep[g] and groups_kept < cfg.prompts_per_step:
+                            groups_kept += 1
+                            for j in range(g * G, (g + 1) * G):
+                                p, o, c = flat[j]
+                                samples.append({"prompt_ids": o["prompt_token_ids"], "prompt_routing": o["prompt_routing"], **c, "reward": rewards[j]})
+                metrics: dict[str, Any] = {
+                    "reward/mean": _mean(all_rewards),
+                    **{f"reward/{k}": _mean(v) for k, v in all_components.items()},
+                    "reward/errors": reward_errors,
+                    "groups_kept": groups_kept / max(groups_seen, 1),
+                    "response_length/mean": 0.0,
+                    "data_position": stream.position,
+                }
+                if cfg.accuracy_reward in all_components:
+                    metrics["accuracy"] = _mean([float(a > 0.5) for a in all_components[cfg.accuracy_reward]])
+                metrics["tokens_per_second/rollout"] = generated_tokens / max(timings["rollout"], 1e-9)
+                metrics["response_length/mean"] = generated_tokens / max(len(all_rewards), 1)
+                metrics["response_length/truncated"] = 0.0
+
+                if samples:
+                    metrics.update(self._train(samples, timings, build_batch, pad_per_token, group_advantages, overlong_filter_mask))
+                # -- weights to the engine
+                ta = time.perf_counter()
+                if samples:
+                    weights = self.policy.state_dict_ref()
+                    ray.get([w.update_weights.remote(weights) for w in self.rollout])
+                timings["sync"] = time.perf_counter() - ta
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
+                step_time = time.perf_counter() - t0
+                metrics.update({f"time/{k}": v for k, v in timings.items()})
+                metrics["time/step"] = step_time
+                metrics["tokens_per_second"] = generated_tokens / max(step_time, 1e-9)
+                if step == cfg.steps:
+                    metrics["heldout_accuracy"] = state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
+                logger.log(step, metrics)
+                progress.advance(metrics)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
+                    staging = staging_dir(self.ckpt_root, step)
+                    self.policy.save_checkpoint(str(staging), tokenizer_dir=base_model)
+                    commit_checkpoint(self.ckpt_root, staging, step, state, keep=cfg.keep_checkpoints)
+
+        logger.close()
+        if "final_accuracy" not in state:  # resumed after the last step's checkpoint
+            state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
+        final = latest_checkpoint(self.ckpt_root)
+        assert final is not None
+        plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots")
+        summary = {
+            "base_model": base_model,
+            "base_accuracy": state["base_accuracy"],
+            "final_accuracy": state["final_accuracy"],
+            "heldout_size": len(heldout_rows),
+            "steps": cfg.steps,
+            "wall_seconds": time.perf_counter() - t_start,
+            "reward_errors_sample": self.scorer.errors[:5],
+        }
+        import json
+
+        (self.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.policy.shutdown()
+        for w in self.rollout:
+            ray.kill(w)
+        print(f"grpo: held-out accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+              f"in {cfg.steps} steps, {summary['wall_seconds']:.0f}s")
+        return {
+            "model_path": str(final[0]),
+            "summary_path": str(self.stage_dir / "summary.json"),
+            "metrics_path": str(self.stage_dir / "metrics.jsonl"),
+            "plots": [str(p) for p in plots],
+            "base_accuracy": summary["base_accuracy"],
+            "final_accuracy": summary["final_accuracy"],
+        }
+
+    def _train(self, samples, timings, build_batch, pad_per_token, group_advantages, overlong_filter_mask) -> dict[str, float]:
+        """Advantages, old/ref log-probs, the update(s); returns the step's training metrics."""
+        import torch
+
+        cfg = self.cfg
+        rewards = torch.tensor([s["reward"] for s in samples])
+        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.normalize_std)
+        routing = None
+        if cfg.routing_replay and all(s.get("routing") is not None and s.get("prompt_routing") is not None for s in samples):
+            routing = [torch.cat([s["prompt_routing"], s["routing"]], dim=1) for s in samples]
+        batch = build_batch([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples], self.pad_id, routing)
+        truncated = torch.tensor([s["finish_reason"] == "length" for s in samples])
+        if cfg.overlong == "filter":
+            batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
+
+        ta = time.perf_counter()
+        old_logp = self.policy.logprobs(batch)
+        ref_logp = self.policy.logprobs(batch, reference=True) if cfg.kl_coef > 0 else None
+        # trainer vs engine log-probs on the rollout tokens, before any update of this step
+        prompt_lens = [len(s["prompt_ids"]) for s in samples]
+        engine_logp = pad_per_token([s["logprobs"] or [] for s in samples], prompt_lens, tuple(old_logp.shape))
+        on = batch.response_mask > 0
+        diff = (old_logp - engine_logp).abs()[on]
+        out: dict[str, float] = {
+            "logprob_mismatch/mean_abs": float(diff.mean()) if diff.numel() else 0.0,
+            "logprob_mismatch/max_abs": float(diff.max()) if diff.numel() else 0.0,
+            "response_length/truncated": float(truncated.float().mean()),
+        }
+        sums: dict[str, float] = {}
+        order = torch.arange(len(samples))
+        bounds = [round(i * len(samples) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
+        grad_norms, maxvios = [], []
+        for u in range(cfg.updates_per_step):
+            rows = order[bounds[u] : bounds[u + 1]]
+            if len(rows) == 0:
+                continue
+            mini = batch.rows(rows)
+            stats = self.policy.train_step(
+                mini, old_logp[rows], advantages[rows], None if ref_logp is None else ref_logp[rows],
+                num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
+            )
+            grad_norms.append(stats.pop("grad_norm"))
+            maxvios.append(stats.pop("maxvio"))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        timings["train"] = time.perf_counter() - ta
+        tokens = max(sums.get("tokens", 0.0), 1.0)
+        out.update({
+            "loss": sums.get("loss", 0.0) / max(len(grad_norms), 1),
+            "kl": sums.get("kl", 0.0) / tokens,
+            "entropy": sums.get("entropy", 0.0) / tokens,
+            "clip_fraction": sums.get("clipped", 0.0) / tokens,
+            "clip_fraction/high": sums.get("clipped_high", 0.0) / tokens,
+            "clip_fraction/low": sums.get("clipped_low", 0.0) / tokens,
+            "ratio/mean": sums.get("ratio", 0.0) / tokens,
+            "grad_norm": _mean(grad_norms),
+            "moe/maxvio": max(maxvios) if maxvios else 0.0,
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "tokens_per_second/train": sums.get("tokens", 0.0) / max(timings["train"], 1e-9),
+        })
+        return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

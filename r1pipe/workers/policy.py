@@ -1,0 +1,235 @@
+"""PolicyWorker: the trained model (and the frozen reference) on one data-parallel rank.
+
+N workers hold replicas of the policy and split each batch by rows; gradients are summed over
+torch.distributed (gloo on CPU, NCCL on GPU) before every optimizer step, and the loss is
+normalised with the *global* token / sequence counts, so N workers step exactly like one worker
+on the whole batch. The class is plain Python; the controller wraps it with ray.remote.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1pipe.algo import grpo_loss, token_logprobs_and_entropy
+from r1pipe.workers.batch import TrainBatch
+
+
+@dataclass
+class PolicyConfig:
+    """What a policy worker needs from the GRPO stage config."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    norm_constant: float | None = None  # Dr. GRPO's constant; the generation budget
+    temperature: float = 1.0
+    micro_batch_size: int = 16
+    bias_update_gamma: float | None = None  # None: the model config's gamma
+    device: str = "cpu"
+    num_threads: int = 1
+    seed: int = 0
+
+
+class PolicyWorker:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model_path: str,
+        cfg: PolicyConfig,
+        with_reference: bool = False,
+    ):
+        from r1pipe.model import load_pretrained
+
+        torch.set_num_threads(cfg.num_threads)
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed + rank)  # this rank's RNG stream (saved in checkpoints)
+        self.model = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))
+        self.model.train()
+        self.reference = None
+        if with_reference:  # kl_coef == 0 drops the reference model entirely
+            self.reference = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))
+            self.reference.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        )
+
+    def init_distributed(self, init_method: str) -> None:
+        """Join the process group (called on every rank at once, after all actors exist)."""
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+
+    def rendezvous_address(self) -> str:
+        """tcp://this-node:free-port, for rank 0 to host the process group."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    # ---- forward passes ----
+
+    def _forward_logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._to_device(batch)
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, routing=batch.routing)
+        logits = out.logits[:, :-1]
+        return token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.cfg.temperature)
+
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        if self.device.type == "cpu":
+            return batch
+        routing = None if batch.routing is None else [r.to(self.device) for r in batch.routing]
+        return TrainBatch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.response_mask.to(self.device), routing)
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+        """Log-probs [B, S-1] of every target token under the policy (or the reference), in eval mode
+        so that the forward does not count toward the router's expert loads."""
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("this worker holds no reference model (kl_coef == 0)")
+        was_training = model.training
+        model.eval()
+        try:
+            parts = [
+                self._forward_logprobs(model, batch.rows(slice(i, i + self.cfg.micro_batch_size)))[0].cpu()
+                for i in range(0, len(batch), self.cfg.micro_batch_size)
+            ]
+        finally:
+            model.train(was_training)
+        return torch.cat(parts) if parts else torch.zeros(0, batch.input_ids.shape[1] - 1)
+
+    # ---- one optimizer step ----
+
+    def train_step(
+        self,
+        batch: TrainBatch,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        ref_logp: torch.Tensor | None,
+        num_tokens: float,
+        num_seqs: float,
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's rows; `num_tokens`/`num_seqs` count the whole global
+        mini-batch. Returns token sums (see grpo_loss) plus entropy, loss, grad_norm, maxvio."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=False)
+        totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
+        for i in range(0, len(batch), cfg.micro_batch_size):
+            rows = slice(i, i + cfg.micro_batch_size)
+            micro = batch.rows(rows)
+            logp, entropy = self._forward_logprobs(self.model, micro)
+            mask = micro.response_mask.to(self.device)
+            loss, stats = grpo_loss(
+                logp,
+                old_logp[rows].to(self.device),
+                advantages[rows].to(self.device),
+                mask,
+                clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high,
+                agg=cfg.loss_agg,
+                ref_logp=None if ref_logp is None else ref_logp[rows].to(self.device),
+                kl_coef=cfg.kl_coef,
+                num_tokens=num_tokens,
+                num_seqs=num_seqs,
+                norm_constant=cfg.norm_constant,
+            )
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            totals["entropy"] += float((entropy.detach() * (mask > 0)).sum())
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+        self._all_reduce_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        maxvio = self._update_router_bias()
+        totals["grad_norm"] = float(grad_norm)
+        totals["maxvio"] = max(maxvio) if maxvio else 0.0
+        return totals
+
+    def _all_reduce_grads(self) -> None:
+        """Sum gradients over ranks in one flat buffer (the loss already divides by global counts)."""
+        if self.world_size == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def _update_router_bias(self) -> list[float]:
+        """Auxiliary-loss-free balancing after the optimizer step. With several ranks the expert
+        loads are summed first, so every replica nudges its biases identically."""
+        if not hasattr(self.model, "update_router_bias"):
+            return []
+        if self.world_size > 1:
+            for load in self._expert_load_tensors():
+                dist.all_reduce(load, op=dist.ReduceOp.SUM)
+        return [float(v) for v in self.model.update_router_bias(self.cfg.bias_update_gamma)]
+
+    def _expert_load_tensors(self) -> list[torch.Tensor]:
+        """The models' accumulated per-expert load buffers (in place), found by name."""
+        return [b for name, b in self.model.named_buffers() if name.endswith("expert_load")]
+
+    # ---- weights and checkpoints ----
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the policy weights for the rollout engine."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, path: str, tokenizer_dir: str | None = None) -> None:
+        """Rank 0 writes the model (HF layout) and optimizer; every rank writes its RNG state."""
+        path_ = Path(path)
+        path_.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            from r1pipe.model import save_pretrained
+
+            save_pretrained(self.model, path_)
+            if tokenizer_dir is not None:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path_)
+            torch.save(self.optimizer.state_dict(), path_ / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path_ / f"rng_rank{self.rank}.pt")
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        from r1pipe.model import load_pretrained
+
+        path_ = Path(path)
+        self.model.load_state_dict(load_pretrained(path_, dtype=torch.float32, device=str(self.device)).state_dict())
+        self.optimizer.load_state_dict(torch.load(path_ / "optimizer.pt", map_location=self.device))
+        rng_file = path_ / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -10,6 +10,7 @@ neither loses nor repeats a step.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import random
 import time
@@ -406,8 +407,6 @@ class GRPOTrainer:
             "wall_seconds": time.perf_counter() - t_start,
             "reward_errors_sample": self.scorer.errors[:5],
         }
-        import json
-
         (self.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.policy.shutdown()
         for w in self.rollout:
@@ -421,6 +420,8 @@ class GRPOTrainer:
             "plots": [str(p) for p in plots],
             "base_accuracy": summary["base_accuracy"],
             "final_accuracy": summary["final_accuracy"],
+            "steps": summary["steps"],
+            "wall_seconds": round(summary["wall_seconds"], 1),
         }
 
     def _train(self, samples, timings, build_batch, pad_per_token, group_advantages, overlong_filter_mask) -> dict[str, float]:

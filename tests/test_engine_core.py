@@ -18,14 +18,6 @@ def tiny_config(**overrides) -> ModelConfig:
     return dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=3, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU forwards run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:

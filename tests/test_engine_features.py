@@ -15,13 +15,6 @@ from r1pipe.model import ModelConfig, Transformer, save_pretrained
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [42], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_config(**overrides) -> ModelConfig:
     return dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=3, **overrides)

@@ -14,14 +14,6 @@ from r1pipe.model import ModelConfig, Transformer, dequantize_blocks, load_pretr
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def quantize_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

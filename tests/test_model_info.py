@@ -12,14 +12,6 @@ from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.info import kv_cache_bytes_per_token_per_layer, parameter_counts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.mark.parametrize("overrides", [

@@ -14,14 +14,6 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "
         "mscale": 1.0, "mscale_all_dim": 0.7}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def hf_config(q_lora_rank: int | None, rope_interleave: bool = True):

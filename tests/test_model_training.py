@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from r1pipe.model import ModelConfig, Transformer, lm_loss
@@ -37,14 +36,6 @@ def balanced_max_violation(gamma: float, steps: int = 200) -> float:
         moe(torch.randn(4, 1024, 32, generator=g) + offset)
         return moe.update_bias(0.0)  # gamma 0: only reports
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bias_balancing_lowers_max_violation():

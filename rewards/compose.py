@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import traceback
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Iterable
 
 from .code import check_humaneval, check_mbpp, check_stdio
 from .extract import extract_answer, extract_gsm8k_gold
@@ -149,3 +149,17 @@ def build_reward_fn(weights: dict[str, float], **options) -> RewardFn:
         if not isinstance(w, (int, float)):
             raise TypeError(f"weight of reward {name!r} must be a number, got {w!r}")
     return RewardFn({k: float(v) for k, v in weights.items()}, RewardOptions(**options))
+
+
+# What each reward reads from a row's reference: rows that lack it are skipped before sampling.
+CODE_TEST_FIELDS = (("entry_point", "test"), ("test_list",), ("inputs", "outputs"))
+
+
+def missing_reference(rewards: Iterable[str], reference: dict) -> str | None:
+    """Why `reference` cannot be scored by the named rewards, or None when it can."""
+    names = set(rewards)
+    if "accuracy" in names and not str(reference.get("answer") or "").strip():
+        return "no answer (the accuracy reward needs one)"
+    if "code" in names and not any(all(reference.get(k) is not None for k in group) for group in CODE_TEST_FIELDS):
+        return "no tests (the code reward needs entry_point+test, test_list or inputs+outputs)"
+    return None

@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from r1pipe.data.jsonl import JsonlStats, read_jsonl, read_problems, write_jsonl
+from r1pipe.data.jsonl import SkipReport, read_jsonl, read_jsonl_rows, write_jsonl
 from r1pipe.data.synthetic import (
     KINDS, Problem, completion, corpus_texts, guess_answer, make_splits, problem_row, sample_problem, worked_add,
     worked_mul, worked_steps, worked_sub,
 )
-from r1pipe.data.templates import R1_MATH_SUFFIX, apply_template, r1_math_prompt, r1_zero_prompt
+from r1pipe.data.templates import R1_MATH_SUFFIX, r1_math_prompt, r1_zero_prompt, render_prompt
 
 
 def test_worked_steps_hand_checked():
@@ -95,9 +95,13 @@ def test_templates():
     assert "<think> </think>" in prompt and "<answer> </answer>" in prompt
     assert r1_math_prompt("Find x.") == "Find x.\n" + R1_MATH_SUFFIX
     assert R1_MATH_SUFFIX.endswith("within \\boxed{}.")
-    assert apply_template("none", "q") == "q"
-    with pytest.raises(KeyError, match="unknown prompt template 'r2'"):
-        apply_template("r2", "q")
+    assert render_prompt("q", "raw") == "q"
+    assert render_prompt(prompt, "r1-zero") == prompt  # idempotent
+    assert render_prompt("Find x.", "r1") == "Find x.\n" + R1_MATH_SUFFIX + "\n"
+    with pytest.raises(ValueError, match="unknown template 'r2'"):
+        render_prompt("q", "r2")
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        render_prompt("q", "chat")
 
 
 def test_jsonl_skips_and_counts_malformed_rows(tmp_path):
@@ -110,14 +114,13 @@ def test_jsonl_skips_and_counts_malformed_rows(tmp_path):
         '{"id": "b", "prompt": "p2"}\n'
         '{"prompt": "p3", "answer": "x"}\n'
     )
-    stats = JsonlStats()
-    rows = read_problems(path, stats)
-    assert [r["prompt"] for r in rows] == ["p1", "p3"]
-    assert rows[0]["answer"] == "3" and rows[1]["id"] == "1"
-    assert stats.rows == 2 and stats.skipped == 3
-    assert any("line 2" in r for r in stats.reasons) and any("missing answer" in r for r in stats.reasons)
+    report = SkipReport()
+    rows, lines = read_jsonl_rows(path, report)
+    assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"] and lines == [0, 4, 5]
+    assert report.skipped == 2 and dict(report.reasons) == {"not JSON": 1, "not a JSON object": 1}
+    assert report.examples["not JSON"][0].startswith("line 2")
     out = tmp_path / "sub" / "w.jsonl"
-    assert write_jsonl(out, rows) == 2
+    assert write_jsonl(out, rows) == 3
     assert read_jsonl(out) == rows and not (tmp_path / "sub" / "w.jsonl.tmp").exists()
 
 

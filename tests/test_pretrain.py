@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from r1pipe.data.jsonl import read_problems
+from r1pipe.data.jsonl import read_jsonl
 from r1pipe.stages.pretrain import PretrainConfig, _batches, lr_at, run_pretrain, train_base
 
 SMALL_MODEL = {"preset": "tiny", "path": None, "overrides": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
@@ -93,7 +93,7 @@ def test_outputs(straight_run):
     model = load_pretrained(model_dir)
     assert model(torch.tensor([tok("What is 1 + 2?").input_ids])).logits.shape[-1] == len(tok)
 
-    heldout, train = read_problems(straight_run / "heldout.jsonl"), read_problems(straight_run / "train.jsonl")
+    heldout, train = read_jsonl(straight_run / "heldout.jsonl"), read_jsonl(straight_run / "train.jsonl")
     assert len(heldout) == 24 and len(train) == 40
     assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
     assert all(set(r) >= {"id", "prompt", "answer"} and r["prompt"].endswith("Assistant:") for r in heldout)
@@ -185,7 +185,7 @@ def test_tiny_recipe_pretrain_then_eval(tmp_path):
 
     generations = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     model_dir = outputs["pretrain"]["model_path"]
-    rows = read_problems(outputs["pretrain"]["heldout_path"])[:8]
+    rows = read_jsonl(outputs["pretrain"]["heldout_path"])[:8]
     mine = measure_accuracy(load_pretrained(model_dir), load_tokenizer(model_dir), rows, 0.0, cfg.eval.max_tokens)
     cut = lambda text: text.split("</answer>")[0]  # the engine stops at </answer>
     assert [cut(g["response"]) for g in generations] == [cut(s["completion"]) for s in mine.samples]

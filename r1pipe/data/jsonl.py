@@ -1,61 +1,73 @@
-"""JSON-lines files: tolerant reading (malformed rows are skipped and counted) and atomic writing."""
+"""JSON-lines files: tolerant reading (a malformed line is skipped and counted, never fatal) and
+atomic writing."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 
 @dataclass
-class JsonlStats:
-    """What a read kept and what it skipped, with the first few reasons (line number: why)."""
+class SkipReport:
+    """Rows kept and rows skipped, counted by reason, with the first few places for each reason."""
 
-    rows: int = 0
-    skipped: int = 0
-    reasons: list[str] = field(default_factory=list)
+    kept: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def skip(self, line_no: int, why: str) -> None:
-        self.skipped += 1
-        if len(self.reasons) < 10:
-            self.reasons.append(f"line {line_no}: {why}")
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def skip(self, where: str, reason: str, detail: str = "") -> None:
+        self.reasons[reason] += 1
+        places = self.examples.setdefault(reason, [])
+        if len(places) < 3:
+            places.append(f"{where}{': ' + detail if detail else ''}")
+
+    def summary(self) -> str:
+        """'kept 95, skipped 5: 3 not JSON (line 4; ...), 2 empty prompt (row 7; ...)'."""
+        text = f"kept {self.kept}, skipped {self.skipped}"
+        if self.skipped:
+            parts = [f"{n} {reason} ({'; '.join(self.examples[reason])})" for reason, n in self.reasons.most_common()]
+            text += ": " + ", ".join(parts)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "skipped": self.skipped, "reasons": dict(self.reasons)}
 
 
-def read_jsonl(path: str | Path, required: Sequence[str] = (), stats: JsonlStats | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSONL file. Blank lines are ignored; rows that are not JSON objects or lack a
-    `required` field are skipped and counted in `stats` instead of stopping the read."""
-    stats = stats if stats is not None else JsonlStats()
+def read_jsonl_rows(path: str | Path, report: SkipReport) -> tuple[list[dict[str, Any]], list[int]]:
+    """(rows, each row's 0-based line number) of a JSONL file (gzip by suffix). Blank lines are
+    ignored; a line that is not a JSON object is skipped and counted in `report`."""
+    path = Path(path)
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    lines: list[int] = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                stats.skip(line_no, f"not JSON ({e.msg})")
+                report.skip(f"line {line_no + 1}", "not JSON", e.msg)
                 continue
             if not isinstance(row, dict):
-                stats.skip(line_no, f"not an object ({type(row).__name__})")
-                continue
-            missing = [k for k in required if row.get(k) is None]
-            if missing:
-                stats.skip(line_no, f"missing {', '.join(missing)}")
+                report.skip(f"line {line_no + 1}", "not a JSON object", type(row).__name__)
                 continue
             rows.append(row)
-    stats.rows += len(rows)
-    return rows
+            lines.append(line_no)
+    return rows, lines
 
 
-def read_problems(path: str | Path, stats: JsonlStats | None = None) -> list[dict[str, Any]]:
-    """Problem rows {"id", "prompt", "answer", ...}; answers are normalised to strings and a row
-    without an id gets its line's position as id."""
-    rows = read_jsonl(path, required=("prompt", "answer"), stats=stats)
-    for i, row in enumerate(rows):
-        row["answer"] = str(row["answer"])
-        row.setdefault("id", str(i))
-    return rows
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON-object rows of a file (malformed lines left out)."""
+    return read_jsonl_rows(path, SkipReport())[0]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:

@@ -32,12 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--responses", help="JSONL of saved generations {'id', 'response'[, 'suite']} to score instead of generating")
     source.add_argument("--suite", default=None,
                         help=f"comma-separated shipped suites: {', '.join(REGISTRY)}, or the groups math, code, all")
-    source.add_argument("--suite-file", action="append", default=[], help="a user JSONL suite (repeatable)")
+    source.add_argument("--suite-file", action="append", default=[],
+                        help="a user suite (repeatable): a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name[:split]")
+    source.add_argument("--split", default="train", help="--suite-file split for save_to_disk dataset dicts and hub names")
     source.add_argument("--suite-name", help="name of the --suite-file suite in reports (default: the file's stem)")
     source.add_argument("--suite-kind", choices=KINDS, default="math", help="how --suite-file rows are graded")
-    source.add_argument("--prompt-field", default="prompt", help="--suite-file field with the question")
-    source.add_argument("--answer-field", default="answer", help="--suite-file field with the gold answer (math)")
-    source.add_argument("--id-field", default="id", help="--suite-file field with the problem id (else the line number)")
+    source.add_argument("--prompt-field", default=None,
+                        help="--suite-file field with the question (default: auto-detected: prompt, problem, question, instruction, ...)")
+    source.add_argument("--answer-field", default=None,
+                        help="--suite-file field with the gold answer, math (default: auto-detected: answer, final_answer, solution, ...)")
+    source.add_argument("--id-field", default=None, help="--suite-file field with the problem id (default: auto-detected, else the line number)")
     source.add_argument("--limit", type=int, help="only the first N problems of each suite")
 
     protocol = parser.add_argument_group("protocol")
@@ -84,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
         for path in args.suite_file:
             name = args.suite_name if args.suite_name and len(args.suite_file) == 1 else None
             suite = load_suite_file(path, name=name, kind=args.suite_kind, prompt_field=args.prompt_field,
-                                    answer_field=args.answer_field, id_field=args.id_field or None)
+                                    answer_field=args.answer_field, id_field=args.id_field, split=args.split,
+                                    log=lambda line: print(f"r1pipe eval: {line}", file=sys.stderr))
             if suite.skipped:
                 print(f"r1pipe eval: {path}: skipped {suite.skipped} malformed rows, e.g. {suite.skipped_reasons[0]}", file=sys.stderr)
             if not suite.problems:

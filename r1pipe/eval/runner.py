@@ -14,7 +14,8 @@ from r1pipe.eval.backends import Backend, GenerationConfig, load_backend
 from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
 from r1pipe.eval.report import SuiteResult, append_generations, print_table, write_report
 from r1pipe.eval.scoring import Graded, grade_all, make_pool
-from r1pipe.eval.suites import Problem, Suite, read_jsonl, resolve_suites
+from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
+from r1pipe.eval.suites import Problem, Suite, resolve_suites
 from r1pipe.eval.templates import render, resolve_template
 
 
@@ -27,9 +28,11 @@ def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str,
         raise FileNotFoundError(f"responses file not found: {path}")
     names = {s.name for s in suites}
     grouped: dict[str, dict[str, list[str]]] = {s.name: {} for s in suites}
-    skipped = 0
-    for _, row, _ in read_jsonl(path):
-        if row is None or "id" not in row or not isinstance(row.get("response"), str):
+    report = SkipReport()
+    rows, _ = read_jsonl_rows(path, report)
+    skipped = report.skipped
+    for row in rows:
+        if "id" not in row or not isinstance(row.get("response"), str):
             skipped += 1
             continue
         suite_name = row.get("suite")

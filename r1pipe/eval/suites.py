@@ -1,5 +1,5 @@
 """Evaluation suites: the shipped registry (GSM8K, MATH-500, AIME 2024, AMC 2023, HumanEval, MBPP)
-and loaders for the shipped copies and for a user's own JSONL file.
+and loaders for the shipped copies and for a user's own suite (any r1pipe.data source).
 
 A suite is a list of `Problem`s, each with a stable `id` (the row's `id` / `task_id` field, else its
 0-based line number, always as a string so `--responses` files may write 7 or "7"), the question
@@ -8,12 +8,14 @@ Malformed rows are skipped and counted in `Suite.skipped`, never fatal.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from r1pipe.data.fields import CANDIDATES, FieldMap, pick_fields
+from r1pipe.data.rows import gold_text, row_id
+from r1pipe.data.sources import Records, read_records
 
 # How a suite is graded; "stdio" are programs read from stdin, judged on stdout (`inputs`/`outputs`).
 KINDS = ("math", "humaneval", "mbpp", "stdio")
@@ -93,70 +95,46 @@ def data_path(relative: str) -> Path:
     return Path(str(resources.files("r1pipe.eval") / "suites_data" / relative))
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
-    """(line number, row or None, error) for each non-blank line; gzip by suffix."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, None, f"line {line_no}: bad JSON ({e.msg})"
-                continue
-            if not isinstance(row, dict):
-                yield line_no, None, f"line {line_no}: not a JSON object"
-                continue
-            yield line_no, row, ""
-
-
-def build_suite(
-    name: str,
-    path: Path,
-    kind: str,
-    question_field: str,
-    id_field: str | None,
-    gold: Callable[[dict], str] | None,
-) -> Suite:
+def build_suite(name: str, records: Records, kind: str, fields: FieldMap, gold: Callable[[dict], str] | None) -> Suite:
+    """A suite from a source's rows; malformed rows are skipped and counted (never fatal)."""
     if kind not in KINDS:
         raise ValueError(f"unknown suite kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"suite file not found: {path}")
-    suite = Suite(name=name, kind=kind, problems=[], source=str(path))
+    if fields.prompt is None:
+        raise ValueError(f"{records.source}: no question field (looked for {', '.join(CANDIDATES['prompt'])}); "
+                         f"its fields: {', '.join(records.columns)}")
+    report = records.report
+    suite = Suite(name=name, kind=kind, problems=[], source=records.source)
     seen: set[str] = set()
-
-    def skip(reason: str) -> None:
-        suite.skipped += 1
-        if len(suite.skipped_reasons) < 20:
-            suite.skipped_reasons.append(reason)
-
-    for line_no, row, error in read_jsonl(path):
-        if row is None:
-            skip(error)
-            continue
-        problem_id = str(row[id_field]) if id_field and id_field in row else str(line_no)
-        question = row.get(question_field)
+    for i, row in enumerate(records.rows):
+        place = records.place(i)
+        problem_id = row_id(records, i, fields)
+        question = row.get(fields.prompt)
         if not isinstance(question, str) or not question.strip():
-            skip(f"line {line_no}: no text in field {question_field!r}")
+            report.skip(place, f"no text in field {fields.prompt!r}")
             continue
         if problem_id in seen:
-            skip(f"line {line_no}: duplicate id {problem_id!r}")
+            report.skip(place, "duplicate id", problem_id)
             continue
         if kind == "math":
             try:
-                reference = {"answer": gold(row) if gold else str(row["answer"]).strip()}
+                answer = gold(row) if gold else gold_text(row.get(fields.answer or "answer"))
             except (KeyError, ValueError, TypeError) as e:
-                skip(f"line {line_no}: no gold answer ({e!r})")
+                answer, _ = None, e
+            if answer is None:
+                report.skip(place, "no gold answer")
                 continue
+            reference = {"answer": answer}
         else:
             missing = [f for f in REQUIRED_CODE_FIELDS[kind] if f not in row]
             if missing:
-                skip(f"line {line_no}: missing {', '.join(missing)}")
+                report.skip(place, "missing " + ", ".join(missing))
                 continue
             reference = dict(row)
         seen.add(problem_id)
         suite.problems.append(Problem(id=problem_id, question=question, reference=reference))
+    report.kept = len(suite.problems)
+    suite.skipped = report.skipped
+    suite.skipped_reasons = [f"{n} {reason} ({'; '.join(report.examples[reason])})" for reason, n in report.reasons.most_common()]
     return suite
 
 
@@ -165,7 +143,11 @@ def load_suite(name: str) -> Suite:
     if name not in REGISTRY:
         raise KeyError(f"unknown suite {name!r}; shipped suites: {', '.join(REGISTRY)} (or use --suite-file)")
     spec = REGISTRY[name]
-    return build_suite(name, data_path(spec.file), spec.kind, spec.question_field, spec.id_field, spec.gold)
+    path = data_path(spec.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file not found: {path}")
+    fields = FieldMap(prompt=spec.question_field, id=spec.id_field)
+    return build_suite(name, read_records(path), spec.kind, fields, spec.gold)
 
 
 def load_suite_file(
@@ -173,21 +155,33 @@ def load_suite_file(
     *,
     name: str | None = None,
     kind: str = "math",
-    prompt_field: str = "prompt",
-    answer_field: str = "answer",
-    id_field: str | None = "id",
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    split: str = "train",
+    log: Callable[[str], None] | None = None,
 ) -> Suite:
-    """A user's JSONL suite. Math rows need `prompt_field` and `answer_field`; code rows need the
-    fields of their kind (humaneval: prompt/test/entry_point; mbpp: test_list; stdio: inputs/outputs).
-    A GSM8K-style gold ('... #### 42') is reduced to what follows '####'."""
-    path = Path(path)
+    """A user's suite from any data-layer source (JSONL/Parquet/CSV file, save_to_disk directory,
+    hub name). Field names not given are auto-detected (question: prompt / problem / question / ...;
+    gold: answer / final_answer / solution / ...; id: id / task_id / ...) and `log` is told the pick.
+    Math rows need a question and a gold; code rows need the fields of their kind (humaneval:
+    prompt/test/entry_point; mbpp: test_list; stdio: inputs/outputs). A GSM8K-style gold
+    ('... #### 42') is reduced to what follows '####'."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown suite kind {kind!r}; expected one of {', '.join(KINDS)}")
+    records = read_records(path, split)
+    roles = ("prompt", "answer", "id") if kind == "math" else ("prompt", "id")
+    explicit = {"prompt": prompt_field, "answer": answer_field, "id": id_field}
+    fields = pick_fields(records.columns, roles, explicit, str(path), option_prefix="--")
+    if log is not None:
+        log(f"{path}: fields {fields.describe()}")
 
-    def gold(row: dict) -> str:
-        value = row[answer_field]
-        text = str(value).strip() if not isinstance(value, float) else integer_gold(value)
-        return gsm8k_gold(text) if "####" in text else text
+    def gold(row: dict) -> str | None:
+        text = gold_text(row.get(fields.answer)) if fields.answer else None
+        return gsm8k_gold(text) if text is not None and "####" in text else text
 
-    return build_suite(name or path.stem, path, kind, prompt_field, id_field, gold if kind == "math" else None)
+    stem = Path(str(path)).name.split(".")[0] or str(path)
+    return build_suite(name or stem, records, kind, fields, gold if kind == "math" else None)
 
 
 def resolve_suites(names: str | list[str]) -> list[Suite]:

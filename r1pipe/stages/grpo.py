@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from r1pipe.algo.losses import LOSS_AGGREGATIONS
+from r1pipe.data.templates import TEMPLATES
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 OVERLONG_MODES = ("none", "filter", "soft")
@@ -27,9 +28,15 @@ OVERLONG_MODES = ("none", "filter", "soft")
 @dataclass
 class GRPOConfig(StageConfig):
     kind: str = "grpo"
-    # data: JSONL problems {"id", "prompt", "answer"}; default: the earlier stages' outputs
+    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
+    # of problems; default: the earlier stages' outputs. Fields are auto-detected unless named.
     train_path: Optional[str] = None
     heldout_path: Optional[str] = None
+    split: str = "train"
+    prompt_field: Optional[str] = None  # None: prompt / problem / question / instruction / ...
+    answer_field: Optional[str] = None  # None: answer / final_answer / solution / ...
+    id_field: Optional[str] = None
+    template: str = "raw"  # raw (prompts used as written) | r1-zero | r1 | chat | auto (r1pipe.data.templates)
     heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
     eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
     # rollout
@@ -46,6 +53,7 @@ class GRPOConfig(StageConfig):
     reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
     accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
+    reward_options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
     # algorithm
     normalize_std: bool = True  # False: Dr. GRPO advantages
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
@@ -77,6 +85,8 @@ class GRPOConfig(StageConfig):
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
         if self.overlong not in OVERLONG_MODES:
@@ -134,8 +144,9 @@ class Scorer:
     that raises scores 0 and is counted (the pool does this per reward; here too for extra rewards
     and for a pool whose worker died, which is then rebuilt)."""
 
-    def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int):
-        self.weights, self.num_workers = dict(weights), num_workers
+    def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int,
+                 options: dict[str, Any] | None = None):
+        self.weights, self.num_workers, self.options = dict(weights), num_workers, dict(options or {})
         self.extra = {spec: (w, _load_callable(spec)) for spec, w in extra.items()}
         self.pool = self._new_pool() if self.weights else None
         self.errors: list[str] = []
@@ -143,7 +154,7 @@ class Scorer:
     def _new_pool(self) -> Any:
         from r1pipe.rewards.worker import RewardPool
 
-        return RewardPool(self.weights, num_workers=self.num_workers)
+        return RewardPool(self.weights, num_workers=self.num_workers, **self.options)
 
     def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
         """(total reward per text, component -> values, number of reward errors)."""
@@ -195,6 +206,7 @@ class GRPOTrainer:
         self.cfg, self.ctx = cfg, ctx
         self.stage_dir = Path(ctx.stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
+        self.data_reports: dict[str, dict] = {}
 
     # ---- setup
 
@@ -212,17 +224,43 @@ class GRPOTrainer:
             log_to_driver=True,
         )
 
-    def _problems(self, key: str, explicit: Optional[str]) -> list[dict]:
-        from r1pipe.data import JsonlStats, read_problems
+    def _problems(self, key: str, explicit: Optional[str], model_path: str) -> list[dict]:
+        """Problems through the data layer, tokenized once here on the driver: rows without what the
+        rewards need, or too long for the engine's context, are skipped and counted before any actor
+        starts. A row is the source row (the reference the rewards read) plus `prompt` (templated)."""
+        from r1pipe.causal_lm import load_tokenizer
+        from r1pipe.data import load_prompt_rows
+        from r1pipe.rewards import missing_reference
 
-        path = explicit or self.ctx.output(key)
-        if not path:
+        cfg = self.cfg
+        source = explicit or self.ctx.output(key)
+        if not source:
             raise ValueError(f"grpo: no {key} (set it in the recipe or run a stage that outputs it)")
-        stats = JsonlStats()
-        rows = read_problems(path, stats=stats)
-        if stats.skipped:
-            print(f"grpo: {path}: skipped {stats.skipped} malformed rows ({'; '.join(stats.reasons[:3])})")
-        return rows
+        fields = {"prompt": cfg.prompt_field, "answer": cfg.answer_field, "id": cfg.id_field}
+        rows, report = load_prompt_rows(
+            str(source), load_tokenizer(model_path), split=cfg.split, fields=fields, template=cfg.template,
+            max_prompt_tokens=self._max_model_len(model_path) - cfg.max_tokens - int(cfg.engine.get("speculative_k", 0) or 0),
+            check_reference=lambda ref: missing_reference(cfg.reward_weights, ref), option_prefix="rl.",
+            log=lambda line: print(f"grpo: {line}"),
+        )
+        self.data_reports[key] = report.to_dict()
+        if not rows:
+            raise ValueError(f"grpo: {source}: no usable problems ({report.summary()})")
+        return [{**r.reference, "id": r.id, "prompt": r.prompt} for r in rows]
+
+    def _max_model_len(self, model_path: str) -> int:
+        """The engine's context: rl.engine.max_model_len, else the model's max_position_embeddings."""
+        from r1pipe.model import ModelConfig
+
+        return int(self.cfg.engine.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings)
+
+    def _check_reward_options(self) -> None:
+        from r1pipe.rewards import build_reward_fn
+
+        try:
+            build_reward_fn(dict(self.cfg.reward_weights), **dict(self.cfg.reward_options))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rl.reward_options / rl.reward_weights: {e}") from None
 
     def _start_workers(self, model_path: str) -> None:
         import ray
@@ -244,7 +282,7 @@ class GRPOTrainer:
         self.rollout = [rollout_actor.remote(model_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers)
+        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options))
 
     # ---- rollout
 
@@ -284,10 +322,11 @@ class GRPOTrainer:
 
         cfg = self.cfg
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self._ray_init()
-        train_rows = self._problems("train_path", cfg.train_path)
-        heldout_rows = self._problems("heldout_path", cfg.heldout_path)[: cfg.heldout_size]
         base_model = str(self.ctx.model_path())
+        self._check_reward_options()
+        train_rows = self._problems("train_path", cfg.train_path, base_model)
+        heldout_rows = self._problems("heldout_path", cfg.heldout_path, base_model)[: cfg.heldout_size]
+        self._ray_init()
 
         resume = latest_checkpoint(self.ckpt_root)
         state: dict[str, Any] = {"step": 0, "data_position": 0, "wall_seconds": 0.0, "base_accuracy": None}
@@ -406,6 +445,7 @@ class GRPOTrainer:
             "steps": cfg.steps,
             "wall_seconds": time.perf_counter() - t_start,
             "reward_errors_sample": self.scorer.errors[:5],
+            "data": self.data_reports,
         }
         (self.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.policy.shutdown()

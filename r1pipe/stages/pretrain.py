@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from r1pipe.algo.schedule import warmup_cosine
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 
@@ -79,10 +80,7 @@ class PretrainConfig(StageConfig):
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:

@@ -1,0 +1,125 @@
+"""One handle on the two kinds of causal LM r1pipe trains with supervised losses: its own
+DeepSeek-V3 (`model_type: deepseek_v3`, r1pipe.model) and any dense Hugging Face causal LM that
+transformers loads (Qwen2, Llama, ...). The checkpoint's config.json says which.
+
+Also the tiny dense students: Qwen2 / Llama configs small enough for a CPU, built locally (no
+download) around a given tokenizer, for tests and the distillation recipe.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from r1pipe.model import load_pretrained, save_pretrained
+
+V3 = "deepseek_v3"
+
+# Tiny dense students: ~0.1-0.3 M parameters besides the embedding, for CPU tests and recipes.
+DENSE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, rope_theta=10000.0),
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+
+def model_type_of(path: str | Path) -> str:
+    """config.json's model_type; a directory without one is a clear error."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if not model_type:
+        raise ValueError(f"{config}: no model_type")
+    return model_type
+
+
+@dataclass
+class CausalLM:
+    """A trainable causal LM of either family, with what a supervised stage needs of it."""
+
+    module: nn.Module
+    family: str  # "deepseek_v3" (r1pipe.model) or the Hugging Face model_type
+    path: Path
+
+    @property
+    def is_v3(self) -> bool:
+        return self.family == V3
+
+    @property
+    def max_length(self) -> int:
+        config = self.module.config
+        return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, mtp: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """(logits [B,S,V], MTP logits per module [B,S,V] (r1pipe V3 with mtp=True only)).
+
+        Batches are right-padded, so causal attention never reads padding for a real token and no
+        mask is needed for the loss; Hugging Face models still get attention_mask (some use it for
+        positions)."""
+        if self.is_v3:
+            out = self.module(input_ids, mtp=mtp)
+            return out.logits, list(out.mtp_logits)
+        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits, []
+
+    def after_optimizer_step(self) -> None:
+        """DeepSeekMoE's aux-loss-free balancing nudges its routing bias after each step."""
+        if self.is_v3:
+            self.module.update_router_bias()
+
+    def save(self, path: str | Path) -> None:
+        """Weights and config in the Hugging Face layout (tokenizer files are the caller's)."""
+        if self.is_v3:
+            save_pretrained(self.module, path)
+        else:
+            self.module.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
+    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise."""
+    path = Path(path).expanduser()
+    family = model_type_of(path)
+    if family == V3:
+        module: nn.Module = load_pretrained(path, dtype=dtype, device=device)
+    else:
+        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    return CausalLM(module, family, path)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's tokenizer; one without a pad token pads with end-of-sequence."""
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                       **overrides: Any) -> Path:
+    """A randomly initialised dense student (DENSE_PRESETS) sized to the tokenizer, saved with it."""
+    if preset not in DENSE_PRESETS:
+        raise ValueError(f"unknown dense student preset {preset!r}; known: {', '.join(DENSE_PRESETS)}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    fields = {**DENSE_PRESETS[preset], **overrides}
+    config = AutoConfig.for_model(
+        fields.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+__all__ = ["CausalLM", "DENSE_PRESETS", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]

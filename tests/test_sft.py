@@ -3,10 +3,8 @@ is exact on assistant tokens only, gradient accumulation equals the full batch, 
 in their frameworks, and a SIGKILLed run resumes to the same weights as an uninterrupted one."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,33 +17,19 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from r1pipe.algo.sft import masked_ce_sum, per_sample_ce
-from r1pipe.causal_lm import init_dense_student, load_causal_lm, load_tokenizer
-from r1pipe.data.jsonl import write_jsonl
-from r1pipe.data.synthetic import completion, corpus_texts, sample_problem
-from r1pipe.data.tokenizer import save_tokenizer, train_tokenizer
-from r1pipe.model import ModelConfig, Transformer, save_pretrained
+from r1pipe.causal_lm import load_causal_lm, load_tokenizer
 from r1pipe.stages import StageContext
 from r1pipe.stages.sft import SFTConfig, SFTTrainer, StepPlan, collate, run_sft
+from tiny_models import make_tiny_qwen2, make_tiny_v3, write_worked_solutions
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> dict[str, str]:
     """A BPE tokenizer, a tiny V3, a tiny Qwen2 and 240 worked arithmetic solutions."""
     root = tmp_path_factory.mktemp("sft")
-    corpus = corpus_texts(1500, 0, ["add", "sub"], 2, 0.25, 0.15, set(), 0.5)
-    save_tokenizer(train_tokenizer((p + c for p, c in corpus), vocab_size=400), root / "v3")
-    tok = load_tokenizer(root / "v3")
-    config = dataclasses.replace(
-        ModelConfig.preset("tiny"), vocab_size=len(tok), num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-        moe_intermediate_size=32, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    save_pretrained(Transformer(config, seed=0), root / "v3")
-    init_dense_student("tiny-qwen2", root / "v3", root / "qwen2", seed=0)
-    rng = random.Random(1)
-    rows = []
-    for i in range(240):
-        p = sample_problem(rng, ["add", "sub"], 2)
-        rows.append({"id": i, "problem": p.question, "solution": completion(p, True, rng, 0.0).strip()})
-    write_jsonl(root / "sft.jsonl", rows)
+    make_tiny_v3(root / "v3")
+    make_tiny_qwen2(root / "qwen2", root / "v3")
+    write_worked_solutions(root / "sft.jsonl", 240)
     return {"root": str(root), "v3": str(root / "v3"), "qwen2": str(root / "qwen2"), "data": str(root / "sft.jsonl")}
 
 

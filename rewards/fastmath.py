@@ -7,6 +7,11 @@ Rationals stay exact (`fractions.Fraction`); anything irrational becomes a compl
 with a relative tolerance. Expressions with variables are compared at seeded random rational
 points (an identity test that is exact for polynomials and rational functions). Anything it does
 not fully understand raises `Undecided`, and the caller falls back to math-verify.
+
+"Equal" is final. "Unequal" is final only when both sides were fully parsed into values of the
+same kind: the same answer shape (one value, set/list, tuple/interval/matrix, union), no decimal
+literal on either side (math-verify rounds decimals, so `0.142857142857` may be meant as 1/7), and
+the same free variables. Every other "unequal" raises `Undecided`, so math-verify has the last word.
 """
 
 from __future__ import annotations
@@ -355,7 +360,8 @@ class Shape:
     items: tuple[str, ...]
 
 
-_MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
+_MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[lcr| ]*\})?(.*)\\end\{\1\}$", re.DOTALL)
+_DECIMAL = re.compile(r"\d*\.\d")
 
 
 def _top_level_split(s: str, sep: str) -> list[str]:
@@ -376,6 +382,8 @@ def _top_level_split(s: str, sep: str) -> list[str]:
 
 def shape_of(s: str) -> Shape:
     s = s.strip()
+    if s[:1] in "([" and s[-1:] in ")]" and _MATRIX.match(s[1:-1].strip()):  # \left( array \right)
+        s = s[1:-1].strip()
     if m := _MATRIX.match(s):
         rows = [r for r in (x.strip() for x in m.group(2).split("\\\\")) if r]
         cells = [[c.strip() for c in r.split("&")] for r in rows]
@@ -499,15 +507,24 @@ def fast_equal(pred: str, gold: str, percent: bool = False) -> bool:
         return False
 
     if sp.kind == "ordered" and sg.kind == "ordered":
-        if (sp.left, sp.right) != (sg.left, sg.right) or len(vp) != len(vg):
-            return False
-        return all(equal(a, b) for a, b in zip(vp, vg))
-    if {sp.kind, sg.kind} <= {"list", "set", "single"} and (sp.kind != "single" or sg.kind != "single"):
-        return _unordered_equal(vp, vg, equal)
-    if sp.kind == sg.kind == "single":
-        return equal(vp[0], vg[0])
-    if {sp.kind, sg.kind} == {"ordered", "list"}:  # "(1, 2)" vs "1, 2": same order required
-        return len(vp) == len(vg) and all(equal(a, b) for a, b in zip(vp, vg))
+        same = (sp.left, sp.right) == (sg.left, sg.right) and len(vp) == len(vg) and all(
+            equal(a, b) for a, b in zip(vp, vg))
+    elif {sp.kind, sg.kind} <= {"list", "set", "single"} and (sp.kind != "single" or sg.kind != "single"):
+        same = _unordered_equal(vp, vg, equal)
+    elif sp.kind == sg.kind == "single":
+        same = equal(vp[0], vg[0])
+    elif {sp.kind, sg.kind} == {"ordered", "list"}:  # "(1, 2)" vs "1, 2": same order required
+        same = len(vp) == len(vg) and all(equal(a, b) for a, b in zip(vp, vg))
+    else:
+        same = False
+    if same:
+        return True
+    if sp.kind != sg.kind and {sp.kind, sg.kind} != {"list", "set"}:
+        raise Undecided(f"a {sp.kind} against a {sg.kind}")
+    if any(_DECIMAL.search(x) for x in p_items + g_items):
+        raise Undecided("a decimal may be a rounded value")
+    if set().union(*(v for _, v in parsed_p)) != set().union(*(v for _, v in parsed_g)):
+        raise Undecided("different free variables")
     return False
 
 

@@ -1,7 +1,10 @@
 """The math-verify side of the grader, run as a child process that the parent can kill on a deadline.
 
-Protocol: one JSON object per line on stdin, {"pred": str, "gold": str}; one per line on stdout,
-{"equal": bool, "error": str | null}. Started by `r1pipe.rewards.verifier.VerifierPool`.
+Protocol: one JSON object per line on stdin, {"pred": str, "gold": str, "raw": bool}; one per line on
+stdout, {"equal": bool, "error": str | null}. raw=false (cleaned answers): each side is wrapped in
+`$...$`, since math-verify reads bare LaTeX poorly; raw=true (the texts as given, possibly whole
+responses): math-verify's default `verify(parse(gold), parse(pred))`. Started by
+`r1pipe.rewards.verifier.VerifierPool`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ import json
 import sys
 
 
-def _verify(pred: str, gold: str) -> bool:
+def _verify(pred: str, gold: str, raw: bool = False) -> bool:
     from math_verify import parse, verify
 
-    # math-verify reads LaTeX only inside delimiters; a bare string would parse to nothing.
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(f"${pred}$", parsing_timeout=None)
+    if not raw:  # math-verify reads LaTeX only inside delimiters; a bare string would parse to nothing.
+        pred, gold = f"${pred}$", f"${gold}$"
+    gold_parsed = parse(gold, parsing_timeout=None)
+    pred_parsed = parse(pred, parsing_timeout=None)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
@@ -30,7 +34,7 @@ def main() -> None:
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            reply = {"equal": _verify(req["pred"], req["gold"]), "error": None}
+            reply = {"equal": _verify(req["pred"], req["gold"], bool(req.get("raw", False))), "error": None}
         except Exception as exc:  # a parser crash is a "not equal" with its reason, never a dead server
             reply = {"equal": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
         out.write(json.dumps(reply) + "\n")

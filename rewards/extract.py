@@ -122,7 +122,7 @@ def last_math(text: str) -> str | None:
     return _last_group(text, [x for x in spans if x[2].strip()])
 
 
-def _is_bare_answer(text: str) -> bool:
+def is_bare_answer(text: str) -> bool:
     """No box, tag, `####`, stated answer, or math span inside prose: the text is the answer itself."""
     t = text.strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
@@ -130,14 +130,14 @@ def _is_bare_answer(text: str) -> bool:
             t = t[len(left):len(t) - len(right)]
             break
     markers = ("\\boxed", "\\fbox", "<answer>", "####", "$", "\\(", "\\[")
-    return not any(m in t for m in markers) and not _STATED.search(t)
+    return not any(m in t.replace("\\$", "") for m in markers) and not _STATED.search(t)
 
 
 def final_answer(text: str) -> str:
     """The answer that a text gives, for grading either side of a pair: the text itself when it is a
     bare answer (`\\frac12`, `$7$`, `40 percent`), else `extract_answer(text, "auto", "last_math")`
     (a whole response, a sentence, a worked solution ending in a box)."""
-    if _is_bare_answer(text):
+    if is_bare_answer(text):
         return text
     return extract_answer(text, "auto", fallback="last_math") or text
 

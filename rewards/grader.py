@@ -4,7 +4,7 @@ Order: (1) each side's answer (`final_answer`: a bare answer as is, a whole resp
 through `extract_answer`), (2) surface normalisation and text equality ("equal" only), (3) the exact
 evaluator (`fastmath`: "equal", or "unequal" only for fully parsed values of the same kind), (4)
 math-verify on the cleaned pair, then, if that says unequal, on the texts as given (its default
-parse). A fast path never says "unequal" where math-verify would be asked.
+parse; a bare answer wrapped in `$...$`). A fast path never says "unequal" where math-verify would be asked.
 
 `verify_math` returns a `Verdict` (how it was decided, timeouts and errors); `math_equal` is the
 boolean. Verdicts are cached (an LRU keyed by the given pair); timeouts are not cached.
@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .extract import final_answer
+from .extract import final_answer, is_bare_answer
 from .fastmath import Undecided, fast_equal
 from .normalize import canonical_text, clean_answer
 from .verifier import VerifierPool, default_pool
@@ -81,14 +81,22 @@ def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -
     except (Undecided, RecursionError):
         pass
     pool = pool or default_pool()
-    reply = pool.verify(p.latex, g.latex, timeout_s)
-    if not reply.equal and not reply.timed_out and max(len(pred), len(gold)) <= _MAX_TEXT_CHARS:
+    reply = pool.verify(f"${p.latex}$", f"${g.latex}$", timeout_s)
+    given = (_as_given(pred), _as_given(gold))
+    if (not reply.equal and not reply.timed_out and max(len(pred), len(gold)) <= _MAX_TEXT_CHARS
+            and given != (f"${p.latex}$", f"${g.latex}$")):
         # cleaning and extraction are lossy at the edges (a unit that was a variable, prose we did not
-        # read): math-verify's own default reading of the texts as given has the last word
-        raw = pool.verify(pred, gold, timeout_s, raw=True)
+        # read): math-verify's own reading of the texts as given has the last word
+        raw = pool.verify(*given, timeout_s)
         if raw.equal or raw.timed_out:
             return Verdict(raw.equal, "math_verify", raw.timed_out, raw.error)
     return Verdict(reply.equal, "math_verify", reply.timed_out, reply.error)
+
+
+def _as_given(text: str) -> str:
+    """The text for math-verify's own parse: a bare answer inside `$...$`, anything else as it is."""
+    t = text.strip()
+    return t if not is_bare_answer(t) or t.startswith(("$", "\\(", "\\[")) else f"${t}$"
 
 
 def verify_math(pred: str | None, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S,

@@ -1,9 +1,8 @@
 """The math-verify side of the grader, run as a child process that the parent can kill on a deadline.
 
-Protocol: one JSON object per line on stdin, {"pred": str, "gold": str, "raw": bool}; one per line on
-stdout, {"equal": bool, "error": str | null}. raw=false (cleaned answers): each side is wrapped in
-`$...$`, since math-verify reads bare LaTeX poorly; raw=true (the texts as given, possibly whole
-responses): math-verify's default `verify(parse(gold), parse(pred))`. Started by
+Protocol: one JSON object per line on stdin, {"pred": str, "gold": str}; one per line on stdout,
+{"equal": bool, "error": str | null}: math-verify's default `verify(parse(gold), parse(pred))` (the
+caller wraps a bare answer in `$...$`: math-verify reads bare LaTeX poorly). Started by
 `r1pipe.rewards.verifier.VerifierPool`.
 """
 
@@ -13,11 +12,9 @@ import json
 import sys
 
 
-def _verify(pred: str, gold: str, raw: bool = False) -> bool:
+def _verify(pred: str, gold: str) -> bool:
     from math_verify import parse, verify
 
-    if not raw:  # math-verify reads LaTeX only inside delimiters; a bare string would parse to nothing.
-        pred, gold = f"${pred}$", f"${gold}$"
     gold_parsed = parse(gold, parsing_timeout=None)
     pred_parsed = parse(pred, parsing_timeout=None)
     if not gold_parsed or not pred_parsed:
@@ -34,7 +31,7 @@ def main() -> None:
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            reply = {"equal": _verify(req["pred"], req["gold"], bool(req.get("raw", False))), "error": None}
+            reply = {"equal": _verify(req["pred"], req["gold"]), "error": None}
         except Exception as exc:  # a parser crash is a "not equal" with its reason, never a dead server
             reply = {"equal": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
         out.write(json.dumps(reply) + "\n")

@@ -30,7 +30,7 @@ _LEADING_VAR = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=(?!=)\s*")
 _CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 # `12,\!345`, `12{,}345`, `12\,345`: a separator inside a number (three digits follow)
-_DIGIT_GROUP = re.compile(r"(?<=\d)(?:,\s*\\!\s*|\\!\s*,\s*|\{,\}\s*|\\,\s*|\\!\s*)(?=\d{3}(?!\d))")
+_DIGIT_GROUP = re.compile(r"(?<=\d)(?:\s*,\s*\\!\s*|\s*\\!\s*,\s*|\s*\{,\}\s*|\\,\s*|\\!\s*)(?=\d{3}(?!\d))")
 _RELATIONS = (  # (pattern, one spelling); \geq before \ge so the longer name wins
     (r"\\geqslant|\\geq|\\ge(?![a-zA-Z])|>=|=>", "\\ge "), (r"\\leqslant|\\leq|\\le(?![a-zA-Z])|<=|=<", "\\le "),
     (r"\\neq|\\ne(?![a-zA-Z])|!=|\\not=", "\\ne "), (r"\\gt(?![a-zA-Z])", ">"), (r"\\lt(?![a-zA-Z])", "<"),
@@ -61,6 +61,21 @@ def _repeating_to_fraction(m: re.Match) -> str:
     value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
     value += Fraction(int(cycle), (10 ** len(cycle) - 1) * 10 ** len(fixed))
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+_BOUND = r"(-?(?:[\d.]+|\\frac\{[^{}]*\}\{[^{}]*\}|\\sqrt\{?[^{}]*\}?|\\pi|[\d.]*\\sqrt\{[^{}]*\}|\\infty)+)"
+_OP = r"\s*(\\le|<)\s*"
+_CHAINED = re.compile(rf"^{_BOUND}{_OP}[a-zA-Z]{_OP}{_BOUND}$")
+
+
+def _chained_to_interval(s: str) -> str:
+    """`-2 \\le x < 3` (constant bounds, one variable) -> the interval `[-2, 3)`."""
+    m = _CHAINED.match(s.strip())
+    if not m:
+        return s
+    lo, op1, op2, hi = m.group(1), m.group(2), m.group(3), m.group(4)
+    closed_lo, closed_hi = op1 != "<", op2 != "<"
+    return ("[" if closed_lo else "(") + f"{lo}, {hi}" + ("]" if closed_hi else ")")
 
 
 def _join_alternatives(s: str) -> str:
@@ -102,6 +117,7 @@ def clean_answer(raw: str) -> CleanAnswer:
     if (m := _LEADING_VAR.match(s)) and "=" not in s[m.end():] and s[m.end():].strip():
         s = s[m.end():].strip()
     s = _join_alternatives(s)
+    s = _chained_to_interval(s)
     if m := _CHOICE.match(s):
         s = m.group(1).upper()
     if _THOUSANDS.match(s):

@@ -62,10 +62,10 @@ class _Server:
                 raise TimeoutError("verifier process did not start in time")
             self.ready = True
 
-    def ask(self, pred: str, gold: str, timeout_s: float, raw: bool = False) -> ServerReply | None:
+    def ask(self, pred: str, gold: str, timeout_s: float) -> ServerReply | None:
         """The reply, or None on timeout (the caller must then kill this server)."""
         self.wait_ready(time.monotonic() + _START_TIMEOUT_S)
-        self.proc.stdin.write((json.dumps({"pred": pred, "gold": gold, "raw": raw}) + "\n").encode())
+        self.proc.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
         self.proc.stdin.flush()
         line = self._readline(time.monotonic() + timeout_s)
         if line is None:
@@ -117,12 +117,12 @@ class VerifierPool:
             self._live -= 1
             self.restarts += 1
 
-    def verify(self, pred: str, gold: str, timeout_s: float, raw: bool = False) -> ServerReply:
-        """math-verify on (pred, gold): cleaned answers wrapped in `$...$`, or with raw=True the texts
-        as given under math-verify's default parse (see mv_server)."""
+    def verify(self, pred: str, gold: str, timeout_s: float) -> ServerReply:
+        """math-verify's default `verify(parse(gold), parse(pred))` on the texts as given (a bare
+        LaTeX answer should come wrapped in `$...$`)."""
         server = self._checkout()
         try:
-            reply = server.ask(pred, gold, timeout_s, raw)
+            reply = server.ask(pred, gold, timeout_s)
         except Exception as exc:  # dead or wedged child: replace it, report the error
             self._discard(server)
             return ServerReply(False, False, f"verifier process failed: {exc!r}")

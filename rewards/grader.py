@@ -83,8 +83,9 @@ def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -
     pool = pool or default_pool()
     reply = pool.verify(f"${p.latex}$", f"${g.latex}$", timeout_s)
     given = (_as_given(pred), _as_given(gold))
+    asked = tuple(canonical_text(x) for x in (f"${p.latex}$", f"${g.latex}$"))
     if (not reply.equal and not reply.timed_out and max(len(pred), len(gold)) <= _MAX_TEXT_CHARS
-            and given != (f"${p.latex}$", f"${g.latex}$")):
+            and tuple(canonical_text(x) for x in given) != asked):
         # cleaning and extraction are lossy at the edges (a unit that was a variable, prose we did not
         # read): math-verify's own reading of the texts as given has the last word
         raw = pool.verify(*given, timeout_s)

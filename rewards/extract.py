@@ -122,13 +122,17 @@ def last_math(text: str) -> str | None:
     return _last_group(text, [x for x in spans if x[2].strip()])
 
 
+def strip_math_delimiters(s: str) -> str:
+    """`$x$`, `$$x$$`, `\\(x\\)`, `\\[x\\]` -> `x` (one outer pair); anything else unchanged."""
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            return s[len(left):len(s) - len(right)].strip()
+    return s
+
+
 def is_bare_answer(text: str) -> bool:
     """No box, tag, `####`, stated answer, or math span inside prose: the text is the answer itself."""
-    t = text.strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if t.startswith(left) and t.endswith(right) and len(t) >= len(left) + len(right):
-            t = t[len(left):len(t) - len(right)]
-            break
+    t = strip_math_delimiters(text.strip())
     markers = ("\\boxed", "\\fbox", "<answer>", "####", "$", "\\(", "\\[")
     return not any(m in t.replace("\\$", "") for m in markers) and not _STATED.search(t)
 

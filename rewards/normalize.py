@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .extract import last_boxed
+from .extract import last_boxed, strip_math_delimiters
 
 _UNICODE = {
     "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
@@ -44,13 +44,6 @@ _JOINER = re.compile(r"\s*(?:\\text\{\s*(?:and|or)\s*\}|\\(?:quad|qquad)?\s*(?:a
 class CleanAnswer:
     latex: str  # still valid LaTeX
     percent: bool  # a % sign was written: the value may be meant as x or x/100
-
-
-def _strip_math_delimiters(s: str) -> str:
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            return s[len(left):len(s) - len(right)].strip()
-    return s
 
 
 def _repeating_to_fraction(m: re.Match) -> str:
@@ -90,10 +83,10 @@ def clean_answer(raw: str) -> CleanAnswer:
     s = unicodedata.normalize("NFKC", raw)
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
-    s = _strip_math_delimiters(s.strip())
+    s = strip_math_delimiters(s.strip())
     if "\\boxed" in s or "\\fbox" in s:
         s = last_boxed(s) or s
-    s = _strip_math_delimiters(s.strip())
+    s = strip_math_delimiters(s.strip())
     s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
     s = _DIGIT_GROUP.sub("", s)

@@ -1,8 +1,9 @@
-"""Benchmark the rewards: math verifications/s (cold cache) and sandboxed HumanEval runs/s.
+"""Benchmark the rewards: math verifications/s (cache cold and warm) and sandboxed HumanEval runs/s.
 
 Math: every MATH-500 gold against a seeded rewrite of it (an equivalent form, or a wrong one),
-split over 2 worker processes with cold caches; the peer is math-verify's own parse+verify on a
-sample of the same pairs in one process. Code: all 164 HumanEval canonical solutions in the
+split over 2 worker processes, timed once with cold caches and once more warm (the same pairs
+again: every verdict from the cache); the peer is math-verify's own parse+verify on a sample of
+the same pairs in one process. Code: all 164 HumanEval canonical solutions in the
 sandbox on a thread pool; the peer is the same programs run as bare subprocesses (no isolation).
 
     python bench/bench_rewards.py [--workers 2] [--peer-sample 150] [--threads 4]
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "r1pipe" / "eval" / "suites_data"  # shipped copies
 
 
 def rewrite(gold: str, rng: random.Random) -> str:
@@ -34,7 +35,8 @@ def rewrite(gold: str, rng: random.Random) -> str:
         n = int(gold)
         if rng.random() < 0.25:
             return str(n + rng.choice([-1, 1]))
-        return rng.choice([f"{n}.0", f"\\frac{{{2 * n}}}{{2}}", f"x = {n}", f"{n:,}", f"\\boxed{{{n}}}", f"{n}\\text{{ units}}"])
+        return rng.choice([f"{n}.0", f"\\frac{{{2 * n}}}{{2}}", f"x = {n}", f"{n:,}", f"\\boxed{{{n}}}", f"{n}\\text{{ units}}",
+                           f"{n:,}".replace(",", ",\\!"), f"The answer is ${n}$.", f"So we get\n#### {n}"])
     m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", gold)
     if m:
         f = Fraction(int(m[2]), int(m[3])) * (-1 if m[1] else 1)
@@ -46,18 +48,25 @@ def rewrite(gold: str, rng: random.Random) -> str:
         return rng.choice(forms)
     if rng.random() < 0.25 and re.search(r"\d", gold):  # a realistic wrong answer: one digit off
         return re.sub(r"\d", lambda d: str((int(d.group()) + 1) % 10), gold, count=1)
-    return rng.choice([gold.replace(" ", ""), re.sub(r"([,+=])", r" \1 ", gold), gold.replace("\\frac", "\\dfrac"), f"${gold}$"])
+    return rng.choice([gold.replace(" ", ""), re.sub(r"([,+=])", r" \1 ", gold), gold.replace("\\frac", "\\dfrac"), f"${gold}$",
+                       f"Hence the answer is ${gold}$.", f"We find $\\boxed{{{gold}}}$."])
 
 
-def _verify_chunk(pairs: list[tuple[str, str]]) -> tuple[int, float]:
+def _verify_chunk(pairs: list[tuple[str, str]]) -> tuple[int, float, float, int]:
+    """(number judged equal, cold seconds, warm seconds, number that reached math-verify)."""
     from r1pipe.rewards.grader import clear_cache, verify_math
     from r1pipe.rewards.verifier import default_pool
 
     default_pool().warm_up()  # start-up is not verification time
     clear_cache()
     start = time.perf_counter()
-    n_equal = sum(verify_math(p, g).equal for p, g in pairs)
-    return n_equal, time.perf_counter() - start
+    verdicts = [verify_math(p, g) for p, g in pairs]
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    for p, g in pairs:
+        verify_math(p, g)
+    warm = time.perf_counter() - start
+    return sum(v.equal for v in verdicts), cold, warm, sum(v.method == "math_verify" for v in verdicts)
 
 
 def _math_verify_peer(pairs: list[tuple[str, str]]) -> float:
@@ -76,14 +85,19 @@ def bench_math(workers: int, peer_sample: int) -> None:
     chunks = [pairs[i::workers] for i in range(workers)]
     with ProcessPoolExecutor(workers) as ex:
         results = list(ex.map(_verify_chunk, chunks))
-    wall = max(t for _, t in results)
-    ours = len(pairs) / wall
-    equal = sum(n for n, _ in results)
+    ours = len(pairs) / max(r[1] for r in results)
+    warm = len(pairs) / max(r[2] for r in results)
+    equal = sum(r[0] for r in results)
+    slow = sum(r[3] for r in results)
     sample = random.Random(1).sample(pairs, min(peer_sample, len(pairs)))
     peer = len(sample) / _math_verify_peer(sample)
-    print(f"math: {len(pairs)} MATH-500 pairs ({equal} judged equal), {workers} processes, cold cache: "
-          f"{ours:.0f} verifications/s; math-verify alone (1 process): {peer:.0f}/s; "
-          f"ratio {ours / peer:.1f}x ({ours / workers / peer:.1f}x per process)")
+    print(f"math: {len(pairs)} MATH-500 pairs ({equal} judged equal, {slow} decided by math-verify), "
+          f"{workers} processes: cold cache {ours:.0f} verifications/s, warm cache {warm:.0f}/s; "
+          f"math-verify alone (1 process): {peer:.0f}/s; cold ratio {ours / peer:.1f}x "
+          f"({ours / workers / peer:.1f}x per process)")
+    print(json.dumps({"math_cold_per_s": round(ours, 1), "math_warm_per_s": round(warm, 1),
+                      "math_verify_peer_per_s": round(peer, 1), "cold_ratio": round(ours / peer, 2),
+                      "pairs": len(pairs), "judged_equal": equal, "via_math_verify": slow}))
 
 
 def bench_code(threads: int) -> None:

@@ -30,7 +30,7 @@ class RewardResult:
 @dataclass(frozen=True)
 class RewardOptions:
     extract_mode: str = "auto"  # see extract_answer
-    fallback: str | None = None  # "last_number": score a bare final number when nothing is tagged/boxed
+    fallback: str | None = None  # "last_number" / "last_math": when nothing is tagged, boxed, `####` or stated
     math_timeout_s: float = 5.0
     code_timeout_s: float = 10.0
     code_memory_mb: int = 1024

@@ -7,6 +7,11 @@ Rationals stay exact (`fractions.Fraction`); anything irrational becomes a compl
 with a relative tolerance. Expressions with variables are compared at seeded random rational
 points (an identity test that is exact for polynomials and rational functions). Anything it does
 not fully understand raises `Undecided`, and the caller falls back to math-verify.
+
+"Equal" is final. "Unequal" is final only when both sides were fully parsed into values of the
+same kind: the same answer shape (one value, set/list, tuple/interval/matrix, union), no decimal
+literal on either side unless the values differ by more than a rounding could (relative 1e-4;
+math-verify rounds decimals, so `0.142857142857` may be meant as 1/7), and the same free variables. Every other "unequal" raises `Undecided`, so math-verify has the last word.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ Env = dict[str, Fraction]
 Node = Callable[[Env], Value]
 
 REL_TOL = 1e-9
+DECIMAL_TOL = 1e-4  # a decimal this far (relative) from the other side cannot be its rounding
 _MAX_EXPONENT = 1000
 _MAX_BITS = 20_000
 _MAX_LEN = 400
@@ -355,7 +361,8 @@ class Shape:
     items: tuple[str, ...]
 
 
-_MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
+_MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[lcr| ]*\})?(.*)\\end\{\1\}$", re.DOTALL)
+_DECIMAL = re.compile(r"\d*\.\d")
 
 
 def _top_level_split(s: str, sep: str) -> list[str]:
@@ -376,6 +383,8 @@ def _top_level_split(s: str, sep: str) -> list[str]:
 
 def shape_of(s: str) -> Shape:
     s = s.strip()
+    if s[:1] in "([" and s[-1:] in ")]" and _MATRIX.match(s[1:-1].strip()):  # \left( array \right)
+        s = s[1:-1].strip()
     if m := _MATRIX.match(s):
         rows = [r for r in (x.strip() for x in m.group(2).split("\\\\")) if r]
         cells = [[c.strip() for c in r.split("&")] for r in rows]
@@ -467,6 +476,10 @@ def fast_equal(pred: str, gold: str, percent: bool = False) -> bool:
 
     `percent`: a % was written on either side, so x, x/100 and 100x are all accepted.
     """
+    if (bp := _BASE_NUMBER.fullmatch(pred.strip())) and (bg := _BASE_NUMBER.fullmatch(gold.strip())):
+        return (bp[1].lstrip("0"), bp[2]) == (bg[1].lstrip("0"), bg[2])  # `2516_8`: digits in one base
+    if pred.count("=") == 1 and gold.count("=") == 1:
+        return _equations_equal(pred, gold)
     sp, sg = shape_of(pred), shape_of(gold)
     if sp.kind == "union" or sg.kind == "union":  # unions of intervals: the same pieces, any order
         if sp.kind != sg.kind:
@@ -499,16 +512,57 @@ def fast_equal(pred: str, gold: str, percent: bool = False) -> bool:
         return False
 
     if sp.kind == "ordered" and sg.kind == "ordered":
-        if (sp.left, sp.right) != (sg.left, sg.right) or len(vp) != len(vg):
-            return False
-        return all(equal(a, b) for a, b in zip(vp, vg))
-    if {sp.kind, sg.kind} <= {"list", "set", "single"} and (sp.kind != "single" or sg.kind != "single"):
-        return _unordered_equal(vp, vg, equal)
-    if sp.kind == sg.kind == "single":
-        return equal(vp[0], vg[0])
-    if {sp.kind, sg.kind} == {"ordered", "list"}:  # "(1, 2)" vs "1, 2": same order required
-        return len(vp) == len(vg) and all(equal(a, b) for a, b in zip(vp, vg))
+        same = (sp.left, sp.right) == (sg.left, sg.right) and len(vp) == len(vg) and all(
+            equal(a, b) for a, b in zip(vp, vg))
+    elif {sp.kind, sg.kind} <= {"list", "set", "single"} and (sp.kind != "single" or sg.kind != "single"):
+        same = _unordered_equal(vp, vg, equal)
+    elif sp.kind == sg.kind == "single":
+        same = equal(vp[0], vg[0])
+    elif {sp.kind, sg.kind} == {"ordered", "list"}:  # "(1, 2)" vs "1, 2": same order required
+        same = len(vp) == len(vg) and all(equal(a, b) for a, b in zip(vp, vg))
+    else:
+        same = False
+    if same:
+        return True
+    if sp.kind != sg.kind and {sp.kind, sg.kind} != {"list", "set"}:
+        raise Undecided(f"a {sp.kind} against a {sg.kind}")
+    if any(_DECIMAL.search(x) for x in p_items + g_items) and not (
+            len(vp) == len(vg) and not variables and all(_far_apart(a[0], b[0]) for a, b in zip(vp, vg))):
+        raise Undecided("a decimal may be a rounded value")
+    if set().union(*(v for _, v in parsed_p)) != set().union(*(v for _, v in parsed_g)):
+        raise Undecided("different free variables")
     return False
+
+
+_BASE_NUMBER = re.compile(r"(\d+)_\{?(\d+)\}?")
+
+
+def _equations_equal(pred: str, gold: str) -> bool:
+    """`lhs = rhs` on both sides: the same equation when lhs - rhs agree up to a nonzero factor."""
+    sides = [x.split("=") for x in (pred, gold)]
+    if any(not a.strip() or not b.strip() or "\\" in a + b or "," in a + b for a, b in sides):
+        raise Undecided("not a single equation")
+    parsed = [(evaluate(a.strip()), evaluate(b.strip())) for a, b in sides]
+    variables = [pa[1] | pb[1] for pa, pb in parsed]
+    if not variables[0] or variables[0] != variables[1]:
+        raise Undecided("equations in different variables")
+    points = sample_points(variables[0])
+    diffs = [[_add(x, _mul(Fraction(-1), y)) for x, y in zip(_eval_at(pa[0], points), _eval_at(pb[0], points))]
+             for pa, pb in parsed]
+    if not all(isinstance(v, Fraction) for d in diffs for v in d) or any(v == 0 for d in diffs for v in d):
+        raise Undecided("an equation this evaluator cannot compare exactly")
+    if len({dp / dg for dp, dg in zip(*diffs)}) == 1:
+        return True
+    if any(_DECIMAL.search(x) for x in (pred, gold)):
+        raise Undecided("a decimal may be a rounded value")
+    return False
+
+
+def _far_apart(a: Value, b: Value) -> bool:
+    """Too far apart for one to be a rounding of the other (relative 1e-4; math-verify's float
+    rounding is at the 6th decimal)."""
+    za, zb = _approx(a), _approx(b)
+    return abs(za - zb) > DECIMAL_TOL * max(1.0, abs(za), abs(zb))
 
 
 def _unordered_equal(a: list, b: list, equal: Callable) -> bool:

@@ -1,7 +1,13 @@
 """Math answer equivalence: normalisation and exact fast paths first, math-verify (sympy) last.
 
+Order: (1) each side's answer (`final_answer`: a bare answer as is, a whole response or sentence
+through `extract_answer`), (2) surface normalisation and text equality ("equal" only), (3) the exact
+evaluator (`fastmath`: "equal", or "unequal" only for fully parsed values of the same kind), (4)
+math-verify on the cleaned pair, then, if that says unequal, on the texts as given (its default
+parse; a bare answer wrapped in `$...$`). A fast path never says "unequal" where math-verify would be asked.
+
 `verify_math` returns a `Verdict` (how it was decided, timeouts and errors); `math_equal` is the
-boolean. Verdicts are cached (an LRU keyed by the cleaned pair); timeouts are not cached.
+boolean. Verdicts are cached (an LRU keyed by the given pair); timeouts are not cached.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .extract import final_answer, is_bare_answer
 from .fastmath import Undecided, fast_equal
 from .normalize import canonical_text, clean_answer
 from .verifier import VerifierPool, default_pool
 
 DEFAULT_TIMEOUT_S = 5.0
-_MAX_ANSWER_CHARS = 2000
+_MAX_ANSWER_CHARS = 2000  # an extracted answer longer than this is compared as text
+_MAX_TEXT_CHARS = 50_000  # longer texts are not handed to math-verify whole
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,10 @@ def clear_cache() -> None:
 
 
 def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -> Verdict:
-    p, g = clean_answer(pred), clean_answer(gold)
+    ap, ag = final_answer(pred), final_answer(gold)
+    if len(ap) > _MAX_ANSWER_CHARS or len(ag) > _MAX_ANSWER_CHARS:
+        return Verdict(ap.strip() == ag.strip(), "too_long")
+    p, g = clean_answer(ap), clean_answer(ag)
     if not p.latex:
         return Verdict(False, "empty")
     kp, kg = canonical_text(p.latex), canonical_text(g.latex)
@@ -69,13 +80,24 @@ def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -
         return Verdict(fast_equal(p.latex, g.latex, percent=p.percent or g.percent), "fast")
     except (Undecided, RecursionError):
         pass
-    reply = (pool or default_pool()).verify(p.latex, g.latex, timeout_s)
-    if not reply.equal and not reply.timed_out and reply.error is None and (p.latex, g.latex) != (pred, gold):
-        # the cleaning is lossy at the edges (a unit that was a variable): give math-verify the raw pair too
-        raw = (pool or default_pool()).verify(pred, gold, timeout_s)
-        if raw.equal:
-            return Verdict(True, "math_verify")
+    pool = pool or default_pool()
+    reply = pool.verify(f"${p.latex}$", f"${g.latex}$", timeout_s)
+    given = (_as_given(pred), _as_given(gold))
+    asked = tuple(canonical_text(x) for x in (f"${p.latex}$", f"${g.latex}$"))
+    if (not reply.equal and not reply.timed_out and max(len(pred), len(gold)) <= _MAX_TEXT_CHARS
+            and tuple(canonical_text(x) for x in given) != asked):
+        # cleaning and extraction are lossy at the edges (a unit that was a variable, prose we did not
+        # read): math-verify's own reading of the texts as given has the last word
+        raw = pool.verify(*given, timeout_s)
+        if raw.equal or raw.timed_out:
+            return Verdict(raw.equal, "math_verify", raw.timed_out, raw.error)
     return Verdict(reply.equal, "math_verify", reply.timed_out, reply.error)
+
+
+def _as_given(text: str) -> str:
+    """The text for math-verify's own parse: a bare answer inside `$...$`, anything else as it is."""
+    t = text.strip()
+    return t if not is_bare_answer(t) or t.startswith(("$", "\\(", "\\[")) else f"${t}$"
 
 
 def verify_math(pred: str | None, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -83,8 +105,6 @@ def verify_math(pred: str | None, gold: str, timeout_s: float = DEFAULT_TIMEOUT_
     """Is `pred` the same mathematical answer as `gold`? Never raises; bounded by timeout_s."""
     if pred is None or not pred.strip():
         return Verdict(False, "empty")
-    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
-        return Verdict(pred.strip() == gold.strip(), "too_long")
     key = (pred, gold)
     hit = _cache.get(key)
     if hit is not None:

@@ -1,7 +1,9 @@
 """The math-verify side of the grader, run as a child process that the parent can kill on a deadline.
 
 Protocol: one JSON object per line on stdin, {"pred": str, "gold": str}; one per line on stdout,
-{"equal": bool, "error": str | null}. Started by `r1pipe.rewards.verifier.VerifierPool`.
+{"equal": bool, "error": str | null}: math-verify's default `verify(parse(gold), parse(pred))` (the
+caller wraps a bare answer in `$...$`: math-verify reads bare LaTeX poorly). Started by
+`r1pipe.rewards.verifier.VerifierPool`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import sys
 def _verify(pred: str, gold: str) -> bool:
     from math_verify import parse, verify
 
-    # math-verify reads LaTeX only inside delimiters; a bare string would parse to nothing.
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(f"${pred}$", parsing_timeout=None)
+    gold_parsed = parse(gold, parsing_timeout=None)
+    pred_parsed = parse(pred, parsing_timeout=None)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))

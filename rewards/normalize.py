@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .extract import last_boxed
+from .extract import last_boxed, strip_math_delimiters
 
 _UNICODE = {
     "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
@@ -29,6 +29,15 @@ _WHOLE_TEXT = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox|textnorma
 _LEADING_VAR = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=(?!=)\s*")
 _CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# `12,\!345`, `12{,}345`, `12\,345`: a separator inside a number (three digits follow)
+_DIGIT_GROUP = re.compile(r"(?<=\d)(?:\s*,\s*\\!\s*|\s*\\!\s*,\s*|\s*\{,\}\s*|\\,\s*|\\!\s*)(?=\d{3}(?!\d))")
+_RELATIONS = (  # (pattern, one spelling); \geq before \ge so the longer name wins
+    (r"\\geqslant|\\geq|\\ge(?![a-zA-Z])|>=|=>", "\\ge "), (r"\\leqslant|\\leq|\\le(?![a-zA-Z])|<=|=<", "\\le "),
+    (r"\\neq|\\ne(?![a-zA-Z])|!=|\\not=", "\\ne "), (r"\\gt(?![a-zA-Z])", ">"), (r"\\lt(?![a-zA-Z])", "<"),
+)
+_REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d+)\s*\}")
+_PERCENT_WORD = re.compile(r"(?<=[\d}])\s*(?:\\text\{\s*)?(?:percent|per\s*cent|pct)\.?\s*\}?\s*$", re.IGNORECASE)
+_JOINER = re.compile(r"\s*(?:\\text\{\s*(?:and|or)\s*\}|\\(?:quad|qquad)?\s*(?:and|or)(?![a-zA-Z])|(?<![a-zA-Z])(?:and|or)(?![a-zA-Z]))\s*")
 
 
 @dataclass(frozen=True)
@@ -37,30 +46,60 @@ class CleanAnswer:
     percent: bool  # a % sign was written: the value may be meant as x or x/100
 
 
-def _strip_math_delimiters(s: str) -> str:
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            return s[len(left):len(s) - len(right)].strip()
-    return s
+def _repeating_to_fraction(m: re.Match) -> str:
+    """`a.b\\overline{c}` as an exact `\\frac{p}{q}` (e.g. 0.1\\overline{6} = 1/6)."""
+    whole, fixed, cycle = m.group(1) or "0", m.group(2), m.group(3)
+    from fractions import Fraction
+
+    value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
+    value += Fraction(int(cycle), (10 ** len(cycle) - 1) * 10 ** len(fixed))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+_BOUND = r"(-?(?:[\d.]+|\\frac\{[^{}]*\}\{[^{}]*\}|\\sqrt\{?[^{}]*\}?|\\pi|[\d.]*\\sqrt\{[^{}]*\}|\\infty)+)"
+_OP = r"\s*(\\le|<)\s*"
+_CHAINED = re.compile(rf"^{_BOUND}{_OP}[a-zA-Z]{_OP}{_BOUND}$")
+
+
+def _chained_to_interval(s: str) -> str:
+    """`-2 \\le x < 3` (constant bounds, one variable) -> the interval `[-2, 3)`."""
+    m = _CHAINED.match(s.strip())
+    if not m:
+        return s
+    lo, op1, op2, hi = m.group(1), m.group(2), m.group(3), m.group(4)
+    closed_lo, closed_hi = op1 != "<", op2 != "<"
+    return ("[" if closed_lo else "(") + f"{lo}, {hi}" + ("]" if closed_hi else ")")
+
+
+def _join_alternatives(s: str) -> str:
+    """`2 and -3`, `x=2 \\text{ or } x=-3` -> `2, -3` / `x=2, x=-3`, when every piece is math."""
+    parts = _JOINER.split(s)
+    if len(parts) < 2 or any(not p or re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", "", p)) for p in parts):
+        return s
+    return ", ".join(p.strip() for p in parts)
 
 
 def clean_answer(raw: str) -> CleanAnswer:
     s = unicodedata.normalize("NFKC", raw)
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
-    s = _strip_math_delimiters(s.strip())
+    s = strip_math_delimiters(s.strip())
     if "\\boxed" in s or "\\fbox" in s:
         s = last_boxed(s) or s
-    s = _strip_math_delimiters(s.strip())
+    s = strip_math_delimiters(s.strip())
     s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\dbinom", "\\binom").replace("\\tbinom", "\\binom")
+    s = _DIGIT_GROUP.sub("", s)
+    s = _REPEATING.sub(_repeating_to_fraction, s)
+    for pattern, spelling in _RELATIONS:
+        s = re.sub(pattern, lambda _: spelling, s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)\s*\.", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad", " ", s).replace("~", " ")  # not the row break \\
     s = s.replace("{,}", "")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
-    percent = bool(re.search(r"\\?%", s))
-    s = re.sub(r"\\?%", "", s)
+    percent = bool(re.search(r"\\?%", s) or _PERCENT_WORD.search(s))
+    s = _PERCENT_WORD.sub("", re.sub(r"\\?%", "", s))
     s = s.replace("\\$", "").replace("$", "")
     s = s.strip().rstrip(".").strip()
     if m := _WHOLE_TEXT.match(s):
@@ -70,6 +109,8 @@ def clean_answer(raw: str) -> CleanAnswer:
     s = re.sub(r"\s+(?:dollars?|degrees?)$", "", s)
     if (m := _LEADING_VAR.match(s)) and "=" not in s[m.end():] and s[m.end():].strip():
         s = s[m.end():].strip()
+    s = _join_alternatives(s)
+    s = _chained_to_interval(s)
     if m := _CHOICE.match(s):
         s = m.group(1).upper()
     if _THOUSANDS.match(s):

@@ -118,6 +118,8 @@ class VerifierPool:
             self.restarts += 1
 
     def verify(self, pred: str, gold: str, timeout_s: float) -> ServerReply:
+        """math-verify's default `verify(parse(gold), parse(pred))` on the texts as given (a bare
+        LaTeX answer should come wrapped in `$...$`)."""
         server = self._checkout()
         try:
             reply = server.ask(pred, gold, timeout_s)

@@ -24,7 +24,7 @@ def _shared_cases() -> list[dict]:
 @pytest.mark.skipif(not SHARED.exists(), reason="shared data not present")
 def test_shared_equivalence_cases_all_pass():
     cases = _shared_cases()
-    assert len(cases) == 40
+    assert len(cases) >= 40
     wrong = [(c["pred"], c["gold"], c["equal"]) for c in cases if math_equal(c["pred"], c["gold"]) != c["equal"]]
     assert wrong == []
 

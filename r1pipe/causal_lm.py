@@ -7,7 +7,9 @@ download) around a given tokenizer, for tests and the distillation recipe.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from r1pipe.model import load_pretrained, save_pretrained
+from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from r1pipe.model.config import PRESETS
 
 V3 = "deepseek_v3"
 
@@ -102,6 +105,21 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
+def init_model(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised model saved with the tokenizer: a dense preset (DENSE_PRESETS) through
+    transformers, or an r1pipe DeepSeek-V3 preset (ModelConfig presets) sized to the tokenizer."""
+    if preset in DENSE_PRESETS:
+        return init_dense_student(preset, tokenizer_dir, out_dir, seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig.preset(preset)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    save_pretrained(Transformer(ModelConfig.from_dict(config.to_dict()), seed=seed), out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
 def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
                        **overrides: Any) -> Path:
     """A randomly initialised dense student (DENSE_PRESETS) sized to the tokenizer, saved with it."""
@@ -122,4 +140,23 @@ def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Pa
     return out_dir
 
 
-__all__ = ["CausalLM", "DENSE_PRESETS", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    presets = ", ".join([*DENSE_PRESETS, *PRESETS])
+    parser.add_argument("preset", help=f"a dense Hugging Face preset or an r1pipe DeepSeek-V3 preset: {presets}")
+    parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer (its size sets the vocabulary)")
+    parser.add_argument("--out", required=True, help="output directory (Hugging Face layout: config, weights, tokenizer)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`r1pipe model init PRESET --tokenizer DIR --out DIR`: a fresh model to fine-tune (no download)."""
+    if args.preset not in DENSE_PRESETS and args.preset not in PRESETS:
+        print(f"r1pipe model init: unknown preset {args.preset!r}; known: {', '.join([*DENSE_PRESETS, *PRESETS])}", file=sys.stderr)
+        return 2
+    out = init_model(args.preset, args.tokenizer, args.out, args.seed)
+    model = load_causal_lm(out)
+    print(f"{out}: {model.family}, {sum(p.numel() for p in model.module.parameters()):,} parameters")
+    return 0
+
+
+__all__ = ["CausalLM", "DENSE_PRESETS", "init_model", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .block import Block
 from .cache import LatentCache
 from .config import ModelConfig
+from .experts import PROJECTIONS, GroupedExperts
 from .moe import MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -70,10 +71,18 @@ class Transformer(nn.Module):
     def init_weights(self, generator: torch.Generator) -> None:
         """Normal(0, initializer_range) for projections, embedding and router; ones for norms; zero biases."""
         std = self.config.initializer_range
+        experts = {name: m for name, m in self.named_modules() if isinstance(m, GroupedExperts)}
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            group, _, proj = name.rpartition(".")
+            if group in experts:  # drawn expert by expert, in the order per-expert linears were drawn
+                if proj == PROJECTIONS[0]:
+                    module = experts[group]
+                    for j in range(module.num_experts):
+                        for each in PROJECTIONS:
+                            getattr(module, each)[j].normal_(0.0, std, generator=generator)
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()

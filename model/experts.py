@@ -24,8 +24,9 @@ SCALE_SUFFIX = "_scale_inv"
 def _grouped_mm_usable(x: Tensor, weight: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
         return False
-    if x.is_cuda:  # cuBLAS/CUTLASS grouped GEMM: bf16, 16-byte aligned rows
-        return x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0
+    if x.is_cuda:  # CUTLASS grouped GEMM (Hopper and newer here): bf16, 16-byte aligned rows
+        return (x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 

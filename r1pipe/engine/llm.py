@@ -34,10 +34,13 @@ class LLM:
     cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off).
     """
 
-    def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
+        from r1pipe.model import parse_dtype
+
+        dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
             from r1pipe.model import load_pretrained

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from r1pipe.model.precision import Precision, apply_precision
 from r1pipe.model.config import PRESETS
 
 V3 = "deepseek_v3"
@@ -52,6 +53,7 @@ class CausalLM:
     module: nn.Module
     family: str  # "deepseek_v3" (r1pipe.model) or the Hugging Face model_type
     path: Path
+    compute_dtype: torch.dtype = torch.float32  # bf16: autocast over fp32 master weights (V3 does it inside)
 
     @property
     def is_v3(self) -> bool:
@@ -71,7 +73,8 @@ class CausalLM:
         if self.is_v3:
             out = self.module(input_ids, mtp=mtp)
             return out.logits, list(out.mtp_logits)
-        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits, []
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return self.module(input_ids=input_ids, attention_mask=attention_mask).logits.float(), []
 
     def after_optimizer_step(self) -> None:
         """DeepSeekMoE's aux-loss-free balancing nudges its routing bias after each step."""
@@ -86,15 +89,20 @@ class CausalLM:
             self.module.save_pretrained(str(path), safe_serialization=True)
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise."""
+def load_causal_lm(path: str | Path, precision: Precision | None = None, device: str = "cpu") -> CausalLM:
+    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise; fp32
+    master weights, computing as `precision` says (the recipe's model.dtype / fp8 / fp8_exclude)."""
     path = Path(path).expanduser()
+    precision = precision or Precision()
     family = model_type_of(path)
     if family == V3:
-        module: nn.Module = load_pretrained(path, dtype=dtype, device=device)
+        module: nn.Module = apply_precision(load_pretrained(path, dtype=torch.float32, device=device), precision)
     else:
-        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    return CausalLM(module, family, path)
+        if precision.fp8:
+            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
+                             "(train it in model.dtype float32 or bfloat16)")
+        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    return CausalLM(module, family, path, precision.dtype)
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -168,3 +168,29 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_pat
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def precision_context(run_dir: Path, model: str, **precision) -> StageContext:
+    recipe = OmegaConf.create({"model": {"path": model, **precision}})
+    return StageContext(run_dir=run_dir, stage_dir=run_dir / "sft", recipe=recipe, seed=0)
+
+
+@pytest.mark.parametrize("family", ["v3", "qwen2"])
+def test_bf16_recipe_trains_over_fp32_masters(task, tmp_path, family):
+    trainer = SFTTrainer(sft_config(task, steps=8), precision_context(tmp_path, task[family], dtype="bfloat16"))
+    out = trainer.run()
+    assert out["val_loss_end"] < out["val_loss_start"]
+    saved = load_weights(Path(out["model_path"]))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+
+
+def test_fp8_recipe_trains_fp8_projections(task, tmp_path):
+    from r1pipe.model.fp8 import FP8Linear
+    from r1pipe.model.precision import Precision
+
+    lm = load_causal_lm(task["v3"], Precision(fp8=True))
+    assert sum(isinstance(m, FP8Linear) for m in lm.module.modules()) > 4
+    out = SFTTrainer(sft_config(task, steps=6), precision_context(tmp_path, task["v3"], fp8=True)).run()
+    assert out["val_loss_end"] < out["val_loss_start"]
+    with pytest.raises(ValueError, match="model.fp8: FP8 compute is for r1pipe's DeepSeek-V3"):
+        load_causal_lm(task["qwen2"], Precision(fp8=True))

@@ -9,6 +9,10 @@ count, so the update equals one big batch's. Steps draw from a fresh seeded perm
 so the step number is the whole data position: a run killed at any point (SIGKILL included) and
 started again continues from its newest checkpoint (model, optimizer, RNG) to the same weights.
 
+Precision follows the recipe's model section: `model.dtype: bfloat16` computes under autocast over
+fp32 master weights and optimizer state; `model.fp8` (r1pipe V3 only) computes the projections in
+block-scaled FP8 (`model.fp8_exclude` leaves modules out).
+
 Outputs: model_path (final weights + tokenizer, Hugging Face layout: loads in r1pipe for V3 and in
 transformers for dense models), metrics (loss, validation loss, learning rate, grad norm,
 tokens/s) in metrics.jsonl + TensorBoard + PNG plots.
@@ -31,6 +35,7 @@ from r1pipe.algo.sft import masked_ce_sum
 from r1pipe.causal_lm import CausalLM, load_causal_lm, load_tokenizer
 from r1pipe.data import SFTExample, load_sft_examples
 from r1pipe.data.templates import TEMPLATES
+from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
@@ -257,7 +262,8 @@ class SFTTrainer:
         base = self.start_model()
         tokenizer = load_tokenizer(base)
         resume = latest_checkpoint(self.ckpt_root)
-        lm = load_causal_lm(resume[0] if resume else base, device=cfg.device)
+        precision = Precision.from_section(self.ctx.recipe.get("model") or {})
+        lm = load_causal_lm(resume[0] if resume else base, precision, device=cfg.device)
         max_length = cfg.max_length or lm.max_length
         train, heldout, data_report = self.load_data(tokenizer, max_length)
         plan = StepPlan(train, cfg.batch_size, cfg.micro_batch_size, self.ctx.seed)

@@ -72,25 +72,33 @@ def test_greedy_equals_uncached_argmax_with_continuous_batching(model, limits):
     assert llm.cache.allocator.num_free == free_before  # every block (shared prompt blocks too) came back
 
 
-def test_engine_recovers_after_a_failing_forward(model, monkeypatch):
-    llm = engine(model)
+@pytest.mark.parametrize("fail_at", [("prefill", 1), ("prefill", 2), ("decode", 2)])
+def test_engine_recovers_after_a_failing_forward(model, monkeypatch, fail_at):
+    """A forward that raises (in a prefill: its admitted prompts hold blocks but have no sequences yet; or in
+    a decode step) leaves every block free and the engine usable."""
+    llm = engine(model, max_num_seqs=2)  # later prompts are prefilled while others decode
     free_before = llm.cache.allocator.num_free
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    calls = {"n": 0}
+    kind, nth = fail_at
+    calls = {"prefill": 0, "decode": 0}
     forward = llm.model.forward
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(input_ids, *args, **kwargs):
+        step = "prefill" if input_ids.shape[1] > 1 else "decode"
+        calls[step] += 1
+        if step == kind and calls[step] == nth:
             raise RuntimeError("boom")
-        return forward(*args, **kwargs)
+        return forward(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert calls[kind] == nth
     assert llm.cache.allocator.num_free == free_before and not llm.scheduler.has_work()
+    monkeypatch.setattr(llm.model, "forward", forward)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
-    assert outs[0].outputs[0].token_ids == reference_greedy(model, PROMPTS[0], 6)
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in PROMPTS]
+    assert llm.cache.allocator.num_free == free_before
 
 
 def test_logprobs_match_training_forward(model):

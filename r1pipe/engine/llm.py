@@ -160,10 +160,7 @@ class LLM:
 
     def _abort(self) -> None:
         """Leave the engine usable after an error: free everything, drop queued work."""
-        self.scheduler.retire(list(self.scheduler.running))
-        for group in self.scheduler.waiting:
-            self.cache.allocator.free(group.prompt_blocks)
-        self.scheduler.waiting.clear()
+        self.scheduler.abort()
 
     # ------------------------------------------------------------------ engine step
     def _step(self) -> None:

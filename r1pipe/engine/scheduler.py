@@ -86,6 +86,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lookahead = lookahead  # extra positions written past the end (speculative drafts)
         self.waiting: deque[SequenceGroup] = deque()
+        self.prefilling: list[SequenceGroup] = []  # admitted (prompt blocks held) but not yet forked
         self.running: list[Sequence] = []
 
     def _blocks(self, tokens: int) -> int:
@@ -113,7 +114,16 @@ class Scheduler:
         self.waiting.append(group)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def abort(self) -> None:
+        """Drop all work and free every block it holds (after an error mid-step)."""
+        self.retire(list(self.running))
+        for group in self.prefilling:
+            self.allocator.free(group.prompt_blocks)
+            group.prompt_blocks = []
+        self.prefilling.clear()
+        self.waiting.clear()
 
     def admit(self) -> list[SequenceGroup]:
         """Groups to prefill now; their prompt blocks are allocated."""
@@ -136,6 +146,7 @@ class Scheduler:
             longest = max(longest, group.prompt_len)
         for group in admitted:
             group.prompt_blocks = [self.allocator.allocate() for _ in range(self._blocks(group.prompt_len))]
+            self.prefilling.append(group)
         return admitted
 
     def fork(self, group: SequenceGroup) -> list[Sequence]:
@@ -164,6 +175,7 @@ class Scheduler:
                            num_cached=P)
             seqs.append(seq)
         group.seqs = seqs
+        self.prefilling.remove(group)
         self.running.extend(seqs)
         return seqs
 

@@ -165,11 +165,12 @@ class LLM:
     # ------------------------------------------------------------------ engine step
     def _step(self) -> None:
         self.stats["steps"] += 1
-        groups = self.scheduler.admit()
-        if groups:
-            self._prefill(groups)
+        groups, resumed = self.scheduler.admit()
+        if groups or resumed:
+            self._prefill(groups, resumed)
+        self.scheduler.grow()
         if not self.scheduler.running:
-            if self.scheduler.waiting and not groups:
+            if self.scheduler.has_work() and not (groups or resumed):
                 raise RuntimeError("scheduler stalled: no running sequences and nothing admissible")
             return
         if self.speculative_k:
@@ -187,30 +188,41 @@ class LLM:
         return self.model(input_ids.to(self.device), positions=positions.to(self.device), cache=self.cache,
                           return_routing=routing, mtp=mtp)
 
-    def _prefill(self, groups: list[SequenceGroup]) -> None:
-        """One padded forward over the admitted prompts, then each prompt's n samples draw their first token."""
-        lens = [g.prompt_len for g in groups]
+    def _prefill(self, groups: list[SequenceGroup], resumed: list[Sequence]) -> None:
+        """One padded forward over the admitted prompts and the preempted sequences' tokens (all but the
+        newest, which the next step feeds); then each prompt's n samples draw their first token."""
+        rows = [g.prompt_ids for g in groups] + [[s.token_at(p) for p in range(s.length - 1)] for s in resumed]
+        lens = [len(r) for r in rows]
         S = max(lens)
-        ids = torch.zeros(len(groups), S, dtype=torch.long)
-        for i, g in enumerate(groups):
-            ids[i, : g.prompt_len] = torch.tensor(g.prompt_ids)
+        ids = torch.zeros(len(rows), S, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
         lens_t = torch.tensor(lens)
         valid = torch.arange(S).unsqueeze(0) < lens_t.unsqueeze(1)
-        positions = torch.arange(S).expand(len(groups), S) * valid
+        positions = torch.arange(S).expand(len(rows), S) * valid
+        tables = [g.prompt_blocks for g in groups] + [s.blocks for s in resumed]
         want_routing = any(g.params.return_routing for g in groups)
-        out = self._forward(ids, positions, valid, [g.prompt_blocks for g in groups], want_routing)
-        rows = torch.arange(len(groups), device=self.device)
+        out = self._forward(ids, positions, valid, tables, want_routing)
+        row_ids = torch.arange(len(rows), device=self.device)
         last = lens_t.to(self.device) - 1
-        logits = out.logits[rows, last]  # [G, V]
-        if want_routing:
-            routing = torch.stack(out.routing).cpu()  # [layers, G, S, k]
-            for i, g in enumerate(groups):
-                if g.params.return_routing:
-                    g.prompt_routing = routing[:, i, : g.prompt_len].clone()
         if self.speculative_k:
             from r1pipe.engine.speculative import mtp_prefill
 
-            mtp_prefill(self, groups, ids, out.hidden, lens)
+            mtp_prefill(self, ids, out.hidden, lens, tables)
+            hidden = out.hidden[row_ids, last]
+            for r, s in enumerate(resumed, start=len(groups)):
+                s.pending_hidden = hidden[r : r + 1]
+        for s in resumed:
+            s.num_cached = s.length - 1
+        if not groups:
+            return
+        G = len(groups)
+        logits = out.logits[row_ids[:G], last[:G]]  # [G, V]
+        if want_routing:
+            routing = torch.stack(out.routing)[:, :G].cpu()  # [layers, G, S, k]
+            for i, g in enumerate(groups):
+                if g.params.return_routing:
+                    g.prompt_routing = routing[:, i, : g.prompt_len].clone()
         seqs: list[Sequence] = []
         repeat = []
         for i, g in enumerate(groups):
@@ -220,7 +232,6 @@ class LLM:
         rep = torch.tensor(repeat, device=self.device)
         self._sample_and_append(seqs, logits[rep])
         if self.speculative_k:
-            hidden = out.hidden[rows, last]
             for seq, r in zip(seqs, repeat):
                 seq.pending_hidden = hidden[r : r + 1]
         done = [s for s in seqs if s.finished and not s.awaiting_final_feed]

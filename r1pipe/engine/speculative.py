@@ -19,7 +19,7 @@ from r1pipe.engine.sampler import draw, sampling_probs, scaled_logits, uniforms
 
 if TYPE_CHECKING:
     from r1pipe.engine.llm import LLM
-    from r1pipe.engine.scheduler import Sequence, SequenceGroup
+    from r1pipe.engine.scheduler import Sequence
 
 _DRAFTER = 0  # MTP module used for every draft depth (one cache layer, reused recurrently)
 
@@ -51,17 +51,17 @@ def _mtp(llm: "LLM", hidden: torch.Tensor, next_ids: torch.Tensor, positions: to
     return llm.model.mtp_step(_DRAFTER, hidden, next_ids.to(llm.device), positions.to(llm.device), cache=llm.cache)
 
 
-def mtp_prefill(llm: "LLM", groups: list["SequenceGroup"], ids: torch.Tensor, hidden: torch.Tensor,
-                lens: list[int]) -> None:
-    """Fill the MTP cache layer for prompt positions 0..P-2 (their next tokens are prompt tokens), shared by the
-    group's samples; position P-1 waits for each sample's first token."""
+def mtp_prefill(llm: "LLM", ids: torch.Tensor, hidden: torch.Tensor, lens: list[int],
+                block_tables: list[list[int]]) -> None:
+    """Fill the MTP cache layer for positions 0..len-2 of each prefilled row (their next tokens are known;
+    a prompt's blocks are shared by its group's samples); position len-1 waits for the next token."""
     if max(lens) < 2:
         return
     S = max(lens) - 1
     lens_t = torch.tensor(lens)
     valid = torch.arange(S).unsqueeze(0) < (lens_t - 1).unsqueeze(1)
-    positions = torch.arange(S).expand(len(groups), S) * valid
-    _mtp(llm, hidden[:, :S], ids[:, 1:S + 1], positions, valid, [g.prompt_blocks for g in groups])
+    positions = torch.arange(S).expand(len(lens), S) * valid
+    _mtp(llm, hidden[:, :S], ids[:, 1:S + 1], positions, valid, block_tables)
 
 
 def speculative_step(llm: "LLM", seqs: list["Sequence"]) -> list["Sequence"]:

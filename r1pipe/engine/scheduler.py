@@ -173,7 +173,8 @@ class Scheduler:
             admitted.append(group)
             num_seqs, free, rows = num_seqs + group.params.n, free - need, rows + 1
             longest = max(longest, group.prompt_len)
-        self.running = sorted(self.running + resumed, key=_age)
+        if resumed:
+            self.running = sorted(self.running + resumed, key=_age)
         return admitted, resumed
 
     def fork(self, group: SequenceGroup) -> list[Sequence]:

@@ -20,9 +20,13 @@ class PlainDecoding:
         self.runner, self.stopper, self.vocab_size, self.stats = runner, stopper, vocab_size, stats
         self.device = runner.device
 
-    def after_prefill(self, batch: Batch, out, lens: list[int], rows: list[tuple[int, Sequence]]) -> None:
-        """Called after a prefill forward (before first tokens are sampled) with the sequences that continue
-        from row r of it: (r, seq) for each new sample and each recomputed (resumed) sequence."""
+    def after_prefill(self, batch: Batch, out, lens: list[int]) -> None:
+        """Called right after a prefill forward over rows of lens[r] tokens, before the prompts' blocks are
+        forked into their samples (so what it writes to the cache is shared or copied with them)."""
+
+    def attach(self, out, lens: list[int], rows: list[tuple[int, Sequence]]) -> None:
+        """Called with the sequences that continue from row r of the prefill, before their first tokens are
+        sampled: (r, seq) for each new sample and each recomputed (resumed) sequence."""
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
         """Feed every running sequence's newest token in one forward and sample the next for each; returns

@@ -14,6 +14,7 @@ import torch
 
 from r1pipe.engine.paged_cache import PagedLatentCache
 from r1pipe.model import ModelConfig, Transformer
+from r1pipe.model.attention import absorbed_attention
 from r1pipe.model.linear import dense_weight
 
 # row 0: 11 keys over blocks [5, 2, 7]; row 1: 3 keys in block [3]; row 2: 6 keys sharing row 0's first block
@@ -35,11 +36,11 @@ def test_torch_path_is_the_models_absorbed_attention():
     latent, k_rope = torch.randn(B, S, c.kv_lora_rank, generator=g), torch.randn(B, S, c.qk_rope_head_dim, generator=g)
     cache.plan(TABLES, positions, valid)
     with torch.no_grad():
-        expected = mla._absorbed(q_nope, q_rope, *cache.update(0, latent, k_rope, positions))
         w = dense_weight(mla.kv_b_proj).view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w[:, : c.qk_nope_head_dim])
-        out_latent = cache.attend(0, q_latent, q_rope, latent, k_rope, c.softmax_scale)
-        got = torch.einsum("bshc,hdc->bshd", out_latent, w[:, c.qk_nope_head_dim:])
+        gathered = absorbed_attention(q_latent, q_rope, *cache.update(0, latent, k_rope, positions), c.softmax_scale)
+        expected = torch.einsum("bshc,hdc->bshd", gathered, w[:, c.qk_nope_head_dim:])
+        got = mla._absorbed(q_nope, q_rope, latent, k_rope, positions, cache)  # the model calls cache.attend
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)  # padding queries: don't care
     assert cache.attention_backend == "torch"
 

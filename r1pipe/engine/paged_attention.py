@@ -19,17 +19,6 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-def absorbed_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor, k_ropes: torch.Tensor,
-                       mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """The torch path on gathered keys. q_latent [B, S, H, C], q_rope [B, S, H, R], latents [B, T, C],
-    k_ropes [B, T, R], mask [B, S, T] (True: may attend) -> [B, S, H, C]; a query with no key gives 0."""
-    scores = (torch.einsum("bshc,btc->bsht", q_latent, latents.to(q_latent.dtype))
-              + torch.einsum("bshr,btr->bsht", q_rope, k_ropes.to(q_rope.dtype))).float() * scale
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).to(q_latent.dtype)
-    return torch.einsum("bsht,btc->bshc", probs, latents.to(probs.dtype))
-
-
 @functools.cache
 def _kernel_module() -> ModuleType | None:
     try:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from r1pipe.engine.paged_attention import absorbed_attention, paged_kernel, resolve_backend
+from r1pipe.engine.paged_attention import paged_kernel, resolve_backend
+from r1pipe.model.attention import absorbed_attention
 
 SCRATCH_BLOCK = 0
 

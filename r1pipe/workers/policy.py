@@ -71,6 +71,10 @@ class PolicyWorker:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
+        # every parameter has a gradient buffer from the start (zeros where no token reached it), so
+        # AdamW steps the same parameters whether or not the run was resumed from a checkpoint
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
 
     def init_distributed(self, init_method: str) -> None:
         """Join the process group (called on every rank at once, after all actors exist)."""

@@ -20,6 +20,12 @@ def test_r1_zero_tiny_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert summary["steps"] == 2
     assert 0.0 <= summary["base_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
     assert summary["eval"]["heldout"]["n_problems"] == 8
+    # one evaluation path: pretrain's greedy base check and GRPO's base accuracy (same 8 problems, same
+    # budget) are the same figure, and the summary's base and final accuracy both come from GRPO's
+    pretrain = json.loads((rd / "pretrain" / "DONE.json").read_text())
+    assert pretrain["base_accuracy_greedy"] == summary["base_accuracy"]
+    rl = json.loads((rd / "rl" / "DONE.json").read_text())
+    assert (rl["base_accuracy"], rl["final_accuracy"]) == (summary["base_accuracy"], summary["final_accuracy"])
     assert summary["wall_seconds"] > 0
     metrics = [json.loads(line) for line in (rd / "rl" / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in metrics if "reward/mean" in m]

@@ -305,13 +305,15 @@ class GRPOTrainer:
         return [r for part in ray.get(refs) for r in part]
 
     def heldout_accuracy(self, rows: list[dict]) -> float:
-        """Greedy pass@1 on the held-out problems, by the accuracy reward."""
+        """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval)."""
+        from r1pipe.stages.base_eval import share_solved
+
         groups = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
         _, components, _ = self.scorer.score([g[0].text for g in groups], [dict(r) for r in rows])
         acc = components.get(self.cfg.accuracy_reward)
         if acc is None:
             raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
-        return sum(1.0 for a in acc if a > 0.5) / max(len(rows), 1)
+        return share_solved(acc)
 
     def collect(self, stream: PromptStream) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops

@@ -6,7 +6,7 @@ once with `rl.draft_loss=true` (the default when speculative_k > 0) and once wit
 acceptance rate on each step's rollouts is logged as `mtp/acceptance`; this prints it at the first step
 (the base's drafter) and over the last 5 steps of each run. Last line: JSON.
 
-    python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--out /tmp/mtp_bench]
+    python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--lr 1e-3] [--out /tmp/mtp_bench]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--speculative-k", type=int, default=2)
     ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=None, help="rl.lr (default: the recipe's)")
     ap.add_argument("--out", default="/tmp/r1pipe_mtp_bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -44,7 +45,7 @@ def main() -> None:
         r1pipe("stages=[rl]", f"model.path={pre['model_path']}", f"rl.train_path={pre['train_path']}",
                f"rl.heldout_path={pre['heldout_path']}", f"rl.steps={args.steps}", f"rl.checkpoint_every={args.steps}",
                f"rl.engine.speculative_k={args.speculative_k}", f"rl.draft_loss={str(draft).lower()}",
-               "--run-dir", str(run_dir), cwd=out)
+               *([f"rl.lr={args.lr}"] if args.lr else []), "--run-dir", str(run_dir), cwd=out)
         rows = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
         acc = [r["mtp/acceptance"] for r in rows if "mtp/acceptance" in r]
         start, end = acc[0], sum(acc[-5:]) / len(acc[-5:])
@@ -52,7 +53,8 @@ def main() -> None:
                                                            "change_points": round(100 * (end - start), 1)}
         print(f"draft loss {'on ' if draft else 'off'}: MTP acceptance {start:.1%} at step 1 -> {end:.1%} "
               f"over the last 5 of {len(acc)} steps ({100 * (end - start):+.1f} points)")
-    print(json.dumps({"bench": "mtp_drafter", "steps": args.steps, "speculative_k": args.speculative_k, **result}))
+    print(json.dumps({"bench": "mtp_drafter", "steps": args.steps, "speculative_k": args.speculative_k, "lr": args.lr,
+                      **result}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """Stage `grpo`: GRPO with a single Ray controller (HybridFlow-style).
 
-Each step the driver (this loop) takes a batch of prompts, has RolloutWorker(s) sample a group
-of completions per prompt, scores them on the RewardPool, computes group-relative advantages,
-gets the trainer's old (and reference) log-probs from the PolicyGroup, runs the update(s),
-and pushes the new weights to the rollout engine. Checkpoints hold model, optimizer, RNG and
-data position; re-entering the stage continues after the newest one, so a SIGKILLed run
-neither loses nor repeats a step.
+A step reads top to bottom (GRPOTrainer.step): `collect` has the RolloutWorker(s) sample a group of
+completions per prompt and `score`s them on the RewardPool (refilling groups dropped by dynamic
+sampling) into a RolloutBatch; `train` computes group-relative advantages, the trainer's old (and
+reference) log-probs, optional TIS weights against the engine's log-probs, and runs the update(s)
+on the PolicyGroup (plus the MTP draft loss when the engine speculates); `sync` pushes the new
+weights to the engines; `checkpoint` saves model, optimizer, RNG and data position. Re-entering the
+stage continues after the newest checkpoint, so a SIGKILLed run neither loses nor repeats a step;
+the KL reference is always the stage's initial policy, never the checkpoint being resumed.
+
+Sampling is from the full tempered distribution: top_p < 1 is refused, because the trainer's (and
+the engine's) log-probs are of the untruncated distribution, so a truncated behaviour policy would
+make every importance ratio silently off-policy.
 """
 from __future__ import annotations
 

@@ -71,10 +71,6 @@ class PolicyWorker:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
-        # every parameter has a gradient buffer from the start (zeros where no token reached it), so
-        # AdamW steps the same parameters whether or not the run was resumed from a checkpoint
-        for p in self.model.parameters():
-            p.grad = torch.zeros_like(p)
 
     def init_distributed(self, init_method: str) -> None:
         """Join the process group (called on every rank at once, after all actors exist)."""
@@ -264,6 +260,11 @@ class PolicyWorker:
         path_ = Path(path)
         self.model.load_state_dict(load_pretrained(path_, dtype=torch.float32, device=str(self.device)).state_dict())
         self.optimizer.load_state_dict(torch.load(path_ / "optimizer.pt", map_location=self.device))
+        # AdamW steps a parameter once it has a gradient buffer (zero_grad keeps them as zeros): give
+        # one to every parameter the optimizer has stepped, as the uninterrupted run has
+        for p in self.model.parameters():
+            if self.optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)
         rng_file = path_ / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)

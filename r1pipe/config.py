@@ -28,6 +28,9 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # run directories go to <out_dir>/<name>, relative to the working directory
     seed: int = 0
+    # with model.path unset, run this shipped recipe instead (the embedded tiny world), with the
+    # same overrides: `r1pipe run r1` is the tiny R1 pipeline, `r1pipe run r1 model.path=/ckpt` the real one
+    tiny_recipe: Optional[str] = None
 
 
 @dataclass
@@ -104,7 +107,12 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         untyped = OmegaConf.merge(raw, dotlist)
     except OmegaConfBaseException as e:
         raise _error(e) from None
-    return validate(untyped, dotlist)
+    cfg = validate(untyped, dotlist)
+    if cfg.run.tiny_recipe and not cfg.model.path:
+        if find_recipe(cfg.run.tiny_recipe) == path:
+            raise ConfigError(f"run.tiny_recipe={cfg.run.tiny_recipe!r}: names the recipe itself")
+        return load_recipe(cfg.run.tiny_recipe, overrides)
+    return cfg
 
 
 def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConfig:

@@ -107,12 +107,12 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         untyped = OmegaConf.merge(raw, dotlist)
     except OmegaConfBaseException as e:
         raise _error(e) from None
-    cfg = validate(untyped, dotlist)
-    if cfg.run.tiny_recipe and not cfg.model.path:
-        if find_recipe(cfg.run.tiny_recipe) == path:
-            raise ConfigError(f"run.tiny_recipe={cfg.run.tiny_recipe!r}: names the recipe itself")
-        return load_recipe(cfg.run.tiny_recipe, overrides)
-    return cfg
+    tiny = (untyped.get("run") or {}).get("tiny_recipe")
+    if tiny and not (untyped.get("model") or {}).get("path"):  # the overrides are for the tiny recipe
+        if find_recipe(tiny) == path:
+            raise ConfigError(f"run.tiny_recipe={tiny!r}: names the recipe itself")
+        return load_recipe(tiny, overrides)
+    return validate(untyped, dotlist)
 
 
 def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConfig:

@@ -1,17 +1,22 @@
-"""Rollout-engine benchmark: r1pipe.engine.LLM against transformers' `generate` on the same tiny weights.
+"""Rollout-engine benchmark: r1pipe.engine.LLM against transformers' `generate` on the same weights.
 
 Prints, all measured in this run:
-  * generated tokens/s of both at each batch size (prompts x new tokens, greedy) and the ratio;
+  * generated tokens/s of both at each batch size (prompts x new tokens, greedy), the ratio, and the
+    weight-bandwidth limit: batch / (bytes of weights one decode step must read / memory bandwidth measured
+    here by a large device copy), counting only the routed experts a batch of that size is expected to touch;
   * cache bytes per token: r1pipe's latent cache vs transformers' cache for the same model;
   * MTP self-speculation at batch 1: speed-up over plain decoding and acceptance rate, on the tiny model
     trained briefly (main + MTP loss) on a repetitive synthetic corpus, or on --checkpoint.
+The last line is all figures as JSON.
 
-  python bench/bench_engine.py                      # full: batches 1,64,256 x 128 new tokens
+  python bench/bench_engine.py                      # full: tiny model, batches 1,64,256 x 128 new tokens
   python bench/bench_engine.py --batches 1,8 --new-tokens 32 --mtp-steps 100   # quick
+  python bench/bench_engine.py --device cuda --shape 1.7b --prompt-len 64 --skip cache   # the GPU shape
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -24,51 +29,113 @@ from r1pipe.engine import LLM, SamplingParams
 from r1pipe.model import ModelConfig, Transformer, lm_loss, load_pretrained, save_pretrained
 
 
-def hf_model(path: Path):
+# the DeepSeek-V3 shape of issue 15's GPU measurements: ~1.75 B parameters (without MTP)
+SHAPES = {
+    "tiny": {},
+    "1.7b": dict(vocab_size=32768, hidden_size=2048, intermediate_size=8192, moe_intermediate_size=896,
+                 num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32,
+                 num_experts_per_tok=4, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=512,
+                 q_lora_rank=768, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                 max_position_embeddings=4096, rope_scaling=None, torch_dtype="bfloat16"),
+}
+
+
+def model_config(shape: str) -> ModelConfig:
+    base = "tiny" if shape == "tiny" else "deepseek-v3"
+    return dataclasses.replace(ModelConfig.preset(base), **SHAPES[shape])
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    with torch.device(device):
+        return Transformer(model_config(shape), seed=seed).to(dtype).eval()
+
+
+def hf_model(path: Path, device: torch.device, dtype: torch.dtype):
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the MTP layer's weights are "unexpected" to transformers: expected
     logging.disable_progress_bar()
 
-    return DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
-def timed(fn):
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device copy (read + write), best of 5."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 27) // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best
+
+
+def step_weight_bytes(model: Transformer, batch: int) -> float:
+    """Bytes of weights one decode step at this batch reads: everything but the routed experts, plus the
+    routed experts a batch of `batch` tokens is expected to touch (uniform routing: E (1 - (1 - k/E)^B))."""
+    c = model.config
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if ".experts." in n and "mtp" not in n)
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if ".experts." not in n and "mtp" not in n and "embed_tokens" not in n)
+    touched = 1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch
+    return other + expert_bytes * touched
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device = torch.device("cpu")):
+    sync(device)
     start = time.perf_counter()
     result = fn()
+    sync(device)
     return result, time.perf_counter() - start
 
 
-def throughput(model: Transformer, hf, batches: list[int], prompt_len: int, new_tokens: int, seed: int) -> list[dict]:
+def throughput(model: Transformer, hf, batches: list[int], prompt_len: int, new_tokens: int, seed: int,
+               device: torch.device, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     rows = []
-    llm = LLM(model, max_num_seqs=max(batches), block_size=16, seed=seed)
+    bandwidth = memory_bandwidth(device)
+    print(f"memory bandwidth (device copy): {bandwidth / 1e9:.0f} GB/s", flush=True)
+    llm = LLM(model, max_num_seqs=max(batches), block_size=16, seed=seed, device=device, dtype=dtype,
+              max_model_len=prompt_len + new_tokens + 8, cache_memory_gb=8.0 if device.type == "cuda" else 0.5)
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=True)
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
     for batch in batches:
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g)
-        outs, t_engine = timed(lambda: llm.generate(prompts.tolist(), sp, use_tqdm=False))
-        mask = torch.ones_like(prompts)
+        outs, t_engine = timed(lambda: llm.generate(prompts.tolist(), sp, use_tqdm=False), device)
+        ids = prompts.to(device)
+        mask = torch.ones_like(ids)
         with torch.inference_mode():
             hf_out, t_hf = timed(lambda: hf.generate(
-                input_ids=prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None))
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None), device)
         same = sum(o.outputs[0].token_ids == hf_out[i, prompt_len:].tolist() for i, o in enumerate(outs))
         made = batch * new_tokens
+        limit = batch * bandwidth / step_weight_bytes(model, batch)
         rows.append(dict(batch=batch, engine_tok_s=made / t_engine, hf_tok_s=made / t_hf,
-                         speedup=t_hf / t_engine, identical_greedy=f"{same}/{batch}"))
+                         speedup=t_hf / t_engine, identical_greedy=f"{same}/{batch}",
+                         weight_bandwidth_limit_tok_s=limit, engine_fraction_of_limit=made / t_engine / limit))
         print(f"batch {batch:4d}: engine {made / t_engine:9.1f} tok/s   transformers {made / t_hf:9.1f} tok/s   "
-              f"ratio {t_hf / t_engine:5.2f}x   identical greedy outputs {same}/{batch}", flush=True)
+              f"ratio {t_hf / t_engine:5.2f}x   identical greedy outputs {same}/{batch}   weight-bandwidth limit "
+              f"{limit:10.0f} tok/s (engine at {made / t_engine / limit:.2%})", flush=True)
     return rows
 
 
-def cache_bytes(model: Transformer, hf) -> dict:
+def cache_bytes(model: Transformer, hf, device: torch.device, dtype: torch.dtype) -> dict:
     """Bytes per token of each cache, measured on the caches themselves after a 32-token prefill."""
-    llm = LLM(model, max_num_seqs=1, block_size=16, num_blocks=8)
+    llm = LLM(model, max_num_seqs=1, block_size=16, num_blocks=8, device=device, dtype=dtype)
     ours = llm.cache.bytes_per_token
-    ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         past = hf(input_ids=ids, use_cache=True).past_key_values
     tensors = []
@@ -79,8 +146,9 @@ def cache_bytes(model: Transformer, hf) -> dict:
     theirs = sum(t.numel() * t.element_size() for t in tensors) / ids.shape[1]
     c = model.config
     # the multi-head cache MLA replaces: per layer, per head, a full key and value
-    expanded = c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 4
-    print(f"cache bytes/token (fp32, {c.num_hidden_layers} layers): r1pipe latent {ours}   transformers "
+    expanded = (c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+                * torch.finfo(dtype).bits // 8)
+    print(f"cache bytes/token ({str(dtype).replace('torch.', '')}, {c.num_hidden_layers} layers): r1pipe latent {ours}   transformers "
           f"{theirs:.0f} (ratio {theirs / ours:.2f})   expanded multi-head K/V {expanded} "
           f"(ratio {expanded / ours:.2f})", flush=True)
     return dict(latent_bytes_per_token=ours, hf_bytes_per_token=theirs, expanded_kv_bytes_per_token=expanded)
@@ -95,7 +163,7 @@ def synthetic_corpus(vocab: int, batch: int, length: int, g: torch.Generator, pe
     return x
 
 
-def train_mtp(model: Transformer, steps: int, seed: int) -> torch.Tensor:
+def train_mtp(model: Transformer, steps: int, seed: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     perm = torch.randperm(vocab - 3, generator=g) + 3
@@ -104,7 +172,7 @@ def train_mtp(model: Transformer, steps: int, seed: int) -> torch.Tensor:
     model.train()
     bar = tqdm(range(steps), desc="train main+MTP on synthetic corpus", leave=False)
     for _ in bar:
-        batch = synthetic_corpus(vocab, 16, 48, g, perm)
+        batch = synthetic_corpus(vocab, 16, 48, g, perm).to(device)
         loss, metrics = lm_loss(model(batch, mtp=True), batch, mtp_lambda=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,13 +182,15 @@ def train_mtp(model: Transformer, steps: int, seed: int) -> torch.Tensor:
     return perm
 
 
-def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_tokens: int, repeats: int,
+                device: torch.device) -> list[dict]:
     prompt = [5]
     for _ in range(7):
         prompt.append(int(perm[prompt[-1]]))
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
-    engines = {k: LLM(model, max_num_seqs=1, block_size=16, speculative_k=k, num_blocks=64) for k in [0, *ks]}
+    engines = {k: LLM(model, max_num_seqs=1, block_size=16, speculative_k=k, num_blocks=64, device=device)
+               for k in [0, *ks]}
     for llm in engines.values():  # warm-up
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
         llm.stats.update(draft_tokens=0, accepted_tokens=0)
@@ -128,7 +198,7 @@ def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_token
     outputs: dict[int, list[int]] = {}
     for _ in tqdm(range(repeats), desc="speculative timing (interleaved)", leave=False):
         for k, llm in engines.items():  # interleaved, best of `repeats`: robust to a shared machine's load
-            out, t = timed(lambda: llm.generate([prompt], sp, use_tqdm=False))
+            out, t = timed(lambda: llm.generate([prompt], sp, use_tqdm=False), device)
             best[k] = min(best[k], t)
             outputs[k] = out[0].outputs[0].token_ids
     rows = []
@@ -141,7 +211,7 @@ def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_token
               f"speed-up {base_t / t:4.2f}x   acceptance {acc:.3f}   output identical {same}", flush=True)
     # sampling at temperature 1 goes through the rejection rule (acceptance = E[sum min(p, q)])
     k = max(ks)
-    sampled = LLM(model, max_num_seqs=1, block_size=16, speculative_k=k, num_blocks=64)
+    sampled = LLM(model, max_num_seqs=1, block_size=16, speculative_k=k, num_blocks=64, device=device)
     sampled.generate([prompt], SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0),
                      use_tqdm=False)
     rows.append(dict(k=k, temperature=1.0, acceptance=sampled.acceptance_rate))
@@ -155,6 +225,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both peers and the MTP part run there)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="model for the throughput and cache parts (random weights); 1.7b: issue 15's GPU shape")
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both peers")
     ap.add_argument("--spec-k", default="1,2,3,4")
     ap.add_argument("--mtp-steps", type=int, default=150, help="training steps for the MTP benchmark model")
@@ -166,32 +240,42 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype {dtype_name!r}: expected float32, bfloat16 or float16")
+    dtype = getattr(torch, dtype_name)
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"threads": args.threads}
-    model = Transformer(ModelConfig.preset("tiny"), seed=args.seed).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        hf = hf_model(Path(tmp)) if not {"throughput", "cache"} <= skip else None
-    print(f"tiny DeepSeek-V3: {model.num_parameters() / 1e6:.2f} M parameters, {args.threads} thread(s)", flush=True)
+    results: dict = {"threads": args.threads, "device": str(device), "shape": args.shape, "dtype": dtype_name}
+    model = build_model(args.shape, device, dtype, args.seed)
+    hf = None
+    if not {"throughput", "cache"} <= skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp)
+            hf = hf_model(Path(tmp), device, dtype)
+    print(f"DeepSeek-V3 shape {args.shape}: {model.num_parameters() / 1e6:.2f} M parameters, {dtype_name} on "
+          f"{device}, {args.threads} thread(s)", flush=True)
     if "throughput" not in skip:
         results["throughput"] = throughput(model, hf, [int(b) for b in args.batches.split(",")], args.prompt_len,
-                                           args.new_tokens, args.seed)
+                                           args.new_tokens, args.seed, device, dtype)
     if "cache" not in skip:
-        results["cache"] = cache_bytes(model, hf)
+        results["cache"] = cache_bytes(model, hf, device, dtype)
+    del model, hf
     if "spec" not in skip:
         if args.checkpoint is not None:
-            spec_model = load_pretrained(args.checkpoint).eval()
+            spec_model = load_pretrained(args.checkpoint, device=device).eval()
             g = torch.Generator().manual_seed(args.seed)
             perm = torch.cat([torch.arange(3), torch.randperm(spec_model.config.vocab_size - 3, generator=g) + 3])
         else:
-            spec_model = Transformer(ModelConfig.preset("tiny"), seed=args.seed + 1)
-            perm = train_mtp(spec_model, args.mtp_steps, args.seed)
+            spec_model = Transformer(ModelConfig.preset("tiny"), seed=args.seed + 1).to(device)
+            perm = train_mtp(spec_model, args.mtp_steps, args.seed, device)
             if args.save_checkpoint is not None:
                 save_pretrained(spec_model, args.save_checkpoint)
         results["speculative"] = speculative(spec_model, perm, [int(k) for k in args.spec_k.split(",")],
-                                             args.new_tokens, args.repeats)
+                                             args.new_tokens, args.repeats, device)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

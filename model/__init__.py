@@ -4,9 +4,11 @@ from .checkpoint import dequantize_blocks, load_pretrained, save_pretrained
 from .config import ModelConfig
 from .linear import make_linear
 from .loss import lm_loss
+from .precision import Precision, apply_precision, parse_dtype
 from .transformer import ModelOutput, Transformer
 
 __all__ = [
     "ModelConfig", "Transformer", "ModelOutput", "LatentCache", "DenseLatentCache", "load_pretrained",
     "save_pretrained", "dequantize_blocks", "lm_loss", "make_linear",
+    "Precision", "apply_precision", "parse_dtype",
 ]

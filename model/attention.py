@@ -53,8 +53,7 @@ class MLA(nn.Module):
         if cache is None:
             out = self._expanded(q_nope, q_rope, latent, k_rope, mask)
         else:
-            latents, k_ropes, cache_mask = cache.update(self.layer, latent, k_rope, positions)
-            out = self._absorbed(q_nope, q_rope, latents, k_ropes, cache_mask)
+            out = self._absorbed(q_nope, q_rope, latent, k_rope, positions, cache)
         return self.o_proj(out.flatten(2))
 
     def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, mask: Tensor | None) -> Tensor:
@@ -70,16 +69,32 @@ class MLA(nn.Module):
                                              is_causal=mask is None, scale=c.softmax_scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor) -> Tensor:
+    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, positions: Tensor,
+                  cache: LatentCache) -> Tensor:
+        """W_UK folded into the query, attention over the cached latents, W_UV applied to the result. A cache
+        with `attend` (the engine's paged cache) computes the attention itself, reading its blocks in place;
+        any other cache hands back its keys and the attention runs here."""
         c = self.config
         H = self.n_heads
         w = dense_weight(self.kv_b_proj).view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
-        scores = (torch.einsum("bshc,btc->bsht", q_latent, latents.to(q_latent.dtype))
-                  + torch.einsum("bshr,btr->bsht", q_rope, k_ropes.to(q_rope.dtype))).float() * c.softmax_scale
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        # a padded query may see no key at all: give it zero attention instead of NaN
-        probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).to(q_latent.dtype)
-        out_latent = torch.einsum("bsht,btc->bshc", probs, latents.to(probs.dtype))
-        return torch.einsum("bshc,hdc->bshd", out_latent, w_uv.to(out_latent.dtype))
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            out_latent = attend(self.layer, q_latent, q_rope, latent, k_rope, c.softmax_scale)
+        else:
+            latents, k_ropes, mask = cache.update(self.layer, latent, k_rope, positions)
+            out_latent = absorbed_attention(q_latent, q_rope, latents, k_ropes, mask, c.softmax_scale)
+        return torch.einsum("bshc,hdc->bshd", out_latent.to(q_latent.dtype), w_uv.to(q_latent.dtype))
+
+
+def absorbed_attention(q_latent: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor,
+                       scale: float) -> Tensor:
+    """Attention in latent space: q_latent [B,S,H,C] against latents [B,T,C] plus q_rope [B,S,H,R] against the
+    shared rope keys k_ropes [B,T,R]; mask [B,S,T] (True: may attend) -> out_latent [B,S,H,C]. A query that may
+    attend to no key (padding) gets zeros, not NaN."""
+    scores = (torch.einsum("bshc,btc->bsht", q_latent, latents.to(q_latent.dtype))
+              + torch.einsum("bshr,btr->bsht", q_rope, k_ropes.to(q_rope.dtype))).float() * scale
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).to(q_latent.dtype)
+    return torch.einsum("bsht,btc->bshc", probs, latents.to(probs.dtype))

@@ -22,6 +22,10 @@ class LatentCache(Protocol):
         mask is True where query s may attend key t (t stored and not after the query's position)."""
         ...
 
+    # A cache may also offer attend(layer, q_latent, q_rope, kv_latent, k_rope, scale) -> out_latent [B,S,H,C]:
+    # store as `update` does and compute the absorbed attention itself (the engine's paged cache reads its
+    # blocks in place through the block table); MLA then uses it instead of update + absorbed_attention.
+
 
 class DenseLatentCache:
     """Preallocated [layers, B, max_len, ...] tensors; `filled` remembers which slots hold a real token."""

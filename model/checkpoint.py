@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .experts import GroupedExperts
 from .rope import rope_inv_freq
 from .transformer import Transformer
 
@@ -45,6 +46,35 @@ def _weight_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path}: neither {INDEX} nor model.safetensors")
     with safe_open(single, "pt") as f:
         return {k: single for k in f.keys()}
+
+
+EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<attr>weight(?:_scale_inv)?)$")
+
+
+def _expert_target(model: nn.Module, key: str) -> tuple[GroupedExperts, str, int] | None:
+    """A per-expert Hugging Face key -> (stacked experts module, stacked attribute, expert index)."""
+    m = EXPERT_KEY.match(key)
+    if m is None:
+        return None
+    try:
+        module = model.get_submodule(m["experts"])
+    except AttributeError:
+        return None
+    j = int(m["j"])
+    if not isinstance(module, GroupedExperts) or j >= module.num_experts:
+        return None
+    return module, m["proj"] + ("" if m["attr"] == "weight" else SCALE_SUFFIX), j
+
+
+def _write_expert(target: tuple[GroupedExperts, str, int], value: Tensor, name: str) -> None:
+    """Copy one expert's [out, in] tensor into its slice of the stack (materialising a meta stack first)."""
+    module, attr, j = target
+    stacked = getattr(module, attr)
+    if tuple(stacked.shape[1:]) != tuple(value.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(stacked.shape[1:])}")
+    if stacked.is_meta or stacked.dtype != value.dtype or stacked.device != value.device:
+        _assign(module, attr, torch.zeros(stacked.shape, dtype=value.dtype, device=value.device))
+    getattr(module, attr).data[j].copy_(value)
 
 
 def _get_submodule_and_attr(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
@@ -111,22 +141,26 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         for file, names in sorted(by_file.items()):
             handle = open_file(file)
             for name in names:
-                target = _get_submodule_and_attr(model, name)
                 if name.endswith(SCALE_SUFFIX):
                     continue  # consumed with its weight below
+                expert = _expert_target(model, name)
+                target = _get_submodule_and_attr(model, name) if expert is None else (expert[0], expert[1])
                 if target is None:
                     skipped.append(name)
                     continue
                 module, attr = target
                 tensor = handle.get_tensor(name)
                 scale_name = name + SCALE_SUFFIX
-                keeps_fp8 = fp8_weights and attr == "weight" and hasattr(module, "load_fp8_weight")
+                keeps_fp8 = fp8_weights and (expert is not None or attr == "weight") and hasattr(module, "load_fp8_weight")
                 if tensor.dtype == torch.float8_e4m3fn:
                     if scale_name not in files:
                         raise ValueError(f"{name} is float8 but {scale_name} is missing from the checkpoint")
                     scale = open_file(files[scale_name]).get_tensor(scale_name)
                     if keeps_fp8 and block == (128, 128):
-                        module.load_fp8_weight(tensor.to(device), scale.to(device))  # checks both shapes
+                        if expert is not None:  # checks both shapes
+                            module.load_fp8_weight(attr, expert[2], tensor.to(device), scale.to(device))
+                        else:
+                            module.load_fp8_weight(tensor.to(device), scale.to(device))
                         loaded.add(aliases.get(name, name))
                         continue
                     tensor = dequantize_blocks(tensor, scale, block, dtype)
@@ -134,6 +168,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                 elif tensor.is_floating_point() and tensor.dtype != torch.float8_e4m3fn:
                     keep_fp32 = attr == "e_score_correction_bias" or attr.endswith(SCALE_SUFFIX)
                     tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
+                if expert is not None:
+                    _write_expert(expert, tensor.to(device), name)
+                    loaded.add(aliases.get(name, name))
+                    continue
                 old = getattr(module, attr)
                 if tuple(old.shape) != tuple(tensor.shape):
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(old.shape)}")
@@ -160,6 +198,12 @@ def _finish(model: Transformer, config: ModelConfig, loaded: set[str], aliases: 
     generator = torch.Generator().manual_seed(0)
     std = config.initializer_range
     for key in missing:
+        expert = _expert_target(model, key)
+        if expert is not None:
+            shape = getattr(expert[0], expert[1]).shape[1:]
+            value = torch.empty(shape).normal_(0.0, std, generator=generator)
+            _write_expert(expert, value.to(dtype).to(device), key)
+            continue
         module, attr = _get_submodule_and_attr(model, key)  # type: ignore[misc]
         old = getattr(module, attr)
         if re.search(r"norm\.weight$", key):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .experts import GroupedExperts
 from .linear import make_linear
 
 
@@ -56,7 +57,8 @@ class Gate(nn.Module):
     def forward(self, x: Tensor, routing: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N,D] -> (gate weights [N,k] fp32, expert ids [N,k], affinities [N,E] fp32)."""
         c = self.config
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         if routing is None:
             with torch.no_grad():
                 indices = select_experts(scores, self.e_score_correction_bias.float(), c.n_group, c.topk_group,
@@ -72,9 +74,8 @@ class MoE(nn.Module):
         c = config
         self.config = c
         self.gate = Gate(c)
-        self.experts = nn.ModuleList(
-            MLP(c.hidden_size, c.moe_intermediate_size, fp8=c.fp8_for(f"{prefix}.experts.{j}"))
-            for j in range(c.n_routed_experts))
+        self.experts = GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                                      fp8=c.fp8_for(f"{prefix}.experts"))
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts,
                                    fp8=c.fp8_for(f"{prefix}.shared_experts")) if c.n_shared_experts else None)
         # tokens routed to each expert by training forwards since the last bias update
@@ -92,9 +93,11 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         real = None if token_mask is None else token_mask.reshape(-1)
         if self.training:
-            with torch.no_grad():
-                chosen = indices if real is None else indices[real]
-                self.expert_load += torch.bincount(chosen.flatten(), minlength=c.n_routed_experts).float()
+            with torch.no_grad():  # a scatter-add, not bincount/boolean indexing: no host synchronisation
+                counted = indices.new_ones(indices.shape, dtype=torch.float32)
+                if real is not None:
+                    counted = counted * real[:, None].float()
+                self.expert_load.index_add_(0, indices.flatten(), counted.flatten())
         balance = x.new_zeros((), dtype=torch.float32)
         if c.seq_aux_alpha > 0:
             balance = sequence_balance_loss(scores.view(B, S, -1), indices.view(B, S, -1),
@@ -102,21 +105,18 @@ class MoE(nn.Module):
         return out.view(B, S, D), indices.view(B, S, -1), balance
 
     def routed(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Sort the (token, expert) pairs by expert, run each expert once on its contiguous slice, scatter back."""
+        """Sort the (token, expert) pairs by expert once, run every expert's projections as grouped GEMMs on the
+        sorted rows, weight and scatter back. x [N,D], weights/indices [N,k] -> [N,D]. No host synchronisation:
+        the segment offsets stay on the device."""
         N, k = indices.shape
         flat_expert = indices.flatten()
-        order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
+        sorted_expert, order = flat_expert.sort(stable=True)
+        experts = torch.arange(self.config.n_routed_experts, device=x.device, dtype=sorted_expert.dtype)
+        offsets = torch.searchsorted(sorted_expert, experts, right=True).to(torch.int32)  # [E] cumulative counts
         token_of = order // k
-        xs = x[token_of]
-        ys = torch.empty_like(xs)
-        start = 0
-        for expert, n in zip(self.experts, counts):
-            if n:
-                ys[start:start + n] = expert(xs[start:start + n])
-                start += n
+        ys = self.experts(x[token_of], offsets)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> float:

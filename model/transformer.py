@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .block import Block
 from .cache import LatentCache
 from .config import ModelConfig
+from .experts import PROJECTIONS, GroupedExperts
 from .moe import MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -48,6 +49,7 @@ class Transformer(nn.Module):
         self.model = Decoder(config, self.lm_head)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.compute_dtype = torch.float32  # bfloat16: forward under autocast over the fp32 weights (precision.py)
         inv_freq, self.rope_attention_factor = rope_inv_freq(config)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         if not self.lm_head.weight.is_meta:
@@ -70,10 +72,18 @@ class Transformer(nn.Module):
     def init_weights(self, generator: torch.Generator) -> None:
         """Normal(0, initializer_range) for projections, embedding and router; ones for norms; zero biases."""
         std = self.config.initializer_range
+        experts = {name: m for name, m in self.named_modules() if isinstance(m, GroupedExperts)}
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            group, _, proj = name.rpartition(".")
+            if group in experts:  # drawn expert by expert, in the order per-expert linears were drawn
+                if proj == PROJECTIONS[0]:
+                    module = experts[group]
+                    for j in range(module.num_experts):
+                        for each in PROJECTIONS:
+                            getattr(module, each)[j].normal_(0.0, std, generator=generator)
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
@@ -84,9 +94,19 @@ class Transformer(nn.Module):
                 moe.gate.e_score_correction_bias.zero_()
 
     # ---- forward
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The autocast region the forward runs in: enabled only for a non-fp32 compute_dtype."""
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
                 attention_mask: Tensor | None = None, routing: list[Tensor] | None = None,
                 return_routing: bool = False, mtp: bool = False) -> ModelOutput:
+        with self.autocast(input_ids.device):
+            return self._forward(input_ids, positions, cache, attention_mask, routing, return_routing, mtp)
+
+    def _forward(self, input_ids: Tensor, positions: Tensor | None, cache: LatentCache | None,
+                 attention_mask: Tensor | None, routing: list[Tensor] | None, return_routing: bool, mtp: bool
+                 ) -> ModelOutput:
         c = self.config
         B, S = input_ids.shape
         if positions is None:
@@ -126,7 +146,8 @@ class Transformer(nn.Module):
         of the tokens one step later -> (module hidden to chain into module k+1, logits [B,S,V])."""
         mask, cache_positions = self._masks(positions, attention_mask, cache)
         cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
-        h, logits, _ = self._mtp_step(self.mtp_modules[k], hidden, next_ids, cos, sin, mask, cache_positions, cache,
+        with self.autocast(hidden.device):
+            h, logits, _ = self._mtp_step(self.mtp_modules[k], hidden, next_ids, cos, sin, mask, cache_positions, cache,
                                       attention_mask)
         return h, logits
 

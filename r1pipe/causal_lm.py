@@ -7,7 +7,9 @@ download) around a given tokenizer, for tests and the distillation recipe.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from r1pipe.model import load_pretrained, save_pretrained
+from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from r1pipe.model.precision import Precision, apply_precision
+from r1pipe.model.config import PRESETS
 
 V3 = "deepseek_v3"
 
@@ -49,6 +53,7 @@ class CausalLM:
     module: nn.Module
     family: str  # "deepseek_v3" (r1pipe.model) or the Hugging Face model_type
     path: Path
+    compute_dtype: torch.dtype = torch.float32  # bf16: autocast over fp32 master weights (V3 does it inside)
 
     @property
     def is_v3(self) -> bool:
@@ -68,7 +73,8 @@ class CausalLM:
         if self.is_v3:
             out = self.module(input_ids, mtp=mtp)
             return out.logits, list(out.mtp_logits)
-        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits, []
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return self.module(input_ids=input_ids, attention_mask=attention_mask).logits.float(), []
 
     def after_optimizer_step(self) -> None:
         """DeepSeekMoE's aux-loss-free balancing nudges its routing bias after each step."""
@@ -83,15 +89,20 @@ class CausalLM:
             self.module.save_pretrained(str(path), safe_serialization=True)
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise."""
+def load_causal_lm(path: str | Path, precision: Precision | None = None, device: str = "cpu") -> CausalLM:
+    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise; fp32
+    master weights, computing as `precision` says (the recipe's model.dtype / fp8 / fp8_exclude)."""
     path = Path(path).expanduser()
+    precision = precision or Precision()
     family = model_type_of(path)
     if family == V3:
-        module: nn.Module = load_pretrained(path, dtype=dtype, device=device)
+        module: nn.Module = apply_precision(load_pretrained(path, dtype=torch.float32, device=device), precision)
     else:
-        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    return CausalLM(module, family, path)
+        if precision.fp8:
+            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
+                             "(train it in model.dtype float32 or bfloat16)")
+        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    return CausalLM(module, family, path, precision.dtype)
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -100,6 +111,21 @@ def load_tokenizer(path: str | Path) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def init_model(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised model saved with the tokenizer: a dense preset (DENSE_PRESETS) through
+    transformers, or an r1pipe DeepSeek-V3 preset (ModelConfig presets) sized to the tokenizer."""
+    if preset in DENSE_PRESETS:
+        return init_dense_student(preset, tokenizer_dir, out_dir, seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig.preset(preset)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    save_pretrained(Transformer(ModelConfig.from_dict(config.to_dict()), seed=seed), out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
@@ -122,4 +148,23 @@ def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Pa
     return out_dir
 
 
-__all__ = ["CausalLM", "DENSE_PRESETS", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    presets = ", ".join([*DENSE_PRESETS, *PRESETS])
+    parser.add_argument("preset", help=f"a dense Hugging Face preset or an r1pipe DeepSeek-V3 preset: {presets}")
+    parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer (its size sets the vocabulary)")
+    parser.add_argument("--out", required=True, help="output directory (Hugging Face layout: config, weights, tokenizer)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`r1pipe model init PRESET --tokenizer DIR --out DIR`: a fresh model to fine-tune (no download)."""
+    if args.preset not in DENSE_PRESETS and args.preset not in PRESETS:
+        print(f"r1pipe model init: unknown preset {args.preset!r}; known: {', '.join([*DENSE_PRESETS, *PRESETS])}", file=sys.stderr)
+        return 2
+    out = init_model(args.preset, args.tokenizer, args.out, args.seed)
+    model = load_causal_lm(out)
+    print(f"{out}: {model.family}, {sum(p.numel() for p in model.module.parameters()):,} parameters")
+    return 0
+
+
+__all__ = ["CausalLM", "DENSE_PRESETS", "init_model", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]

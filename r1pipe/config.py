@@ -45,8 +45,14 @@ class ModelConfigSection:
     preset: str = "tiny"  # ModelConfig.preset name used when a stage builds a model from scratch
     path: Optional[str] = None  # a checkpoint (Hugging Face layout) to start from
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields set over the preset
-    fp8: bool = False
-    dtype: str = "float32"
+    fp8: bool = False  # block-scaled FP8 projections (docs/fp8.md)
+    fp8_exclude: list[str] = field(default_factory=list)  # fnmatch patterns of module names kept out of FP8
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (fp32 master weights either way)
+
+    def __post_init__(self) -> None:
+        from r1pipe.model.precision import parse_dtype  # raises naming model.dtype
+
+        parse_dtype(self.dtype)
 
 
 @dataclass

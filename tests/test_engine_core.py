@@ -72,25 +72,33 @@ def test_greedy_equals_uncached_argmax_with_continuous_batching(model, limits):
     assert llm.cache.allocator.num_free == free_before  # every block (shared prompt blocks too) came back
 
 
-def test_engine_recovers_after_a_failing_forward(model, monkeypatch):
-    llm = engine(model)
+@pytest.mark.parametrize("fail_at", [("prefill", 1), ("prefill", 2), ("decode", 2)])
+def test_engine_recovers_after_a_failing_forward(model, monkeypatch, fail_at):
+    """A forward that raises (in a prefill: its admitted prompts hold blocks but have no sequences yet; or in
+    a decode step) leaves every block free and the engine usable."""
+    llm = engine(model, max_num_seqs=2)  # later prompts are prefilled while others decode
     free_before = llm.cache.allocator.num_free
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    calls = {"n": 0}
+    kind, nth = fail_at
+    calls = {"prefill": 0, "decode": 0}
     forward = llm.model.forward
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(input_ids, *args, **kwargs):
+        step = "prefill" if input_ids.shape[1] > 1 else "decode"
+        calls[step] += 1
+        if step == kind and calls[step] == nth:
             raise RuntimeError("boom")
-        return forward(*args, **kwargs)
+        return forward(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(llm.model, "forward", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert calls[kind] == nth
     assert llm.cache.allocator.num_free == free_before and not llm.scheduler.has_work()
+    monkeypatch.setattr(llm.model, "forward", forward)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
-    assert outs[0].outputs[0].token_ids == reference_greedy(model, PROMPTS[0], 6)
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(model, p, 6) for p in PROMPTS]
+    assert llm.cache.allocator.num_free == free_before
 
 
 def test_logprobs_match_training_forward(model):
@@ -210,3 +218,46 @@ def test_paged_cache_blocks_and_gather():
     assert mask[0].tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, False]]
     assert mask[1, 1:].tolist() == [[True, False, False, False]] * 2  # padding attends key 0 only
     assert cache.kv[0, :2].abs().sum() > 0  # padding went to the scratch block 0
+
+
+@pytest.mark.parametrize("speculative_k", [0, 2])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_overflowing_cache_preempts_and_resumes_with_identical_outputs(model, temperature, speculative_k):
+    """8 samples growing to ~9 blocks each cannot all fit in 19 usable blocks: blocks come on demand, the
+    youngest sequences are preempted and later recomputed, and every output (tokens, log-probs, routing
+    records; seeded sampling included) equals the run whose cache holds everything."""
+    sp = SamplingParams(n=2, temperature=temperature, max_tokens=24, seed=5, ignore_eos=True, return_routing=True)
+    big = engine(model, num_blocks=256, speculative_k=speculative_k).generate(PROMPTS, sp, use_tqdm=False)
+    small = engine(model, num_blocks=20, speculative_k=speculative_k)
+    outs = small.generate(PROMPTS, sp, use_tqdm=False)
+    assert small.scheduler.num_preemptions > 0
+    assert small.cache.allocator.num_free == 19 and not small.scheduler.has_work()
+    for a, b in zip(outs, big):
+        assert torch.equal(a.prompt_routing, b.prompt_routing)
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids and len(x.token_ids) == 24
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+            assert torch.equal(x.routing, y.routing)
+
+
+def test_blocks_follow_real_lengths(model):
+    """Admission no longer reserves prompt + max_tokens: 4 samples whose worst case (4 x 27 blocks) is far
+    beyond the cache run at once, and samples that stop early only ever hold the blocks they wrote."""
+    llm = engine(model, num_blocks=64)
+    used = []
+    grow = llm.scheduler.grow
+
+    def spy():
+        grow()
+        used.append(llm.cache.allocator.num_blocks - 1 - llm.cache.allocator.num_free)
+
+    llm.scheduler.grow = spy
+    ref = reference_greedy(model, PROMPTS[0], 12)
+    stop_at = next(i for i in range(3, 12) if ref[i] not in ref[:i])
+    sp = SamplingParams(n=4, temperature=0, max_tokens=100, stop_token_ids=[ref[stop_at]], ignore_eos=True)
+    out = llm.generate([PROMPTS[0]], sp, use_tqdm=False)[0]
+    assert all(c.token_ids == ref[: stop_at + 1] and c.finish_reason == "stop" for c in out.outputs)
+    # the prompt's full block is shared; at the last step each sample holds blocks for the positions it
+    # has written: the 7 prompt tokens and its first stop_at outputs (the stop token is never fed)
+    assert max(used) == 1 + 4 * (-(-(len(PROMPTS[0]) + stop_at) // 4) - 1)
+    assert llm.scheduler.num_preemptions == 0 and llm.cache.allocator.num_free == 63

@@ -174,3 +174,27 @@ def test_vllm_backend_is_lazy_and_explains_itself():
         pytest.skip("vllm is installed; the GPU tests cover it")
     with pytest.raises(ImportError, match="vllm and a CUDA GPU"):
         vllm_backend.VLLMEngine("/nonexistent")
+
+
+def test_samples_share_the_prompts_mtp_cache(model):
+    """The MTP cache layer of a prompt is filled before its partial last block is copied per sample, so every
+    sample drafts from the same prompt state (the copy carries all cache layers)."""
+    llm = engine(model, speculative_k=2)
+    layer, bs = model.config.num_hidden_layers, llm.cache.block_size
+    seen = []
+    attach = llm.decoding.attach
+
+    def check(out, lens, rows):
+        for r, seq in rows:
+            P = seq.group.prompt_len
+            if P % bs:  # positions of the partial block whose MTP entries are known: P//bs*bs .. P-2
+                slots = [seq.blocks[P // bs] * bs + j for j in range(P % bs - 1)]
+                seen.append((seq.group.request_id, seq.index, llm.cache.kv[layer, slots].clone()))
+        attach(out, lens, rows)
+
+    llm.decoding.attach = check
+    llm.generate(PROMPTS, SamplingParams(n=3, temperature=0.8, max_tokens=3, seed=1, ignore_eos=True), use_tqdm=False)
+    first = {req: kv for req, i, kv in seen if i == 0}
+    assert len(seen) == 12 and any(kv.numel() for kv in first.values())
+    for req, i, kv in seen:
+        assert torch.equal(kv, first[req]) and (kv.numel() == 0 or kv.abs().sum() > 0)

@@ -129,3 +129,50 @@ def test_module_to_dtype_keeps_fp8_weights():
     assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(layer.weight_scale_inv, s)
     assert layer.bias.dtype == torch.bfloat16
     assert layer(torch.randn(2, 256).bfloat16()).dtype == torch.bfloat16
+
+
+def test_wgrad_uses_the_cached_fp8_input_as_the_v3_recipe():
+    """Backward keeps only the FP8 copy of x: the weight gradient is exactly dy^T @ x re-tiled from that copy
+    (dequantize, transpose, quantize along tokens), and no 32-bit activation is saved for it."""
+    from r1pipe.model.fp8 import act_quant, fp8_gemm
+    from r1pipe.model.fp8.quant import act_dequant_ref
+
+    fp8, ref = _pair(256, 384, bias=False, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 256, generator=g) * torch.logspace(-2, 2, 256)  # channels of very different scale
+    dy = torch.randn(200, 384, generator=g)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    y.backward(dy)
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)  # x itself is not kept
+    assert any(t.dtype == torch.float8_e4m3fn and t.shape == x.shape for t in saved)
+
+    qx, sx = act_quant(x)
+    retiled = act_quant(act_dequant_ref(qx, sx).t().contiguous())
+    expected = fp8_gemm(*act_quant(dy.t().contiguous()), *retiled, torch.float32, b_scale_rows=1)
+    assert torch.equal(fp8.weight.grad, expected)
+    ref(x).backward(dy)
+    assert _rel(fp8.weight.grad, ref.weight.grad) < BOUND  # double rounding stays inside the FP8 error
+
+
+def test_act_dequant_inverts_act_quant_within_e4m3():
+    from r1pipe.model.fp8 import act_quant
+    from r1pipe.model.fp8.quant import act_dequant_ref
+
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(5))
+    q, s = act_quant(x)
+    back = act_dequant_ref(q, s)
+    assert back.shape == x.shape and _rel(back, x) < 0.03
+    assert torch.equal(act_quant(back)[0], q)  # representable values quantize to themselves
+
+
+def test_autocast_bf16_gives_bf16_output_and_fp32_master_grad():
+    fp8, ref = _pair(256, 128, bias=False, seed=6)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert fp8.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert _rel(y.float(), ref(x).detach()) < BOUND

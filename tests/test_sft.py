@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from r1pipe.algo.sft import masked_ce_sum, per_sample_ce
+from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_causal_lm, load_tokenizer
 from r1pipe.stages import StageContext
 from r1pipe.stages.sft import SFTConfig, SFTTrainer, StepPlan, collate, run_sft
@@ -73,7 +73,6 @@ def test_masked_ce_sum_hand_checked():
     assert torch.isclose(total, -torch.log(torch.tensor(0.25)) - torch.log(torch.tensor(0.75)))
     mtp_total, mtp_count = masked_ce_sum(logits, ids, mask, shift=2)  # position t predicts t + 2
     assert mtp_count == 2 and torch.isclose(mtp_total, total)
-    assert torch.allclose(per_sample_ce(logits, ids, mask), total / 2)
 
 
 def test_prompt_targets_do_not_change_the_loss(task):
@@ -168,3 +167,63 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_pat
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def precision_context(run_dir: Path, model: str, **precision) -> StageContext:
+    recipe = OmegaConf.create({"model": {"path": model, **precision}})
+    return StageContext(run_dir=run_dir, stage_dir=run_dir / "sft", recipe=recipe, seed=0)
+
+
+@pytest.mark.parametrize("family", ["v3", "qwen2"])
+def test_bf16_recipe_trains_over_fp32_masters(task, tmp_path, family):
+    trainer = SFTTrainer(sft_config(task, steps=8), precision_context(tmp_path, task[family], dtype="bfloat16"))
+    out = trainer.run()
+    assert out["val_loss_end"] < out["val_loss_start"]
+    saved = load_weights(Path(out["model_path"]))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+
+
+def test_fp8_recipe_trains_fp8_projections(task, tmp_path):
+    from r1pipe.model.fp8 import FP8Linear
+    from r1pipe.model.precision import Precision
+
+    lm = load_causal_lm(task["v3"], Precision(fp8=True))
+    assert sum(isinstance(m, FP8Linear) for m in lm.module.modules()) > 4
+    out = SFTTrainer(sft_config(task, steps=6), precision_context(tmp_path, task["v3"], fp8=True)).run()
+    assert out["val_loss_end"] < out["val_loss_start"]
+    with pytest.raises(ValueError, match="model.fp8: FP8 compute is for r1pipe's DeepSeek-V3"):
+        load_causal_lm(task["qwen2"], Precision(fp8=True))
+
+
+def test_forward_kl_hand_checked():
+    # vocabulary of 2, one target (the token at position 1): teacher p = (1/2, 1/2), student q = (1/4, 3/4)
+    ln3 = float(torch.log(torch.tensor(3.0)))
+    student = torch.tensor([[[0.0, ln3], [0.0, 0.0]]])
+    teacher = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])
+    mask = torch.tensor([[False, True]])
+    kl, count = forward_kl_sum(student, teacher, mask)
+    expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    assert count == 1 and torch.isclose(kl, expected)
+    assert torch.isclose(forward_kl_sum(teacher, teacher, mask)[0], torch.tensor(0.0))
+    # temperature 2 softens both: logits halved, the sum scaled by 4
+    kl2, _ = forward_kl_sum(student, teacher, mask, temperature=2.0)
+    assert torch.isclose(kl2, 4 * forward_kl_sum(student / 2, teacher / 2, mask)[0])
+
+
+def test_logit_distillation_from_a_teacher(task, tmp_path):
+    teacher = run_sft(sft_config(task, steps=16), context(tmp_path / "teacher", task["v3"]))["model_path"]
+    student = SFTTrainer(sft_config(task, steps=12, loss="kl", teacher_path=teacher, mtp=False),
+                         context(tmp_path / "student", task["v3"])).run()
+    assert student["val_loss_end"] < 0.7 * student["val_loss_start"]  # held-out CE falls under a KL-only loss
+    rows = [json.loads(line) for line in (tmp_path / "student" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl"] for r in rows if "kl" in r]
+    assert len(kls) == 12 and kls[-1] < kls[0]
+    with pytest.raises(ValueError, match="needs teacher_path"):
+        sft_config(task, loss="kl")
+
+
+def test_distillation_refuses_a_teacher_with_another_tokenizer(task, tmp_path):
+    other = make_tiny_v3(tmp_path / "other", vocab_size=350)
+    trainer = SFTTrainer(sft_config(task, loss="ce+kl", teacher_path=str(other)), context(tmp_path, task["v3"]))
+    with pytest.raises(ValueError, match="teacher's tokenizer differs"):
+        trainer.run()

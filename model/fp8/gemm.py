@@ -56,6 +56,20 @@ def act_quant(x: Tensor, power_of_two: bool = False, backend: str = "auto") -> t
     return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
+def act_dequant(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """fp8 [..., K] with 1x128 tile scales -> `dtype` (elementwise; the same torch ops on every device)."""
+    return quant.act_dequant_ref(q, scale, dtype)
+
+
+def requant_along_rows(q: Tensor, scale: Tensor, power_of_two: bool = False, backend: str = "auto"
+                       ) -> tuple[Tensor, Tensor]:
+    """An [M, K] operand cached in 1x128 tiles along K -> its transpose [K, M] in 1x128 tiles along M.
+
+    The V3 recipe's re-tiling for the weight gradient: dequantize, transpose, quantize again (the activation
+    is cached in FP8, so it rounds twice; the alternative is to keep the 16/32-bit activation alive)."""
+    return act_quant(act_dequant(q, scale).t().contiguous(), power_of_two, backend)
+
+
 def weight_quant(w: Tensor, power_of_two: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """w [N, K] -> (fp8 [N, K], fp32 scales [ceil(N/128), ceil(K/128)]) in 128x128 blocks."""
     kernels = _kernels_for(w, backend)

@@ -6,6 +6,10 @@ gradient in 1x128 tiles along the inner dimension of each GEMM:
   forward  y  = x  @ W^T : x tiles along K,  W blocks
   dgrad    dx = dy @ W   : dy tiles along N, the forward's W blocks transposed (128x128 is symmetric)
   wgrad    dW = dy^T @ x : dy^T and x^T tiles along M (tokens), both 1x128
+For wgrad only the forward's FP8 copy of x (1 byte per value + a scale per 128) is kept, not x itself: it
+is dequantized, transposed and quantized along the tokens (the V3 paper's caching of FP8 activations).
+Under torch.autocast the input is cast to the autocast dtype first, so forward and dgrad write 16-bit outputs
+(which cuBLAS's block-scaled GEMM serves on CUDA).
 Gradients come back in the input's and the master weight's dtype; the optimizer never sees FP8.
 Inference from official FP8 checkpoints: `load_fp8_weight` keeps `weight` as float8_e4m3fn with a
 `weight_scale_inv` buffer (the dequantization multiplier per 128x128 block), state-dict keys as in
@@ -31,14 +35,17 @@ class _FP8LinearFunction(torch.autograd.Function):
             qw, sw = gemm.weight_quant(weight, power_of_two, backend)
         qx, sx = gemm.act_quant(x2d, power_of_two, backend)
         y = gemm.fp8_gemm(qx, sx, qw, sw, x.dtype, backend=backend)
-        ctx.save_for_backward(x2d if weight.requires_grad else None, qw, sw)
+        if weight.requires_grad:  # wgrad re-tiles the FP8 copy of x (see the module docstring)
+            ctx.save_for_backward(qx, sx, qw, sw)
+        else:
+            ctx.save_for_backward(None, None, qw, sw)
         ctx.power_of_two, ctx.backend = power_of_two, backend
         ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2d, qw, sw = ctx.saved_tensors
+        qx, sx, qw, sw = ctx.saved_tensors
         pow2, backend = ctx.power_of_two, ctx.backend
         g2d = grad_out.reshape(-1, qw.shape[0])
         grad_x = grad_w = None
@@ -48,7 +55,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             qgt, sgt = gemm.act_quant(g2d.t().contiguous(), pow2, backend)  # tiles along tokens
-            qxt, sxt = gemm.act_quant(x2d.t().contiguous(), pow2, backend)
+            qxt, sxt = gemm.requant_along_rows(qx, sx, pow2, backend)
             grad_w = gemm.fp8_gemm(qgt, sgt, qxt, sxt, torch.float32, b_scale_rows=1, backend=backend)
             grad_w = grad_w.to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
@@ -63,6 +70,8 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None = None, bi
     """
     if weight.dtype == FP8_DTYPE and weight_scale is None:
         raise ValueError("an FP8 weight needs its weight_scale (weight_scale_inv in checkpoints)")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.numel() == 0:  # nothing to quantize; keep shapes and autograd
         y = x @ torch.zeros_like(weight, dtype=x.dtype).t()
     else:

@@ -6,6 +6,7 @@ Quantized projections cost 1 byte per parameter plus one fp32 scale per 128x128 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,7 +52,9 @@ def fp8_weight_memory(c, total_params: int) -> FP8WeightMemory:
     """Memory of the main model (total_params parameters) with every projection not in c.fp8_exclude in FP8."""
     params = blocks = 0
     for name, out_f, in_f in projection_shapes(c):
-        if any(fnmatch.fnmatch(name, p) for p in c.fp8_exclude):
+        # routed experts are one module per layer (model.layers.N.mlp.experts): excluded as a whole
+        owner = re.sub(r"(\.experts)\.\d+\.\w+$", r"\1", name)
+        if any(fnmatch.fnmatch(owner, p) for p in c.fp8_exclude):
             continue
         params += out_f * in_f
         blocks += cdiv(out_f, BLOCK) * cdiv(in_f, BLOCK)

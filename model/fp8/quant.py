@@ -72,6 +72,12 @@ def act_quant_ref(x: Tensor, power_of_two: bool = False) -> tuple[Tensor, Tensor
     return q, scale
 
 
+def act_dequant_ref(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of act_quant_ref: q[..., K] times its 1x128 tile scales [..., ceil(K/128)], in fp32, as `dtype`."""
+    k = q.shape[-1]
+    return (q.float() * scale.float().repeat_interleave(BLOCK, -1)[..., :k]).to(dtype)
+
+
 def weight_quant_ref(w: Tensor, power_of_two: bool = False) -> tuple[Tensor, Tensor]:
     """Quantize w[N, K] in 128x128 blocks. Returns (fp8 [N, K], fp32 scales [ceil(N/128), ceil(K/128)])."""
     n, k = w.shape

@@ -26,10 +26,20 @@ def masked_ce_sum(logits: Tensor, input_ids: Tensor, target_mask: Tensor, shift:
     return (ce * mask).sum(), mask.sum()
 
 
-def per_sample_ce(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Tensor:
-    """Mean next-token CE over each row's targets: [B] (rows without targets give 0)."""
-    pred = logits[:, :-1].float()
-    target = input_ids[:, 1:]
-    mask = target_mask[:, 1:].float()
-    ce = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
-    return (ce * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def forward_kl_sum(student_logits: Tensor, teacher_logits: Tensor, target_mask: Tensor,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(sum over target positions of KL(teacher || student), number of targets): logit distillation.
+
+    Position t's distributions predict token t + 1, which counts iff target_mask[t + 1] (as in
+    masked_ce_sum). Both distributions are softened by `temperature`; the sum is scaled by T^2 so
+    gradients keep their size across temperatures (Hinton et al.). student_logits, teacher_logits
+    [B,S,V] over the same vocabulary.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: distillation needs one tokenizer")
+    mask = target_mask[:, 1:].bool()
+    log_s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return (kl * mask).sum() * temperature**2, mask.sum()

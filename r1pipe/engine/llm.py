@@ -1,9 +1,10 @@
 """The LLM class: continuous-batched generation on r1pipe's own DeepSeek-V3 with the paged latent cache.
 
-Each engine step admits waiting prompts (one shared prefill per prompt for its n samples), then feeds the
-last token of every running sequence in ONE batched forward and samples all of them at once. With
-speculative_k > 0 a step instead drafts k tokens with the model's own MTP module and verifies them in one
-forward (r1pipe.engine.speculative).
+Each engine step admits waiting prompts (one shared prefill per prompt for its n samples) and resumes
+preempted sequences (recomputing their cache), gives every running sequence the blocks the step writes,
+then lets the decoding strategy advance all running sequences at once: r1pipe.engine.decoding
+(one token per step in ONE batched forward) or, with speculative_k > 0, r1pipe.engine.speculative (k MTP
+drafts verified in one forward). The model runner (r1pipe.engine.runner) plans and runs each forward.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.paged_cache import PagedLatentCache
 from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams
-from r1pipe.engine.sampler import SamplingTensors, sample, token_logprobs
+from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.scheduler import Scheduler, Sequence, SequenceGroup
+from r1pipe.engine.speculative import SpeculativeDecoding
+from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
@@ -34,10 +38,13 @@ class LLM:
     cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off).
     """
 
-    def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
+        from r1pipe.model import parse_dtype
+
+        dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
             from r1pipe.model import load_pretrained
@@ -67,10 +74,15 @@ class LLM:
             num_blocks = max(2, min(wanted, affordable))
         self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
                                       dtype=dtype, device=self.device)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=speculative_k)
+        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        stopper = StopChecker(self.eos_token_ids, self.tokenizer)
+        self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k)
+                         if speculative_k else PlainDecoding(self.runner, stopper, self.vocab_size, self.stats))
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
+                                   lookahead=self.decoding.lookahead)
         self._seeds = random.Random(seed)
         self._next_request = 0
-        self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -160,141 +172,47 @@ class LLM:
 
     def _abort(self) -> None:
         """Leave the engine usable after an error: free everything, drop queued work."""
-        self.scheduler.retire(list(self.scheduler.running))
-        for group in self.scheduler.waiting:
-            self.cache.allocator.free(group.prompt_blocks)
-        self.scheduler.waiting.clear()
+        self.scheduler.abort()
 
     # ------------------------------------------------------------------ engine step
     def _step(self) -> None:
         self.stats["steps"] += 1
-        groups = self.scheduler.admit()
-        if groups:
-            self._prefill(groups)
+        groups, resumed = self.scheduler.admit()
+        if groups or resumed:
+            self._prefill(groups, resumed)
+        self.scheduler.grow()
         if not self.scheduler.running:
-            if self.scheduler.waiting and not groups:
+            if self.scheduler.has_work() and not (groups or resumed):
                 raise RuntimeError("scheduler stalled: no running sequences and nothing admissible")
             return
-        if self.speculative_k:
-            from r1pipe.engine.speculative import speculative_step
+        self.scheduler.retire(self.decoding.step(self.scheduler.running))
 
-            done = speculative_step(self, self.scheduler.running)
-        else:
-            done = self._decode(self.scheduler.running)
-        self.scheduler.retire(done)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                 block_tables: list[list[int]], routing: bool, mtp: bool = False):
-        """One model forward through the paged cache. Padding is fed at position 0 and never stored."""
-        self.cache.plan(block_tables, positions, valid)
-        return self.model(input_ids.to(self.device), positions=positions.to(self.device), cache=self.cache,
-                          return_routing=routing, mtp=mtp)
-
-    def _prefill(self, groups: list[SequenceGroup]) -> None:
-        """One padded forward over the admitted prompts, then each prompt's n samples draw their first token."""
-        lens = [g.prompt_len for g in groups]
-        S = max(lens)
-        ids = torch.zeros(len(groups), S, dtype=torch.long)
-        for i, g in enumerate(groups):
-            ids[i, : g.prompt_len] = torch.tensor(g.prompt_ids)
-        lens_t = torch.tensor(lens)
-        valid = torch.arange(S).unsqueeze(0) < lens_t.unsqueeze(1)
-        positions = torch.arange(S).expand(len(groups), S) * valid
+    def _prefill(self, groups: list[SequenceGroup], resumed: list[Sequence]) -> None:
+        """One padded forward over the admitted prompts and the preempted sequences' tokens (all but the
+        newest, which the next step feeds); then each prompt's n samples draw their first token."""
+        rows = [g.prompt_ids for g in groups] + [[s.token_at(p) for p in range(s.length - 1)] for s in resumed]
+        batch = Batch.prefill(rows, [g.prompt_blocks for g in groups] + [s.blocks for s in resumed])
         want_routing = any(g.params.return_routing for g in groups)
-        out = self._forward(ids, positions, valid, [g.prompt_blocks for g in groups], want_routing)
-        rows = torch.arange(len(groups), device=self.device)
-        last = lens_t.to(self.device) - 1
-        logits = out.logits[rows, last]  # [G, V]
+        out = self.runner.forward(batch, want_routing)
+        lens = [len(r) for r in rows]
+        G = len(groups)
+        for s in resumed:
+            s.num_cached = s.length - 1
         if want_routing:
-            routing = torch.stack(out.routing).cpu()  # [layers, G, S, k]
+            routing = torch.stack(out.routing)[:, :G].cpu()  # [layers, G, S, k]
             for i, g in enumerate(groups):
                 if g.params.return_routing:
                     g.prompt_routing = routing[:, i, : g.prompt_len].clone()
-        if self.speculative_k:
-            from r1pipe.engine.speculative import mtp_prefill
-
-            mtp_prefill(self, groups, ids, out.hidden, lens)
-        seqs: list[Sequence] = []
-        repeat = []
-        for i, g in enumerate(groups):
-            forked = self.scheduler.fork(g)
-            seqs += forked
-            repeat += [i] * len(forked)
-        rep = torch.tensor(repeat, device=self.device)
-        self._sample_and_append(seqs, logits[rep])
-        if self.speculative_k:
-            hidden = out.hidden[rows, last]
-            for seq, r in zip(seqs, repeat):
-                seq.pending_hidden = hidden[r : r + 1]
-        done = [s for s in seqs if s.finished and not s.awaiting_final_feed]
-        self.scheduler.retire(done)
-
-    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Feed every running sequence's newest token in one forward and sample the next for each."""
-        B = len(seqs)
-        ids = torch.tensor([[s.last_token()] for s in seqs], dtype=torch.long)
-        positions = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)
-        valid = torch.ones(B, 1, dtype=torch.bool)
-        want_routing = any(s.params.return_routing for s in seqs)
-        out = self._forward(ids, positions, valid, [s.blocks for s in seqs], want_routing)
-        for s in seqs:
-            s.num_cached += 1
-        if want_routing:
-            self._record_routing(seqs, torch.stack(out.routing)[:, :, 0].cpu())  # [layers, B, k]
-        live = [i for i, s in enumerate(seqs) if not s.finished]
-        if live:
-            logits = out.logits[:, -1]
-            if len(live) < B:
-                logits = logits[torch.tensor(live, device=self.device)]
-            self._sample_and_append([seqs[i] for i in live], logits)
-        return [s for s in seqs if s.finished and not s.awaiting_final_feed]
-
-    def _record_routing(self, seqs: list[Sequence], routing: torch.Tensor) -> None:
-        """routing [layers, B, k]: the experts each fed output token used."""
-        for b, s in enumerate(seqs):
-            if s.params.return_routing:
-                s.routing.append(routing[:, b])
-                s.awaiting_final_feed = False
-
-    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        return SamplingTensors.build([s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
-                                     [s.params.top_k for s in seqs], self.vocab_size, self.device)
-
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        st = self.sampling_tensors(seqs)
-        tokens = sample(logits, st, [s.stream for s in seqs])
-        want_lp = any(s.params.logprobs for s in seqs)
-        lps = token_logprobs(logits, tokens, st).tolist() if want_lp else None
-        for i, (seq, tok) in enumerate(zip(seqs, tokens.tolist())):
-            self.append_token(seq, tok, lps[i] if lps is not None else None)
-
-    # ------------------------------------------------------------------ stopping
-    def append_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
-        """Add one sampled token and decide whether the sequence is finished."""
-        seq.output_ids.append(token)
-        if seq.params.logprobs:
-            seq.logprobs.append(logprob)  # type: ignore[arg-type]
-        p = seq.params
-        reason: str | None = None
-        if token in self.eos_token_ids and not p.ignore_eos:
-            reason = "stop"
-        elif p.stop_token_ids and token in p.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
-        elif p.stop and self.tokenizer is not None and (hit := self._stop_string(seq)) is not None:
-            reason, seq.stop_reason = "stop", hit
-        elif len(seq.output_ids) >= p.max_tokens:
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            # its routing is recorded when it is fed; the last token never is, so feed it once more
-            seq.awaiting_final_feed = p.return_routing
-
-    def _stop_string(self, seq: Sequence) -> str | None:
-        stops = seq.params.stop or []
-        window = max(len(s) for s in stops) + 8  # tokens: every token yields at least ~1 character
-        tail = self.tokenizer.decode(seq.output_ids[-window:], seq.params.skip_special_tokens)  # type: ignore[union-attr]
-        found = [(tail.find(s), s) for s in stops if s in tail]
-        return min(found)[1] if found else None
+        self.decoding.after_prefill(batch, out, lens)
+        forked = [(i, seq) for i, g in enumerate(groups) for seq in self.scheduler.fork(g)]
+        self.decoding.attach(out, lens, forked + list(enumerate(resumed, start=G)))
+        if not forked:
+            return
+        last = torch.tensor([lens[i] - 1 for i, _ in forked], device=self.device)
+        logits = out.logits[torch.tensor([i for i, _ in forked], device=self.device), last]  # [n samples, V]
+        seqs = [seq for _, seq in forked]
+        self.decoding.sample_and_append(seqs, logits)
+        self.scheduler.retire([s for s in seqs if s.finished and not s.awaiting_final_feed])
 
     # ------------------------------------------------------------------ results
     def _request_output(self, group: SequenceGroup) -> RequestOutput:

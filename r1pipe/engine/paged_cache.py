@@ -6,13 +6,18 @@ unused block-table entries point at it, so every index stays in range and is mas
 
 Before each forward the engine calls `plan(...)` with the rows' block tables and the positions it
 feeds; `update` (the model's LatentCache protocol) then writes the new tokens into their slots and
-gathers each row's cached tokens in position order, so key index j is position j.
+gathers each row's cached tokens in position order, so key index j is position j. `attend` writes the
+new tokens and computes the absorbed attention itself (r1pipe.engine.paged_attention): through the
+Triton kernel, which reads the pool via the block table, or through the gather and the torch path.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+from r1pipe.engine.paged_attention import paged_kernel, resolve_backend
+from r1pipe.model.attention import absorbed_attention
 
 SCRATCH_BLOCK = 0
 
@@ -64,7 +69,7 @@ class PagedLatentCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
                  qk_rope_head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", attention_backend: str = "auto") -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         slots = num_blocks * block_size
@@ -75,6 +80,9 @@ class PagedLatentCache:
         self.allocator = BlockAllocator(num_blocks, on_first_use=self._zero_block)
         self._zero_block(SCRATCH_BLOCK)
         self.device = torch.device(device)
+        self.attention_backend = resolve_backend(attention_backend, self.device)
+        self._table: torch.Tensor | None = None  # [B, max_blocks] block ids
+        self._query_pos: torch.Tensor | None = None  # [B, S] position of each fed token, -1 for padding
         self._write: torch.Tensor | None = None  # [B*S] slot per fed token (scratch for padding)
         self._read: torch.Tensor | None = None  # [B*T] slot per key, position order
         self._mask: torch.Tensor | None = None  # [B, S, T]
@@ -111,23 +119,40 @@ class PagedLatentCache:
         key_pos = torch.arange(T, device=self.device)
         query_pos = torch.where(valid, positions, torch.zeros_like(positions))
         self._mask = key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1)
+        self._table = table
+        self._query_pos = torch.where(valid, positions, torch.full_like(positions, -1))
         self._positions = positions
         self._shape = (B, S, T)
 
     def update(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._store(layer, kv_latent, k_rope)
+        B, S, T = self._shape
+        return (self.kv[layer].index_select(0, self._read).view(B, T, -1),
+                self.pe[layer].index_select(0, self._read).view(B, T, -1), self._mask)
+
+    def attend(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
+               k_rope: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store the planned tokens' kv_latent [B, S, C] and k_rope [B, S, R] (as `update`) and return the
+        absorbed attention of q_latent [B, S, H, C] / q_rope [B, S, H, R] over each row's keys up to the
+        query's position: out_latent [B, S, H, C] (padding queries' rows are meaningless)."""
+        if self.attention_backend == "torch":
+            latents, k_ropes, mask = self.update(layer, kv_latent, k_rope, self._positions)
+            return absorbed_attention(q_latent, q_rope, latents, k_ropes, mask, scale)
+        self._store(layer, kv_latent, k_rope)
+        return paged_kernel(q_latent, q_rope, self.kv[layer], self.pe[layer], self._table, self._query_pos,
+                            self.block_size, scale)
+
+    def _store(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         if self._write is None:
-            raise RuntimeError("PagedLatentCache.update called without plan()")
+            raise RuntimeError("PagedLatentCache used without plan()")
         if layer >= self.num_layers:
             raise IndexError(f"cache has {self.num_layers} layers, got layer {layer}")
-        B, S, T = self._shape
+        B, S, _ = self._shape
         if kv_latent.shape[:2] != (B, S):
             raise ValueError(f"planned a [{B}, {S}] batch, the model fed {tuple(kv_latent.shape[:2])}")
-        kv, pe = self.kv[layer], self.pe[layer]
-        kv.index_copy_(0, self._write, kv_latent.reshape(B * S, -1).to(kv.dtype))
-        pe.index_copy_(0, self._write, k_rope.reshape(B * S, -1).to(pe.dtype))
-        return (kv.index_select(0, self._read).view(B, T, -1),
-                pe.index_select(0, self._read).view(B, T, -1), self._mask)
+        self.kv[layer].index_copy_(0, self._write, kv_latent.reshape(B * S, -1).to(self.kv.dtype))
+        self.pe[layer].index_copy_(0, self._write, k_rope.reshape(B * S, -1).to(self.pe.dtype))
 
     def _zero_block(self, block: int) -> None:
         bs = self.block_size

@@ -11,17 +11,13 @@ length, masked out and overwritten later.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from r1pipe.engine.decoding import PlainDecoding
+from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.sampler import draw, sampling_probs, scaled_logits, uniforms
-
-if TYPE_CHECKING:
-    from r1pipe.engine.llm import LLM
-    from r1pipe.engine.scheduler import Sequence, SequenceGroup
-
-_DRAFTER = 0  # MTP module used for every draft depth (one cache layer, reused recurrently)
+from r1pipe.engine.scheduler import Sequence
+from r1pipe.engine.stopping import StopChecker
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, drafts: torch.Tensor,
@@ -45,132 +41,134 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     return accepted, draw(residual, u[:, K])
 
 
-def _mtp(llm: "LLM", hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-         valid: torch.Tensor, block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    llm.cache.plan(block_tables, positions, valid)
-    return llm.model.mtp_step(_DRAFTER, hidden, next_ids.to(llm.device), positions.to(llm.device), cache=llm.cache)
+class SpeculativeDecoding(PlainDecoding):
+    """k MTP drafts per sequence and step, verified in one main-model forward."""
 
+    def __init__(self, runner: ModelRunner, stopper: StopChecker, vocab_size: int, stats: dict[str, int],
+                 k: int) -> None:
+        super().__init__(runner, stopper, vocab_size, stats)
+        self.k = self.lookahead = k
 
-def mtp_prefill(llm: "LLM", groups: list["SequenceGroup"], ids: torch.Tensor, hidden: torch.Tensor,
-                lens: list[int]) -> None:
-    """Fill the MTP cache layer for prompt positions 0..P-2 (their next tokens are prompt tokens), shared by the
-    group's samples; position P-1 waits for each sample's first token."""
-    if max(lens) < 2:
-        return
-    S = max(lens) - 1
-    lens_t = torch.tensor(lens)
-    valid = torch.arange(S).unsqueeze(0) < (lens_t - 1).unsqueeze(1)
-    positions = torch.arange(S).expand(len(groups), S) * valid
-    _mtp(llm, hidden[:, :S], ids[:, 1:S + 1], positions, valid, [g.prompt_blocks for g in groups])
+    def after_prefill(self, batch: Batch, out, lens: list[int]) -> None:
+        """Fill the MTP cache layer for positions 0..len-2 of each prefilled row (their next tokens are known);
+        a prompt's blocks, this layer included, are then shared or copied by its group's samples."""
+        if max(lens) < 2:
+            return
+        S = max(lens) - 1
+        lens_t = torch.tensor(lens)
+        valid = torch.arange(S).unsqueeze(0) < (lens_t - 1).unsqueeze(1)
+        positions = torch.arange(S).expand(len(lens), S) * valid
+        self.runner.mtp(out.hidden[:, :S], Batch(batch.ids[:, 1:S + 1], positions, valid, batch.tables))
 
+    def attach(self, out, lens: list[int], rows: list[tuple[int, Sequence]]) -> None:
+        """Each continuing sequence keeps the main hidden state of its row's last position, whose next token
+        is sampled now (or known, when resumed), for the MTP module to catch up on."""
+        for r, seq in rows:
+            seq.pending_hidden = out.hidden[r, lens[r] - 1].unsqueeze(0)
 
-def speculative_step(llm: "LLM", seqs: list["Sequence"]) -> list["Sequence"]:
-    """Draft, verify and accept for every running sequence at once; returns the sequences now finished."""
-    K = llm.speculative_k
-    live = [s for s in seqs if not s.finished]
-    drafts = torch.zeros(len(seqs), K, dtype=torch.long, device=llm.device)
-    draft_probs = None
-    if live:
-        live_drafts, draft_probs = _draft(llm, live, K)
-        index = torch.tensor([i for i, s in enumerate(seqs) if not s.finished], device=llm.device)
-        drafts[index] = live_drafts
-    # verify [x_last, d_1..d_K] in one forward; finished rows only feed x_last (their routing record)
-    B = len(seqs)
-    ids = torch.cat([torch.tensor([[s.last_token()] for s in seqs], device=llm.device), drafts], dim=1)
-    start = torch.tensor([s.length - 1 for s in seqs])
-    positions = start.unsqueeze(1) + torch.arange(K + 1)
-    valid = torch.tensor([not s.finished for s in seqs]).unsqueeze(1) | (torch.arange(K + 1) == 0)
-    positions = positions * valid
-    want_routing = any(s.params.return_routing for s in seqs)
-    out = llm._forward(ids.cpu(), positions, valid, [s.blocks for s in seqs], want_routing)
-    routing = torch.stack(out.routing).cpu() if want_routing else None  # [layers, B, K+1, k]
-    kept = {}  # fed tokens whose routing is valid: x_last and the accepted drafts
-    if live:
-        index = torch.tensor([i for i, s in enumerate(seqs) if not s.finished], device=llm.device)
-        accepted = _accept(llm, live, out.logits[index], out.hidden[index], drafts[index], draft_probs)
-        kept = {id(s): a + 1 for s, a in zip(live, accepted)}
-    if routing is not None:
-        for b, s in enumerate(seqs):
-            if s.params.return_routing:
-                fed = min(kept.get(id(s), 1), len(s.output_ids) - len(s.routing))
-                s.routing.extend(routing[:, b, j] for j in range(fed))
-    for s in seqs:
-        s.awaiting_final_feed = s.finished and s.params.return_routing and len(s.routing) < len(s.output_ids)
-    return [s for s in seqs if s.finished and not s.awaiting_final_feed]
+    def step(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Draft, verify and accept for every running sequence at once; returns the sequences now finished."""
+        K, device = self.k, self.device
+        live = [s for s in seqs if not s.finished]
+        drafts = torch.zeros(len(seqs), K, dtype=torch.long, device=device)
+        draft_probs = None
+        index = torch.tensor([i for i, s in enumerate(seqs) if not s.finished], dtype=torch.long, device=device)
+        if live:
+            live_drafts, draft_probs = self._draft(live)
+            drafts[index] = live_drafts
+        # verify [x_last, d_1..d_K] in one forward; finished rows only feed x_last (their routing record)
+        ids = torch.cat([torch.tensor([[s.last_token()] for s in seqs], device=device), drafts], dim=1)
+        start = torch.tensor([s.length - 1 for s in seqs])
+        valid = torch.tensor([not s.finished for s in seqs]).unsqueeze(1) | (torch.arange(K + 1) == 0)
+        positions = (start.unsqueeze(1) + torch.arange(K + 1)) * valid
+        want_routing = any(s.params.return_routing for s in seqs)
+        out = self.runner.forward(Batch(ids.cpu(), positions, valid, [s.blocks for s in seqs]), want_routing)
+        routing = torch.stack(out.routing).cpu() if want_routing else None  # [layers, B, K+1, k]
+        kept = {}  # fed tokens whose routing is valid: x_last and the accepted drafts
+        if live:
+            accepted = self._accept(live, out.logits[index], out.hidden[index], drafts[index], draft_probs)
+            kept = {id(s): a + 1 for s, a in zip(live, accepted)}
+        if routing is not None:
+            for b, s in enumerate(seqs):
+                if s.params.return_routing:
+                    fed = min(kept.get(id(s), 1), len(s.output_ids) - len(s.routing))
+                    s.routing.extend(routing[:, b, j] for j in range(fed))
+        for s in seqs:
+            s.awaiting_final_feed = s.finished and s.params.return_routing and len(s.routing) < len(s.output_ids)
+        return [s for s in seqs if s.finished and not s.awaiting_final_feed]
 
+    def _draft(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K draft tokens per sequence and the distributions they were drawn from: [B, K], [B, K, V]
+        (None when every row is greedy)."""
+        K, device = self.k, self.device
+        B = len(seqs)
+        m = [s.pending_hidden.shape[0] for s in seqs]  # type: ignore[union-attr]
+        M = max(m)
+        D = seqs[0].pending_hidden.shape[-1]  # type: ignore[union-attr]
+        hidden = torch.zeros(B, M, D, dtype=seqs[0].pending_hidden.dtype, device=device)  # type: ignore[union-attr]
+        next_ids = torch.zeros(B, M, dtype=torch.long)
+        positions = torch.zeros(B, M, dtype=torch.long)
+        valid = torch.zeros(B, M, dtype=torch.bool)
+        for b, (s, n) in enumerate(zip(seqs, m)):
+            first = s.length - 1 - n  # position of the oldest pending hidden state
+            hidden[b, :n] = s.pending_hidden
+            next_ids[b, :n] = torch.tensor([s.token_at(p + 1) for p in range(first, first + n)])
+            positions[b, :n] = torch.arange(first, first + n)
+            valid[b, :n] = True
+            s.pending_hidden = None
+        tables = [s.blocks for s in seqs]
+        h, logits = self.runner.mtp(hidden, Batch(next_ids, positions, valid, tables))
+        rows = torch.arange(B, device=device)
+        last = torch.tensor(m, device=device) - 1
+        h, logits = h[rows, last].unsqueeze(1), logits[rows, last]
+        st = self.sampling_tensors(seqs)
+        streams = [s.stream for s in seqs]
+        tokens, probs = [], []
+        pos = torch.tensor([s.length - 2 for s in seqs])
+        for j in range(K):
+            if st.all_greedy:  # q is one-hot at the argmax: no distribution needed
+                d = logits.argmax(-1)
+            else:
+                q = sampling_probs(logits, st)
+                d = draw(q, uniforms(streams).squeeze(-1).to(device))
+                probs.append(q)
+            tokens.append(d)
+            if j + 1 < K:
+                pos = pos + 1
+                h, logits = self.runner.mtp(h, Batch.decode(d.tolist(), pos.tolist(), tables))
+                logits = logits[:, 0]
+        return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
-def _draft(llm: "LLM", seqs: list["Sequence"], K: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """K draft tokens per sequence and the distributions they were drawn from: [B, K], [B, K, V]
-    (None when every row is greedy)."""
-    B = len(seqs)
-    m = [s.pending_hidden.shape[0] for s in seqs]  # type: ignore[union-attr]
-    M = max(m)
-    D = seqs[0].pending_hidden.shape[-1]  # type: ignore[union-attr]
-    hidden = torch.zeros(B, M, D, dtype=seqs[0].pending_hidden.dtype, device=llm.device)  # type: ignore[union-attr]
-    next_ids = torch.zeros(B, M, dtype=torch.long)
-    positions = torch.zeros(B, M, dtype=torch.long)
-    valid = torch.zeros(B, M, dtype=torch.bool)
-    for b, (s, n) in enumerate(zip(seqs, m)):
-        first = s.length - 1 - n  # position of the oldest pending hidden state
-        hidden[b, :n] = s.pending_hidden
-        next_ids[b, :n] = torch.tensor([s.token_at(p + 1) for p in range(first, first + n)])
-        positions[b, :n] = torch.arange(first, first + n)
-        valid[b, :n] = True
-        s.pending_hidden = None
-    tables = [s.blocks for s in seqs]
-    h, logits = _mtp(llm, hidden, next_ids, positions, valid, tables)
-    rows = torch.arange(B, device=llm.device)
-    last = torch.tensor(m, device=llm.device) - 1
-    h, logits = h[rows, last].unsqueeze(1), logits[rows, last]
-    st = llm.sampling_tensors(seqs)
-    streams = [s.stream for s in seqs]
-    tokens, probs = [], []
-    pos = torch.tensor([s.length - 2 for s in seqs]).unsqueeze(1)
-    for j in range(K):
-        if st.all_greedy:  # q is one-hot at the argmax: no distribution needed
-            d = logits.argmax(-1)
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor, drafts: torch.Tensor,
+                draft_probs: torch.Tensor | None) -> list[int]:
+        """Apply the rejection rule to the verified logits [B, K+1, V], append each row's new tokens and return
+        how many drafts each row accepted."""
+        B, K1, V = logits.shape
+        K = K1 - 1
+        st = self.sampling_tensors(seqs)
+        st_pos = st.select(torch.arange(B, device=logits.device).repeat_interleave(K1))
+        flat = logits.reshape(B * K1, V)
+        if draft_probs is None:  # all greedy: the rule reduces to "keep drafts while they equal the argmax"
+            new = logits.argmax(-1)
+            accepted = (drafts == new[:, :K]).long().cumprod(-1).sum(-1)
         else:
-            q = sampling_probs(logits, st)
-            d = draw(q, uniforms(streams).squeeze(-1).to(llm.device))
-            probs.append(q)
-        tokens.append(d)
-        if j + 1 < K:
-            pos = pos + 1
-            h, logits = _mtp(llm, h, d.unsqueeze(1).cpu(), pos, torch.ones(B, 1, dtype=torch.bool), tables)
-            logits = logits[:, 0]
-    return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
-
-
-def _accept(llm: "LLM", seqs: list["Sequence"], logits: torch.Tensor, hidden: torch.Tensor, drafts: torch.Tensor,
-            draft_probs: torch.Tensor | None) -> list[int]:
-    """Apply the rejection rule to the verified logits [B, K+1, V], append each row's new tokens and return
-    how many drafts each row accepted."""
-    B, K1, V = logits.shape
-    K = K1 - 1
-    st = llm.sampling_tensors(seqs)
-    st_pos = st.select(torch.arange(B, device=logits.device).repeat_interleave(K1))
-    flat = logits.reshape(B * K1, V)
-    if draft_probs is None:  # all greedy: the rule reduces to "keep drafts while they equal the argmax"
-        new = logits.argmax(-1)
-        accepted = (drafts == new[:, :K]).long().cumprod(-1).sum(-1)
-    else:
-        target = sampling_probs(flat, st_pos).view(B, K1, V)
-        u = uniforms([s.stream for s in seqs], K1).to(logits.device)
-        accepted, bonus = rejection_sample(target, draft_probs, drafts, u)
-        new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
-        new[torch.arange(B, device=logits.device), accepted] = bonus
-    want_lp = any(s.params.logprobs for s in seqs)
-    lps = (torch.log_softmax(scaled_logits(flat, st_pos), -1).gather(-1, new.reshape(-1, 1)).view(B, K1).tolist()
-           if want_lp else None)
-    llm.stats["draft_tokens"] += B * K
-    llm.stats["accepted_tokens"] += int(accepted.sum())
-    new_list, acc_list = new.tolist(), accepted.tolist()
-    for b, s in enumerate(seqs):
-        a = acc_list[b]
-        for j in range(a + 1):
-            llm.append_token(s, new_list[b][j], lps[b][j] if lps is not None else None)
-            if s.finished:
-                break
-        s.num_cached = s.length - 1
-        s.pending_hidden = hidden[b, : a + 1]
-    return acc_list
+            target = sampling_probs(flat, st_pos).view(B, K1, V)
+            u = uniforms([s.stream for s in seqs], K1).to(logits.device)
+            accepted, bonus = rejection_sample(target, draft_probs, drafts, u)
+            new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
+            new[torch.arange(B, device=logits.device), accepted] = bonus
+        want_lp = any(s.params.logprobs for s in seqs)
+        lps = (torch.log_softmax(scaled_logits(flat, st_pos), -1).gather(-1, new.reshape(-1, 1)).view(B, K1).tolist()
+               if want_lp else None)
+        self.stats["draft_tokens"] += B * K
+        self.stats["accepted_tokens"] += int(accepted.sum())
+        new_list, acc_list = new.tolist(), accepted.tolist()
+        for b, s in enumerate(seqs):
+            a = acc_list[b]
+            for j in range(a + 1):
+                self.stopper.append(s, new_list[b][j], lps[b][j] if lps is not None else None)
+                if s.finished:
+                    break
+            s.num_cached = s.length - 1
+            s.pending_hidden = hidden[b, : a + 1]
+        return acc_list

@@ -1,5 +1,6 @@
 """Generation backends for evaluation: r1pipe checkpoints through r1pipe.engine, dense Hugging Face
-models through transformers, and vLLM when it is installed (imported lazily, GPU only).
+models through transformers, and vLLM when it is installed (r1pipe.engine.vllm_backend, imported lazily,
+GPU only; the same engine-shaped wrapper as r1pipe's own engine).
 
 Every backend turns a list of prompt strings into k completions per prompt, with the R1 protocol's
 sampling (temperature, top-p) or greedy decoding (temperature 0), cut at the template's stop
@@ -52,16 +53,25 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class EngineBackend:
-    """r1pipe's own engine (latent KV cache, paged batching): r1pipe checkpoints or a live model."""
+    """An engine with r1pipe.engine.LLM's interface: r1pipe's own (latent KV cache, paged batching; r1pipe
+    checkpoints or a live model) or vLLM's (r1pipe.engine.vllm_backend.VLLMEngine)."""
 
-    name = "engine"
+    def __init__(self, llm: Any, name: str = "engine"):
+        self.llm, self.name = llm, name
+        self.tokenizer = llm.tokenizer
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, **engine_options: Any):
+    @staticmethod
+    def own(model: Any, tokenizer: Any = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+            seed: int = 0, **engine_options: Any) -> "EngineBackend":
         from r1pipe.engine import LLM
 
-        self.llm = LLM(model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, **engine_options)
-        self.tokenizer = self.llm.tokenizer
+        return EngineBackend(LLM(model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, **engine_options))
+
+    @staticmethod
+    def vllm(path: str | Path, *, seed: int = 0, **vllm_options: Any) -> "EngineBackend":
+        from r1pipe.engine.vllm_backend import VLLMEngine
+
+        return EngineBackend(VLLMEngine(path, seed=seed, **vllm_options), name="vllm")
 
     def generate(self, prompts: list[str], stop: Sequence[str], config: GenerationConfig) -> list[list[str]]:
         from r1pipe.engine import SamplingParams
@@ -118,29 +128,6 @@ class HFBackend:
         return results
 
 
-class VLLMBackend:
-    """vLLM's offline LLM, for GPUs; imported only when chosen."""
-
-    name = "vllm"
-
-    def __init__(self, path: str | Path, *, seed: int = 0, **vllm_options: Any):
-        try:
-            import vllm
-        except ImportError as e:
-            raise ImportError("the vllm backend needs vLLM: pip install 'r1pipe[vllm]' (GPU machines)") from e
-        self.vllm = vllm
-        self.llm = vllm.LLM(model=str(path), seed=seed, **vllm_options)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def generate(self, prompts: list[str], stop: Sequence[str], config: GenerationConfig) -> list[list[str]]:
-        params = self.vllm.SamplingParams(
-            n=config.n, temperature=config.temperature, top_p=config.top_p if config.temperature > 0 else 1.0,
-            max_tokens=config.max_tokens, stop=list(stop) or None, include_stop_str_in_output=True, seed=config.seed,
-        )
-        outputs = self.llm.generate(prompts, params, use_tqdm=True)
-        return [[o.text for o in out.outputs] for out in outputs]
-
-
 def model_type(path: Path) -> str | None:
     config = path / "config.json"
     if not config.is_file():
@@ -165,7 +152,7 @@ def load_backend(model: Any, backend: str = "auto", *, tokenizer: Any = None, de
         return model  # already a backend
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, torch.nn.Module):
-        return EngineBackend(model, tokenizer, device=device, dtype=dtype, seed=seed, **options)
+        return EngineBackend.own(model, tokenizer, device=device, dtype=dtype, seed=seed, **options)
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path} (a checkpoint directory is expected; nothing is downloaded)")
@@ -175,8 +162,10 @@ def load_backend(model: Any, backend: str = "auto", *, tokenizer: Any = None, de
         else:
             backend = "vllm" if vllm_usable() else "hf"
     if backend == "engine":
-        return EngineBackend(path, tokenizer, device=device, dtype=dtype, seed=seed, **options)
+        return EngineBackend.own(path, tokenizer, device=device, dtype=dtype, seed=seed, **options)
     # Engine sizing options: vLLM shares two of them by name; transformers needs none.
     if backend == "vllm":
-        return VLLMBackend(path, seed=seed, **{k: v for k, v in options.items() if k in ("max_num_seqs", "max_model_len") or k not in ENGINE_ONLY})
+        return EngineBackend.vllm(path, seed=seed, **{k: v for k, v in options.items()
+                                                                 if k in ("max_num_seqs", "max_model_len", "speculative_k")
+                                                                 or k not in ENGINE_ONLY})
     return HFBackend(path, device=device, dtype=dtype, **{k: v for k, v in options.items() if k not in ENGINE_ONLY})

@@ -265,20 +265,23 @@ class GRPOTrainer:
     def _start_workers(self, model_path: str) -> None:
         import ray
 
+        from r1pipe.model import Precision
         from r1pipe.workers import PolicyConfig, RolloutWorker
         from r1pipe.workers.group import PolicyGroup
 
         cfg = self.cfg
+        precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
         policy_cfg = PolicyConfig(
             lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
             clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
+            precision=precision,
         )
         self.policy = PolicyGroup(cfg.num_policy_workers, model_path, policy_cfg, with_reference=cfg.kl_coef > 0,
                                   num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
         rollout_actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
-        engine_kwargs = {"device": cfg.device, **dict(cfg.engine)}
+        engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
         self.rollout = [rollout_actor.remote(model_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())

@@ -120,6 +120,8 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written or how it is checked)."""
     shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
+    # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
+    model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -200,8 +202,10 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     from r1pipe.data.jsonl import write_jsonl
     from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
     from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from r1pipe.model import ModelConfig, Transformer, lm_loss, save_pretrained
+    from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss, save_pretrained
     from r1pipe.stages.base_eval import measure_accuracy
+
+    precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -244,7 +248,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     config.torch_dtype = "float32"
     config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
     torch.manual_seed(seed)  # the model initialises from torch's default generator
-    model = Transformer(config)
+    model = apply_precision(Transformer(config), precision)  # fp32 masters; bf16 compute under autocast
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

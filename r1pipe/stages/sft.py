@@ -9,6 +9,10 @@ count, so the update equals one big batch's. Steps draw from a fresh seeded perm
 so the step number is the whole data position: a run killed at any point (SIGKILL included) and
 started again continues from its newest checkpoint (model, optimizer, RNG) to the same weights.
 
+Precision follows the recipe's model section: `model.dtype: bfloat16` computes under autocast over
+fp32 master weights and optimizer state; `model.fp8` (r1pipe V3 only) computes the projections in
+block-scaled FP8 (`model.fp8_exclude` leaves modules out).
+
 Outputs: model_path (final weights + tokenizer, Hugging Face layout: loads in r1pipe for V3 and in
 transformers for dense models), metrics (loss, validation loss, learning rate, grad norm,
 tokens/s) in metrics.jsonl + TensorBoard + PNG plots.
@@ -27,16 +31,18 @@ from typing import Optional
 import torch
 
 from r1pipe.algo.schedule import warmup_cosine
-from r1pipe.algo.sft import masked_ce_sum
+from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import CausalLM, load_causal_lm, load_tokenizer
 from r1pipe.data import SFTExample, load_sft_examples
 from r1pipe.data.templates import TEMPLATES
+from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
 
+LOSSES = ("ce", "kl", "ce+kl")
 SFT_PLOTS = {
-    "loss": ("SFT loss (assistant tokens)", ["loss", "val_loss"]),
+    "loss": ("SFT loss (assistant tokens)", ["loss", "ce", "kl", "val_loss"]),
     "lr": ("learning rate", ["lr"]),
     "throughput": ("tokens/s (trained tokens)", ["tokens_per_second"]),
 }
@@ -60,6 +66,12 @@ class SFTConfig(StageConfig):
     model_path: Optional[str] = None
     max_length: int = 0  # longest sequence kept; 0: the model's context
     mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
+    # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
+    # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer
+    loss: str = "ce"
+    teacher_path: Optional[str] = None
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
     # optimisation: AdamW, linear warmup then cosine to min_lr_ratio * lr
     epochs: int = 1
     steps: int = 0  # > 0: exactly this many optimizer steps (epochs repeat as needed)
@@ -94,6 +106,12 @@ class SFTConfig(StageConfig):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
+        if self.loss != "ce" and not self.teacher_path:
+            raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
 
 
 # ---------------------------------------------------------------- batches
@@ -197,30 +215,45 @@ class SFTTrainer:
     # ---- steps
 
     def train_step(self, lm: CausalLM, optimizer: torch.optim.Optimizer, micro_batches: list[list[SFTExample]],
-                   pad_id: int) -> dict[str, float]:
+                   pad_id: int, teacher: CausalLM | None = None) -> dict[str, float]:
         """One optimizer step over the micro-batches; the loss is normalised by the step's targets."""
+        cfg = self.cfg
+        ce_weight = 0.0 if cfg.loss == "kl" else 1.0
+        kl_weight = {"ce": 0.0, "kl": 1.0, "ce+kl": cfg.kl_weight}[cfg.loss]
         batches = [collate(m, pad_id) for m in micro_batches]
         use_mtp = self.cfg.mtp and lm.is_v3 and lm.module.config.num_nextn_predict_layers > 0
         n_mtp = lm.module.config.num_nextn_predict_layers if use_mtp else 0
         counts = [sum(float(b.target_mask[:, shift:].sum()) for b in batches) for shift in range(1, 2 + n_mtp)]
         mtp_lambda = float(getattr(lm.module.config, "mtp_lambda", 0.0) or 0.0) if use_mtp else 0.0
-        total, tokens = 0.0, 0
+        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        tokens = 0
         for b in batches:
-            ids, targets = b.input_ids.to(self.device), b.target_mask.to(self.device)
-            logits, mtp_logits = lm.forward(ids, b.attention_mask.to(self.device), mtp=use_mtp)
+            ids, attention, targets = b.input_ids.to(self.device), b.attention_mask.to(self.device), b.target_mask.to(self.device)
+            logits, mtp_logits = lm.forward(ids, attention, mtp=use_mtp)
             ce, _ = masked_ce_sum(logits, ids, targets)
-            loss = ce / max(counts[0], 1.0)
+            ce = ce / max(counts[0], 1.0)
+            loss = ce_weight * ce
+            if kl_weight:
+                with torch.no_grad():
+                    teacher_logits, _ = teacher.forward(ids, attention)
+                kl, _ = forward_kl_sum(logits, teacher_logits, targets, cfg.kl_temperature)
+                kl = kl / max(counts[0], 1.0)
+                loss = loss + kl_weight * kl
+                sums["kl"] += float(kl.detach())
             for k, extra in enumerate(mtp_logits):
                 mtp_ce, _ = masked_ce_sum(extra, ids, targets, shift=k + 2)
                 loss = loss + mtp_lambda / n_mtp * mtp_ce / max(counts[k + 1], 1.0)
             loss.backward()
-            total += float(ce.detach()) / max(counts[0], 1.0)
+            sums["loss"] += float(loss.detach())
+            sums["ce"] += float(ce.detach())
             tokens += b.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(lm.module.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.module.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lm.after_optimizer_step()
-        return {"loss": total, "grad_norm": float(grad_norm), "tokens": tokens, "targets": counts[0]}
+        if not kl_weight:
+            sums.pop("kl")
+        return {**sums, "grad_norm": float(grad_norm), "tokens": tokens, "targets": counts[0]}
 
     @torch.no_grad()
     def validation_loss(self, lm: CausalLM, examples: list[SFTExample], pad_id: int) -> float | None:
@@ -257,9 +290,11 @@ class SFTTrainer:
         base = self.start_model()
         tokenizer = load_tokenizer(base)
         resume = latest_checkpoint(self.ckpt_root)
-        lm = load_causal_lm(resume[0] if resume else base, device=cfg.device)
+        precision = Precision.from_section(self.ctx.recipe.get("model") or {})
+        lm = load_causal_lm(resume[0] if resume else base, precision, device=cfg.device)
         max_length = cfg.max_length or lm.max_length
         train, heldout, data_report = self.load_data(tokenizer, max_length)
+        teacher = self.load_teacher(tokenizer, precision)
         plan = StepPlan(train, cfg.batch_size, cfg.micro_batch_size, self.ctx.seed)
         total_steps = cfg.steps or cfg.epochs * plan.steps_per_epoch
         optimizer = self.new_optimizer(lm)
@@ -288,7 +323,7 @@ class SFTTrainer:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = warmup_cosine(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-                metrics = self.train_step(lm, optimizer, plan.step(step), tokenizer.pad_token_id)
+                metrics = self.train_step(lm, optimizer, plan.step(step), tokenizer.pad_token_id, teacher)
                 step += 1
                 state["tokens"] += metrics["tokens"]
                 metrics.update(lr=optimizer.param_groups[0]["lr"], epoch=step / plan.steps_per_epoch,
@@ -303,6 +338,18 @@ class SFTTrainer:
                     self.save_checkpoint(lm, optimizer, tokenizer, step, state)
         logger.close()
         return self.finish(lm, tokenizer, state, base, data_report, total_steps)
+
+    def load_teacher(self, tokenizer, precision: Precision) -> CausalLM | None:
+        """The frozen teacher of a kl / ce+kl loss; its tokenizer must be the student's."""
+        if self.cfg.loss == "ce":
+            return None
+        path = Path(self.cfg.teacher_path).expanduser()
+        if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"sft.teacher_path={str(path)!r}: the teacher's tokenizer differs from the student's; "
+                             "logit distillation needs one vocabulary (use loss: ce on the teacher's text instead)")
+        teacher = load_causal_lm(path, Precision(dtype=precision.dtype), device=self.cfg.device)
+        teacher.module.eval().requires_grad_(False)
+        return teacher
 
     def new_optimizer(self, lm: CausalLM) -> torch.optim.Optimizer:
         params = [p for p in lm.module.parameters() if p.requires_grad]

@@ -39,6 +39,7 @@ class PolicyConfig:
     device: str = "cpu"
     num_threads: int = 1
     seed: int = 0
+    precision: Any = None  # r1pipe.model.Precision from the recipe's model section; None: fp32, no FP8
 
 
 class PolicyWorker:
@@ -50,17 +51,21 @@ class PolicyWorker:
         cfg: PolicyConfig,
         with_reference: bool = False,
     ):
-        from r1pipe.model import load_pretrained
+        from r1pipe.model import apply_precision, load_pretrained
 
         torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed + rank)  # this rank's RNG stream (saved in checkpoints)
-        self.model = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))
+        self.model = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))  # fp32 masters
+        if cfg.precision is not None:  # bf16 compute (autocast), FP8 projections
+            apply_precision(self.model, cfg.precision)
         self.model.train()
         self.reference = None
         if with_reference:  # kl_coef == 0 drops the reference model entirely
             self.reference = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))
+            if cfg.precision is not None:
+                apply_precision(self.reference, cfg.precision)
             self.reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay

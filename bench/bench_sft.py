@@ -1,0 +1,140 @@
+"""SFT throughput: r1pipe's `sft` stage step against TRL's SFTTrainer, same model, data and batch shape.
+
+Both train the same randomly initialised tiny Qwen2 (r1pipe.causal_lm DENSE_PRESETS, built locally)
+on the same worked-arithmetic prompt/completion pairs, with loss on completion tokens only,
+AdamW, the same batch size and number of steps, fp32, the same torch thread count. Throughput is
+real (non-padding) tokens trained per second of the training loop; tokenization is outside both
+timings. TRL runs twice: default batches, and with `train_sampling_strategy="group_by_length"` (the
+closest to r1pipe's length-grouped steps). Last line: a JSON object with the figures and ratios.
+
+    python bench/bench_sft.py                 # CPU, tiny-qwen2, 40 steps of 16
+    python bench/bench_sft.py --device cuda --steps 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
+
+from r1pipe.causal_lm import init_dense_student, load_causal_lm, load_tokenizer  # noqa: E402
+from r1pipe.data.jsonl import read_jsonl  # noqa: E402
+from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
+from r1pipe.stages.base import StageContext  # noqa: E402
+from r1pipe.stages.sft import SFTConfig, SFTTrainer, StepPlan  # noqa: E402
+
+
+def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path) -> float:
+    cfg = SFTConfig(train_path=str(data), batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4,
+                    heldout_fraction=0.0, template="r1-zero", device=args.device)
+    ctx = StageContext(run_dir=root, stage_dir=root / "sft", recipe=OmegaConf.create({"model": {"path": str(model_dir)}}), seed=0)
+    trainer = SFTTrainer(cfg, ctx)
+    tok = load_tokenizer(model_dir)
+    lm = load_causal_lm(model_dir, device=args.device)
+    examples, _, _ = trainer.load_data(tok, 1024)
+    plan = StepPlan(examples, args.batch, args.batch, seed=0)
+    optimizer = trainer.new_optimizer(lm)
+    for step in range(args.warmup):
+        trainer.train_step(lm, optimizer, plan.step(step), tok.pad_token_id)
+    _sync(args.device)
+    t0, tokens = time.perf_counter(), 0
+    for step in range(args.warmup, args.warmup + args.steps):
+        tokens += trainer.train_step(lm, optimizer, plan.step(step), tok.pad_token_id)["tokens"]
+    _sync(args.device)
+    return tokens / (time.perf_counter() - t0)
+
+
+class TokenCounter:
+    """A TrainerCallback counting the real tokens of each batch and timing steps after warmup."""
+
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.warmup, self.tokens, self.t0, self.t1 = warmup, 0, None, None
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == outer.warmup:
+                    _sync(args.device.type)
+                    outer.t0 = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                _sync(args.device.type)
+                outer.t1 = time.perf_counter()
+
+        self.callback = Callback()
+
+
+def trl_tokens_per_second(model_dir: Path, data: Path, args, root: Path, group_by_length: bool) -> float:
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer as TRLTrainer
+
+    tok = load_tokenizer(model_dir)
+    rows = read_jsonl(data)
+    ds = datasets.Dataset.from_list([{"prompt": r1_zero_prompt(r["problem"]), "completion": " " + r["solution"] + tok.eos_token}
+                                     for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = TRLConfig(
+        output_dir=str(root / f"trl{int(group_by_length)}"), per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10_000,
+        save_strategy="no", report_to=[], completion_only_loss=True, packing=False, max_length=1024,
+        train_sampling_strategy="group_by_length" if group_by_length else "random", dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=0,
+        disable_tqdm=True, eos_token=tok.eos_token, pad_token=tok.pad_token,
+    )
+    counter = TokenCounter(args.warmup)
+    trainer = TRLTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[counter.callback])
+    collate, batch_tokens = trainer.data_collator, []
+
+    def counting_collator(features):  # the real tokens of every batch the trainer draws
+        batch = collate(features)
+        batch_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    return sum(batch_tokens[args.warmup:args.warmup + args.steps]) / (counter.t1 - counter.t0)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--examples", type=int, default=2000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_tiny_v3(root / "tok")
+        model_dir = init_dense_student("tiny-qwen2", root / "tok", root / "qwen2", seed=0)
+        data = write_worked_solutions(root / "sft.jsonl", args.examples)
+        ours = r1pipe_tokens_per_second(model_dir, data, args, root)
+        print(f"r1pipe sft step:        {ours:10.0f} tokens/s")
+        trl_default = trl_tokens_per_second(model_dir, data, args, root, group_by_length=False)
+        print(f"TRL SFTTrainer:         {trl_default:10.0f} tokens/s  -> r1pipe {ours / trl_default:.2f}x")
+        trl_grouped = trl_tokens_per_second(model_dir, data, args, root, group_by_length=True)
+        print(f"TRL SFTTrainer grouped: {trl_grouped:10.0f} tokens/s  -> r1pipe {ours / trl_grouped:.2f}x")
+    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
+                      "r1pipe_tokens_per_s": round(ours), "trl_tokens_per_s": round(trl_default),
+                      "trl_grouped_tokens_per_s": round(trl_grouped), "ratio_vs_trl": round(ours / trl_default, 2),
+                      "ratio_vs_trl_grouped": round(ours / trl_grouped, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Appending sampled tokens to a sequence and deciding when it is finished (EOS, stop ids/strings, length)."""
+from __future__ import annotations
+
+from r1pipe.engine.scheduler import Sequence
+from r1pipe.engine.tokenizer import TokenizerAdapter
+
+
+class StopChecker:
+    """vLLM's stopping rules: EOS (unless ignore_eos) and stop_token_ids end a completion with the token kept;
+    a stop string ends it once the decoded text contains it; max_tokens ends it with reason "length"."""
+
+    def __init__(self, eos_token_ids: frozenset[int], tokenizer: TokenizerAdapter | None) -> None:
+        self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
+
+    def append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        """Add one sampled token and decide whether the sequence is finished."""
+        seq.output_ids.append(token)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)  # type: ignore[arg-type]
+        p = seq.params
+        reason: str | None = None
+        if token in self.eos_token_ids and not p.ignore_eos:
+            reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif p.stop and self.tokenizer is not None and (hit := self._stop_string(seq)) is not None:
+            reason, seq.stop_reason = "stop", hit
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            # its routing is recorded when it is fed; the last token never is, so feed it once more
+            seq.awaiting_final_feed = p.return_routing
+
+    def _stop_string(self, seq: Sequence) -> str | None:
+        stops = seq.params.stop or []
+        window = max(len(s) for s in stops) + 8  # tokens: every token yields at least ~1 character
+        tail = self.tokenizer.decode(seq.output_ids[-window:], seq.params.skip_special_tokens)  # type: ignore[union-attr]
+        found = [(tail.find(s), s) for s in stops if s in tail]
+        return min(found)[1] if found else None

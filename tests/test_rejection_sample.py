@@ -63,7 +63,8 @@ def known_prompts(base: dict, path: Path, n: int = 12) -> tuple[Path, list[bool]
                         use_tqdm=False)
     right, texts = [], []
     for i, (row, out) in enumerate(zip(rows, outs)):
-        text = out.outputs[0].text + "</answer>"
+        c = out.outputs[0]
+        text = c.text + (c.stop_reason if isinstance(c.stop_reason, str) else "")  # as the rewards see it
         make_right = i % 2 == 0
         texts.append(text)
         if row["domain"] == "math":
@@ -100,7 +101,7 @@ def test_kept_samples_pass_the_grader_and_every_filter(base, tmp_path) -> None:
         grader = "accuracy" if ref["domain"] == "math" else "code"
         assert reward_fn(sample["response"], ref).components[grader] == 1.0, sample
         assert all(f(sample["response"], ref) for f in filters), sample
-        assert sample["filters_passed"] == list(FILTERS)
+        assert sorted(sample["filters_passed"]) == sorted(FILTERS)
         assert sample["source_checkpoint"] == base["model_path"]
         assert sample["sampling"]["temperature"] == 0.0 and sample["sampling"]["k"] == 3
         assert sample["rewards"][grader] == 1.0 and set(sample["rewards"]) == set(WEIGHTS)

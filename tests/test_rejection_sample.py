@@ -23,7 +23,7 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "mo
 PRETRAIN = {"kind": "pretrain", "world": "r1", "problem_kinds": ["add"], "worked_fraction": 1.0, "tutor_fraction": 0.0,
             "mix_fraction": 0.3, "code_fraction": 0.3, "code_train_size": 16, "code_heldout_size": 8, "max_digits": 2,
             "train_size": 32, "heldout_size": 16, "vocab_size": 400, "tokenizer_examples": 2000, "steps": 150,
-            "batch_size": 16, "lr": 1.0e-2, "warmup_steps": 10, "eval_size": 0, "cache_dir": None}
+            "batch_size": 16, "lr": 1.0e-2, "warmup_steps": 10, "eval_size": 0, "cold_start_size": 40}
 FILTERS = {"language_consistency": {"min_share": 0.99}, "no_mixed_scripts": {}, "length": {"min_chars": 10},
            "no_repeated_paragraphs": {"split": " ; "}, "no_code_in_math": {}}
 WEIGHTS = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
@@ -47,8 +47,8 @@ def base(tmp_path_factory) -> dict:
     from r1pipe.run import run_recipe
 
     root = tmp_path_factory.mktemp("base")
-    recipe = write_recipe(root / "base.yaml", ["pretrain"], pretrain=PRETRAIN)
-    return run_recipe(load_recipe(recipe), root / "run")["pretrain"]
+    recipe = write_recipe(root / "base.yaml", ["pretrain"], pretrain={**PRETRAIN, "cache_dir": str(root / "cache")})
+    return {**run_recipe(load_recipe(recipe), root / "run")["pretrain"], "cache_dir": str(root / "cache")}
 
 
 def known_prompts(base: dict, path: Path, n: int = 12) -> tuple[Path, list[bool], list[str]]:
@@ -150,3 +150,60 @@ def test_killed_build_regenerates_no_finished_shard(base, tmp_path) -> None:
     for j in range(6):
         name = f"shard-{j:05d}.jsonl"
         assert (shards / name).read_text() == (tmp_path / "whole" / "rs" / "shards" / name).read_text(), name
+
+
+def overrides(prefix: str, section: dict) -> list[str]:
+    return [f"{prefix}.{k}={json.dumps(v) if isinstance(v, list) else ('null' if v is None else v)}" for k, v in section.items()
+            if k != "kind"]
+
+
+def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
+    """`r1pipe run r1` (the tiny recipe) with seconds-long settings: every stage runs, the summary
+    has each stage's per-domain accuracy and readability, and a re-run skips them all. Rejection
+    sampling reads the base (`@pretrain.model_path`) at T=0 on prompts whose answers are the
+    base's own, so it keeps samples whatever a few RL steps did."""
+    prompts, right, _ = known_prompts(base, tmp_path / "known.jsonl")
+    args = [
+        *overrides("model.overrides", TINY), *overrides("pretrain", {**PRETRAIN, "cache_dir": base["cache_dir"]}),
+        "cluster.num_cpus=2", "cold_start.epochs=1",
+        "reasoning_rl.steps=2", "reasoning_rl.prompts_per_step=4", "reasoning_rl.group_size=4",
+        "reasoning_rl.heldout_size=4", "reasoning_rl.max_tokens=40",
+        f"rejection_sample.prompts_path={prompts}", "rejection_sample.model_path=@pretrain.model_path",
+        "rejection_sample.limit=0", "rejection_sample.temperature=0.0", "rejection_sample.k=2",
+        "rejection_sample.max_tokens=40", "rejection_sample.shard_size=6", "rejection_sample.filters={}",
+        "sft.epochs=1", "all_rl.steps=2", "all_rl.prompts_per_step=4", "all_rl.group_size=4", "all_rl.heldout_size=4",
+        "all_rl.max_tokens=40", "scorecard.per_domain=4", "scorecard.max_tokens=40",
+    ]
+    first = run_cli("run", "r1", *args, "--run-dir", "rd", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    assert "reusing the cached base" in first.stdout
+    rd = tmp_path / "rd"
+    stages = ["pretrain", "cold_start", "reasoning_rl", "rejection_sample", "sft", "all_rl", "scorecard"]
+    for stage in stages:
+        assert (rd / stage / "DONE.json").is_file(), stage
+    done = {s: json.loads((rd / s / "DONE.json").read_text()) for s in stages}
+    assert done["cold_start"]["steps"] >= 1 and done["rejection_sample"]["kept"] >= 1
+    sft_summary = json.loads((rd / "sft" / "summary.json").read_text())
+    assert sft_summary["base_model"] == done["pretrain"]["model_path"]  # SFT of the base, not of the RL model
+    assert sft_summary["data"]["train"]["kept"] >= 1
+    summary = json.loads((rd / "summary.json").read_text())
+    per_stage = summary["per_stage"]
+    assert list(per_stage) == ["pretrain", "cold_start", "reasoning_rl", "sft", "all_rl"]
+    for name, row in per_stage.items():
+        assert set(row["accuracy"]) == {"math", "code"} and row["n"] == {"math": 4, "code": 4}, name
+        for key in ("format_compliance", "language_consistency", "mean_length", "mixed_script_share"):
+            assert 0.0 <= row[key] and (key == "mean_length" or row[key] <= 1.0), (name, key)
+
+    again = run_cli("run", "r1", *args, "--run-dir", "rd", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done earlier, skipped") == len(stages)
+
+
+def test_dry_run_shows_every_stage(tmp_path) -> None:
+    tiny = run_cli("run", "r1", "--dry-run", cwd=tmp_path)
+    assert tiny.returncode == 0, tiny.stderr
+    assert "stages:\n- pretrain\n- cold_start\n- reasoning_rl\n- rejection_sample\n- sft\n- all_rl\n- scorecard" in tiny.stdout
+    real = run_cli("run", "r1", "model.path=/ckpt/base", "--dry-run", cwd=tmp_path)
+    assert real.returncode == 0, real.stderr
+    assert "stages:\n- cold_start\n- reasoning_rl\n- rejection_sample\n- sft\n- all_rl\n- eval" in real.stdout
+    assert "model_path: /ckpt/base" in real.stdout  # the second SFT starts from the base

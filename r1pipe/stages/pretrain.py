@@ -59,6 +59,15 @@ class PretrainConfig(StageConfig):
     eval_size: int = 256  # 0 skips it
     eval_max_tokens: int = 64
     cache_dir: Optional[str] = "~/.cache/r1pipe/tiny-base"  # None: never reuse or store a finished base
+    # the R1 world (r1pipe.data.synthetic): world "r1" writes readable steps ("step 7+5=12 keep 2")
+    # and enables the options below; the defaults leave the R1-Zero corpus (and its cache key) as is
+    world: str = "r1-zero"  # r1-zero | r1
+    mix_fraction: float = 0.0  # share of worked corpus completions whose step words switch script ...
+    mix_prob: float = 0.5  # ... each step with this probability
+    code_fraction: float = 0.0  # share of the corpus (and of the cold-start set) that are code tasks
+    code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
+    code_heldout_size: int = 0
+    cold_start_size: int = 0  # readable worked solutions in the R1 format, written to sft_path
 
     def __post_init__(self) -> None:
         from r1pipe.data.synthetic import KINDS
@@ -76,6 +85,30 @@ class PretrainConfig(StageConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world={self.world!r}: choose one of {WORLDS}")
+        for name in ("mix_fraction", "mix_prob", "code_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        for name in ("code_train_size", "code_heldout_size", "cold_start_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.world == "r1-zero":
+            used = [name for name in R1_WORLD_FIELDS if getattr(self, name) != R1_WORLD_DEFAULTS[name]]
+            if used:
+                raise ValueError(f"{', '.join(used)}: only used with world=r1 (world is {self.world!r})")
+        elif self.code_fraction > 0 and (self.code_train_size < 1 or self.code_heldout_size < 1):
+            raise ValueError("code_fraction > 0 needs code_train_size >= 1 and code_heldout_size >= 1")
+
+
+WORLDS = ("r1-zero", "r1")
+R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "code_fraction": 0.0,
+                     "code_train_size": 0, "code_heldout_size": 0, "cold_start_size": 0}
+R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
+# what a finished base leaves in its stage folder (and in the cache), by output key
+OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "code_train_path": "code_train.jsonl",
+                "code_heldout_path": "code_heldout.jsonl", "mixed_train_path": "mixed_train.jsonl",
+                "mixed_heldout_path": "mixed_heldout.jsonl", "sft_path": "cold_start.jsonl"}
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -85,7 +118,8 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written or how it is checked)."""
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")}
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")
+               and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": 1}, sort_keys=True)
@@ -111,7 +145,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _copy_outputs(src: Path, dst: Path) -> None:
-    for name in ("model", "train.jsonl", "heldout.jsonl", "base_eval.json"):
+    for name in ("model", "base_eval.json", *OUTPUT_FILES.values()):
         s, d = src / name, dst / name
         if not s.exists():
             continue
@@ -122,10 +156,10 @@ def _copy_outputs(src: Path, dst: Path) -> None:
 
 def _outputs(stage_dir: Path, key: str) -> dict:
     report = json.loads((stage_dir / "base_eval.json").read_text()) if (stage_dir / "base_eval.json").exists() else {}
+    files = {k: str(stage_dir / name) for k, name in OUTPUT_FILES.items() if (stage_dir / name).exists()}
     return {
         "model_path": str(stage_dir / "model"),
-        "train_path": str(stage_dir / "train.jsonl"),
-        "heldout_path": str(stage_dir / "heldout.jsonl"),
+        **files,
         "base_key": key,
         **{k: v for k, v in report.items() if k != "samples"},
     }
@@ -183,8 +217,11 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
     n_corpus = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
     n_corpus = min(n_corpus, 200_000)
-    corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
-                          cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
+    if cfg.world == "r1":
+        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train, n_corpus)
+    else:
+        corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
+                              cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
 
     # 2. tokenizer (deterministic given the corpus), saved beside the weights
     model_dir = stage_dir / "model"
@@ -276,3 +313,34 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     report["seconds"] = round(time.time() - t0, 1)
     (stage_dir / "base_eval.json").write_text(json.dumps(report, indent=2))
     ckpt_path.unlink(missing_ok=True)
+
+
+def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:
+    """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
+    corpus, which avoids every held-out, RL and cold-start problem."""
+    from r1pipe.data.jsonl import write_jsonl
+    from r1pipe.data.synthetic import CodeTask, code_row, cold_start_rows, make_splits, math_row, r1_corpus_texts
+
+    exclude = set(heldout) | set(train)
+    code_heldout, code_train = make_splits(seed + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
+                                           cfg.code_train_size) if cfg.code_fraction > 0 else ([], [])
+    exclude |= set(code_heldout) | set(code_train)
+    math_heldout_rows = [math_row(p, f"heldout-{i}") for i, p in enumerate(heldout)]
+    code_heldout_rows = [code_row(CodeTask(p), f"code-heldout-{i}") for i, p in enumerate(code_heldout)]
+    code_train_rows = [code_row(CodeTask(p), f"code-train-{i}") for i, p in enumerate(code_train)]
+    math_train_rows = [math_row(p, f"train-{i}") for i, p in enumerate(train)]
+    if code_train_rows:
+        write_jsonl(stage_dir / OUTPUT_FILES["code_train_path"], code_train_rows)
+        write_jsonl(stage_dir / OUTPUT_FILES["code_heldout_path"], code_heldout_rows)
+    # mixed train: code rows spread evenly through the math rows, so any prefix mixes both
+    mixed = sorted([(i / max(len(math_train_rows), 1), 0, r) for i, r in enumerate(math_train_rows)]
+                   + [(i / max(len(code_train_rows), 1), 1, r) for i, r in enumerate(code_train_rows)], key=lambda t: t[:2])
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_train_path"], (r for _, _, r in mixed))
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_heldout_path"], math_heldout_rows + code_heldout_rows)
+    if cfg.cold_start_size:
+        cold = cold_start_rows(cfg.cold_start_size, seed + 3, cfg.problem_kinds, cfg.max_digits, exclude, cfg.code_fraction)
+        write_jsonl(stage_dir / OUTPUT_FILES["sft_path"], (row for _, row in cold))
+        exclude |= {p for p, _ in cold}
+    return r1_corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, worked_fraction=cfg.worked_fraction,
+                           guess_correct=cfg.guess_correct, exclude=exclude, tutor_fraction=cfg.tutor_fraction,
+                           mix_fraction=cfg.mix_fraction, mix_prob=cfg.mix_prob, code_fraction=cfg.code_fraction)

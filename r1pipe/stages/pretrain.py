@@ -226,6 +226,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     from r1pipe.data.jsonl import write_jsonl
     from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
     from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from r1pipe.causal_lm import DENSE_PRESETS, dense_config
     from r1pipe.model import Precision
     from r1pipe.stages.base_eval import measure_accuracy
 
@@ -252,6 +253,11 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     if not (model_dir / "tokenizer.json").exists():
         tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
         save_tokenizer(tok, model_dir)
+    preset = model_section.get("preset") or "tiny"
+    if preset in DENSE_PRESETS and not (model_dir / "config.json").exists():
+        # transformers picks a dense model's tokenizer class from config.json's model_type: write it
+        # first, so the corpus is tokenized exactly as every later load (SFT, eval) tokenizes
+        dense_config(preset, load_tokenizer(model_dir), **(model_section.get("overrides") or {})).save_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
 
     # prompt and completion are encoded apart, exactly as generation sees them (a prompt is

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             parser = argparse.ArgumentParser(prog="r1pipe " + " ".join(words), description=help_text)
             module = importlib.import_module(module_name)
             module.add_arguments(parser)
-            return int(module.main(parser.parse_args(argv[len(words):])) or 0)
+            # options and positionals in any order (`r1pipe run r1-zero --dry-run key=value`)
+            return int(module.main(parser.parse_intermixed_args(argv[len(words):])) or 0)
     if argv in ([], ["-h"], ["--help"]):
         print(usage())
         return 0

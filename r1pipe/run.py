@@ -135,6 +135,21 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[s
     return summary
 
 
+def model_path_error(cfg: DictConfig) -> str | None:
+    """One line naming model.path when it is set but is not a checkpoint directory, else None."""
+    path = (cfg.get("model") or {}).get("path")
+    if not path:
+        return None
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        return f"model.path={path}: no such directory"
+    if not (p / "config.json").is_file():
+        return f"model.path={path}: not a Hugging Face layout checkpoint (no config.json)"
+    if not any(p.glob("*.safetensors")):
+        return f"model.path={path}: no *.safetensors weights"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -150,5 +165,9 @@ def main(args: argparse.Namespace) -> int:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
         console.print(f"[dim]run directory: {run_dir_for(cfg, args.run_dir)}[/dim]")
         return 0
+    error = model_path_error(cfg)
+    if error:  # on the driver, before any stage or Ray actor starts
+        console.print(f"[red]r1pipe run: {error}[/red]", soft_wrap=True)
+        return 2
     run_recipe(cfg, run_dir_for(cfg, args.run_dir), console)
     return 0

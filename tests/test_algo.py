@@ -167,3 +167,53 @@ def test_token_logprobs_and_entropy_by_hand():
     s = math.sqrt(3.0)
     logp_t, _ = token_logprobs_and_entropy(logits, torch.tensor([[0]]), temperature=2.0)
     assert logp_t.item() == pytest.approx(math.log(1 / (1 + s)))
+
+
+def test_tis_weights_by_hand():
+    from r1pipe.algo import tis_weights
+
+    # pi_old / pi_engine = 0.5 / 0.25 = 2 -> 2 (cap 3); 0.9 / 0.1 = 9 -> capped at 3; 0.2 / 0.4 = 0.5 -> 0.5
+    old = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    engine = torch.log(torch.tensor([[0.25, 0.1, 0.4]]))
+    w, clipped = tis_weights(old, engine, cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 3.0, 0.5]]))
+    assert clipped.tolist() == [[False, True, False]]
+    with pytest.raises(ValueError):
+        tis_weights(old, engine, cap=0.0)
+
+
+def test_tis_weight_scales_only_the_policy_gradient_term():
+    # one token, advantage 1, logp == old_logp (ratio 1, unclipped): pg = -1; weight 0.5 -> -0.5, KL untouched
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25)]])
+    kl = math.exp(math.log(0.5)) - math.log(0.5) - 1  # k3 with ref - logp = log(1/2)
+    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1), ref_logp=ref, kl_coef=0.1,
+                        tis_weight=torch.tensor([[0.5]]))
+    assert loss.item() == pytest.approx(-0.5 + 0.1 * kl)
+
+
+def test_draft_loss_is_kl_to_the_detached_target():
+    from r1pipe.algo import draft_loss
+
+    # target probs [1/4, 3/4], draft probs [1/2, 1/2]: KL = 1/4 log(1/2) + 3/4 log(3/2)
+    target = torch.tensor([[[0.0, math.log(3.0)], [5.0, 0.0]]], requires_grad=True)
+    draft = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    loss = draft_loss(draft, target, torch.tensor([[1.0, 0.0]]))  # second position masked out
+    assert loss.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    loss.backward()
+    assert target.grad is None and draft.grad is not None
+    assert draft_loss(target.detach(), target.detach(), torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_engine_sampler_and_trainer_share_the_tempered_logprob_function():
+    from r1pipe.algo import token_logprobs
+    from r1pipe.engine.sampler import SamplingTensors
+    from r1pipe.engine.sampler import token_logprobs as engine_logprobs
+
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([1, 5, 10])
+    st = SamplingTensors.build([0.7, 1.3, 0.0], [1.0] * 3, [-1] * 3, vocab_size=11)
+    trainer, _ = token_logprobs_and_entropy(logits.unsqueeze(0), tokens.unsqueeze(0), temperature=0.7)
+    # rows at their own temperature (greedy rows report T = 1), identical bits on both sides
+    assert engine_logprobs(logits, tokens, st)[0] == trainer[0, 0]
+    assert torch.equal(engine_logprobs(logits, tokens, st), token_logprobs(logits, tokens, torch.tensor([[0.7], [1.3], [1.0]])))

@@ -166,7 +166,8 @@ t.run_grpo(t.resume_config(task), t.context(Path({run_dir!r}), task["model"], {a
 
 
 def resume_config(task: dict) -> GRPOConfig:
-    cfg = grpo_config(task, steps=4, checkpoint_every=2, num_policy_workers=1)
+    # kl_coef > 0: the reference must stay the base model across the kill, not the resumed checkpoint
+    cfg = grpo_config(task, steps=4, checkpoint_every=2, num_policy_workers=1, kl_coef=0.01)
     cfg.extra_rewards[f"{__name__}:slow_zero"] = 0.0
     return cfg
 
@@ -193,3 +194,41 @@ def test_resume_after_sigkill_loses_and_repeats_no_step(ray_cluster, task, tmp_p
     assert [r["data_position"] for r in rows[1:]] == [4, 8, 12, 16]
     assert Path(outputs["model_path"]).name == "step_000004"
     assert json.loads((tmp_path / "rl" / "summary.json").read_text())["steps"] == 4
+
+    # the same run uninterrupted: identical metrics (KL included) and final weights
+    straight = tmp_path / "straight"
+    reference = run_grpo(resume_config(task), context(straight, task["model"]))
+    plain = [json.loads(l) for l in (straight / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 0 for r in rows[2:]), rows  # a re-anchored reference would give kl == 0 at step 3
+    for resumed, uninterrupted in zip(rows, plain, strict=True):
+        for key, value in uninterrupted.items():
+            if key.startswith(("time/", "tokens_per_second")):
+                continue
+            assert resumed[key] == pytest.approx(value, abs=1e-6), (key, resumed["step"])
+    from r1pipe.model import load_pretrained
+
+    a = load_pretrained(outputs["model_path"]).state_dict()
+    b = load_pretrained(reference["model_path"]).state_dict()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_truncated_sampling_is_refused_naming_the_key(task):
+    with pytest.raises(ValueError, match="top_p=0.9"):
+        grpo_config(task, top_p=0.9)
+
+
+def test_bf16_engine_turns_on_tis_and_logs_mismatch(ray_cluster, task, tmp_path):
+    cfg = grpo_config(task, steps=2, prompts_per_step=2, group_size=4, num_policy_workers=1, checkpoint_every=2,
+                      engine={"dtype": "bfloat16"}, tis_cap=1.0)
+    run_grpo(cfg, context(tmp_path, task["model"]))
+    rows = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1:]
+    for r in rows:
+        assert r["logprob_mismatch/mean_abs"] > 1e-4, r  # bf16 engine vs fp32 trainer
+        # cap 1: every token where the engine under-rates the trainer's token is clipped
+        assert 0.0 < r["tis/clipped_share"] < 1.0 and r["tis/weight_mean"] <= 1.0, r
+
+
+def test_fp32_path_has_tis_off_by_default(finished_run):
+    _, _, rows = finished_run
+    assert not any("tis/clipped_share" in r for r in rows)

@@ -20,6 +20,12 @@ def test_r1_zero_tiny_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert summary["steps"] == 2
     assert 0.0 <= summary["base_accuracy"] <= 1.0 and 0.0 <= summary["final_accuracy"] <= 1.0
     assert summary["eval"]["heldout"]["n_problems"] == 8
+    # one evaluation path: pretrain's greedy base check and GRPO's base accuracy (same 8 problems, same
+    # budget) are the same figure, and the summary's base and final accuracy both come from GRPO's
+    pretrain = json.loads((rd / "pretrain" / "DONE.json").read_text())
+    assert pretrain["base_accuracy_greedy"] == summary["base_accuracy"]
+    rl = json.loads((rd / "rl" / "DONE.json").read_text())
+    assert (rl["base_accuracy"], rl["final_accuracy"]) == (summary["base_accuracy"], summary["final_accuracy"])
     assert summary["wall_seconds"] > 0
     metrics = [json.loads(line) for line in (rd / "rl" / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in metrics if "reward/mean" in m]
@@ -39,3 +45,38 @@ def test_misspelt_key_is_named_before_anything_runs(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "group_sise" in bad.stdout + bad.stderr
     assert not (tmp_path / "rd").exists()
+
+
+def test_readme_bring_your_own_command(tmp_path: Path) -> None:
+    """README: `r1pipe run r1-zero "stages=[rl,eval]" model.path=... rl.train_path=... rl.heldout_path=...`
+    (plus overrides that shrink it to seconds): RL, then eval on the held-out problems grpo hands on."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_grpo_run import make_tiny_model, write_problems
+
+    model = make_tiny_model(tmp_path / "ckpt")
+    train, heldout = write_problems(tmp_path / "p.jsonl", 16), write_problems(tmp_path / "h.jsonl", 4)
+    small = ["rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_tokens=8", "rl.heldout_size=4",
+             "rl.eval_every=0", "rl.dynamic_sampling=false", "eval.max_tokens=8", "cluster.num_cpus=2"]
+    done = run_cli("run", "r1-zero", "stages=[rl,eval]", f"model.path={model}", f"rl.train_path={train}",
+                   f"rl.heldout_path={heldout}", *small, "--run-dir", "rd", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "rd" / "summary.json").read_text())
+    assert summary["eval"]["heldout"]["n_problems"] == 4 and summary["steps"] == 1
+
+
+def test_bad_model_path_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    bad = run_cli("run", "r1-zero", "stages=[rl,eval]", "model.path=/no/such/ckpt", "rl.train_path=p.jsonl",
+                  "rl.heldout_path=h.jsonl", "--run-dir", "rd", cwd=tmp_path)
+    assert bad.returncode == 2
+    lines = [l for l in (bad.stdout + bad.stderr).splitlines() if l.strip()]
+    assert lines == ["r1pipe run: model.path=/no/such/ckpt: no such directory"], lines
+    assert not (tmp_path / "rd").exists()
+
+
+def test_options_and_overrides_in_any_order(tmp_path: Path) -> None:
+    for args in (("--dry-run", "r1-zero", "rl.group_size=4"), ("r1-zero", "--dry-run", "rl.group_size=4"),
+                 ("r1-zero", "rl.group_size=4", "--dry-run")):
+        out = run_cli("run", *args, cwd=tmp_path)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+        assert "group_size: 4" in out.stdout, args
+    assert not (tmp_path / "runs").exists()

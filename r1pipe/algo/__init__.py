@@ -3,7 +3,8 @@
 Nothing here knows about Ray, models or engines, so every piece is testable by hand.
 """
 from r1pipe.algo.advantages import group_advantages
-from r1pipe.algo.logprobs import token_logprobs_and_entropy
+from r1pipe.algo.draft import draft_loss
+from r1pipe.algo.logprobs import tempered_log_softmax, token_logprobs, token_logprobs_and_entropy
 from r1pipe.algo.losses import (
     LOSS_AGGREGATIONS,
     aggregate,
@@ -16,16 +17,21 @@ from r1pipe.algo.sampling import (
     overlong_filter_mask,
     overlong_soft_penalty,
 )
+from r1pipe.algo.tis import tis_weights
 
 __all__ = [
     "LOSS_AGGREGATIONS",
     "aggregate",
     "clipped_surrogate",
+    "draft_loss",
     "dynamic_sampling_keep",
     "group_advantages",
     "grpo_loss",
     "kl_k3",
     "overlong_filter_mask",
     "overlong_soft_penalty",
+    "tempered_log_softmax",
+    "tis_weights",
+    "token_logprobs",
     "token_logprobs_and_entropy",
 ]

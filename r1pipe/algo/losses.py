@@ -89,15 +89,19 @@ def grpo_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     norm_constant: float | None = None,
+    tis_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss (scalar, differentiable in logp) and token-summed statistics.
+
+    `tis_weight` [B,T] (truncated importance sampling, r1pipe.algo.tis) multiplies the
+    policy-gradient term of each token, not the KL term.
 
     The statistics are sums over masked tokens ("tokens" is the count) so that callers can add
     them across micro-batches and ranks before dividing: clipped (clip fraction), clipped_low /
     clipped_high (which side), kl, ratio, pg_loss.
     """
     token_pg, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
-    token_loss = token_pg
+    token_loss = token_pg if tis_weight is None else token_pg * tis_weight.detach()
     kl = None
     if kl_coef > 0.0:
         if ref_logp is None:

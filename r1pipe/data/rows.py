@@ -84,6 +84,8 @@ def prompt_rows(records: Records, fields: FieldMap, tokenizer: Any, *, template:
                          f"its fields: {', '.join(records.columns)}")
     report = records.report
     kwargs = {"instruction": instruction} if instruction else {}
+    # a chat template writes the special tokens (BOS) into the text; plain text gets the tokenizer's own
+    chat_rendered = resolve_template(template, tokenizer) in ("r1", "chat") and has_chat_template(tokenizer)
     out: list[PromptRow] = []
     seen: set[str] = set()
     for i, row in enumerate(records.rows):
@@ -108,7 +110,7 @@ def prompt_rows(records: Records, fields: FieldMap, tokenizer: Any, *, template:
             report.skip(place, "duplicate id", id_)
             continue
         prompt = render_prompt(question, template, tokenizer, **kwargs)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(prompt, add_special_tokens=not chat_rendered).input_ids
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             report.skip(place, "prompt too long", f"{len(ids)} tokens > {max_prompt_tokens}")
             continue
@@ -141,10 +143,15 @@ def conversation_of(row: dict, fields: FieldMap, template: str, tokenizer: Any) 
 
 
 def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[bool]]:
-    """Each segment encoded on its own (as generation sees a prompt, then continues it)."""
+    """Each segment encoded on its own (as generation sees a prompt, then continues it). Without a
+    chat template (which writes BOS into the text) the first segment gets the tokenizer's special
+    tokens, as a prompt does in prompt_rows."""
     ids: list[int] = []
     mask: list[bool] = []
-    encoded = tokenizer([text for text, _ in segments], add_special_tokens=False).input_ids
+    texts = [text for text, _ in segments]
+    encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    if not has_chat_template(tokenizer):
+        encoded[0] = tokenizer(texts[0], add_special_tokens=True).input_ids
     for (_, trained), seg in zip(segments, encoded):
         ids += seg
         mask += [trained] * len(seg)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1pipe.algo.logprobs import token_logprobs as tempered_token_logprobs
+
 _CHUNK = 64  # uniforms drawn per generator call; fixed, so a stream never depends on batching
 
 
@@ -74,7 +76,8 @@ def scaled_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """log_softmax(logits / T)[token] per row: [B, V], [B] -> [B]."""
-    return torch.log_softmax(scaled_logits(logits, st), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    t = torch.where(st.greedy, torch.ones_like(st.temperature), st.temperature)
+    return tempered_token_logprobs(logits, tokens, t.unsqueeze(-1))
 
 
 def sampling_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -1,98 +1,53 @@
-"""Held-out accuracy of a freshly pre-trained base: a small batched generation loop over the
-model's own latent KV cache (greedy or sampled), and exact-match scoring of `<answer>`.
-
-This is the pretrain stage's quick self-check; RL and `r1pipe eval` use r1pipe.engine.
+"""Held-out accuracy of a model on problem rows, by the one evaluation path of the project:
+completions from the rollout engine (RolloutWorker, i.e. r1pipe.engine.LLM, stopping after
+`</answer>`) graded by the rewards' accuracy reward (the last answer, math_equal). The pretrain
+stage's base check and GRPO's held-out accuracy both come from here, so the "base accuracy" and
+the "final accuracy" of a run are the same metric.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
-
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from pathlib import Path
 
 
-def extract_tagged_answer(text: str) -> str | None:
-    m = ANSWER_RE.search(text)
-    return m.group(1).strip() if m else None
-
-
-@torch.no_grad()
-def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Completions (token ids, eos excluded) for left-padded prompts; temperature 0 is greedy."""
-    from r1pipe.model.cache import DenseLatentCache
-
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = True
-    positions = torch.where(mask, mask.long().cumsum(1) - 1, torch.full_like(ids, -1))  # -1: padding, never stored
-    lengths = mask.sum(1)
-    cache = DenseLatentCache(model.config, B, P + max_new_tokens, dtype=next(model.parameters()).dtype)
-    logits = model(ids, positions=positions, cache=cache, attention_mask=mask).logits[:, -1]
-    out = torch.empty((B, 0), dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        if temperature > 0:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        done |= nxt == eos_id
-        if bool(done.all()):
-            break
-        pos = (lengths + step)[:, None]
-        logits = model(nxt[:, None], positions=pos, cache=cache).logits[:, -1]
-    completions = []
-    for row in out.tolist():
-        completions.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return completions
+def share_solved(values: list[float]) -> float:
+    """Accuracy from per-problem accuracy-reward values (> 0.5 = solved)."""
+    return sum(1.0 for v in values if v > 0.5) / max(len(values), 1)
 
 
 @dataclass
 class BaseAccuracy:
-    accuracy: float  # share of problems whose <answer> equals the gold answer
+    accuracy: float  # share of problems the accuracy reward counts as solved
     worked_fraction: float  # share of completions that work steps (think is not the bare guess)
     worked_accuracy: float  # accuracy among worked completions (nan if none)
     samples: list[dict]
 
 
 def measure_accuracy(
-    model, tokenizer, rows: list[dict], temperature: float, max_new_tokens: int, batch_size: int = 64, seed: int = 0,
-    guess_think: str = "guess",
+    model_dir: str | Path, rows: list[dict], temperature: float, max_new_tokens: int, seed: int = 0,
+    stop: tuple[str, ...] = ("</answer>",), guess_think: str = "guess",
 ) -> BaseAccuracy:
-    """Accuracy of `model` on problem rows {"prompt", "answer"} with one completion each."""
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    """Accuracy of the checkpoint in `model_dir` on problem rows {"prompt", "answer"}, one completion each
+    (greedy at temperature 0, else sampled with seed + row index)."""
+    from r1pipe.rewards import build_reward_fn
+    from r1pipe.workers.rollout import RolloutWorker
+
+    engine = RolloutWorker(str(model_dir), {}, seed)
+    groups = engine.generate([r["prompt"] for r in rows], 1, temperature, max_new_tokens,
+                             seeds=[seed + i for i in range(len(rows))], stop=list(stop) or None)
+    grade = build_reward_fn({"accuracy": 1.0})
     samples = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        prompts = [tokenizer(r["prompt"]).input_ids for r in chunk]
-        outs = generate(model, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, gen)
-        for r, o in zip(chunk, outs):
-            text = tokenizer.decode(o)
-            pred = extract_tagged_answer(text)
-            worked = bool(re.search(r"<think>", text)) and f"<think> {guess_think} </think>" not in text
-            samples.append({"id": r["id"], "completion": text, "pred": pred, "answer": r["answer"],
-                            "correct": pred == r["answer"], "worked": worked})
-    n = max(len(samples), 1)
+    for row, group in zip(rows, groups):
+        text = group[0].text
+        accuracy = float(grade(text, dict(row)).components["accuracy"])
+        worked = bool(re.search(r"<think>", text)) and f"<think> {guess_think} </think>" not in text
+        samples.append({"id": row["id"], "completion": text, "answer": row["answer"], "correct": accuracy > 0.5,
+                        "worked": worked})
     worked = [s for s in samples if s["worked"]]
     return BaseAccuracy(
-        accuracy=sum(s["correct"] for s in samples) / n,
-        worked_fraction=len(worked) / n,
-        worked_accuracy=(sum(s["correct"] for s in worked) / len(worked)) if worked else float("nan"),
+        accuracy=share_solved([float(s["correct"]) for s in samples]),
+        worked_fraction=len(worked) / max(len(samples), 1),
+        worked_accuracy=share_solved([float(s["correct"]) for s in worked]) if worked else float("nan"),
         samples=samples,
     )

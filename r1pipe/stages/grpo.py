@@ -1,11 +1,17 @@
 """Stage `grpo`: GRPO with a single Ray controller (HybridFlow-style).
 
-Each step the driver (this loop) takes a batch of prompts, has RolloutWorker(s) sample a group
-of completions per prompt, scores them on the RewardPool, computes group-relative advantages,
-gets the trainer's old (and reference) log-probs from the PolicyGroup, runs the update(s),
-and pushes the new weights to the rollout engine. Checkpoints hold model, optimizer, RNG and
-data position; re-entering the stage continues after the newest one, so a SIGKILLed run
-neither loses nor repeats a step.
+A step reads top to bottom (GRPOTrainer.step): `collect` has the RolloutWorker(s) sample a group of
+completions per prompt and `score`s them on the RewardPool (refilling groups dropped by dynamic
+sampling) into a RolloutBatch; `train` computes group-relative advantages, the trainer's old (and
+reference) log-probs, optional TIS weights against the engine's log-probs, and runs the update(s)
+on the PolicyGroup (plus the MTP draft loss when the engine speculates); `sync` pushes the new
+weights to the engines; `checkpoint` saves model, optimizer, RNG and data position. Re-entering the
+stage continues after the newest checkpoint, so a SIGKILLed run neither loses nor repeats a step;
+the KL reference is always the stage's initial policy, never the checkpoint being resumed.
+
+Sampling is from the full tempered distribution: top_p < 1 is refused, because the trainer's (and
+the engine's) log-probs are of the untruncated distribution, so a truncated behaviour policy would
+make every importance ratio silently off-policy.
 """
 from __future__ import annotations
 
@@ -16,11 +22,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from r1pipe.algo.losses import LOSS_AGGREGATIONS
 from r1pipe.data.templates import TEMPLATES
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
+
+if TYPE_CHECKING:
+    from r1pipe.workers.batch import Completion, RolloutBatch
 
 OVERLONG_MODES = ("none", "filter", "soft")
 
@@ -45,7 +54,7 @@ class GRPOConfig(StageConfig):
     group_size: int = 8
     max_tokens: int = 64
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
     engine: dict[str, Any] = field(default_factory=dict)  # extra r1pipe.engine.LLM arguments
@@ -83,10 +92,22 @@ class GRPOConfig(StageConfig):
     # checkpoints
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    # trainer/engine agreement and the drafter
+    freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
+    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
+    tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
+    draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
+                "sampling makes the behaviour policy the truncated one while the trainer's log-probs are not, so "
+                "every ratio would be silently off-policy")
+        if self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
         if self.overlong not in OVERLONG_MODES:
@@ -207,6 +228,9 @@ class GRPOTrainer:
         self.stage_dir = Path(ctx.stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
         self.data_reports: dict[str, dict] = {}
+        self.prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> its token ids (tokenized once, here)
+        self.timings: dict[str, float] = {}
+        self.base_model = ""
 
     # ---- setup
 
@@ -244,6 +268,7 @@ class GRPOTrainer:
             log=lambda line: print(f"grpo: {line}"),
         )
         self.data_reports[key] = report.to_dict()
+        self.prompt_ids.update((r.prompt, r.prompt_ids) for r in rows)
         if not rows:
             raise ValueError(f"grpo: {source}: no usable problems ({report.summary()})")
         return [{**r.reference, "id": r.id, "prompt": r.prompt} for r in rows]
@@ -262,7 +287,9 @@ class GRPOTrainer:
         except (TypeError, ValueError) as e:
             raise ValueError(f"rl.reward_options / rl.reward_weights: {e}") from None
 
-    def _start_workers(self, model_path: str) -> None:
+    def _start_workers(self, policy_path: str, rollout_path: str) -> None:
+        """Policy workers (and the KL reference) from the stage's initial policy `policy_path`;
+        rollout engines from `rollout_path` (the checkpoint being resumed, or the same)."""
         import ray
 
         from r1pipe.model import Precision
@@ -275,71 +302,279 @@ class GRPOTrainer:
             lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
             clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
+            freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss,
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
             precision=precision,
         )
-        self.policy = PolicyGroup(cfg.num_policy_workers, model_path, policy_cfg, with_reference=cfg.kl_coef > 0,
+        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
                                   num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
         rollout_actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
         engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
-        self.rollout = [rollout_actor.remote(model_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
+        self.rollout = [rollout_actor.remote(rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
         self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options))
 
+    # ---- the settings that follow from the engine
+
+    @property
+    def speculative_k(self) -> int:
+        return int(dict(self.cfg.engine).get("speculative_k", 0) or 0)
+
+    @property
+    def draft_loss(self) -> bool:
+        """Keep the MTP drafter fresh: on by default when the engine speculates with it."""
+        return self.speculative_k > 0 if self.cfg.draft_loss is None else bool(self.cfg.draft_loss)
+
+    @property
+    def tis(self) -> bool:
+        """Truncated importance sampling: on by default when the engine runs in another precision
+        than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
+        trainer's autocast over fp32 masters exactly), off on the exact float32 path."""
+        import torch
+
+        from r1pipe.model import parse_dtype
+
+        if self.cfg.tis is not None:
+            return bool(self.cfg.tis)
+        model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
+        return parse_dtype(dict(self.cfg.engine).get("dtype") or model_dtype, key="rl.engine.dtype") != torch.float32
+
     # ---- rollout
 
-    def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[dict]:
-        """Prompts split over the rollout workers; results in prompt order."""
+    def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[list[Completion]]:
+        """The n completions of each prompt, prompts split over the rollout workers; prompt order.
+        Workers get the token ids made once on the driver when loading the problems."""
         import ray
 
+        prompts = [self.prompt_ids.get(p, p) for p in prompts]
         k = len(self.rollout)
         chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
         refs = [
-            w.generate.remote(prompts[a:b], n, temperature, self.cfg.max_tokens, seeds[a:b], self.cfg.top_p,
-                              -1, list(self.cfg.stop) or None, self.cfg.routing_replay and temperature > 0)
+            w.generate.remote(prompts[a:b], n, temperature, self.cfg.max_tokens, seeds[a:b], list(self.cfg.stop) or None,
+                              self.cfg.routing_replay and temperature > 0)
             for w, (a, b) in zip(self.rollout, chunks) if b > a
         ]
         return [r for part in ray.get(refs) for r in part]
 
     def heldout_accuracy(self, rows: list[dict]) -> float:
-        """Greedy pass@1 on the held-out problems, by the accuracy reward."""
-        outs = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
-        texts = [o["completions"][0]["text_with_stop"] for o in outs]
-        _, components, _ = self.scorer.score(texts, [dict(r) for r in rows])
+        """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval)."""
+        from r1pipe.stages.base_eval import share_solved
+
+        groups = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
+        _, components, _ = self.scorer.score([g[0].text for g in groups], [dict(r) for r in rows])
         acc = components.get(self.cfg.accuracy_reward)
         if acc is None:
             raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
-        return sum(1.0 for a in acc if a > 0.5) / max(len(rows), 1)
+        return share_solved(acc)
 
-    # ---- the loop
+    def collect(self, stream: PromptStream) -> RolloutBatch:
+        """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
+        groups whose rewards are all equal and refills up to max_refill_rounds times)."""
+        import torch
+
+        from r1pipe.algo import dynamic_sampling_keep
+        from r1pipe.workers import RolloutBatch
+
+        cfg, G = self.cfg, self.cfg.group_size
+        batch = RolloutBatch(problems=[], completions=[])
+        for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
+            need = cfg.prompts_per_step - len(batch.problems)
+            if need <= 0:
+                break
+            first = stream.position
+            problems = stream.take(need if round_ else cfg.prompts_per_step)
+            seeds = [hash((self.ctx.seed, first + i)) % (2**31) for i in range(len(problems))]
+            ta = time.perf_counter()
+            groups = self._generate([p["prompt"] for p in problems], G, cfg.temperature, seeds)
+            self.timings["rollout"] += time.perf_counter() - ta
+            rewards = self.score(problems, groups, batch)
+            keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
+            batch.groups_seen += len(problems)
+            for problem, group, kept in zip(problems, groups, keep.tolist()):
+                if kept and len(batch.problems) < cfg.prompts_per_step:
+                    batch.problems.append(problem)
+                    batch.completions.extend(group)
+        return batch
+
+    def score(self, problems: list[dict], groups: list[list[Completion]], batch: RolloutBatch) -> list[float]:
+        """Rewards (plus the soft overlong penalty) of every completion, written into the completions;
+        the totals, components and error count are added to `batch`'s record of what was seen."""
+        import torch
+
+        from r1pipe.algo import overlong_soft_penalty
+
+        cfg = self.cfg
+        flat = [(p, c) for p, group in zip(problems, groups) for c in group]
+        ta = time.perf_counter()
+        rewards, components, errors = self.scorer.score([c.text for _, c in flat], [dict(p) for p, _ in flat])
+        self.timings["reward"] += time.perf_counter() - ta
+        if cfg.overlong == "soft":
+            lengths = torch.tensor([len(c.token_ids) for _, c in flat])
+            penalty = overlong_soft_penalty(lengths, cfg.max_tokens, cfg.overlong_cache, cfg.overlong_penalty)
+            rewards = [r + float(q) for r, q in zip(rewards, penalty)]
+        for (_, c), r in zip(flat, rewards):
+            c.reward = r
+        batch.all_rewards += rewards
+        for name, values in components.items():
+            batch.components.setdefault(name, []).extend(values)
+        batch.reward_errors += errors
+        batch.generated_tokens += sum(len(c.token_ids) for _, c in flat)
+        return rewards
+
+    # ---- training
+
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """Advantages, old/ref log-probs, TIS weights, the update(s); returns the step's training metrics."""
+        import torch
+
+        from r1pipe.algo import group_advantages, overlong_filter_mask, tis_weights
+
+        cfg = self.cfg
+        rewards = torch.tensor([c.reward for c in batch.completions])
+        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.normalize_std)
+        train_batch = batch.train_batch(self.pad_id, with_routing=cfg.routing_replay)
+        truncated = torch.tensor([c.truncated for c in batch.completions])
+        if cfg.overlong == "filter":
+            train_batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
+
+        ta = time.perf_counter()
+        old_logp = self.policy.logprobs(train_batch)
+        ref_logp = self.policy.logprobs(train_batch, reference=True) if cfg.kl_coef > 0 else None
+        # trainer vs engine log-probs on the rollout tokens, before any update of this step
+        engine_logp = batch.engine_logprobs(tuple(old_logp.shape))
+        on = train_batch.response_mask > 0
+        diff = (old_logp - engine_logp).abs()[on]
+        out: dict[str, float] = {
+            "logprob_mismatch/mean_abs": float(diff.mean()) if diff.numel() else 0.0,
+            "logprob_mismatch/max_abs": float(diff.max()) if diff.numel() else 0.0,
+            "response_length/truncated": float(truncated.float().mean()),
+        }
+        tis = None
+        if self.tis:
+            tis, capped = tis_weights(old_logp, engine_logp, cfg.tis_cap)
+            out["tis/clipped_share"] = float(capped[on].float().mean()) if on.any() else 0.0
+            out["tis/weight_mean"] = float(tis[on].mean()) if on.any() else 0.0
+
+        sums: dict[str, float] = {}
+        bounds = [round(i * len(batch) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
+        grad_norms, maxvios = [], []
+        for u in range(cfg.updates_per_step):
+            rows = torch.arange(bounds[u], bounds[u + 1])
+            if len(rows) == 0:
+                continue
+            mini = train_batch.rows(rows)
+            stats = self.policy.train_step(
+                mini, old_logp[rows], advantages[rows], None if ref_logp is None else ref_logp[rows],
+                num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
+                tis_weight=None if tis is None else tis[rows],
+                num_draft_positions=float(mini.response_mask[:, 1:].sum()),
+            )
+            grad_norms.append(stats.pop("grad_norm"))
+            maxvios.append(stats.pop("maxvio"))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.timings["train"] = time.perf_counter() - ta
+        tokens = max(sums.get("tokens", 0.0), 1.0)
+        out.update({
+            "loss": sums.get("loss", 0.0) / max(len(grad_norms), 1),
+            "kl": sums.get("kl", 0.0) / tokens,
+            "entropy": sums.get("entropy", 0.0) / tokens,
+            "clip_fraction": sums.get("clipped", 0.0) / tokens,
+            "clip_fraction/high": sums.get("clipped_high", 0.0) / tokens,
+            "clip_fraction/low": sums.get("clipped_low", 0.0) / tokens,
+            "ratio/mean": sums.get("ratio", 0.0) / tokens,
+            "grad_norm": _mean(grad_norms),
+            "moe/maxvio": max(maxvios) if maxvios else 0.0,
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "tokens_per_second/train": sums.get("tokens", 0.0) / max(self.timings["train"], 1e-9),
+        })
+        if self.draft_loss:
+            out["mtp/draft_loss"] = sums.get("draft_loss", 0.0) / max(len(grad_norms), 1)
+        return out
+
+    def sync(self) -> None:
+        """The policy's new weights to every rollout engine."""
+        import ray
+
+        ta = time.perf_counter()
+        weights = self.policy.state_dict_ref()
+        ray.get([w.update_weights.remote(weights) for w in self.rollout])
+        self.timings["sync"] = time.perf_counter() - ta
+
+    def draft_acceptance(self) -> float:
+        """Share of MTP draft tokens the engines accepted since the last call."""
+        import ray
+
+        stats = ray.get([w.take_draft_stats.remote() for w in self.rollout])
+        return sum(a for _, a in stats) / max(sum(d for d, _ in stats), 1)
+
+    def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
+        """Model, optimizer, RNG and data position, committed atomically; older ones pruned."""
+        from r1pipe.tracking.checkpoints import commit_checkpoint, staging_dir
+
+        state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
+        staging = staging_dir(self.ckpt_root, step)
+        self.policy.save_checkpoint(str(staging), tokenizer_dir=self.base_model)
+        commit_checkpoint(self.ckpt_root, staging, step, state, keep=self.cfg.keep_checkpoints)
+
+    # ---- one step, top to bottom
+
+    def step(self, step: int, stream: PromptStream, heldout_rows: list[dict]) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+        if self.speculative_k:
+            self.draft_acceptance()  # drop what held-out evaluation proposed
+        batch = self.collect(stream)
+        metrics = rollout_metrics(batch, cfg.accuracy_reward)
+        metrics["data_position"] = stream.position
+        metrics["tokens_per_second/rollout"] = batch.generated_tokens / max(self.timings["rollout"], 1e-9)
+        if self.speculative_k:
+            metrics["mtp/acceptance"] = self.draft_acceptance()
+        if len(batch):
+            metrics.update(self.train(batch))
+            self.sync()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
+        step_time = time.perf_counter() - t0
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        metrics["time/step"] = step_time
+        metrics["tokens_per_second"] = batch.generated_tokens / max(step_time, 1e-9)
+        return metrics
+
+    # ---- the stage
 
     def run(self) -> dict:
         import ray
-        import torch
 
-        from r1pipe.algo import dynamic_sampling_keep, group_advantages, overlong_filter_mask, overlong_soft_penalty
+        from r1pipe.data.jsonl import write_jsonl
         from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-        from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
-        from r1pipe.workers import build_batch, pad_per_token
+        from r1pipe.tracking.checkpoints import latest_checkpoint
 
         cfg = self.cfg
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        base_model = str(self.ctx.model_path())
+        self.base_model = str(self.ctx.model_path())
         self._check_reward_options()
-        train_rows = self._problems("train_path", cfg.train_path, base_model)
-        heldout_rows = self._problems("heldout_path", cfg.heldout_path, base_model)[: cfg.heldout_size]
+        train_rows = self._problems("train_path", cfg.train_path, self.base_model)
+        all_heldout = self._problems("heldout_path", cfg.heldout_path, self.base_model)
+        heldout_rows = all_heldout[: cfg.heldout_size]
+        # the held-out problems for a later eval stage (`suites: [heldout]` reads the bare question
+        # from "problem"; an R1-Zero prompt there is used as is)
+        heldout_out = self.stage_dir / "heldout.jsonl"
+        write_jsonl(heldout_out, ({**r, "problem": r.get("problem", r["prompt"])} for r in all_heldout))
         self._ray_init()
 
         resume = latest_checkpoint(self.ckpt_root)
         state: dict[str, Any] = {"step": 0, "data_position": 0, "wall_seconds": 0.0, "base_accuracy": None}
-        start_model = base_model
+        rollout_model = self.base_model
         if resume is not None:
-            start_model, state = str(resume[0]), resume[1]
+            rollout_model, state = str(resume[0]), resume[1]
             print(f"grpo: resuming after step {state['step']} from {resume[0]}")
-        self._start_workers(start_model)
+        # the policy and its KL reference start from the base; a resumed policy then loads its checkpoint
+        self._start_workers(self.base_model, rollout_model)
         if resume is not None:
-            self.policy.load_checkpoint(start_model)
+            self.policy.load_checkpoint(rollout_model)
 
         t_start = time.perf_counter() - state["wall_seconds"]
         if state["base_accuracy"] is None:
@@ -350,89 +585,17 @@ class GRPOTrainer:
         logger = MetricsLogger(self.stage_dir, resume_step=step)
         if step == 0:
             logger.log(0, {"heldout_accuracy": state["base_accuracy"]})
-        G = cfg.group_size
 
         with StepProgress(cfg.steps, step, "grpo", show=("reward/mean", "accuracy", "response_length/mean")) as progress:
             while step < cfg.steps:
                 step += 1
-                t0 = time.perf_counter()
-                timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
-                # -- rollout + reward, refilling groups dropped by dynamic sampling
-                kept: list[tuple[dict, dict, list[float]]] = []  # (problem, completion, reward parts)
-                samples: list[dict] = []
-                all_rewards: list[float] = []
-                all_components: dict[str, list[float]] = {}
-                reward_errors = 0
-                generated_tokens = 0
-                groups_seen = groups_kept = 0
-                for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
-                    need = cfg.prompts_per_step - groups_kept
-                    if need <= 0:
-                        break
-                    first = stream.position
-                    problems = stream.take(need if round_ else cfg.prompts_per_step)
-                    seeds = [hash((self.ctx.seed, first + i)) % (2**31) for i in range(len(problems))]
-                    ta = time.perf_counter()
-                    outs = self._generate([p["prompt"] for p in problems], G, cfg.temperature, seeds)
-                    timings["rollout"] += time.perf_counter() - ta
-                    flat = [(p, o, c) for p, o in zip(problems, outs) for c in o["completions"]]
-                    generated_tokens += sum(len(c["token_ids"]) for _, _, c in flat)
-                    ta = time.perf_counter()
-                    rewards, components, errs = self.scorer.score([c["text_with_stop"] for _, _, c in flat], [dict(p) for p, _, _ in flat])
-                    timings["reward"] += time.perf_counter() - ta
-                    reward_errors += errs
-                    if cfg.overlong == "soft":
-                        lengths = torch.tensor([len(c["token_ids"]) for _, _, c in flat])
-                        penalty = overlong_soft_penalty(lengths, cfg.max_tokens, cfg.overlong_cache, cfg.overlong_penalty)
-                        rewards = [r + float(q) for r, q in zip(rewards, penalty)]
-                    all_rewards += rewards
-                    for name, values in components.items():
-                        all_components.setdefault(name, []).extend(values)
-                    keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
-                    groups_seen += len(problems)
-                    for g in range(len(problems)):
-                        if keep[g] and groups_kept < cfg.prompts_per_step:
-                            groups_kept += 1
-                            for j in range(g * G, (g + 1) * G):
-                                p, o, c = flat[j]
-                                samples.append({"prompt_ids": o["prompt_token_ids"], "prompt_routing": o["prompt_routing"], **c, "reward": rewards[j]})
-                metrics: dict[str, Any] = {
-                    "reward/mean": _mean(all_rewards),
-                    **{f"reward/{k}": _mean(v) for k, v in all_components.items()},
-                    "reward/errors": reward_errors,
-                    "groups_kept": groups_kept / max(groups_seen, 1),
-                    "response_length/mean": 0.0,
-                    "data_position": stream.position,
-                }
-                if cfg.accuracy_reward in all_components:
-                    metrics["accuracy"] = _mean([float(a > 0.5) for a in all_components[cfg.accuracy_reward]])
-                metrics["tokens_per_second/rollout"] = generated_tokens / max(timings["rollout"], 1e-9)
-                metrics["response_length/mean"] = generated_tokens / max(len(all_rewards), 1)
-                metrics["response_length/truncated"] = 0.0
-
-                if samples:
-                    metrics.update(self._train(samples, timings, build_batch, pad_per_token, group_advantages, overlong_filter_mask))
-                # -- weights to the engine
-                ta = time.perf_counter()
-                if samples:
-                    weights = self.policy.state_dict_ref()
-                    ray.get([w.update_weights.remote(weights) for w in self.rollout])
-                timings["sync"] = time.perf_counter() - ta
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
-                step_time = time.perf_counter() - t0
-                metrics.update({f"time/{k}": v for k, v in timings.items()})
-                metrics["time/step"] = step_time
-                metrics["tokens_per_second"] = generated_tokens / max(step_time, 1e-9)
+                metrics = self.step(step, stream, heldout_rows)
                 if step == cfg.steps:
                     metrics["heldout_accuracy"] = state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
                 logger.log(step, metrics)
                 progress.advance(metrics)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
-                    staging = staging_dir(self.ckpt_root, step)
-                    self.policy.save_checkpoint(str(staging), tokenizer_dir=base_model)
-                    commit_checkpoint(self.ckpt_root, staging, step, state, keep=cfg.keep_checkpoints)
+                    self.checkpoint(step, state, stream, t_start)
 
         logger.close()
         if "final_accuracy" not in state:  # resumed after the last step's checkpoint
@@ -441,7 +604,7 @@ class GRPOTrainer:
         assert final is not None
         plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots")
         summary = {
-            "base_model": base_model,
+            "base_model": self.base_model,
             "base_accuracy": state["base_accuracy"],
             "final_accuracy": state["final_accuracy"],
             "heldout_size": len(heldout_rows),
@@ -458,6 +621,7 @@ class GRPOTrainer:
               f"in {cfg.steps} steps, {summary['wall_seconds']:.0f}s")
         return {
             "model_path": str(final[0]),
+            "heldout_path": str(heldout_out),
             "summary_path": str(self.stage_dir / "summary.json"),
             "metrics_path": str(self.stage_dir / "metrics.jsonl"),
             "plots": [str(p) for p in plots],
@@ -467,67 +631,21 @@ class GRPOTrainer:
             "wall_seconds": round(summary["wall_seconds"], 1),
         }
 
-    def _train(self, samples, timings, build_batch, pad_per_token, group_advantages, overlong_filter_mask) -> dict[str, float]:
-        """Advantages, old/ref log-probs, the update(s); returns the step's training metrics."""
-        import torch
 
-        cfg = self.cfg
-        rewards = torch.tensor([s["reward"] for s in samples])
-        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.normalize_std)
-        routing = None
-        if cfg.routing_replay and all(s.get("routing") is not None and s.get("prompt_routing") is not None for s in samples):
-            routing = [torch.cat([s["prompt_routing"], s["routing"]], dim=1) for s in samples]
-        batch = build_batch([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples], self.pad_id, routing)
-        truncated = torch.tensor([s["finish_reason"] == "length" for s in samples])
-        if cfg.overlong == "filter":
-            batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
-
-        ta = time.perf_counter()
-        old_logp = self.policy.logprobs(batch)
-        ref_logp = self.policy.logprobs(batch, reference=True) if cfg.kl_coef > 0 else None
-        # trainer vs engine log-probs on the rollout tokens, before any update of this step
-        prompt_lens = [len(s["prompt_ids"]) for s in samples]
-        engine_logp = pad_per_token([s["logprobs"] or [] for s in samples], prompt_lens, tuple(old_logp.shape))
-        on = batch.response_mask > 0
-        diff = (old_logp - engine_logp).abs()[on]
-        out: dict[str, float] = {
-            "logprob_mismatch/mean_abs": float(diff.mean()) if diff.numel() else 0.0,
-            "logprob_mismatch/max_abs": float(diff.max()) if diff.numel() else 0.0,
-            "response_length/truncated": float(truncated.float().mean()),
-        }
-        sums: dict[str, float] = {}
-        order = torch.arange(len(samples))
-        bounds = [round(i * len(samples) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
-        grad_norms, maxvios = [], []
-        for u in range(cfg.updates_per_step):
-            rows = order[bounds[u] : bounds[u + 1]]
-            if len(rows) == 0:
-                continue
-            mini = batch.rows(rows)
-            stats = self.policy.train_step(
-                mini, old_logp[rows], advantages[rows], None if ref_logp is None else ref_logp[rows],
-                num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
-            )
-            grad_norms.append(stats.pop("grad_norm"))
-            maxvios.append(stats.pop("maxvio"))
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        timings["train"] = time.perf_counter() - ta
-        tokens = max(sums.get("tokens", 0.0), 1.0)
-        out.update({
-            "loss": sums.get("loss", 0.0) / max(len(grad_norms), 1),
-            "kl": sums.get("kl", 0.0) / tokens,
-            "entropy": sums.get("entropy", 0.0) / tokens,
-            "clip_fraction": sums.get("clipped", 0.0) / tokens,
-            "clip_fraction/high": sums.get("clipped_high", 0.0) / tokens,
-            "clip_fraction/low": sums.get("clipped_low", 0.0) / tokens,
-            "ratio/mean": sums.get("ratio", 0.0) / tokens,
-            "grad_norm": _mean(grad_norms),
-            "moe/maxvio": max(maxvios) if maxvios else 0.0,
-            "advantage/abs_mean": float(advantages.abs().mean()),
-            "tokens_per_second/train": sums.get("tokens", 0.0) / max(timings["train"], 1e-9),
-        })
-        return out
+def rollout_metrics(batch: RolloutBatch, accuracy_reward: str) -> dict[str, Any]:
+    """Reward, accuracy, group and length figures of everything a step sampled (dropped groups too)."""
+    n = max(len(batch.all_rewards), 1)
+    metrics: dict[str, Any] = {
+        "reward/mean": _mean(batch.all_rewards),
+        **{f"reward/{k}": _mean(v) for k, v in batch.components.items()},
+        "reward/errors": batch.reward_errors,
+        "groups_kept": len(batch.problems) / max(batch.groups_seen, 1),
+        "response_length/mean": batch.generated_tokens / n,
+        "response_length/truncated": 0.0,
+    }
+    if accuracy_reward in batch.components:
+        metrics["accuracy"] = _mean([float(a > 0.5) for a in batch.components[accuracy_reward]])
+    return metrics
 
 
 def _mean(values: list[float]) -> float:

@@ -302,7 +302,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     if cfg.eval_size > 0:
         rows = [problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout[: cfg.eval_size])]
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            acc = measure_accuracy(model, tokenizer, rows, temperature, cfg.eval_max_tokens, seed=seed)
+            acc = measure_accuracy(model_dir, rows, temperature, cfg.eval_max_tokens, seed=seed)
             report[f"base_accuracy_{name}"] = acc.accuracy
             report[f"base_worked_fraction_{name}"] = acc.worked_fraction
             report[f"base_worked_accuracy_{name}"] = None if math.isnan(acc.worked_accuracy) else acc.worked_accuracy

@@ -7,7 +7,7 @@ what the engine used, and causal attention never lets a real token see the paddi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -63,3 +63,48 @@ def pad_per_token(values: list[list[float]], prompt_lens: list[int], shape: tupl
     for i, (v, p) in enumerate(zip(values, prompt_lens)):
         out[i, p - 1 : p - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
     return out
+
+
+@dataclass
+class Completion:
+    """One sampled completion of a prompt, as the rollout engine returned it, plus its reward."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str  # with the stop string that ended it (the engine cuts it; the rewards need it)
+    logprobs: list[float]  # the engine's log-prob of each token in token_ids
+    finish_reason: str  # "stop" | "length"
+    routing: Tensor | None = None  # LongTensor[num_moe_layers, P + C, top_k] for routing replay, or None
+    reward: float = 0.0
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class RolloutBatch:
+    """One GRPO step's rollouts: the kept groups (group_size consecutive completions per problem)
+    and what was seen on the way there (every scored completion, including dropped groups)."""
+
+    problems: list[dict]  # one per kept group
+    completions: list[Completion]  # len(problems) * group_size, rewards filled in
+    all_rewards: list[float] = field(default_factory=list)  # every scored completion's total reward
+    components: dict[str, list[float]] = field(default_factory=dict)  # every scored completion's reward parts
+    reward_errors: int = 0
+    groups_seen: int = 0
+    generated_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def train_batch(self, pad_id: int, with_routing: bool = False) -> TrainBatch:
+        """The rows for the trainer; routing replay when asked for and every completion has it."""
+        routing = None
+        if with_routing and all(c.routing is not None for c in self.completions):
+            routing = [c.routing for c in self.completions]
+        return build_batch([c.prompt_ids for c in self.completions], [c.token_ids for c in self.completions], pad_id, routing)
+
+    def engine_logprobs(self, shape: tuple[int, int]) -> Tensor:
+        """The engine's log-probs on the trainer's [B, S-1] target grid (0 off the completions)."""
+        return pad_per_token([c.logprobs for c in self.completions], [len(c.prompt_ids) for c in self.completions], shape)

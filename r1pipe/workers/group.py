@@ -48,13 +48,16 @@ class PolicyGroup:
         ref_logp: torch.Tensor | None,
         num_tokens: float,
         num_seqs: float,
+        tis_weight: torch.Tensor | None = None,
+        num_draft_positions: float = 0.0,
     ) -> dict[str, float]:
         """One synchronous optimizer step of every rank; token sums are added over ranks,
         grad_norm / maxvio (identical on every rank after the all-reduce) taken from rank 0."""
         shards = _shards(len(batch), len(self.workers))
         refs = [
             w.train_step.remote(
-                batch.rows(s), old_logp[s], advantages[s], None if ref_logp is None else ref_logp[s], num_tokens, num_seqs
+                batch.rows(s), old_logp[s], advantages[s], None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
+                None if tis_weight is None else tis_weight[s], num_draft_positions,
             )
             for w, s in zip(self.workers, shards)
         ]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r1pipe.algo import grpo_loss, token_logprobs_and_entropy
+from r1pipe.algo import draft_loss, grpo_loss, token_logprobs_and_entropy
 from r1pipe.workers.batch import TrainBatch
 
 
@@ -36,6 +36,8 @@ class PolicyConfig:
     temperature: float = 1.0
     micro_batch_size: int = 16
     bias_update_gamma: float | None = None  # None: the model config's gamma
+    freeze_router_bias: bool = False  # hold the routers' balancing bias still (MaxVio is still measured)
+    draft_loss: bool = False  # train the MTP module (only it) toward the policy's detached next-token distribution
     device: str = "cpu"
     num_threads: int = 1
     seed: int = 0
@@ -51,6 +53,9 @@ class PolicyWorker:
         cfg: PolicyConfig,
         with_reference: bool = False,
     ):
+        """`model_path` is the stage's initial policy: the trained model starts from it and the
+        reference (kl_coef > 0) is it for the whole stage; a resumed run then loads its checkpoint
+        into the trained model only (load_checkpoint)."""
         from r1pipe.model import apply_precision, load_pretrained
 
         torch.set_num_threads(cfg.num_threads)
@@ -67,6 +72,7 @@ class PolicyWorker:
             if cfg.precision is not None:
                 apply_precision(self.reference, cfg.precision)
             self.reference.eval().requires_grad_(False)
+        self.draft_params = self._draft_parameters() if cfg.draft_loss else []
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
@@ -88,13 +94,31 @@ class PolicyWorker:
             port = s.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
+    def _draft_parameters(self) -> list[torch.nn.Parameter]:
+        """The MTP module's own parameters (not the embedding and output head it shares)."""
+        modules = getattr(self.model, "mtp_modules", [])
+        if not modules:
+            raise ValueError("draft_loss needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        shared = {id(p) for p in self.model.model.embed_tokens.parameters()} | {id(p) for p in self.model.lm_head.parameters()}
+        return [p for m in modules for p in m.parameters() if id(p) not in shared]
+
     # ---- forward passes ----
 
-    def _forward_logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._to_device(batch)
+    def _forward_logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(log-probs [B,S-1], entropy [B,S-1], the model output) of `batch` (on this device)."""
         out = model(batch.input_ids, attention_mask=batch.attention_mask, routing=batch.routing)
         logits = out.logits[:, :-1]
-        return token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.cfg.temperature)
+        return (*token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.cfg.temperature), out)
+
+    def _draft_loss(self, batch: TrainBatch, out: Any, num_positions: float) -> torch.Tensor:
+        """MTP module 0 at position t reads token t+1 and drafts token t+2; its target is the policy's
+        distribution at t+1 (detached), on positions whose drafted token is a completion token."""
+        B, S = batch.input_ids.shape
+        positions = torch.arange(S, device=self.device).expand(B, S)
+        next_ids = torch.roll(batch.input_ids, shifts=-1, dims=1)
+        _, draft_logits = self.model.mtp_step(0, out.hidden.detach(), next_ids, positions, attention_mask=batch.attention_mask)
+        mask = batch.response_mask[:, 1:]
+        return draft_loss(draft_logits[:, : S - 2], out.logits[:, 1 : S - 1], mask, self.cfg.temperature, num_positions)
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
         if self.device.type == "cpu":
@@ -113,7 +137,7 @@ class PolicyWorker:
         model.eval()
         try:
             parts = [
-                self._forward_logprobs(model, batch.rows(slice(i, i + self.cfg.micro_batch_size)))[0].cpu()
+                self._forward_logprobs(model, self._to_device(batch.rows(slice(i, i + self.cfg.micro_batch_size))))[0].cpu()
                 for i in range(0, len(batch), self.cfg.micro_batch_size)
             ]
         finally:
@@ -130,17 +154,21 @@ class PolicyWorker:
         ref_logp: torch.Tensor | None,
         num_tokens: float,
         num_seqs: float,
+        tis_weight: torch.Tensor | None = None,
+        num_draft_positions: float = 0.0,
     ) -> dict[str, float]:
-        """One optimizer step on this rank's rows; `num_tokens`/`num_seqs` count the whole global
-        mini-batch. Returns token sums (see grpo_loss) plus entropy, loss, grad_norm, maxvio."""
+        """One optimizer step on this rank's rows; `num_tokens`/`num_seqs` (and `num_draft_positions`
+        for the draft loss) count the whole global mini-batch; `tis_weight` [B,S-1] re-weights the
+        policy gradient (truncated importance sampling). Returns token sums (see grpo_loss) plus
+        entropy, loss, draft_loss, grad_norm, maxvio."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
         for i in range(0, len(batch), cfg.micro_batch_size):
             rows = slice(i, i + cfg.micro_batch_size)
-            micro = batch.rows(rows)
-            logp, entropy = self._forward_logprobs(self.model, micro)
-            mask = micro.response_mask.to(self.device)
+            micro = self._to_device(batch.rows(rows))
+            logp, entropy, out = self._forward_logprobs(self.model, micro)
+            mask = micro.response_mask
             loss, stats = grpo_loss(
                 logp,
                 old_logp[rows].to(self.device),
@@ -154,14 +182,24 @@ class PolicyWorker:
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,
                 norm_constant=cfg.norm_constant,
+                tis_weight=None if tis_weight is None else tis_weight[rows].to(self.device),
             )
+            if self.draft_params:  # the draft loss reaches only the MTP module's own parameters
+                d_loss = self._draft_loss(micro, out, num_draft_positions)
+                for p, g in zip(self.draft_params, torch.autograd.grad(d_loss, self.draft_params, allow_unused=True)):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad.add_(g)
+                totals["draft_loss"] = totals.get("draft_loss", 0.0) + float(d_loss.detach())
             loss.backward()
             totals["loss"] += float(loss.detach())
             totals["entropy"] += float((entropy.detach() * (mask > 0)).sum())
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
         self._all_reduce_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        drafter = {id(p) for p in self.draft_params}
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) not in drafter], cfg.grad_clip)
+        if self.draft_params:
+            torch.nn.utils.clip_grad_norm_(self.draft_params, cfg.grad_clip)
         self.optimizer.step()
         maxvio = self._update_router_bias()
         totals["grad_norm"] = float(grad_norm)
@@ -192,7 +230,8 @@ class PolicyWorker:
         if self.world_size > 1:
             for load in self._expert_load_tensors():
                 dist.all_reduce(load, op=dist.ReduceOp.SUM)
-        return [float(v) for v in self.model.update_router_bias(self.cfg.bias_update_gamma)]
+        gamma = 0.0 if self.cfg.freeze_router_bias else self.cfg.bias_update_gamma  # gamma 0: measure, do not move
+        return [float(v) for v in self.model.update_router_bias(gamma)]
 
     def _expert_load_tensors(self) -> list[torch.Tensor]:
         """The models' accumulated per-expert load buffers (in place), found by name."""
@@ -226,6 +265,11 @@ class PolicyWorker:
         path_ = Path(path)
         self.model.load_state_dict(load_pretrained(path_, dtype=torch.float32, device=str(self.device)).state_dict())
         self.optimizer.load_state_dict(torch.load(path_ / "optimizer.pt", map_location=self.device))
+        # AdamW steps a parameter once it has a gradient buffer (zero_grad keeps them as zeros): give
+        # one to every parameter the optimizer has stepped, as the uninterrupted run has
+        for p in self.model.parameters():
+            if self.optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)
         rng_file = path_ / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)

@@ -2,7 +2,7 @@
 
 It samples `n` completions per prompt with their per-token log-probs (and, for routing replay,
 the experts the engine chose), and takes new weights from the policy after every step.
-Results travel as plain dicts so the controller needs no engine types.
+Results travel as `Completion` dataclasses, so the controller needs no engine types.
 """
 from __future__ import annotations
 
@@ -10,64 +10,54 @@ from typing import Any
 
 import torch
 
+from r1pipe.workers.batch import Completion
+
 
 class RolloutWorker:
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0, num_threads: int = 1):
         from r1pipe.engine import LLM
 
         torch.set_num_threads(num_threads)
-        self.llm = LLM(model_path, seed=seed, **(engine_kwargs or {}))
+        self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
+        self._draft_seen = {"draft_tokens": 0, "accepted_tokens": 0}
 
     def generate(
         self,
-        prompts: list[str],
+        prompts: list[str] | list[list[int]],
         n: int,
         temperature: float,
         max_tokens: int,
         seeds: list[int] | None = None,
-        top_p: float = 1.0,
-        top_k: int = -1,
         stop: list[str] | None = None,
         return_routing: bool = False,
-    ) -> list[dict[str, Any]]:
-        """One dict per prompt: prompt_token_ids, prompt_routing, completions (token_ids, text,
-        logprobs, finish_reason, routing). `seeds` (one per prompt) make sampling reproducible."""
+    ) -> list[list[Completion]]:
+        """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
+        reproducible. GRPO trains on untruncated log-probs, so there is no top-p / top-k here."""
         from r1pipe.engine import SamplingParams
 
         params = [
-            SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                max_tokens=max_tokens,
-                stop=stop,
-                seed=None if seeds is None else seeds[i],
-                logprobs=True,
-                return_routing=return_routing,
-            )
+            SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop,
+                           seed=None if seeds is None else seeds[i], logprobs=True, return_routing=return_routing)
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            {
-                "prompt_token_ids": list(out.prompt_token_ids),
-                "prompt_routing": getattr(out, "prompt_routing", None),
-                "completions": [
-                    {
-                        "token_ids": list(c.token_ids),
-                        "text": c.text,
-                        "logprobs": list(c.logprobs) if c.logprobs is not None else None,
-                        "finish_reason": c.finish_reason,
-                        # the engine cuts a stop string from the text (as vLLM does); the rewards need it back
-                        "text_with_stop": c.text + (c.stop_reason if isinstance(getattr(c, "stop_reason", None), str) else ""),
-                        "routing": c.routing,
-                    }
-                    for c in sorted(out.outputs, key=lambda c: c.index)
-                ],
-            }
-            for out in outputs
-        ]
+        return [[self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    @staticmethod
+    def _completion(out: Any, c: Any) -> Completion:
+        routing = None
+        if c.routing is not None and getattr(out, "prompt_routing", None) is not None:
+            routing = torch.cat([out.prompt_routing, c.routing], dim=1)
+        stop = c.stop_reason if isinstance(getattr(c, "stop_reason", None), str) else ""
+        return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text + stop,
+                          logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing)
+
+    def take_draft_stats(self) -> tuple[int, int]:
+        """(draft tokens proposed, accepted) by MTP speculation since the last call."""
+        now = {k: int(self.llm.stats[k]) for k in self._draft_seen}
+        delta = (now["draft_tokens"] - self._draft_seen["draft_tokens"], now["accepted_tokens"] - self._draft_seen["accepted_tokens"])
+        self._draft_seen = now
+        return delta
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.llm.update_weights(state_dict)

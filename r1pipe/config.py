@@ -113,6 +113,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         untyped = OmegaConf.merge(raw, dotlist)
     except OmegaConfBaseException as e:
         raise _error(e) from None
+    except Exception as e:  # a value YAML cannot parse, e.g. one starting with '@' or '`'
+        raise ConfigError(f"overrides {list(overrides)}: cannot parse a value as YAML ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}); quote it, e.g. key='\"value\"'") from None
     tiny = (untyped.get("run") or {}).get("tiny_recipe")
     if tiny and not (untyped.get("model") or {}).get("path"):  # the overrides are for the tiny recipe
         if find_recipe(tiny) == path:

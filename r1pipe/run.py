@@ -95,12 +95,12 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
     return outputs
 
 
-STAGE_REF = re.compile(r"^@([A-Za-z_][\w-]*)\.(\w+)$")
+STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
 
 
 def resolve_stage_refs(stage_cfg: Any, outputs: dict[str, dict], name: str) -> Any:
-    """A stage config with every string field of the form `@stage.key` (e.g. `train_path:
-    "@pretrain.mixed_train_path"`, `model_path: "@pretrain.model_path"`) replaced by that earlier
+    """A stage config with every string field of the form `stage:NAME.KEY` (e.g. `train_path:
+    stage:pretrain.mixed_train_path`, `model_path: stage:pretrain.model_path`) replaced by that earlier
     stage's output; a reference to a stage that has not run or an output it lacks is a ConfigError."""
     for f in dataclasses.fields(stage_cfg):
         value = getattr(stage_cfg, f.name)

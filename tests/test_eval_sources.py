@@ -54,3 +54,15 @@ def test_suite_file_explicit_field_that_is_absent_names_the_option(tmp_path, cap
                       "--responses", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "--answer-field='gold'" in capsys.readouterr().err
+
+
+def test_eval_stage_takes_any_source_as_a_suite(tmp_path):
+    from omegaconf import OmegaConf
+
+    from r1pipe.stages.base import StageContext
+    from r1pipe.stages.evaluate import EvalConfig, resolve_suite_list
+
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "eval", recipe=OmegaConf.create({}), seed=0)
+    disk = write_source(tmp_path, "disk")
+    suites = resolve_suite_list(EvalConfig(suites=[disk, "aime24"]), ctx)
+    assert [len(s) for s in suites] == [3, 30] and suites[0].problems[1].reference["answer"] == "\\frac{3}{4}"

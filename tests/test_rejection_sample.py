@@ -38,7 +38,7 @@ def write_recipe(path: Path, stages: list[str], **sections) -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "r1pipe.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "r1pipe.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=2000)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +157,12 @@ def overrides(prefix: str, section: dict) -> list[str]:
             if k != "kind"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
     """`r1pipe run r1` (the tiny recipe) with seconds-long settings: every stage runs, the summary
     has each stage's per-domain accuracy and readability, and a re-run skips them all. Rejection
-    sampling reads the base (`@pretrain.model_path`) at T=0 on prompts whose answers are the
+    sampling reads the base (`stage:pretrain.model_path`) at T=0 on prompts whose answers are the
     base's own, so it keeps samples whatever a few RL steps did."""
     prompts, right, _ = known_prompts(base, tmp_path / "known.jsonl")
     args = [
@@ -168,7 +170,7 @@ def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
         "cluster.num_cpus=2", "cold_start.epochs=1",
         "reasoning_rl.steps=2", "reasoning_rl.prompts_per_step=4", "reasoning_rl.group_size=4",
         "reasoning_rl.heldout_size=4", "reasoning_rl.max_tokens=40",
-        f"rejection_sample.prompts_path={prompts}", "rejection_sample.model_path=@pretrain.model_path",
+        f"rejection_sample.prompts_path={prompts}", "rejection_sample.model_path=stage:pretrain.model_path",
         "rejection_sample.limit=0", "rejection_sample.temperature=0.0", "rejection_sample.k=2",
         "rejection_sample.max_tokens=40", "rejection_sample.shard_size=6", "rejection_sample.filters={}",
         "sft.epochs=1", "all_rl.steps=2", "all_rl.prompts_per_step=4", "all_rl.group_size=4", "all_rl.heldout_size=4",

@@ -14,20 +14,20 @@ class Cfg:
     kind: str = "x"
     train_path: Optional[str] = None
     model_path: Optional[str] = None
-    note: str = "@not a ref"
+    note: str = "stage: not a ref"
 
 
 def test_refs_resolve_to_earlier_outputs() -> None:
     outputs = {"pretrain": {"mixed_train_path": "/r/p/mixed.jsonl", "model_path": "/r/p/model"}}
-    cfg = resolve_stage_refs(Cfg(train_path="@pretrain.mixed_train_path", model_path="@pretrain.model_path"), outputs, "rl")
-    assert (cfg.train_path, cfg.model_path, cfg.note) == ("/r/p/mixed.jsonl", "/r/p/model", "@not a ref")
+    cfg = resolve_stage_refs(Cfg(train_path="stage:pretrain.mixed_train_path", model_path="stage:pretrain.model_path"), outputs, "rl")
+    assert (cfg.train_path, cfg.model_path, cfg.note) == ("/r/p/mixed.jsonl", "/r/p/model", "stage: not a ref")
 
 
 def test_bad_refs_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"rl.train_path='@sft.sft_path': stage 'sft' has not run before 'rl'"):
-        resolve_stage_refs(Cfg(train_path="@sft.sft_path"), {"pretrain": {}}, "rl")
+    with pytest.raises(ConfigError, match=r"rl.train_path='stage:sft.sft_path': stage 'sft' has not run before 'rl'"):
+        resolve_stage_refs(Cfg(train_path="stage:sft.sft_path"), {"pretrain": {}}, "rl")
     with pytest.raises(ConfigError, match=r"stage 'pretrain' has no output 'code_path' \(its outputs: model_path\)"):
-        resolve_stage_refs(Cfg(train_path="@pretrain.code_path"), {"pretrain": {"model_path": "/m"}}, "rl")
+        resolve_stage_refs(Cfg(train_path="stage:pretrain.code_path"), {"pretrain": {"model_path": "/m"}}, "rl")
 
 
 def test_tiny_recipe_applies_without_a_model(tmp_path) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.paged_cache import PagedLatentCache
-from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams
+from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
 from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.scheduler import Scheduler, Sequence, SequenceGroup
 from r1pipe.engine.speculative import SpeculativeDecoding
@@ -93,12 +93,7 @@ class LLM:
     def generate(self, prompts: Seq[str] | Seq[Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; results in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params = params or SamplingParams()
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        prompts, plist = pair_requests(prompts, params)
         groups = [self._make_group(p, sp) for p, sp in zip(prompts, plist)]
         for group in groups:
             self.scheduler.add(group)

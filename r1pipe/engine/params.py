@@ -76,3 +76,15 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_routing: torch.Tensor | None = None  # LongTensor[num_moe_layers, len(prompt), top_k]
     finished: bool = True
+
+
+def pair_requests(prompts, params: "SamplingParams | list[SamplingParams] | None") -> tuple[list, list[SamplingParams]]:
+    """generate()'s arguments as two equal lists: one prompt (text or token ids) may stand alone, one
+    SamplingParams serves every prompt; a list of params must match the prompts one to one."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = params or SamplingParams()
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+    return list(prompts), plist

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams
+from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
 
 
 def _import_vllm() -> Any:
@@ -80,12 +80,7 @@ class VLLMEngine:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; results in prompt order (as r1pipe.engine.LLM.generate)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params = params or SamplingParams()
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        prompts, plist = pair_requests(prompts, params)
         results = self._raw_generate(prompts, [self._params(p) for p in plist], use_tqdm)
         outputs = []
         for i, (r, p) in enumerate(zip(results, plist)):

@@ -88,6 +88,7 @@ REGISTRY: dict[str, SuiteSpec] = {
 }
 MATH_SUITES = tuple(name for name, spec in REGISTRY.items() if spec.kind == "math")
 CODE_SUITES = tuple(name for name, spec in REGISTRY.items() if spec.kind in CODE_KINDS)
+GROUPS = {"math": MATH_SUITES, "code": CODE_SUITES, "all": tuple(REGISTRY)}
 
 
 def data_path(relative: str) -> Path:
@@ -188,12 +189,11 @@ def resolve_suites(names: str | list[str]) -> list[Suite]:
     """'gsm8k,math500' or ['gsm8k', 'math'] -> suites; 'math' / 'code' / 'all' name groups."""
     if isinstance(names, str):
         names = [n for n in names.split(",")]
-    groups = {"math": MATH_SUITES, "code": CODE_SUITES, "all": tuple(REGISTRY)}
     expanded: list[str] = []
     for name in (n.strip() for n in names):
         if not name:
             continue
-        for item in groups.get(name, (name,)):
+        for item in GROUPS.get(name, (name,)):
             if item not in expanded:
                 expanded.append(item)
     return [load_suite(n) for n in expanded]

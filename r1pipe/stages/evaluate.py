@@ -2,14 +2,15 @@
 on evaluation suites with r1pipe.eval; one eval stage per model puts teacher and students on the
 same suites in one recipe.
 
-Suites are shipped names (gsm8k, math500, ...), paths to JSONL files of {"id", "prompt",
-"answer"}, or `heldout`: the held-out problems an earlier stage wrote (its "heldout_path").
+Suites are shipped names (gsm8k, math500, ... and the groups math / code / all), any data-layer
+source of math problems (a JSONL / Parquet / CSV file, a save_to_disk directory or a hub
+`name:split`; fields auto-detected), or `heldout`: the held-out problems an earlier stage wrote
+(its "heldout_path").
 Writes report.json / report.md / generations.jsonl in the stage folder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
@@ -25,7 +26,7 @@ class EvalConfig(StageConfig):
     temperature: float = 0.6  # the R1 paper's evaluation setting, when not greedy
     top_p: float = 0.95
     max_tokens: int = 4096
-    template: str = "r1-zero"  # r1pipe.eval templates: auto | r1-zero | r1 | raw
+    template: str = "r1-zero"  # r1pipe.data.templates: auto | r1-zero | r1 | chat | raw
     limit: Optional[int] = None  # first N problems of each suite
     pass_at: list[int] = field(default_factory=list)
     backend: str = "auto"
@@ -41,7 +42,7 @@ class EvalConfig(StageConfig):
 
 def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
     """Suite objects for r1pipe.eval.evaluate: names stay names, files and `heldout` are loaded."""
-    from r1pipe.eval.suites import load_suite_file, resolve_suites
+    from r1pipe.eval.suites import GROUPS, REGISTRY, load_suite_file, resolve_suites
 
     suites: list = []
     for name in cfg.suites:
@@ -51,10 +52,10 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
                 raise ValueError("eval suite 'heldout': no earlier stage of this run wrote a heldout_path")
             # rows carry the bare question in "problem" and the template is applied by eval
             suites.append(load_suite_file(path, name="heldout", prompt_field="problem"))
-        elif name.endswith(".jsonl") or Path(name).is_file():
-            suites.append(load_suite_file(Path(name).expanduser()))
-        else:
+        elif name in REGISTRY or name in GROUPS:
             suites.extend(resolve_suites(name))
+        else:  # a file, a save_to_disk directory or a hub dataset
+            suites.append(load_suite_file(name, log=lambda line: print(f"eval: {line}")))
     return suites
 
 

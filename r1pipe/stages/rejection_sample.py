@@ -133,6 +133,34 @@ def select_samples(texts: list[str], lengths: list[int], m: int, mode: str) -> l
     return picked
 
 
+def judge(reference: dict, samples: list, reward_names: list[str], filters: list, m: int, select: str) -> tuple[list, dict]:
+    """One prompt's samples -> ([(sample, index)] to keep, counts): graded correct by the row's
+    grader(s), then every filter (each failure counted per filter), then exact duplicates dropped,
+    then up to m selected."""
+    graders = graders_of(reward_names, reference)
+    counts = {"generated": len(samples), "correct": 0, "duplicates": 0, "rejected": {f.name: 0 for f in filters}}
+    candidates: list[tuple[Any, int]] = []
+    seen: set[str] = set()
+    for index, s in enumerate(samples):
+        if not all(s.components.get(g, 0.0) > 0.5 for g in graders):
+            continue
+        counts["correct"] += 1
+        failed = [f.name for f in filters if not f(s.text, reference)]
+        for name in failed:
+            counts["rejected"][name] += 1
+        if failed:
+            continue
+        key = s.text.strip()
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        candidates.append((s, index))
+    picked = select_samples([s.text for s, _ in candidates], [s.num_tokens for s, _ in candidates], m, select)
+    counts["kept"] = len(picked)
+    return [candidates[i] for i in picked], counts
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -183,33 +211,9 @@ class RejectionSampler:
         return (rows[: cfg.limit] if cfg.limit else rows), report.to_dict()
 
     def judge(self, row, samples) -> tuple[list[dict], dict]:
-        """One prompt's records to keep and its counts: graded correct, rejected per filter,
-        duplicates, kept."""
-        from r1pipe.stages.scored_sampling import Sample
-
-        graders = graders_of(self.reward_names, row.reference)
-        counts = {"generated": len(samples), "correct": 0, "duplicates": 0, "rejected": {f.name: 0 for f in self.filters}}
-        candidates: list[tuple[Sample, int]] = []
-        seen: set[str] = set()
-        for index, s in enumerate(samples):
-            if not all(s.components.get(g, 0.0) > 0.5 for g in graders):
-                continue
-            counts["correct"] += 1
-            failed = [f.name for f in self.filters if not f(s.text, row.reference)]
-            for name in failed:
-                counts["rejected"][name] += 1
-            if failed:
-                continue
-            key = s.text.strip()
-            if key in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(key)
-            candidates.append((s, index))
-        picked = select_samples([s.text for s, _ in candidates], [s.num_tokens for s, _ in candidates],
-                                self.cfg.max_per_prompt, self.cfg.select)
-        counts["kept"] = len(picked)
-        return [self.record(row, *candidates[i]) for i in picked], counts
+        """One prompt's records to keep, and its counts."""
+        picked, counts = judge(row.reference, samples, self.reward_names, self.filters, self.cfg.max_per_prompt, self.cfg.select)
+        return [self.record(row, s, index) for s, index in picked], counts
 
     def record(self, row, sample, index: int) -> dict:
         """A kept sample: it passed its grader and every filter."""

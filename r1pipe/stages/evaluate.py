@@ -1,4 +1,4 @@
-"""Stage `eval`: score a model of the run (the newest, or `model_path`, e.g. "@teacher.model_path")
+"""Stage `eval`: score a model of the run (the newest, or `model_path`, e.g. `stage:teacher.model_path`)
 on evaluation suites with r1pipe.eval; one eval stage per model puts teacher and students on the
 same suites in one recipe.
 
@@ -11,6 +11,7 @@ Writes report.json / report.md / generations.jsonl in the stage folder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from r1pipe.stages.base import StageConfig, StageContext, register_stage

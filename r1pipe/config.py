@@ -28,6 +28,9 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # run directories go to <out_dir>/<name>, relative to the working directory
     seed: int = 0
+    # with model.path unset, run this shipped recipe instead (the embedded tiny world), with the
+    # same overrides: `r1pipe run r1` is the tiny R1 pipeline, `r1pipe run r1 model.path=/ckpt` the real one
+    tiny_recipe: Optional[str] = None
 
 
 @dataclass
@@ -110,6 +113,14 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         untyped = OmegaConf.merge(raw, dotlist)
     except OmegaConfBaseException as e:
         raise _error(e) from None
+    except Exception as e:  # a value YAML cannot parse, e.g. one starting with '@' or '`'
+        raise ConfigError(f"overrides {list(overrides)}: cannot parse a value as YAML ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}); quote it, e.g. key='\"value\"'") from None
+    tiny = (untyped.get("run") or {}).get("tiny_recipe")
+    if tiny and not (untyped.get("model") or {}).get("path"):  # the overrides are for the tiny recipe
+        if find_recipe(tiny) == path:
+            raise ConfigError(f"run.tiny_recipe={tiny!r}: names the recipe itself")
+        return load_recipe(tiny, overrides)
     return validate(untyped, dotlist)
 
 

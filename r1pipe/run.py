@@ -8,10 +8,13 @@ resumes from its own last checkpoint. So re-running the same command continues a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -73,7 +76,7 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
         stage_dir.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=cfg, seed=int(cfg.run.seed), outputs=dict(outputs))
         t0 = time.time()
-        result = spec.fn(stage_config(cfg, name), ctx)
+        result = spec.fn(resolve_stage_refs(stage_config(cfg, name), outputs, name), ctx)
         if not isinstance(result, dict):
             raise TypeError(f"stage {name!r} ({section.kind}) returned {type(result).__name__}, not a dict of outputs")
         json.dumps(result)  # outputs must be JSON-serialisable; fail here, not on re-run
@@ -92,9 +95,32 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
     return outputs
 
 
+STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
+
+
+def resolve_stage_refs(stage_cfg: Any, outputs: dict[str, dict], name: str) -> Any:
+    """A stage config with every string field of the form `stage:NAME.KEY` (e.g. `train_path:
+    stage:pretrain.mixed_train_path`, `model_path: stage:pretrain.model_path`) replaced by that earlier
+    stage's output; a reference to a stage that has not run or an output it lacks is a ConfigError."""
+    for f in dataclasses.fields(stage_cfg):
+        value = getattr(stage_cfg, f.name)
+        m = STAGE_REF.match(value) if isinstance(value, str) else None
+        if m is None:
+            continue
+        stage, key = m.groups()
+        if stage not in outputs:
+            raise ConfigError(f"{name}.{f.name}={value!r}: stage {stage!r} has not run before {name!r} (earlier stages: {', '.join(outputs) or 'none'})")
+        if outputs[stage].get(key) is None:
+            raise ConfigError(f"{name}.{f.name}={value!r}: stage {stage!r} has no output {key!r} (its outputs: {', '.join(outputs[stage])})")
+        setattr(stage_cfg, f.name, str(outputs[stage][key]))
+    return stage_cfg
+
+
 def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[str, float]) -> dict:
     """The figures people look for first: held-out accuracy before and after RL (from the last
-    stage that reports them), steps, total wall time, and each eval suite's pass@1."""
+    stage that reports them), steps, total wall time, each eval suite's pass@1 (the last eval stage's
+    under `eval`, every eval stage's under `evals`), a compare stage's table (`comparison`), and the per-stage
+    scorecard (held-out accuracy per domain, readability) when the recipe has one."""
     summary: dict = {"recipe": cfg.run.name, "stages": list(cfg.stages)}
     for name in cfg.stages:
         out = outputs.get(name, {})
@@ -103,6 +129,13 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[s
                 summary[key] = out[key]
         for suite, report in (out.get("suites") or {}).items():
             summary.setdefault("eval", {})[suite] = {k: report[k] for k in ("pass@1", "n_problems", "k") if k in report}
+        if out.get("scorecard"):
+            summary["per_stage"] = out["scorecard"]
+        if "report_path" in out:  # every eval stage, by name: several models on the same suites
+            summary.setdefault("evals", {})[name] = {"model_path": out.get("model_path"), **{
+                suite: report.get("pass@1") for suite, report in (out.get("suites") or {}).items()}}
+        if out.get("comparison"):
+            summary["comparison"] = out["comparison"]
     summary["stage_seconds"] = {name: stage_seconds[name] for name in cfg.stages if name in stage_seconds}
     summary["wall_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
     return summary

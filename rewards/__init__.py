@@ -5,12 +5,12 @@ math: `extract_answer`, `math_equal`; rewards: `build_reward_fn(weights, **optio
 `r1pipe.rewards.sandbox.run_python`; parallel scoring: `r1pipe.rewards.worker.RewardPool`.
 """
 
-from .compose import REWARDS, RewardFn, RewardOptions, RewardResult, build_reward_fn, missing_reference
+from .compose import DOMAIN_REWARDS, REWARDS, RewardFn, RewardOptions, RewardResult, build_reward_fn, missing_reference, routed_rewards
 from .extract import extract_answer, extract_gsm8k_gold, find_boxed, last_boxed
 from .grader import Verdict, math_equal, verify_math
 
 __all__ = [
-    "REWARDS", "RewardFn", "RewardOptions", "RewardResult", "build_reward_fn", "missing_reference",
+    "DOMAIN_REWARDS", "REWARDS", "RewardFn", "RewardOptions", "RewardResult", "build_reward_fn", "missing_reference", "routed_rewards",
     "extract_answer", "extract_gsm8k_gold", "find_boxed", "last_boxed",
     "Verdict", "math_equal", "verify_math",
 ]

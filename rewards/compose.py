@@ -7,6 +7,8 @@ out scores 0, is named in info["errors"], and the run goes on.
 from __future__ import annotations
 
 import logging
+import re
+import textwrap
 import traceback
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
@@ -63,8 +65,15 @@ def accuracy_reward(completion: str, reference: dict, opt: RewardOptions) -> tup
     return float(v.equal), info
 
 
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
+
+
 def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
+    """The program after `</think>` (inside `<answer>` tags when the R1-Zero template put it there)."""
     text = completion.split("</think>", 1)[1] if "</think>" in completion else completion
+    tagged = _ANSWER_BLOCK.search(text)
+    if tagged:
+        text = textwrap.dedent(tagged.group(1).strip("\n"))
     if "entry_point" in reference and "test" in reference:
         res = check_humaneval(reference, text, opt.code_timeout_s, opt.code_memory_mb)
     elif "test_list" in reference:
@@ -117,7 +126,7 @@ class RewardFn:
     def __call__(self, completion: str, reference: dict) -> RewardResult:
         components: dict[str, float] = {}
         info: dict = {"errors": {}, "timeouts": []}
-        for name, weight in self.weights.items():
+        for name in routed_rewards(self.weights, reference):
             try:
                 score, detail = REWARDS[name](completion, reference, self.options)
             except Exception as exc:  # a crashing reward scores 0 and is counted, never stops the run
@@ -155,11 +164,56 @@ def build_reward_fn(weights: dict[str, float], **options) -> RewardFn:
 CODE_TEST_FIELDS = (("entry_point", "test"), ("test_list",), ("inputs", "outputs"))
 
 
+def has_tests(reference: dict) -> bool:
+    return any(all(reference.get(k) is not None for k in group) for group in CODE_TEST_FIELDS)
+
+
+def has_answer(reference: dict) -> bool:
+    return bool(str(reference.get("answer") or "").strip())
+
+
+def infer_domain(reference: dict) -> str | None:
+    """A row without a `domain`: "code" when it has tests and no answer, "math" when it has an
+    answer and no tests, else None (every reward applies)."""
+    if has_tests(reference) != has_answer(reference):
+        return "code" if has_tests(reference) else "math"
+    return None
+
+
+# Per-sample routing (all-scenario RL): the rewards that grade one domain's solutions; the others
+# (format, format_lenient, language) read any response.
+DOMAIN_REWARDS: dict[str, tuple[str, ...]] = {"math": ("accuracy",), "code": ("code",)}
+
+
+def routed_rewards(names: Iterable[str], reference: dict) -> list[str]:
+    """The rewards among `names` that apply to the row `reference`, in the given order.
+
+    A row's `rewards` (a list of names) picks them explicitly; else its `domain` (or, without one,
+    infer_domain's) keeps that domain's grader and drops every other domain's (a `domain` with no
+    grader of its own, e.g. "chat", keeps only the domain-free rewards); else all of `names`.
+    """
+    names = list(names)
+    wanted = reference.get("rewards")
+    if wanted is not None:
+        if isinstance(wanted, str) or not all(isinstance(w, str) for w in wanted):
+            raise ValueError(f"a row's 'rewards' must be a list of reward names, got {wanted!r}")
+        return [n for n in names if n in set(wanted)]
+    domain = reference.get("domain") or infer_domain(reference)
+    if domain is None:
+        return names
+    foreign = {r for d, rs in DOMAIN_REWARDS.items() if d != domain for r in rs}
+    return [n for n in names if n not in foreign]
+
+
 def missing_reference(rewards: Iterable[str], reference: dict) -> str | None:
-    """Why `reference` cannot be scored by the named rewards, or None when it can."""
-    names = set(rewards)
-    if "accuracy" in names and not str(reference.get("answer") or "").strip():
+    """Why `reference` cannot be scored by the named rewards that apply to it (per-row routing,
+    see routed_rewards), or None when it can."""
+    try:
+        names = set(routed_rewards(rewards, reference))
+    except ValueError as e:
+        return str(e)
+    if "accuracy" in names and not has_answer(reference):
         return "no answer (the accuracy reward needs one)"
-    if "code" in names and not any(all(reference.get(k) is not None for k in group) for group in CODE_TEST_FIELDS):
+    if "code" in names and not has_tests(reference):
         return "no tests (the code reward needs entry_point+test, test_list or inputs+outputs)"
     return None

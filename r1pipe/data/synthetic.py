@@ -202,3 +202,135 @@ def corpus_texts(
         worked = rng.random() < worked_fraction
         out.append((r1_zero_prompt(p.question), completion(p, worked, rng, guess_correct)))
     return out
+
+
+# ---------------------------------------------------------------- the R1 world
+#
+# The R1 recipe's tiny world adds, behind options whose defaults leave everything above as it is:
+# - readable steps: each column step carries words ("step 7+5=12 keep 2"), so the chain of thought
+#   has a language whose consistency can be measured;
+# - language mixing: in a share of the corpus the step words switch, step by step, to a second
+#   script ("步 7+5=12 留 2"), the small-scale echo of R1-Zero's mixed-language chains;
+# - a summary closing the chain of thought ("so 347 + 85 = 432"), the R1 output format of the
+#   cold-start set (reasoning, a short summary, then the answer);
+# - a code domain: "write a Python function" tasks whose constant must be worked out, graded by
+#   running tests (`test_list`, MBPP style) in the sandbox through the code reward.
+
+STEP_WORDS: dict[str, tuple[str, str]] = {"en": ("step", "keep"), "zh": ("步", "留")}
+SECOND_LANGUAGE = "zh"
+DOMAINS = ("math", "code")
+
+
+def readable_steps(p: Problem, rng: random.Random | None = None, mix: float = 0.0) -> str:
+    """worked_steps with words around each step: "step 7+5=12 keep 2 ; step 4+8+1=13 keep 32".
+    With mix > 0 each step's words are the second language's with that probability (rng draws)."""
+    out = []
+    for step in worked_steps(p).split(" ; "):
+        expr, partial = step.rsplit(" ", 1)
+        lang = SECOND_LANGUAGE if mix > 0 and rng is not None and rng.random() < mix else "en"
+        head, keep = STEP_WORDS[lang]
+        out.append(f"{head} {expr} {keep} {partial}")
+    return " ; ".join(out)
+
+
+def summary(p: Problem) -> str:
+    """The short summary that closes an R1-format chain of thought."""
+    return f"so {p.a} {OPERATORS[p.kind]} {p.b} = {p.answer}"
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    """"Write a Python function f(x) that returns x plus <a op b>.": the constant a op b has to be
+    worked out (the tests check f at several points, so only the right constant passes)."""
+
+    problem: Problem
+
+    @property
+    def question(self) -> str:
+        p = self.problem
+        return f"Write a Python function f(x) that returns x plus {p.a} {OPERATORS[p.kind]} {p.b}."
+
+    @property
+    def tutor_question(self) -> str:
+        return self.question[:-1] + ", working the constant out step by step."
+
+    def program(self, constant: int) -> str:
+        return f"def f(x): return x + {constant}"
+
+    @property
+    def test_list(self) -> list[str]:
+        c = self.problem.answer
+        return [f"assert f({x}) == {x + c}" for x in (0, 3, -7)]
+
+
+def r1_completion(p: Problem, *, worked: bool, rng: random.Random, guess_correct: float, code: bool = False,
+                  mix: float = 0.0, with_summary: bool = False) -> str:
+    """A completion in the R1 world: readable (possibly mixed) steps or a bare guess; the answer is
+    the number, or for a code task the program with that constant."""
+    if worked:
+        think = readable_steps(p, rng, mix) + (f" ; {summary(p)}" if with_summary else "")
+        value = p.answer
+    else:
+        think, value = GUESS_THINK, guess_answer(p, rng, guess_correct)
+    answer = CodeTask(p).program(value) if code else str(value)
+    return f" <think> {think} </think> <answer> {answer} </answer>"
+
+
+def math_row(p: Problem, id_: str) -> dict:
+    return {**problem_row(p, id_), "domain": "math"}
+
+
+def code_row(task: CodeTask, id_: str) -> dict:
+    """A code-domain row: the prompt (R1-Zero template applied) and MBPP-style tests."""
+    return {"id": id_, "prompt": r1_zero_prompt(task.question), "problem": task.question,
+            "test_list": task.test_list, "domain": "code", "kind": task.problem.kind}
+
+
+def r1_corpus_texts(n: int, seed: int, kinds: tuple[str, ...] | list[str], max_digits: int, *, worked_fraction: float,
+                    guess_correct: float, exclude: set[Problem], tutor_fraction: float, mix_fraction: float,
+                    mix_prob: float, code_fraction: float) -> list[tuple[str, str]]:
+    """The R1 world's pre-training corpus (see corpus_texts for the tutor / worked / guess split):
+    readable steps, a mix_fraction share of worked completions mixing scripts step by step with
+    probability mix_prob, and a code_fraction share of code tasks."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        p = sample_problem(rng, kinds, max_digits)
+        if p in exclude:
+            continue
+        code = rng.random() < code_fraction
+        task = CodeTask(p)
+        tutor = rng.random() < tutor_fraction
+        worked = tutor or rng.random() < worked_fraction
+        mix = mix_prob if worked and rng.random() < mix_fraction else 0.0
+        if code:
+            question = task.tutor_question if tutor else task.question
+        else:
+            question = p.tutor_question if tutor else p.question
+        out.append((r1_zero_prompt(question),
+                    r1_completion(p, worked=worked, rng=rng, guess_correct=guess_correct, code=code, mix=mix)))
+    return out
+
+
+def cold_start_rows(n: int, seed: int, kinds: tuple[str, ...] | list[str], max_digits: int, exclude: set[Problem],
+                    code_fraction: float) -> list[tuple[Problem, dict]]:
+    """The cold-start set: n readable worked solutions in the R1 output format (English steps, a
+    summary, then the answer), as (problem, {"id", "prompt" (the bare question), "response", "domain"})."""
+    rng = random.Random(seed)
+    out: list[tuple[Problem, dict]] = []
+    seen: set[tuple[bool, Problem]] = set()
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * (n + 10):
+            raise ValueError(f"cannot draw {n} distinct cold-start problems of {list(kinds)} with max_digits={max_digits}")
+        p = sample_problem(rng, kinds, max_digits)
+        code = rng.random() < code_fraction
+        if p in exclude or (code, p) in seen:
+            continue
+        seen.add((code, p))
+        question = CodeTask(p).question if code else p.question
+        response = r1_completion(p, worked=True, rng=rng, guess_correct=0.0, code=code, with_summary=True)
+        out.append((p, {"id": f"cold-{len(out)}", "prompt": question, "response": response.strip(),
+                         "domain": "code" if code else "math"}))
+    return out

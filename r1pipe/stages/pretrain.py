@@ -59,6 +59,21 @@ class PretrainConfig(StageConfig):
     eval_size: int = 256  # 0 skips it
     eval_max_tokens: int = 64
     cache_dir: Optional[str] = "~/.cache/r1pipe/tiny-base"  # None: never reuse or store a finished base
+    # the R1 world (r1pipe.data.synthetic): world "r1" writes readable steps ("step 7+5=12 keep 2")
+    # and enables the options below; the defaults leave the R1-Zero corpus (and its cache key) as is
+    world: str = "r1-zero"  # r1-zero | r1
+    mix_fraction: float = 0.0  # share of worked corpus completions whose step words switch script ...
+    mix_prob: float = 0.5  # ... each step with this probability
+    code_fraction: float = 0.0  # share of the corpus (and of the cold-start set) that are code tasks
+    code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
+    code_heldout_size: int = 0
+    cold_start_size: int = 0  # readable worked solutions in the R1 format, written to sft_path
+    # the model this stage trains (e.g. a distillation student with a base of its own): None keeps the
+    # recipe's model.preset / model.overrides; else an r1pipe DeepSeek-V3 preset (`tiny`, ...) or a dense
+    # Hugging Face preset (`tiny-qwen2`, `tiny-llama`: r1pipe.causal_lm.DENSE_PRESETS, through transformers),
+    # with model_overrides over it (ModelConfig fields for V3, transformers config fields for dense)
+    preset: Optional[str] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from r1pipe.data.synthetic import KINDS
@@ -76,6 +91,39 @@ class PretrainConfig(StageConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world={self.world!r}: choose one of {WORLDS}")
+        for name in ("mix_fraction", "mix_prob", "code_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        for name in ("code_train_size", "code_heldout_size", "cold_start_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.preset is None and self.model_overrides:
+            raise ValueError("model_overrides: only used with a stage preset (else model.overrides applies)")
+        if self.preset is not None:
+            from r1pipe.causal_lm import DENSE_PRESETS
+            from r1pipe.model.config import PRESETS
+
+            if self.preset not in DENSE_PRESETS and self.preset not in PRESETS:
+                raise ValueError(f"preset={self.preset!r}: choose an r1pipe DeepSeek-V3 preset ({', '.join(PRESETS)}) "
+                                 f"or a dense preset ({', '.join(DENSE_PRESETS)})")
+        if self.world == "r1-zero":
+            used = [name for name in R1_WORLD_FIELDS if getattr(self, name) != R1_WORLD_DEFAULTS[name]]
+            if used:
+                raise ValueError(f"{', '.join(used)}: only used with world=r1 (world is {self.world!r})")
+        elif self.code_fraction > 0 and (self.code_train_size < 1 or self.code_heldout_size < 1):
+            raise ValueError("code_fraction > 0 needs code_train_size >= 1 and code_heldout_size >= 1")
+
+
+WORLDS = ("r1-zero", "r1")
+R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "code_fraction": 0.0,
+                     "code_train_size": 0, "code_heldout_size": 0, "cold_start_size": 0}
+R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
+# what a finished base leaves in its stage folder (and in the cache), by output key
+OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "code_train_path": "code_train.jsonl",
+                "code_heldout_path": "code_heldout.jsonl", "mixed_train_path": "mixed_train.jsonl",
+                "mixed_heldout_path": "mixed_heldout.jsonl", "sft_path": "cold_start.jsonl"}
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -83,9 +131,19 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
+def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
+    """The model section this stage trains: the recipe's, with the stage's preset and overrides when it names one."""
+    if cfg.preset is None:
+        return dict(recipe_model)
+    return {**recipe_model, "preset": cfg.preset, "overrides": dict(cfg.model_overrides)}
+
+
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
-    """Everything that shapes the base (not where it is written or how it is checked)."""
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")}
+    """Everything that shapes the base (not where it is written or how it is checked); `model_section`
+    is stage_model_section's, so the stage's preset and model_overrides enter through it."""
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
+                                                                   "eval_max_tokens", "preset", "model_overrides")
+               and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": 1}, sort_keys=True)
@@ -111,7 +169,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _copy_outputs(src: Path, dst: Path) -> None:
-    for name in ("model", "train.jsonl", "heldout.jsonl", "base_eval.json"):
+    for name in ("model", "base_eval.json", *OUTPUT_FILES.values()):
         s, d = src / name, dst / name
         if not s.exists():
             continue
@@ -122,10 +180,10 @@ def _copy_outputs(src: Path, dst: Path) -> None:
 
 def _outputs(stage_dir: Path, key: str) -> dict:
     report = json.loads((stage_dir / "base_eval.json").read_text()) if (stage_dir / "base_eval.json").exists() else {}
+    files = {k: str(stage_dir / name) for k, name in OUTPUT_FILES.items() if (stage_dir / name).exists()}
     return {
         "model_path": str(stage_dir / "model"),
-        "train_path": str(stage_dir / "train.jsonl"),
-        "heldout_path": str(stage_dir / "heldout.jsonl"),
+        **files,
         "base_key": key,
         **{k: v for k, v in report.items() if k != "samples"},
     }
@@ -133,7 +191,7 @@ def _outputs(stage_dir: Path, key: str) -> dict:
 
 @register_stage("pretrain", PretrainConfig)
 def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
-    model_section = OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {}
+    model_section = stage_model_section(cfg, OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {})
     key = base_key(cfg, model_section, ctx.seed)
     stage_dir = ctx.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +226,8 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     from r1pipe.data.jsonl import write_jsonl
     from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
     from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss, save_pretrained
+    from r1pipe.causal_lm import DENSE_PRESETS, dense_config
+    from r1pipe.model import Precision
     from r1pipe.stages.base_eval import measure_accuracy
 
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
@@ -183,14 +242,22 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
     n_corpus = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
     n_corpus = min(n_corpus, 200_000)
-    corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
-                          cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
+    if cfg.world == "r1":
+        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train, n_corpus)
+    else:
+        corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
+                              cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
 
     # 2. tokenizer (deterministic given the corpus), saved beside the weights
     model_dir = stage_dir / "model"
     if not (model_dir / "tokenizer.json").exists():
         tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
         save_tokenizer(tok, model_dir)
+    preset = model_section.get("preset") or "tiny"
+    if preset in DENSE_PRESETS and not (model_dir / "config.json").exists():
+        # transformers picks a dense model's tokenizer class from config.json's model_type: write it
+        # first, so the corpus is tokenized exactly as every later load (SFT, eval) tokenizes
+        dense_config(preset, load_tokenizer(model_dir), **(model_section.get("overrides") or {})).save_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
 
     # prompt and completion are encoded apart, exactly as generation sees them (a prompt is
@@ -200,18 +267,9 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     examples = [(p, c + [eos]) for p, c in zip(prompts, completions)]
 
-    # 3. model: the preset with the recipe's overrides, vocabulary from the tokenizer
-    config = ModelConfig.preset(model_section.get("preset") or "tiny")
-    for name, value in (model_section.get("overrides") or {}).items():
-        if not hasattr(config, name):
-            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
-        setattr(config, name, value)
-    config.vocab_size = len(tokenizer)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, eos, pad
-    config.torch_dtype = "float32"
-    config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
-    torch.manual_seed(seed)  # the model initialises from torch's default generator
-    model = apply_precision(Transformer(config), precision)  # fp32 masters; bf16 compute under autocast
+    # 3. model: the preset with the recipe's (or the stage's) overrides, vocabulary from the tokenizer
+    lm = build_model(model_section, tokenizer, precision, seed, model_dir)
+    model = lm.module
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -242,15 +300,14 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                 loss_mask[row, len(p): len(p) + len(c)] = True
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            out = model(ids, mtp=cfg.mtp)
-            loss, metrics = lm_loss(out, ids, loss_mask=loss_mask)
+            loss = base_loss(lm, ids, loss_mask, cfg.mtp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            model.update_router_bias()
+            lm.after_optimizer_step()
             tokens_seen += int(loss_mask.sum())
-            loss_value = metrics["loss"]
+            loss_value = loss.item()
             loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
@@ -259,7 +316,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                                     "torch_rng": torch.get_rng_state()}, ckpt_path)
     train_seconds = time.time() - t_train
 
-    save_pretrained(model, model_dir)
+    lm.save(model_dir)
     report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
                               "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:
@@ -276,3 +333,76 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     report["seconds"] = round(time.time() - t0, 1)
     (stage_dir / "base_eval.json").write_text(json.dumps(report, indent=2))
     ckpt_path.unlink(missing_ok=True)
+
+
+def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, model_dir: Path) -> Any:
+    """A freshly initialised CausalLM (r1pipe.causal_lm) of the section's preset, sized to the tokenizer:
+    r1pipe's DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
+    from r1pipe.model import ModelConfig, Transformer, apply_precision
+
+    preset = model_section.get("preset") or "tiny"
+    overrides = dict(model_section.get("overrides") or {})
+    torch.manual_seed(seed)  # the model initialises from torch's default generator
+    if preset in DENSE_PRESETS:
+        if precision.fp8:
+            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3, not the dense preset {preset!r}")
+        config = dense_config(preset, tokenizer, **overrides)
+        return CausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config.model_type, model_dir, precision.dtype)
+    config = ModelConfig.preset(preset)
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
+        setattr(config, name, value)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.torch_dtype = "float32"
+    config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
+    # fp32 masters; bf16 compute under autocast
+    return CausalLM(apply_precision(Transformer(config), precision), V3, model_dir, precision.dtype)
+
+
+def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
+    """Mean next-token CE over the completion tokens (loss_mask [B,S]); V3 adds its MTP modules' loss."""
+    from r1pipe.algo.sft import masked_ce_sum
+    from r1pipe.model import lm_loss
+
+    if lm.is_v3:
+        return lm_loss(lm.module(ids, mtp=mtp), ids, loss_mask=loss_mask)[0]
+    logits, _ = lm.forward(ids)
+    total, count = masked_ce_sum(logits, ids, loss_mask)
+    return total / count.clamp(min=1)
+
+
+def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:
+    """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
+    corpus, which avoids every held-out, RL and cold-start problem."""
+    from r1pipe.data.jsonl import write_jsonl
+    from r1pipe.data.synthetic import CodeTask, code_row, cold_start_rows, make_splits, math_row, r1_corpus_texts
+
+    exclude = set(heldout) | set(train)
+    code_heldout, code_train = make_splits(seed + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
+                                           cfg.code_train_size) if cfg.code_fraction > 0 else ([], [])
+    exclude |= set(code_heldout) | set(code_train)
+    math_heldout_rows = [math_row(p, f"heldout-{i}") for i, p in enumerate(heldout)]
+    code_heldout_rows = [code_row(CodeTask(p), f"code-heldout-{i}") for i, p in enumerate(code_heldout)]
+    code_train_rows = [code_row(CodeTask(p), f"code-train-{i}") for i, p in enumerate(code_train)]
+    math_train_rows = [math_row(p, f"train-{i}") for i, p in enumerate(train)]
+    if code_train_rows:
+        write_jsonl(stage_dir / OUTPUT_FILES["code_train_path"], code_train_rows)
+        write_jsonl(stage_dir / OUTPUT_FILES["code_heldout_path"], code_heldout_rows)
+    # mixed train: code rows spread evenly through the math rows, so any prefix mixes both
+    mixed = sorted([(i / max(len(math_train_rows), 1), 0, r) for i, r in enumerate(math_train_rows)]
+                   + [(i / max(len(code_train_rows), 1), 1, r) for i, r in enumerate(code_train_rows)], key=lambda t: t[:2])
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_train_path"], (r for _, _, r in mixed))
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_heldout_path"], math_heldout_rows + code_heldout_rows)
+    if cfg.cold_start_size:
+        cold = cold_start_rows(cfg.cold_start_size, seed + 3, cfg.problem_kinds, cfg.max_digits, exclude, cfg.code_fraction)
+        write_jsonl(stage_dir / OUTPUT_FILES["sft_path"], (row for _, row in cold))
+        exclude |= {p for p, _ in cold}
+    return r1_corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, worked_fraction=cfg.worked_fraction,
+                           guess_correct=cfg.guess_correct, exclude=exclude, tutor_fraction=cfg.tutor_fraction,
+                           mix_fraction=cfg.mix_fraction, mix_prob=cfg.mix_prob, code_fraction=cfg.code_fraction)

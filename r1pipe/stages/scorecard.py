@@ -1,0 +1,118 @@
+"""Stage `scorecard`: every model of the run on the same held-out problems, per domain.
+
+For each earlier stage that produced a model (or the stages named in `models`), greedy answers to
+the first `per_domain` held-out rows of each domain (math, code, ...) are scored with per-row
+reward routing (math: the accuracy reward; code: the code reward, tests run in the sandbox) and
+the readability figures of r1pipe.rewards.readability: format compliance, language consistency
+of the chain of thought, share of responses mixing scripts, mean length in tokens. The run's
+summary.json carries the table as `per_stage`. Results per model are written as they finish,
+so an interrupted scorecard resumes with the models it has not scored yet.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from r1pipe.data.templates import TEMPLATES
+from r1pipe.stages.base import StageConfig, StageContext, register_stage
+
+
+@dataclass
+class ScorecardConfig(StageConfig):
+    kind: str = "scorecard"
+    heldout_path: Optional[str] = None  # default: the newest earlier output `heldout_from`
+    heldout_from: str = "mixed_heldout_path"
+    per_domain: int = 128  # first N held-out rows of each domain
+    models: list[str] = field(default_factory=list)  # stage names; []: every earlier stage with a model_path
+    template: str = "r1-zero"
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    reward_weights: Optional[dict[str, float]] = None  # None: accuracy, code, format, language
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 64
+    num_reward_workers: int = 1
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.reward_weights is None:
+            self.reward_weights = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        for name in ("per_domain", "max_tokens", "chunk_size", "num_reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def domain_scores(rows: list, samples: list, reward_names: list[str]) -> dict[str, Any]:
+    """Accuracy per domain (the row's grader > 0.5) and readability over all rows, one greedy sample each."""
+    from r1pipe.rewards.compose import infer_domain
+    from r1pipe.rewards.readability import readability
+    from r1pipe.stages.rejection_sample import graders_of
+
+    per: dict[str, list[float]] = {}
+    for row, (s,) in zip(rows, samples):
+        domain = row.reference.get("domain") or infer_domain(row.reference) or "other"
+        graders = graders_of(reward_names, row.reference)
+        per.setdefault(domain, []).append(float(bool(graders) and all(s.components.get(g, 0.0) > 0.5 for g in graders)))
+    figures = readability([s.text for (s,) in samples], [r.reference for r in rows], [s.num_tokens for (s,) in samples])
+    return {"accuracy": {d: round(sum(v) / len(v), 4) for d, v in sorted(per.items())},
+            "n": {d: len(v) for d, v in sorted(per.items())}, **figures.to_dict()}
+
+
+@register_stage("scorecard", ScorecardConfig)
+def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
+    from r1pipe.causal_lm import load_tokenizer
+    from r1pipe.data import load_prompt_rows
+    from r1pipe.rewards import missing_reference
+    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+
+    names = list(cfg.models) or [n for n, out in ctx.outputs.items() if out.get("model_path")]
+    missing = [n for n in names if not (ctx.outputs.get(n) or {}).get("model_path")]
+    if missing or not names:
+        raise ValueError(f"scorecard.models: {missing or 'none'}: no earlier stage model (stages with one: "
+                         f"{[n for n, o in ctx.outputs.items() if o.get('model_path')]})")
+    source = cfg.heldout_path or ctx.output(cfg.heldout_from)
+    if not source:
+        raise ValueError(f"scorecard: no held-out set (set heldout_path or run a stage that outputs {cfg.heldout_from!r})")
+    weights = dict(cfg.reward_weights)
+    first_model = ctx.outputs[names[0]]["model_path"]
+    rows, report = load_prompt_rows(str(source), load_tokenizer(first_model), template=cfg.template,
+                                    check_reference=lambda ref: missing_reference(weights, ref), option_prefix="scorecard.",
+                                    log=lambda line: print(f"scorecard: {line}"))
+    from r1pipe.rewards.compose import infer_domain
+
+    taken: dict[str, int] = {}
+    picked = []
+    for r in rows:
+        d = r.reference.get("domain") or infer_domain(r.reference) or "other"
+        if taken.get(d, 0) < cfg.per_domain:
+            taken[d] = taken.get(d, 0) + 1
+            picked.append(r)
+    out_dir = Path(ctx.stage_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ray_init(ctx.recipe)
+    table: dict[str, dict] = {}
+    for name in names:
+        done = out_dir / f"{name}.json"
+        if done.exists():
+            table[name] = json.loads(done.read_text())
+            continue
+        sampling = Sampling(k=1, temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop), seed=ctx.seed)
+        sampler = ScoredSampler(ctx.outputs[name]["model_path"], sampling, weights, dict(cfg.reward_options),
+                                num_reward_workers=cfg.num_reward_workers, cpus_per_worker=cfg.cpus_per_worker,
+                                threads_per_worker=cfg.threads_per_worker, device=cfg.device)
+        try:
+            samples = [s for chunk in sampler.run(picked, cfg.chunk_size) for s in chunk.samples]
+        finally:
+            sampler.shutdown()
+        table[name] = domain_scores(picked, samples, list(weights))
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table[name], indent=1))
+        tmp.rename(done)
+        print(f"scorecard: {name}: {table[name]}")
+    (out_dir / "scorecard.json").write_text(json.dumps(table, indent=1))
+    return {"scorecard": table, "scorecard_path": str(out_dir / "scorecard.json"), "data": report.to_dict()}

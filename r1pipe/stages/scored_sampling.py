@@ -1,0 +1,133 @@
+"""k samples per prompt from rollout workers, scored on the RewardPool while the next chunk generates.
+
+Used by the stages that sample a checkpoint and grade what it wrote (rejection sampling, the
+per-domain scorecard). Work is cut into chunks of prompts; every rollout worker holds one chunk in
+flight, and as soon as one finishes the worker gets its next chunk *before* the finished one is
+scored, so scoring (reward actors, code sandboxes) overlaps generation instead of following it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+from r1pipe.data.rows import PromptRow
+
+
+def ray_init(recipe: Any) -> None:
+    """Start (or join) Ray as the recipe's `cluster` section says; a no-op when already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cluster = recipe.get("cluster", {}) or {}
+    local = not cluster.get("address")
+    ray.init(address=cluster.get("address"), num_cpus=cluster.get("num_cpus") if local else None,
+             num_gpus=cluster.get("num_gpus") if local else None, include_dashboard=False, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings (recorded with every sample they produced)."""
+
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ("</answer>",)
+    seed: int = 0
+
+    def prompt_seed(self, index: int) -> int:
+        """The seed of prompt `index`: a resumed or re-chunked build draws the same samples."""
+        return (self.seed * 1_000_003 + index * 7919 + 12345) % (2**31)
+
+
+@dataclass
+class Sample:
+    text: str  # the completion as the rewards see it (stop string kept)
+    num_tokens: int
+    finish_reason: str
+    total: float  # weighted reward
+    components: dict[str, float]  # reward name -> value (the rewards routed to this row)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ScoredChunk:
+    start: int  # index of the chunk's first prompt in the sampled sequence
+    rows: list[PromptRow]
+    samples: list[list[Sample]]  # per row, k samples in generation order
+    generate_seconds: float  # wall time from submission to completion of the generation call
+
+
+class ScoredSampler:
+    """Rollout workers for one checkpoint plus a RewardPool; `run(rows, chunk_size)` yields each
+    chunk's scored samples in order. Ray must be initialised (ray_init)."""
+
+    def __init__(self, model_path: str, sampling: Sampling, reward_weights: dict[str, float],
+                 reward_options: dict[str, Any] | None = None, *, num_workers: int = 1, num_reward_workers: int = 1,
+                 cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, threads_per_worker: int = 1,
+                 engine: dict[str, Any] | None = None, device: str = "cpu"):
+        import ray
+
+        from r1pipe.rewards.worker import RewardPool
+        from r1pipe.workers import RolloutWorker
+
+        self.sampling = sampling
+        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(RolloutWorker)
+        kwargs = {"device": device, **dict(engine or {})}
+        self.workers = [actor.remote(model_path, kwargs, sampling.seed + i, threads_per_worker) for i in range(num_workers)]
+        self.pool = RewardPool(dict(reward_weights), num_workers=num_reward_workers,
+                               num_cpus_per_worker=min(cpus_per_worker, 1.0), **dict(reward_options or {}))
+
+    def _submit(self, worker: Any, rows: Sequence[PromptRow], start: int) -> Any:
+        s = self.sampling
+        return worker.generate.remote([r.prompt_ids for r in rows], s.k, s.temperature, s.max_tokens,
+                                      [s.prompt_seed(start + i) for i in range(len(rows))], s.top_p, -1,
+                                      list(s.stop) or None, False)
+
+    def run(self, rows: Sequence[PromptRow], chunk_size: int, chunks: Iterable[int] | None = None) -> Iterator[ScoredChunk]:
+        """Scored chunks of `rows` (chunk j = rows[j*chunk_size:(j+1)*chunk_size]), in chunk order;
+        `chunks` picks which ones (default: all)."""
+        import ray
+
+        todo = list(chunks) if chunks is not None else list(range((len(rows) + chunk_size - 1) // chunk_size))
+        queue = list(todo)
+        in_flight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (chunk, worker, submit time)
+        finished: dict[int, tuple[list[dict], float]] = {}
+
+        def feed(worker: Any) -> None:
+            if queue:
+                j = queue.pop(0)
+                part = rows[j * chunk_size:(j + 1) * chunk_size]
+                in_flight[self._submit(worker, part, j * chunk_size)] = (j, worker, time.perf_counter())
+
+        for w in self.workers:
+            feed(w)
+        for j in todo:
+            while j not in finished:  # wait for any chunk; refill its worker first, then score
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                chunk, worker, t0 = in_flight.pop(ready[0])
+                finished[chunk] = (ray.get(ready[0]), time.perf_counter() - t0)
+                feed(worker)
+            outs, seconds = finished.pop(j)
+            part = list(rows[j * chunk_size:(j + 1) * chunk_size])
+            yield ScoredChunk(j * chunk_size, part, self._score(part, outs), seconds)
+
+    def _score(self, rows: list[PromptRow], outs: list[dict]) -> list[list[Sample]]:
+        flat = [(r, c) for r, o in zip(rows, outs) for c in o["completions"]]
+        results = self.pool.score([c["text_with_stop"] for _, c in flat], [dict(r.reference) for r, _ in flat])
+        samples = [Sample(c["text_with_stop"], len(c["token_ids"]), c["finish_reason"], float(res.total),
+                          {k: float(v) for k, v in res.components.items()},
+                          dict(res.info.get("errors") or {}) if isinstance(res.info, dict) else {})
+                   for (_, c), res in zip(flat, results)]
+        k = self.sampling.k
+        return [samples[i * k:(i + 1) * k] for i in range(len(rows))]
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.pool.shutdown()
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

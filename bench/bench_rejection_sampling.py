@@ -99,11 +99,11 @@ def main() -> None:
     # no overlap: all generation first, then all scoring
     t0 = time.perf_counter()
     gen = ray.get(sampler.workers[0].generate.remote([r.prompt_ids for r in rows], args.k, 1.0, args.max_tokens,
-                                                     [sampling.prompt_seed(i) for i in range(len(rows))], 1.0, -1,
+                                                     [sampling.prompt_seed(i) for i in range(len(rows))],
                                                      ["</answer>"], False))
     sampler._score(list(rows), gen)
     seq_s = time.perf_counter() - t0
-    seq_tokens = sum(len(c["token_ids"]) for o in gen for c in o["completions"])
+    seq_tokens = sum(len(c.token_ids) for group in gen for c in group)
     sampler.shutdown()
 
     raw_tps, rs_tps, seq_tps = raw_tokens / raw_s, tokens / rs_s, seq_tokens / seq_s

@@ -5,12 +5,16 @@ math: `extract_answer`, `math_equal`; rewards: `build_reward_fn(weights, **optio
 `r1pipe.rewards.sandbox.run_python`; parallel scoring: `r1pipe.rewards.worker.RewardPool`.
 """
 
-from .compose import DOMAIN_REWARDS, REWARDS, RewardFn, RewardOptions, RewardResult, build_reward_fn, missing_reference, routed_rewards
+from .compose import (
+    DOMAIN_REWARDS, GRADERS, REWARDS, RewardFn, RewardOptions, RewardResult, build_reward_fn, domain_of, graders_of,
+    missing_reference, routed_rewards, solved,
+)
 from .extract import extract_answer, extract_gsm8k_gold, find_boxed, last_boxed
 from .grader import Verdict, math_equal, verify_math
 
 __all__ = [
-    "DOMAIN_REWARDS", "REWARDS", "RewardFn", "RewardOptions", "RewardResult", "build_reward_fn", "missing_reference", "routed_rewards",
+    "DOMAIN_REWARDS", "GRADERS", "REWARDS", "RewardFn", "RewardOptions", "RewardResult", "build_reward_fn", "domain_of",
+    "graders_of", "missing_reference", "routed_rewards", "solved",
     "extract_answer", "extract_gsm8k_gold", "find_boxed", "last_boxed",
     "Verdict", "math_equal", "verify_math",
 ]

@@ -205,6 +205,25 @@ def routed_rewards(names: Iterable[str], reference: dict) -> list[str]:
     return [n for n in names if n not in foreign]
 
 
+GRADERS: tuple[str, ...] = tuple(r for rs in DOMAIN_REWARDS.values() for r in rs)  # accuracy, code
+
+
+def graders_of(names: Iterable[str], reference: dict) -> list[str]:
+    """The grading rewards (accuracy / code) among `names` that apply to the row `reference`."""
+    return [g for g in routed_rewards(names, reference) if g in GRADERS]
+
+
+def domain_of(reference: dict) -> str:
+    """The row's `domain`, else infer_domain's guess, else "other"."""
+    return reference.get("domain") or infer_domain(reference) or "other"
+
+
+def solved(components: dict[str, float], reference: dict, names: Iterable[str]) -> bool:
+    """Graded correct: every grader that applies to the row scored > 0.5 (False when none applies)."""
+    graders = graders_of(names, reference)
+    return bool(graders) and all(components.get(g, 0.0) > 0.5 for g in graders)
+
+
 def missing_reference(rewards: Iterable[str], reference: dict) -> str | None:
     """Why `reference` cannot be scored by the named rewards that apply to it (per-row routing,
     see routed_rewards), or None when it can."""

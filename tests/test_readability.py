@@ -3,7 +3,8 @@ import pytest
 
 from r1pipe.rewards import build_reward_fn, missing_reference, routed_rewards
 from r1pipe.rewards.readability import FILTERS, build_filters, readability
-from r1pipe.stages.rejection_sample import graders_of, select_samples
+from r1pipe.rewards import graders_of, solved
+from r1pipe.stages.rejection_sample import select_samples
 
 CLEAN = " <think> step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; so 47 + 85 = 132 </think> <answer> 132 </answer>"
 MIXED = " <think> 步 7+5=12 留 2 ; step 4+8+1=13 keep 32 </think> <answer> 132 </answer>"
@@ -103,6 +104,8 @@ def test_reward_routing() -> None:
     assert "no answer" in missing_reference(names, {"domain": "math"})
     assert "list of reward names" in missing_reference(names, {"rewards": "format"})
     assert graders_of(names, MATH) == ["accuracy"] and graders_of(names, CODE) == ["code"]
+    assert solved({"accuracy": 1.0, "code": 0.0}, MATH, names) and not solved({"accuracy": 1.0, "code": 0.0}, CODE, names)
+    assert not solved({"format": 1.0}, {"domain": "chat"}, names)  # no grader: never counted solved
     fn = build_reward_fn({"accuracy": 1.0, "code": 1.0, "format": 0.5})
     r = fn(CLEAN, MATH)
     assert r.components == {"accuracy": 1.0, "format": 1.0} and r.total == pytest.approx(1.5)

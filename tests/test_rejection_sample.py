@@ -124,8 +124,8 @@ def test_kept_samples_pass_the_grader_and_every_filter(base, tmp_path) -> None:
 
 
 def test_killed_build_regenerates_no_finished_shard(base, tmp_path) -> None:
-    prompts = Path(base["mixed_train_path"])
-    section = rs_section(prompts, temperature=1.0, k=2, limit=24, filters={})
+    prompts, right, _ = known_prompts(base, tmp_path / "known.jsonl", n=24)
+    section = rs_section(prompts, k=2, filters={})
     recipe = write_recipe(tmp_path / "rs.yaml", ["rs"], model_path=base["model_path"], rs=section)
     proc = subprocess.Popen([sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", "killed"], cwd=tmp_path,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -190,7 +190,7 @@ def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
     assert sft_summary["data"]["train"]["kept"] >= 1
     summary = json.loads((rd / "summary.json").read_text())
     per_stage = summary["per_stage"]
-    assert list(per_stage) == ["pretrain", "cold_start", "reasoning_rl", "sft", "all_rl"]
+    assert sorted(per_stage) == sorted(["pretrain", "cold_start", "reasoning_rl", "sft", "all_rl"])
     for name, row in per_stage.items():
         assert set(row["accuracy"]) == {"math", "code"} and row["n"] == {"math": 4, "code": 4}, name
         for key in ("format_compliance", "language_consistency", "mean_length", "mixed_script_share"):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from r1pipe.algo.losses import LOSS_AGGREGATIONS
 from r1pipe.data.templates import TEMPLATES
+from r1pipe.rewards.compose import domain_of, solved
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 if TYPE_CHECKING:
@@ -232,22 +233,14 @@ class GRPOTrainer:
         self.prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> its token ids (tokenized once, here)
         self.timings: dict[str, float] = {}
         self.base_model = ""
+        self.heldout_by_domain: dict[str, float] = {}  # the latest held-out accuracy per domain (mixed held-out sets)
 
     # ---- setup
 
     def _ray_init(self) -> None:
-        import ray
+        from r1pipe.stages.scored_sampling import ray_init
 
-        if ray.is_initialized():
-            return
-        cluster = self.ctx.recipe.get("cluster", {}) or {}
-        ray.init(
-            address=cluster.get("address"),
-            num_cpus=cluster.get("num_cpus") if not cluster.get("address") else None,
-            num_gpus=cluster.get("num_gpus") if not cluster.get("address") else None,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        ray_init(self.ctx.recipe)
 
     def _problems(self, key: str, explicit: Optional[str], model_path: str) -> list[dict]:
         """Problems through the data layer, tokenized once here on the driver: rows without what the
@@ -359,11 +352,19 @@ class GRPOTrainer:
         return [r for part in ray.get(refs) for r in part]
 
     def heldout_accuracy(self, rows: list[dict]) -> float:
-        """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval)."""
+        """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval);
+        rows of several domains are each graded by their own domain's reward, and the share per
+        domain is kept in self.heldout_by_domain."""
         from r1pipe.stages.base_eval import share_solved
 
         groups = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
         _, components, _ = self.scorer.score([g[0].text for g in groups], [dict(r) for r in rows])
+        domains = [domain_of(r) for r in rows]
+        if len(set(domains)) > 1:
+            names = list(self.cfg.reward_weights)
+            ok = [float(solved({k: v[i] for k, v in components.items()}, r, names)) for i, r in enumerate(rows)]
+            self.heldout_by_domain = {d: share_solved([o for o, dd in zip(ok, domains) if dd == d]) for d in sorted(set(domains))}
+            return share_solved(ok)
         acc = components.get(self.cfg.accuracy_reward)
         if acc is None:
             raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
@@ -419,6 +420,10 @@ class GRPOTrainer:
         batch.all_rewards += rewards
         for name, values in components.items():
             batch.components.setdefault(name, []).extend(values)
+        names = list(cfg.reward_weights)
+        for i, (p, _) in enumerate(flat):  # per-row routing: each row graded by its domain's reward
+            batch.domains.append(domain_of(p))
+            batch.solved.append(solved({k: v[i] for k, v in components.items()}, p, names))
         batch.reward_errors += errors
         batch.generated_tokens += sum(len(c.token_ids) for _, c in flat)
         return rewards
@@ -538,6 +543,7 @@ class GRPOTrainer:
             self.sync()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
+            metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
         step_time = time.perf_counter() - t0
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         metrics["time/step"] = step_time
@@ -585,7 +591,8 @@ class GRPOTrainer:
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)
         if step == 0:
-            logger.log(0, {"heldout_accuracy": state["base_accuracy"]})
+            logger.log(0, {"heldout_accuracy": state["base_accuracy"],
+                           **{f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()}})
 
         with StepProgress(cfg.steps, step, "grpo", show=("reward/mean", "accuracy", "response_length/mean")) as progress:
             while step < cfg.steps:
@@ -593,6 +600,7 @@ class GRPOTrainer:
                 metrics = self.step(step, stream, heldout_rows)
                 if step == cfg.steps:
                     metrics["heldout_accuracy"] = state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
+                    metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
                 logger.log(step, metrics)
                 progress.advance(metrics)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -603,11 +611,16 @@ class GRPOTrainer:
             state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
         final = latest_checkpoint(self.ckpt_root)
         assert final is not None
-        plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots")
+        from r1pipe.tracking.plots import DEFAULT_PLOTS
+
+        by_domain = ["accuracy/math", "accuracy/code", "heldout_accuracy/math", "heldout_accuracy/code"]
+        plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots",
+                             {**DEFAULT_PLOTS, "accuracy_by_domain": ("accuracy by domain", by_domain)})
         summary = {
             "base_model": self.base_model,
             "base_accuracy": state["base_accuracy"],
             "final_accuracy": state["final_accuracy"],
+            "final_accuracy_by_domain": self.heldout_by_domain,
             "heldout_size": len(heldout_rows),
             "steps": cfg.steps,
             "wall_seconds": time.perf_counter() - t_start,
@@ -646,6 +659,11 @@ def rollout_metrics(batch: RolloutBatch, accuracy_reward: str) -> dict[str, Any]
     }
     if accuracy_reward in batch.components:
         metrics["accuracy"] = _mean([float(a > 0.5) for a in batch.components[accuracy_reward]])
+    if len(set(batch.domains)) > 1:  # mixed-domain batches: each row graded by its own domain's reward
+        metrics["accuracy"] = _mean([float(x) for x in batch.solved])
+        for d in sorted(set(batch.domains)):
+            metrics[f"accuracy/{d}"] = _mean([float(x) for x, dd in zip(batch.solved, batch.domains) if dd == d])
+            metrics[f"domain_share/{d}"] = batch.domains.count(d) / len(batch.domains)
     return metrics
 
 

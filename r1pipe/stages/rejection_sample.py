@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from r1pipe.data.templates import TEMPLATES
+from r1pipe.rewards.compose import GRADERS, domain_of, graders_of, solved
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 SELECT_MODES = ("first", "shortest", "diverse")
-GRADERS = ("accuracy", "code")
 DEFAULT_FILTERS: dict[str, dict] = {"language_consistency": {"min_share": 0.95}, "no_mixed_scripts": {}, "length": {},
                                     "paragraph_length": {}, "no_repeated_paragraphs": {}, "no_code_in_math": {}}
 DEFAULT_REWARDS: dict[str, float] = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
@@ -53,7 +53,6 @@ class RejectionSampleConfig(StageConfig):
     # sampling
     k: int = 4  # samples per prompt
     temperature: float = 1.0
-    top_p: float = 1.0
     max_tokens: int = 64
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     # selection
@@ -101,13 +100,6 @@ class RejectionSampleConfig(StageConfig):
 # ---------------------------------------------------------------- selection (pure functions)
 
 
-def graders_of(reward_names: list[str], reference: dict) -> list[str]:
-    """The grading rewards (accuracy / code) that apply to a row."""
-    from r1pipe.rewards import routed_rewards
-
-    return [g for g in routed_rewards(reward_names, reference) if g in GRADERS]
-
-
 def trigrams(text: str) -> set[str]:
     return {text[i:i + 3] for i in range(max(len(text) - 2, 1))}
 
@@ -137,12 +129,11 @@ def judge(reference: dict, samples: list, reward_names: list[str], filters: list
     """One prompt's samples -> ([(sample, index)] to keep, counts): graded correct by the row's
     grader(s), then every filter (each failure counted per filter), then exact duplicates dropped,
     then up to m selected."""
-    graders = graders_of(reward_names, reference)
     counts = {"generated": len(samples), "correct": 0, "duplicates": 0, "rejected": {f.name: 0 for f in filters}}
     candidates: list[tuple[Any, int]] = []
     seen: set[str] = set()
     for index, s in enumerate(samples):
-        if not all(s.components.get(g, 0.0) > 0.5 for g in graders):
+        if not solved(s.components, reference, reward_names):
             continue
         counts["correct"] += 1
         failed = [f.name for f in filters if not f(s.text, reference)]
@@ -217,13 +208,11 @@ class RejectionSampler:
 
     def record(self, row, sample, index: int) -> dict:
         """A kept sample: it passed its grader and every filter."""
-        from r1pipe.rewards.compose import infer_domain
-
         ref = row.reference
         return {
             "id": f"{row.id}-{index}", "sample_index": index,
             "prompt_id": row.id, "prompt": row.question, "rendered_prompt": row.prompt,
-            "response": sample.text.strip(), "domain": ref.get("domain") or infer_domain(ref),
+            "response": sample.text.strip(), "domain": domain_of(ref),
             "answer": ref.get("answer"),
             "rewards": {name: sample.components.get(name) for name in self.reward_names},
             "reward_total": sample.total, "filters_passed": [f.name for f in self.filters], "num_tokens": sample.num_tokens,
@@ -238,7 +227,7 @@ class RejectionSampler:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.source = self.model_path()
         rows, data_report = self.prompts(self.source)
-        sampling = Sampling(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+        sampling = Sampling(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                             stop=tuple(cfg.stop), seed=self.ctx.seed)
         self.sampling_record = asdict(sampling) | {"stop": list(cfg.stop)}
         n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size

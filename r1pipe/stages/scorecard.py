@@ -48,16 +48,13 @@ class ScorecardConfig(StageConfig):
 
 
 def domain_scores(rows: list, samples: list, reward_names: list[str]) -> dict[str, Any]:
-    """Accuracy per domain (the row's grader > 0.5) and readability over all rows, one greedy sample each."""
-    from r1pipe.rewards.compose import infer_domain
+    """Accuracy per domain (graded by the row's grader) and readability over all rows, one greedy sample each."""
+    from r1pipe.rewards import domain_of, solved
     from r1pipe.rewards.readability import readability
-    from r1pipe.stages.rejection_sample import graders_of
 
     per: dict[str, list[float]] = {}
     for row, (s,) in zip(rows, samples):
-        domain = row.reference.get("domain") or infer_domain(row.reference) or "other"
-        graders = graders_of(reward_names, row.reference)
-        per.setdefault(domain, []).append(float(bool(graders) and all(s.components.get(g, 0.0) > 0.5 for g in graders)))
+        per.setdefault(domain_of(row.reference), []).append(float(solved(s.components, row.reference, reward_names)))
     figures = readability([s.text for (s,) in samples], [r.reference for r in rows], [s.num_tokens for (s,) in samples])
     return {"accuracy": {d: round(sum(v) / len(v), 4) for d, v in sorted(per.items())},
             "n": {d: len(v) for d, v in sorted(per.items())}, **figures.to_dict()}
@@ -83,12 +80,12 @@ def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
     rows, report = load_prompt_rows(str(source), load_tokenizer(first_model), template=cfg.template,
                                     check_reference=lambda ref: missing_reference(weights, ref), option_prefix="scorecard.",
                                     log=lambda line: print(f"scorecard: {line}"))
-    from r1pipe.rewards.compose import infer_domain
+    from r1pipe.rewards import domain_of
 
     taken: dict[str, int] = {}
     picked = []
     for r in rows:
-        d = r.reference.get("domain") or infer_domain(r.reference) or "other"
+        d = domain_of(r.reference)
         if taken.get(d, 0) < cfg.per_domain:
             taken[d] = taken.get(d, 0) + 1
             picked.append(r)

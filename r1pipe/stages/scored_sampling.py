@@ -32,7 +32,6 @@ class Sampling:
 
     k: int = 4
     temperature: float = 1.0
-    top_p: float = 1.0
     max_tokens: int = 64
     stop: tuple[str, ...] = ("</answer>",)
     seed: int = 0
@@ -83,8 +82,7 @@ class ScoredSampler:
     def _submit(self, worker: Any, rows: Sequence[PromptRow], start: int) -> Any:
         s = self.sampling
         return worker.generate.remote([r.prompt_ids for r in rows], s.k, s.temperature, s.max_tokens,
-                                      [s.prompt_seed(start + i) for i in range(len(rows))], s.top_p, -1,
-                                      list(s.stop) or None, False)
+                                      [s.prompt_seed(start + i) for i in range(len(rows))], list(s.stop) or None, False)
 
     def run(self, rows: Sequence[PromptRow], chunk_size: int, chunks: Iterable[int] | None = None) -> Iterator[ScoredChunk]:
         """Scored chunks of `rows` (chunk j = rows[j*chunk_size:(j+1)*chunk_size]), in chunk order;
@@ -94,7 +92,7 @@ class ScoredSampler:
         todo = list(chunks) if chunks is not None else list(range((len(rows) + chunk_size - 1) // chunk_size))
         queue = list(todo)
         in_flight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (chunk, worker, submit time)
-        finished: dict[int, tuple[list[dict], float]] = {}
+        finished: dict[int, tuple[list[list[Any]], float]] = {}
 
         def feed(worker: Any) -> None:
             if queue:
@@ -114,10 +112,11 @@ class ScoredSampler:
             part = list(rows[j * chunk_size:(j + 1) * chunk_size])
             yield ScoredChunk(j * chunk_size, part, self._score(part, outs), seconds)
 
-    def _score(self, rows: list[PromptRow], outs: list[dict]) -> list[list[Sample]]:
-        flat = [(r, c) for r, o in zip(rows, outs) for c in o["completions"]]
-        results = self.pool.score([c["text_with_stop"] for _, c in flat], [dict(r.reference) for r, _ in flat])
-        samples = [Sample(c["text_with_stop"], len(c["token_ids"]), c["finish_reason"], float(res.total),
+    def _score(self, rows: list[PromptRow], outs: list[list[Any]]) -> list[list[Sample]]:
+        """Score each prompt's completions (r1pipe.workers.Completion, text with its stop string)."""
+        flat = [(r, c) for r, group in zip(rows, outs) for c in group]
+        results = self.pool.score([c.text for _, c in flat], [dict(r.reference) for r, _ in flat])
+        samples = [Sample(c.text, len(c.token_ids), c.finish_reason, float(res.total),
                           {k: float(v) for k, v in res.components.items()},
                           dict(res.info.get("errors") or {}) if isinstance(res.info, dict) else {})
                    for (_, c), res in zip(flat, results)]

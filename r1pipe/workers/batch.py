@@ -91,6 +91,8 @@ class RolloutBatch:
     completions: list[Completion]  # len(problems) * group_size, rewards filled in
     all_rewards: list[float] = field(default_factory=list)  # every scored completion's total reward
     components: dict[str, list[float]] = field(default_factory=dict)  # every scored completion's reward parts
+    domains: list[str] = field(default_factory=list)  # every scored completion's row domain (math, code, ...)
+    solved: list[bool] = field(default_factory=list)  # ... and whether its row's grader passed it
     reward_errors: int = 0
     groups_seen: int = 0
     generated_tokens: int = 0

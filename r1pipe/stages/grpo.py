@@ -30,8 +30,10 @@ from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 if TYPE_CHECKING:
     from r1pipe.workers.batch import Completion, RolloutBatch
+    from r1pipe.workers.placement import ResourcePlan
 
 OVERLONG_MODES = ("none", "filter", "soft")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -97,6 +99,21 @@ class GRPOConfig(StageConfig):
     tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
+    # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
+    policy_cpus: Optional[float] = None
+    policy_gpus: Optional[float] = None
+    rollout_cpus: Optional[float] = None
+    rollout_gpus: Optional[float] = None
+    reward_cpus: float = 1.0  # per reward worker (rule-based rewards need no GPU)
+    policy_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per policy worker
+    rollout_resources: dict[str, float] = field(default_factory=dict)  # ... per rollout worker
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
+    # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
+    fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
+    activation_checkpointing: bool = False  # recompute each block's attention in the backward
+    sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
+    sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -120,8 +137,31 @@ class GRPOConfig(StageConfig):
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
+        if self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
             raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
+    """Per-role Ray resources: rl.{policy,rollout}_{cpus,gpus} (default: rl.cpus_per_worker /
+    gpus_per_worker), rl.reward_cpus; reward workers only when a reward pool runs."""
+    from r1pipe.workers.placement import ResourcePlan, RoleResources
+
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    roles = [
+        RoleResources("policy", cfg.num_policy_workers, pick(cfg.policy_cpus, cfg.cpus_per_worker),
+                      pick(cfg.policy_gpus, cfg.gpus_per_worker), dict(cfg.policy_resources), "rl.policy"),
+        RoleResources("rollout", cfg.num_rollout_workers, pick(cfg.rollout_cpus, cfg.cpus_per_worker),
+                      pick(cfg.rollout_gpus, cfg.gpus_per_worker), dict(cfg.rollout_resources), "rl.rollout"),
+    ]
+    if cfg.reward_weights:
+        roles.append(RoleResources("reward", cfg.num_reward_workers, cfg.reward_cpus, key="rl.reward", in_group=False))
+    return ResourcePlan(roles)
 
 
 # ---------------------------------------------------------------- data
@@ -166,8 +206,9 @@ class Scorer:
     and for a pool whose worker died, which is then rebuilt)."""
 
     def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int,
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None, num_cpus: float = 1.0):
         self.weights, self.num_workers, self.options = dict(weights), num_workers, dict(options or {})
+        self.num_cpus = num_cpus
         self.extra = {spec: (w, _load_callable(spec)) for spec, w in extra.items()}
         self.pool = self._new_pool() if self.weights else None
         self.errors: list[str] = []
@@ -175,7 +216,7 @@ class Scorer:
     def _new_pool(self) -> Any:
         from r1pipe.rewards.worker import RewardPool
 
-        return RewardPool(self.weights, num_workers=self.num_workers, **self.options)
+        return RewardPool(self.weights, num_workers=self.num_workers, num_cpus_per_worker=self.num_cpus, **self.options)
 
     def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
         """(total reward per text, component -> values, number of reward errors)."""
@@ -295,6 +336,7 @@ class GRPOTrainer:
         from r1pipe.model import Precision
         from r1pipe.workers import PolicyConfig, RolloutWorker
         from r1pipe.workers.group import PolicyGroup
+        from r1pipe.workers.placement import reserve
 
         cfg = self.cfg
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
@@ -304,16 +346,19 @@ class GRPOTrainer:
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
             freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss,
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
-            precision=precision,
+            precision=precision, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing,
         )
+        self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
         self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
-                                  num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-        rollout_actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+                                  placement=self.placement)
         engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
-        self.rollout = [rollout_actor.remote(rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
+        self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
+                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options))
+        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb)
+        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options),
+                             num_cpus=cfg.reward_cpus)
 
     # ---- the settings that follow from the engine
 
@@ -493,14 +538,36 @@ class GRPOTrainer:
             out["mtp/draft_loss"] = sums.get("draft_loss", 0.0) / max(len(grad_norms), 1)
         return out
 
-    def sync(self) -> None:
-        """The policy's new weights to every rollout engine."""
+    def sync(self) -> float:
+        """The policy's new weights to every rollout engine over torch.distributed, then the probe check:
+        a fixed prompt's sampled tokens scored by engine and trainer must agree (else SyncMismatch).
+        Returns the probe's mean |trainer - engine| log-prob."""
+        ta = time.perf_counter()
+        self.policy.sync_weights()
+        diff = self.check_sync()
+        self.timings["sync"] = time.perf_counter() - ta
+        return diff
+
+    @property
+    def sync_check_tol(self) -> float:
+        if self.cfg.sync_check_tol is not None:
+            return float(self.cfg.sync_check_tol)
+        return 0.1 if self.tis else 1e-3  # tis is on by default exactly when the engine is not float32
+
+    def check_sync(self) -> float:
+        """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores
+        the same tokens; check_probe raises on disagreement."""
         import ray
 
-        ta = time.perf_counter()
-        weights = self.policy.state_dict_ref()
-        ray.get([w.update_weights.remote(weights) for w in self.rollout])
-        self.timings["sync"] = time.perf_counter() - ta
+        from r1pipe.workers import RolloutBatch
+        from r1pipe.workers.weight_sync import check_probe
+
+        prompt = [self.probe_prompt]
+        groups = ray.get([w.generate.remote(prompt, 2, self.cfg.temperature, self.cfg.max_tokens, [0]) for w in self.rollout])
+        batch = RolloutBatch(problems=[], completions=[c for g in groups for c in g[0]])
+        train_batch = batch.train_batch(self.pad_id)
+        trainer = self.policy.logprobs(train_batch)
+        return check_probe(trainer, batch.engine_logprobs(tuple(trainer.shape)), train_batch.response_mask, self.sync_check_tol)
 
     def draft_acceptance(self) -> float:
         """Share of MTP draft tokens the engines accepted since the last call."""
@@ -534,7 +601,7 @@ class GRPOTrainer:
             metrics["mtp/acceptance"] = self.draft_acceptance()
         if len(batch):
             metrics.update(self.train(batch))
-            self.sync()
+            metrics["sync/probe_logprob_diff"] = self.sync()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
         step_time = time.perf_counter() - t0
@@ -581,6 +648,7 @@ class GRPOTrainer:
             state["base_accuracy"] = self.heldout_accuracy(heldout_rows)
             print(f"grpo: held-out accuracy of the base model: {state['base_accuracy']:.3f} on {len(heldout_rows)} problems")
         stream = PromptStream(train_rows, self.ctx.seed, state["data_position"])
+        self.probe_prompt = self.prompt_ids.get(train_rows[0]["prompt"], train_rows[0]["prompt"])
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)
         if step == 0:
@@ -617,6 +685,7 @@ class GRPOTrainer:
         self.policy.shutdown()
         for w in self.rollout:
             ray.kill(w)
+        self.placement.remove()
         print(f"grpo: held-out accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
               f"in {cfg.steps} steps, {summary['wall_seconds']:.0f}s")
         return {

@@ -10,17 +10,11 @@ ray = pytest.importorskip("ray")
 
 from r1pipe.workers import PolicyConfig, build_batch  # noqa: E402
 from r1pipe.workers.group import PolicyGroup  # noqa: E402
+from test_grpo_weight_sync import tiny_model as weight_sync_tiny_model  # noqa: E402
 
 
 def tiny_model(path):
-    from r1pipe.model import ModelConfig, Transformer, save_pretrained
-
-    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=32, hidden_size=64, intermediate_size=128,
-                              moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8, n_group=2, topk_group=1,
-                              num_experts_per_tok=2, num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1,
-                              bos_token_id=2)
-    save_pretrained(Transformer(cfg, seed=0), path)
-    return str(path)
+    return weight_sync_tiny_model(path, layers=3)
 
 
 def batch_and_advantages(seed: int, rows: int = 5):

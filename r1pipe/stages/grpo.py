@@ -470,10 +470,12 @@ class GRPOTrainer:
     # ---- training
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """Advantages, old/ref log-probs, TIS weights, the update(s); returns the step's training metrics."""
+        """Advantages, old/ref log-probs, the update(s) (with TIS weights and the trainer/engine log-prob
+        mismatch measured on the old log-probs); returns the step's training metrics. With one update per
+        batch the old log-probs are the update's own forward, detached: no separate forward."""
         import torch
 
-        from r1pipe.algo import group_advantages, overlong_filter_mask, tis_weights
+        from r1pipe.algo import group_advantages, overlong_filter_mask
 
         cfg = self.cfg
         rewards = torch.tensor([c.reward for c in batch.completions])
@@ -484,22 +486,11 @@ class GRPOTrainer:
             train_batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
 
         ta = time.perf_counter()
-        old_logp = self.policy.logprobs(train_batch)
+        old_logp = self.policy.logprobs(train_batch) if cfg.updates_per_step > 1 else None
         ref_logp = self.policy.logprobs(train_batch, reference=True) if cfg.kl_coef > 0 else None
-        # trainer vs engine log-probs on the rollout tokens, before any update of this step
-        engine_logp = batch.engine_logprobs(tuple(old_logp.shape))
-        on = train_batch.response_mask > 0
-        diff = (old_logp - engine_logp).abs()[on]
-        out: dict[str, float] = {
-            "logprob_mismatch/mean_abs": float(diff.mean()) if diff.numel() else 0.0,
-            "logprob_mismatch/max_abs": float(diff.max()) if diff.numel() else 0.0,
-            "response_length/truncated": float(truncated.float().mean()),
-        }
-        tis = None
-        if self.tis:
-            tis, capped = tis_weights(old_logp, engine_logp, cfg.tis_cap)
-            out["tis/clipped_share"] = float(capped[on].float().mean()) if on.any() else 0.0
-            out["tis/weight_mean"] = float(tis[on].mean()) if on.any() else 0.0
+        # the engine's log-probs of the rollout tokens: the trainer's old ones are compared with them
+        engine_logp = batch.engine_logprobs((len(train_batch), train_batch.input_ids.shape[1] - 1))
+        out: dict[str, float] = {"response_length/truncated": float(truncated.float().mean())}
 
         sums: dict[str, float] = {}
         bounds = [round(i * len(batch) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
@@ -510,17 +501,23 @@ class GRPOTrainer:
                 continue
             mini = train_batch.rows(rows)
             stats = self.policy.train_step(
-                mini, old_logp[rows], advantages[rows], None if ref_logp is None else ref_logp[rows],
+                mini, None if old_logp is None else old_logp[rows], advantages[rows],
+                None if ref_logp is None else ref_logp[rows],
                 num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
-                tis_weight=None if tis is None else tis[rows],
                 num_draft_positions=float(mini.response_mask[:, 1:].sum()),
+                engine_logp=engine_logp[rows], tis_cap=cfg.tis_cap if self.tis else None,
             )
             grad_norms.append(stats.pop("grad_norm"))
             maxvios.append(stats.pop("maxvio"))
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = max(sums.get(k, 0.0), v) if k.endswith("_max") else sums.get(k, 0.0) + v
         self.timings["train"] = time.perf_counter() - ta
         tokens = max(sums.get("tokens", 0.0), 1.0)
+        out["logprob_mismatch/mean_abs"] = sums.get("mismatch_abs", 0.0) / tokens
+        out["logprob_mismatch/max_abs"] = sums.get("mismatch_max", 0.0)
+        if self.tis:
+            out["tis/clipped_share"] = sums.get("tis_clipped", 0.0) / tokens
+            out["tis/weight_mean"] = sums.get("tis_weight", 0.0) / tokens
         out.update({
             "loss": sums.get("loss", 0.0) / max(len(grad_norms), 1),
             "kl": sums.get("kl", 0.0) / tokens,

@@ -56,22 +56,27 @@ class PolicyGroup:
     def train_step(
         self,
         batch: TrainBatch,
-        old_logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
         advantages: torch.Tensor,
         ref_logp: torch.Tensor | None,
         num_tokens: float,
         num_seqs: float,
         tis_weight: torch.Tensor | None = None,
         num_draft_positions: float = 0.0,
+        engine_logp: torch.Tensor | None = None,
+        tis_cap: float | None = None,
     ) -> dict[str, float]:
-        """One synchronous optimizer step of every rank; token sums are added over ranks,
-        grad_norm / maxvio (identical on every rank after the all-reduce) taken from rank 0."""
+        """One synchronous optimizer step of every rank (see PolicyWorker.train_step; old_logp None: the
+        step's own forward gives them); sums are added over ranks, *_max keys maxed, grad_norm / maxvio
+        (identical on every rank) taken from rank 0."""
         shards = _shards(len(batch), len(self.workers))
         num_micro = self._num_micro(shards)
         refs = [
             w.train_step.remote(
-                batch.rows(s), old_logp[s], advantages[s], None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
+                batch.rows(s), None if old_logp is None else old_logp[s], advantages[s],
+                None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
                 None if tis_weight is None else tis_weight[s], num_draft_positions, num_micro,
+                None if engine_logp is None else engine_logp[s], tis_cap,
             )
             for w, s in zip(self.workers, shards)
         ]
@@ -79,7 +84,7 @@ class PolicyGroup:
         total: dict[str, float] = {}
         for r in results:
             for k, v in r.items():
-                total[k] = total.get(k, 0.0) + v
+                total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0.0) + v
         total["grad_norm"] = results[0]["grad_norm"]
         total["maxvio"] = results[0]["maxvio"]
         return total

@@ -209,7 +209,7 @@ class PolicyWorker:
     def train_step(
         self,
         batch: TrainBatch,
-        old_logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
         advantages: torch.Tensor,
         ref_logp: torch.Tensor | None,
         num_tokens: float,
@@ -217,11 +217,22 @@ class PolicyWorker:
         tis_weight: torch.Tensor | None = None,
         num_draft_positions: float = 0.0,
         num_micro: int | None = None,
+        engine_logp: torch.Tensor | None = None,
+        tis_cap: float | None = None,
     ) -> dict[str, float]:
-        """One optimizer step on this rank's rows (in `num_micro` micro-batches when given); `num_tokens`/`num_seqs` (and `num_draft_positions`
-        for the draft loss) count the whole global mini-batch; `tis_weight` [B,S-1] re-weights the
-        policy gradient (truncated importance sampling). Returns token sums (see grpo_loss) plus
-        entropy, loss, draft_loss, grad_norm, maxvio."""
+        """One optimizer step on this rank's rows (in `num_micro` micro-batches when given); `num_tokens`/
+        `num_seqs` (and `num_draft_positions` for the draft loss) count the whole global mini-batch.
+
+        `old_logp` None: the batch gets exactly this one update, so the old log-probs are this forward's
+        own, detached (no separate forward). `engine_logp` [B,S-1] (the rollout engine's): the step also
+        sums |old - engine| (mismatch_abs, mismatch_max) and, with `tis_cap`, re-weights the policy
+        gradient by min(pi_old / pi_engine, tis_cap) (truncated importance sampling; tis_clipped and
+        tis_weight sums); or `tis_weight` [B,S-1] gives those weights directly. Returns token sums (see
+        grpo_loss) plus entropy, loss, draft_loss, grad_norm, maxvio."""
+        from r1pipe.algo import tis_weights
+
+        if tis_cap is not None and (engine_logp is None or tis_weight is not None):
+            raise ValueError("tis_cap needs engine_logp and no tis_weight")
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
@@ -232,9 +243,20 @@ class PolicyWorker:
             micro = self._to_device(batch.rows(rows))
             logp, entropy, out = self._forward_logprobs(self.model, micro)
             mask = micro.response_mask
+            old = logp.detach() if old_logp is None else old_logp[rows].to(self.device)
+            tis = None if tis_weight is None else tis_weight[rows].to(self.device)
+            if engine_logp is not None:
+                engine, on = engine_logp[rows].to(self.device), mask > 0
+                gap = (old - engine).abs()[on]
+                totals["mismatch_abs"] = totals.get("mismatch_abs", 0.0) + float(gap.sum())
+                totals["mismatch_max"] = max(totals.get("mismatch_max", 0.0), float(gap.max()) if gap.numel() else 0.0)
+                if tis_cap is not None:
+                    tis, capped = tis_weights(old, engine, tis_cap)
+                    totals["tis_clipped"] = totals.get("tis_clipped", 0.0) + float(capped[on].sum())
+                    totals["tis_weight"] = totals.get("tis_weight", 0.0) + float(tis[on].sum())
             loss, stats = grpo_loss(
                 logp,
-                old_logp[rows].to(self.device),
+                old,
                 advantages[rows].to(self.device),
                 mask,
                 clip_low=cfg.clip_low,
@@ -245,7 +267,7 @@ class PolicyWorker:
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,
                 norm_constant=cfg.norm_constant,
-                tis_weight=None if tis_weight is None else tis_weight[rows].to(self.device),
+                tis_weight=tis,
             )
             if self.draft_params:  # the draft loss reaches only the MTP module's own parameters
                 d_loss = self._draft_loss(micro, out, num_draft_positions)

@@ -23,7 +23,7 @@ def test_two_node_run_equals_the_single_node_run(tmp_path, monkeypatch):
     root.mkdir()
     task = {"model": str(make_tiny_model(root / "model")), "train": str(write_problems(root / "train.jsonl", 16)),
             "heldout": str(write_problems(root / "heldout.jsonl", 4))}
-    cfg = dict(steps=2, prompts_per_step=2, group_size=4, checkpoint_every=2, num_policy_workers=2, policy_cpus=0.5,
+    cfg = dict(steps=2, prompts_per_step=2, group_size=4, checkpoint_every=2, num_policy_workers=2, policy_cpus=0.5, sync_check_every=1,
                rollout_cpus=0.5, heldout_size=4, dynamic_sampling=False)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -113,6 +113,7 @@ class GRPOConfig(StageConfig):
     fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
     sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
+    sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
     sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class GRPOConfig(StageConfig):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
+        if self.sync_check_every < 0:
+            raise ValueError(f"sync_check_every must be >= 0, got {self.sync_check_every}")
         if self.sync_bucket_mb <= 0:
             raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
         if self.placement_timeout_s <= 0:
@@ -535,13 +538,17 @@ class GRPOTrainer:
             out["mtp/draft_loss"] = sums.get("draft_loss", 0.0) / max(len(grad_norms), 1)
         return out
 
-    def sync(self) -> float:
-        """The policy's new weights to every rollout engine over torch.distributed, then the probe check:
-        a fixed prompt's sampled tokens scored by engine and trainer must agree (else SyncMismatch).
-        Returns the probe's mean |trainer - engine| log-prob."""
+    def sync(self, step: int) -> float | None:
+        """The policy's new weights to every rollout engine over torch.distributed, then (at the first
+        sync of the stage and every sync_check_every steps) the probe check: a fixed prompt's sampled
+        tokens scored by engine and trainer must agree (else SyncMismatch). Returns the probe's mean
+        |trainer - engine| log-prob, or None when not checked."""
         ta = time.perf_counter()
         self.policy.sync_weights()
-        diff = self.check_sync()
+        every = self.cfg.sync_check_every
+        first = not getattr(self, "_synced", False)
+        self._synced = True
+        diff = self.check_sync() if every and (first or step % every == 0) else None
         self.timings["sync"] = time.perf_counter() - ta
         return diff
 
@@ -598,7 +605,9 @@ class GRPOTrainer:
             metrics["mtp/acceptance"] = self.draft_acceptance()
         if len(batch):
             metrics.update(self.train(batch))
-            metrics["sync/probe_logprob_diff"] = self.sync()
+            probe = self.sync(step)
+            if probe is not None:
+                metrics["sync/probe_logprob_diff"] = probe
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
         step_time = time.perf_counter() - t0

@@ -152,7 +152,7 @@ def test_run_directory_contents(finished_run):
     assert list((stage_dir / "tensorboard").glob("events.*"))
     model_dir = Path(outputs["model_path"])
     assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
-    assert (model_dir / "optimizer.pt").exists() and (model_dir / "rng_rank1.pt").exists()
+    assert (model_dir / "sharded" / ".metadata").exists() and (model_dir / "rng_rank1.pt").exists()  # DCP shards
 
 
 RESUME_SCRIPT = """

@@ -31,8 +31,10 @@ from r1pipe.stages.base import StageConfig, StageContext, register_stage
 
 if TYPE_CHECKING:
     from r1pipe.workers.batch import Completion, RolloutBatch
+    from r1pipe.workers.placement import ResourcePlan
 
 OVERLONG_MODES = ("none", "filter", "soft")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -99,6 +101,22 @@ class GRPOConfig(StageConfig):
     tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
+    # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
+    policy_cpus: Optional[float] = None
+    policy_gpus: Optional[float] = None
+    rollout_cpus: Optional[float] = None
+    rollout_gpus: Optional[float] = None
+    reward_cpus: float = 1.0  # per reward worker (rule-based rewards need no GPU)
+    policy_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per policy worker
+    rollout_resources: dict[str, float] = field(default_factory=dict)  # ... per rollout worker
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
+    # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
+    fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
+    activation_checkpointing: bool = False  # recompute each block's attention in the backward
+    sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
+    sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
+    sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -122,8 +140,33 @@ class GRPOConfig(StageConfig):
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
+        if self.sync_check_every < 0:
+            raise ValueError(f"sync_check_every must be >= 0, got {self.sync_check_every}")
+        if self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
             raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
+    """Per-role Ray resources: rl.{policy,rollout}_{cpus,gpus} (default: rl.cpus_per_worker /
+    gpus_per_worker), rl.reward_cpus; reward workers only when a reward pool runs."""
+    from r1pipe.workers.placement import ResourcePlan, RoleResources
+
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    roles = [
+        RoleResources("policy", cfg.num_policy_workers, pick(cfg.policy_cpus, cfg.cpus_per_worker),
+                      pick(cfg.policy_gpus, cfg.gpus_per_worker), dict(cfg.policy_resources), "rl.policy"),
+        RoleResources("rollout", cfg.num_rollout_workers, pick(cfg.rollout_cpus, cfg.cpus_per_worker),
+                      pick(cfg.rollout_gpus, cfg.gpus_per_worker), dict(cfg.rollout_resources), "rl.rollout"),
+    ]
+    if cfg.reward_weights:
+        roles.append(RoleResources("reward", cfg.num_reward_workers, cfg.reward_cpus, key="rl.reward", in_group=False))
+    return ResourcePlan(roles)
 
 
 # ---------------------------------------------------------------- data
@@ -168,8 +211,9 @@ class Scorer:
     and for a pool whose worker died, which is then rebuilt)."""
 
     def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int,
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None, num_cpus: float = 1.0):
         self.weights, self.num_workers, self.options = dict(weights), num_workers, dict(options or {})
+        self.num_cpus = num_cpus
         self.extra = {spec: (w, _load_callable(spec)) for spec, w in extra.items()}
         self.pool = self._new_pool() if self.weights else None
         self.errors: list[str] = []
@@ -177,7 +221,7 @@ class Scorer:
     def _new_pool(self) -> Any:
         from r1pipe.rewards.worker import RewardPool
 
-        return RewardPool(self.weights, num_workers=self.num_workers, **self.options)
+        return RewardPool(self.weights, num_workers=self.num_workers, num_cpus_per_worker=self.num_cpus, **self.options)
 
     def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
         """(total reward per text, component -> values, number of reward errors)."""
@@ -289,6 +333,7 @@ class GRPOTrainer:
         from r1pipe.model import Precision
         from r1pipe.workers import PolicyConfig, RolloutWorker
         from r1pipe.workers.group import PolicyGroup
+        from r1pipe.workers.placement import reserve
 
         cfg = self.cfg
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
@@ -298,16 +343,19 @@ class GRPOTrainer:
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
             freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss,
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
-            precision=precision,
+            precision=precision, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing,
         )
+        self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
         self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
-                                  num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-        rollout_actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+                                  placement=self.placement)
         engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
-        self.rollout = [rollout_actor.remote(rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
+        self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
+                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options))
+        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb)
+        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options),
+                             num_cpus=cfg.reward_cpus)
 
     # ---- the settings that follow from the engine
 
@@ -431,10 +479,12 @@ class GRPOTrainer:
     # ---- training
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """Advantages, old/ref log-probs, TIS weights, the update(s); returns the step's training metrics."""
+        """Advantages, old/ref log-probs, the update(s) (with TIS weights and the trainer/engine log-prob
+        mismatch measured on the old log-probs); returns the step's training metrics. With one update per
+        batch the old log-probs are the update's own forward, detached: no separate forward."""
         import torch
 
-        from r1pipe.algo import group_advantages, overlong_filter_mask, tis_weights
+        from r1pipe.algo import group_advantages, overlong_filter_mask
 
         cfg = self.cfg
         rewards = torch.tensor([c.reward for c in batch.completions])
@@ -445,22 +495,11 @@ class GRPOTrainer:
             train_batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
 
         ta = time.perf_counter()
-        old_logp = self.policy.logprobs(train_batch)
+        old_logp = self.policy.logprobs(train_batch) if cfg.updates_per_step > 1 else None
         ref_logp = self.policy.logprobs(train_batch, reference=True) if cfg.kl_coef > 0 else None
-        # trainer vs engine log-probs on the rollout tokens, before any update of this step
-        engine_logp = batch.engine_logprobs(tuple(old_logp.shape))
-        on = train_batch.response_mask > 0
-        diff = (old_logp - engine_logp).abs()[on]
-        out: dict[str, float] = {
-            "logprob_mismatch/mean_abs": float(diff.mean()) if diff.numel() else 0.0,
-            "logprob_mismatch/max_abs": float(diff.max()) if diff.numel() else 0.0,
-            "response_length/truncated": float(truncated.float().mean()),
-        }
-        tis = None
-        if self.tis:
-            tis, capped = tis_weights(old_logp, engine_logp, cfg.tis_cap)
-            out["tis/clipped_share"] = float(capped[on].float().mean()) if on.any() else 0.0
-            out["tis/weight_mean"] = float(tis[on].mean()) if on.any() else 0.0
+        # the engine's log-probs of the rollout tokens: the trainer's old ones are compared with them
+        engine_logp = batch.engine_logprobs((len(train_batch), train_batch.input_ids.shape[1] - 1))
+        out: dict[str, float] = {"response_length/truncated": float(truncated.float().mean())}
 
         sums: dict[str, float] = {}
         bounds = [round(i * len(batch) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
@@ -471,17 +510,23 @@ class GRPOTrainer:
                 continue
             mini = train_batch.rows(rows)
             stats = self.policy.train_step(
-                mini, old_logp[rows], advantages[rows], None if ref_logp is None else ref_logp[rows],
+                mini, None if old_logp is None else old_logp[rows], advantages[rows],
+                None if ref_logp is None else ref_logp[rows],
                 num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
-                tis_weight=None if tis is None else tis[rows],
                 num_draft_positions=float(mini.response_mask[:, 1:].sum()),
+                engine_logp=engine_logp[rows], tis_cap=cfg.tis_cap if self.tis else None,
             )
             grad_norms.append(stats.pop("grad_norm"))
             maxvios.append(stats.pop("maxvio"))
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = max(sums.get(k, 0.0), v) if k.endswith("_max") else sums.get(k, 0.0) + v
         self.timings["train"] = time.perf_counter() - ta
         tokens = max(sums.get("tokens", 0.0), 1.0)
+        out["logprob_mismatch/mean_abs"] = sums.get("mismatch_abs", 0.0) / tokens
+        out["logprob_mismatch/max_abs"] = sums.get("mismatch_max", 0.0)
+        if self.tis:
+            out["tis/clipped_share"] = sums.get("tis_clipped", 0.0) / tokens
+            out["tis/weight_mean"] = sums.get("tis_weight", 0.0) / tokens
         out.update({
             "loss": sums.get("loss", 0.0) / max(len(grad_norms), 1),
             "kl": sums.get("kl", 0.0) / tokens,
@@ -499,14 +544,40 @@ class GRPOTrainer:
             out["mtp/draft_loss"] = sums.get("draft_loss", 0.0) / max(len(grad_norms), 1)
         return out
 
-    def sync(self) -> None:
-        """The policy's new weights to every rollout engine."""
+    def sync(self, step: int) -> float | None:
+        """The policy's new weights to every rollout engine over torch.distributed, then (at the first
+        sync of the stage and every sync_check_every steps) the probe check: a fixed prompt's sampled
+        tokens scored by engine and trainer must agree (else SyncMismatch). Returns the probe's mean
+        |trainer - engine| log-prob, or None when not checked."""
+        ta = time.perf_counter()
+        self.policy.sync_weights()
+        every = self.cfg.sync_check_every
+        first = not getattr(self, "_synced", False)
+        self._synced = True
+        diff = self.check_sync() if every and (first or step % every == 0) else None
+        self.timings["sync"] = time.perf_counter() - ta
+        return diff
+
+    @property
+    def sync_check_tol(self) -> float:
+        if self.cfg.sync_check_tol is not None:
+            return float(self.cfg.sync_check_tol)
+        return 0.1 if self.tis else 1e-3  # tis is on by default exactly when the engine is not float32
+
+    def check_sync(self) -> float:
+        """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores
+        the same tokens; check_probe raises on disagreement."""
         import ray
 
-        ta = time.perf_counter()
-        weights = self.policy.state_dict_ref()
-        ray.get([w.update_weights.remote(weights) for w in self.rollout])
-        self.timings["sync"] = time.perf_counter() - ta
+        from r1pipe.workers import RolloutBatch
+        from r1pipe.workers.weight_sync import check_probe
+
+        prompt = [self.probe_prompt]
+        groups = ray.get([w.generate.remote(prompt, 2, self.cfg.temperature, self.cfg.max_tokens, [0]) for w in self.rollout])
+        batch = RolloutBatch(problems=[], completions=[c for g in groups for c in g[0]])
+        train_batch = batch.train_batch(self.pad_id)
+        trainer = self.policy.logprobs(train_batch)
+        return check_probe(trainer, batch.engine_logprobs(tuple(trainer.shape)), train_batch.response_mask, self.sync_check_tol)
 
     def draft_acceptance(self) -> float:
         """Share of MTP draft tokens the engines accepted since the last call."""
@@ -540,7 +611,9 @@ class GRPOTrainer:
             metrics["mtp/acceptance"] = self.draft_acceptance()
         if len(batch):
             metrics.update(self.train(batch))
-            self.sync()
+            probe = self.sync(step)
+            if probe is not None:
+                metrics["sync/probe_logprob_diff"] = probe
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
             metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
@@ -588,6 +661,7 @@ class GRPOTrainer:
             state["base_accuracy"] = self.heldout_accuracy(heldout_rows)
             print(f"grpo: held-out accuracy of the base model: {state['base_accuracy']:.3f} on {len(heldout_rows)} problems")
         stream = PromptStream(train_rows, self.ctx.seed, state["data_position"])
+        self.probe_prompt = self.prompt_ids.get(train_rows[0]["prompt"], train_rows[0]["prompt"])
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)
         if step == 0:
@@ -631,6 +705,7 @@ class GRPOTrainer:
         self.policy.shutdown()
         for w in self.rollout:
             ray.kill(w)
+        self.placement.remove()
         print(f"grpo: held-out accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
               f"in {cfg.steps} steps, {summary['wall_seconds']:.0f}s")
         return {

@@ -1,7 +1,10 @@
 """PolicyGroup: N data-parallel PolicyWorker actors driven as one.
 
-It creates the actors with the recipe's Ray resources, joins them into one torch.distributed
-group, and splits every batch by rows across them (contiguous shards; a rank may get none).
+It creates the actors in their bundles of the stage's placement group (r1pipe.workers.placement),
+joins them into one torch.distributed group (FSDP2-sharded unless fsdp=False), and splits every
+batch by rows across them (contiguous shards; a rank may get none), telling every rank how many
+micro-batches to run so the sharded collectives line up. `sync_weights` sends the weights to the
+rollout engines over their own process group (r1pipe.workers.weight_sync).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import ray
 import torch
 
 from r1pipe.workers.batch import TrainBatch
+from r1pipe.workers.placement import Placement
 from r1pipe.workers.policy import PolicyConfig, PolicyWorker
 
 
@@ -26,38 +30,53 @@ class PolicyGroup:
         model_path: str,
         cfg: PolicyConfig,
         with_reference: bool,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
+        placement: Placement | None = None,
     ):
-        actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(PolicyWorker)
-        self.workers = [actor.remote(rank, num_workers, model_path, cfg, with_reference) for rank in range(num_workers)]
+        """`placement`: the stage's reserved placement group; None: Ray's default (1 CPU each)."""
+        actor = ray.remote(PolicyWorker)
+        self.cfg = cfg
+        self.workers = [actor.options(**(placement.options("policy", rank) if placement else {})).remote(
+                            rank, num_workers, model_path, cfg, with_reference) for rank in range(num_workers)]
+        self.buckets: list | None = None
         if num_workers > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             ray.get([w.init_distributed.remote(address) for w in self.workers])
 
+    def _num_micro(self, shards: list[slice]) -> int:
+        """Micro-batches every rank runs: enough for the largest shard."""
+        largest = max(s.stop - s.start for s in shards)
+        return max(1, -(-largest // self.cfg.micro_batch_size))
+
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         shards = _shards(len(batch), len(self.workers))
-        refs = [w.logprobs.remote(batch.rows(s), reference) for w, s in zip(self.workers, shards)]
+        num_micro = self._num_micro(shards)
+        refs = [w.logprobs.remote(batch.rows(s), reference, num_micro) for w, s in zip(self.workers, shards)]
         return torch.cat(ray.get(refs))
 
     def train_step(
         self,
         batch: TrainBatch,
-        old_logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
         advantages: torch.Tensor,
         ref_logp: torch.Tensor | None,
         num_tokens: float,
         num_seqs: float,
         tis_weight: torch.Tensor | None = None,
         num_draft_positions: float = 0.0,
+        engine_logp: torch.Tensor | None = None,
+        tis_cap: float | None = None,
     ) -> dict[str, float]:
-        """One synchronous optimizer step of every rank; token sums are added over ranks,
-        grad_norm / maxvio (identical on every rank after the all-reduce) taken from rank 0."""
+        """One synchronous optimizer step of every rank (see PolicyWorker.train_step; old_logp None: the
+        step's own forward gives them); sums are added over ranks, *_max keys maxed, grad_norm / maxvio
+        (identical on every rank) taken from rank 0."""
         shards = _shards(len(batch), len(self.workers))
+        num_micro = self._num_micro(shards)
         refs = [
             w.train_step.remote(
-                batch.rows(s), old_logp[s], advantages[s], None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
-                None if tis_weight is None else tis_weight[s], num_draft_positions,
+                batch.rows(s), None if old_logp is None else old_logp[s], advantages[s],
+                None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
+                None if tis_weight is None else tis_weight[s], num_draft_positions, num_micro,
+                None if engine_logp is None else engine_logp[s], tis_cap,
             )
             for w, s in zip(self.workers, shards)
         ]
@@ -65,14 +84,33 @@ class PolicyGroup:
         total: dict[str, float] = {}
         for r in results:
             for k, v in r.items():
-                total[k] = total.get(k, 0.0) + v
+                total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0.0) + v
         total["grad_norm"] = results[0]["grad_norm"]
         total["maxvio"] = results[0]["maxvio"]
         return total
 
-    def state_dict_ref(self) -> Any:
-        """An object ref of rank 0's weights, handed straight to rollout workers."""
-        return self.workers[0].state_dict.remote()
+    def memory(self) -> list[dict[str, int]]:
+        """Per rank: bytes of parameters and optimizer state held."""
+        return ray.get([w.memory.remote() for w in self.workers])
+
+    def connect_engines(self, engines: list[Any], bucket_mb: float) -> None:
+        """Form the trainer -> engines process group (policy rank 0 and every rollout actor, which must
+        have `join_sync` and `receive_weights`) and plan the buckets; only names and shapes cross Ray."""
+        from r1pipe.workers.weight_sync import plan_buckets
+
+        host, port = ray.get(self.workers[0].sync_address.remote())
+        world = 1 + len(engines)
+        ray.get([self.workers[0].join_sync.remote(host, port, world)]
+                + [e.join_sync.remote(host, port, i + 1, world) for i, e in enumerate(engines)])
+        self.engines = list(engines)
+        self.buckets = plan_buckets(ray.get(self.workers[0].weight_metas.remote()), int(bucket_mb * 2**20))
+
+    def sync_weights(self) -> None:
+        """Broadcast the current weights to the connected engines (tensors only over torch.distributed)."""
+        if self.buckets is None:
+            raise RuntimeError("sync_weights before connect_engines")
+        ray.get([w.send_weights.remote(self.buckets) for w in self.workers]
+                + [e.receive_weights.remote(self.buckets) for e in self.engines])
 
     def save_checkpoint(self, path: str, tokenizer_dir: str | None) -> None:
         ray.get([w.save_checkpoint.remote(path, tokenizer_dir) for w in self.workers])

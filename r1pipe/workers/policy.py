@@ -1,9 +1,13 @@
 """PolicyWorker: the trained model (and the frozen reference) on one data-parallel rank.
 
-N workers hold replicas of the policy and split each batch by rows; gradients are summed over
-torch.distributed (gloo on CPU, NCCL on GPU) before every optimizer step, and the loss is
-normalised with the *global* token / sequence counts, so N workers step exactly like one worker
-on the whole batch. The class is plain Python; the controller wraps it with ray.remote.
+N workers split each batch by rows and join one torch.distributed group (gloo on CPU, NCCL on
+GPU). With `fsdp` (the default) the policy and the reference are sharded per decoder block with
+FSDP2 (r1pipe.workers.sharding), so each rank holds 1/N of the parameters and optimizer state and
+gradients are reduce-scattered; without it every rank holds a replica and gradients are summed in
+one flat all-reduce. Either way the loss is normalised with the *global* token / sequence counts,
+so N workers step exactly like one worker on the whole batch. Every rank runs the same number of
+micro-batches (`num_micro`), as the sharded forward and backward are collectives.
+The class is plain Python; the controller wraps it with ray.remote.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class PolicyConfig:
     num_threads: int = 1
     seed: int = 0
     precision: Any = None  # r1pipe.model.Precision from the recipe's model section; None: fp32, no FP8
+    fsdp: bool = True  # shard policy and reference across the workers (FSDP2); False: replicas + all-reduce
+    activation_checkpointing: bool = False  # recompute each block's attention in the backward
 
 
 class PolicyWorker:
@@ -72,16 +78,47 @@ class PolicyWorker:
             if cfg.precision is not None:
                 apply_precision(self.reference, cfg.precision)
             self.reference.eval().requires_grad_(False)
+        if cfg.activation_checkpointing:
+            from r1pipe.workers.sharding import checkpoint_activations
+
+            checkpoint_activations(self.model)
+        self.sharded = cfg.fsdp and world_size > 1
+        if self.sharded and cfg.draft_loss:
+            raise ValueError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
+                             "differentiates the MTP module's own parameters, which FSDP shards)")
+        self.sync_group = None
+        from r1pipe.workers.weight_sync import tensor_meta
+
+        # what the engines take, read before sharding (an FSDP2 state_dict() is a collective)
+        self.metas = [tensor_meta(n, t) for n, t in self.model.state_dict().items()]
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
         self.draft_params = self._draft_parameters() if cfg.draft_loss else []
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
 
     def init_distributed(self, init_method: str) -> None:
-        """Join the process group (called on every rank at once, after all actors exist)."""
+        """Join the process group (called on every rank at once, after all actors exist); with fsdp,
+        shard the policy and the reference and rebuild the optimizer on the shards."""
         if self.world_size > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        if self.sharded:
+            from r1pipe.workers.sharding import shard
+
+            shard(self.model)
+            if self.reference is not None:
+                shard(self.reference)
+            self._build_optimizer()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of parameters and optimizer state this rank holds (its shards)."""
+        from r1pipe.workers.sharding import local_bytes
+
+        return local_bytes(self.model, self.optimizer)
 
     def rendezvous_address(self) -> str:
         """tcp://this-node:free-port, for rank 0 to host the process group."""
@@ -126,8 +163,29 @@ class PolicyWorker:
         routing = None if batch.routing is None else [r.to(self.device) for r in batch.routing]
         return TrainBatch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.response_mask.to(self.device), routing)
 
+    def _micro_slices(self, n: int, num_micro: int | None) -> list[slice]:
+        """This rank's micro-batches: of micro_batch_size rows, or exactly `num_micro` near-equal
+        contiguous ones (some may be empty) so that every rank runs the same number."""
+        if num_micro is None:
+            return [slice(i, i + self.cfg.micro_batch_size) for i in range(0, n, self.cfg.micro_batch_size)]
+        bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
+        return [slice(bounds[i], bounds[i + 1]) for i in range(num_micro)]
+
+    def _idle_pass(self, model: torch.nn.Module, backward: bool) -> None:
+        """A rank with no rows for this micro-batch still joins the sharded collectives: a one-token
+        forward in eval mode (no expert loads counted) and a zero backward."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.set_grad_enabled(backward):
+                out = model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                if backward:
+                    (out.logits.sum() * 0.0).backward()
+        finally:
+            model.train(was_training)
+
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+    def logprobs(self, batch: TrainBatch, reference: bool = False, num_micro: int | None = None) -> torch.Tensor:
         """Log-probs [B, S-1] of every target token under the policy (or the reference), in eval mode
         so that the forward does not count toward the router's expert loads."""
         model = self.reference if reference else self.model
@@ -135,11 +193,13 @@ class PolicyWorker:
             raise RuntimeError("this worker holds no reference model (kl_coef == 0)")
         was_training = model.training
         model.eval()
+        parts = []
         try:
-            parts = [
-                self._forward_logprobs(model, self._to_device(batch.rows(slice(i, i + self.cfg.micro_batch_size))))[0].cpu()
-                for i in range(0, len(batch), self.cfg.micro_batch_size)
-            ]
+            for rows in self._micro_slices(len(batch), num_micro):
+                if rows.stop <= rows.start:
+                    self._idle_pass(model, backward=False)
+                    continue
+                parts.append(self._forward_logprobs(model, self._to_device(batch.rows(rows)))[0].cpu())
         finally:
             model.train(was_training)
         return torch.cat(parts) if parts else torch.zeros(0, batch.input_ids.shape[1] - 1)
@@ -149,29 +209,54 @@ class PolicyWorker:
     def train_step(
         self,
         batch: TrainBatch,
-        old_logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
         advantages: torch.Tensor,
         ref_logp: torch.Tensor | None,
         num_tokens: float,
         num_seqs: float,
         tis_weight: torch.Tensor | None = None,
         num_draft_positions: float = 0.0,
+        num_micro: int | None = None,
+        engine_logp: torch.Tensor | None = None,
+        tis_cap: float | None = None,
     ) -> dict[str, float]:
-        """One optimizer step on this rank's rows; `num_tokens`/`num_seqs` (and `num_draft_positions`
-        for the draft loss) count the whole global mini-batch; `tis_weight` [B,S-1] re-weights the
-        policy gradient (truncated importance sampling). Returns token sums (see grpo_loss) plus
-        entropy, loss, draft_loss, grad_norm, maxvio."""
+        """One optimizer step on this rank's rows (in `num_micro` micro-batches when given); `num_tokens`/
+        `num_seqs` (and `num_draft_positions` for the draft loss) count the whole global mini-batch.
+
+        `old_logp` None: the batch gets exactly this one update, so the old log-probs are this forward's
+        own, detached (no separate forward). `engine_logp` [B,S-1] (the rollout engine's): the step also
+        sums |old - engine| (mismatch_abs, mismatch_max) and, with `tis_cap`, re-weights the policy
+        gradient by min(pi_old / pi_engine, tis_cap) (truncated importance sampling; tis_clipped and
+        tis_weight sums); or `tis_weight` [B,S-1] gives those weights directly. Returns token sums (see
+        grpo_loss) plus entropy, loss, draft_loss, grad_norm, maxvio."""
+        from r1pipe.algo import tis_weights
+
+        if tis_cap is not None and (engine_logp is None or tis_weight is not None):
+            raise ValueError("tis_cap needs engine_logp and no tis_weight")
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
-        for i in range(0, len(batch), cfg.micro_batch_size):
-            rows = slice(i, i + cfg.micro_batch_size)
+        for rows in self._micro_slices(len(batch), num_micro):
+            if rows.stop <= rows.start:
+                self._idle_pass(self.model, backward=True)
+                continue
             micro = self._to_device(batch.rows(rows))
             logp, entropy, out = self._forward_logprobs(self.model, micro)
             mask = micro.response_mask
+            old = logp.detach() if old_logp is None else old_logp[rows].to(self.device)
+            tis = None if tis_weight is None else tis_weight[rows].to(self.device)
+            if engine_logp is not None:
+                engine, on = engine_logp[rows].to(self.device), mask > 0
+                gap = (old - engine).abs()[on]
+                totals["mismatch_abs"] = totals.get("mismatch_abs", 0.0) + float(gap.sum())
+                totals["mismatch_max"] = max(totals.get("mismatch_max", 0.0), float(gap.max()) if gap.numel() else 0.0)
+                if tis_cap is not None:
+                    tis, capped = tis_weights(old, engine, tis_cap)
+                    totals["tis_clipped"] = totals.get("tis_clipped", 0.0) + float(capped[on].sum())
+                    totals["tis_weight"] = totals.get("tis_weight", 0.0) + float(tis[on].sum())
             loss, stats = grpo_loss(
                 logp,
-                old_logp[rows].to(self.device),
+                old,
                 advantages[rows].to(self.device),
                 mask,
                 clip_low=cfg.clip_low,
@@ -182,7 +267,7 @@ class PolicyWorker:
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,
                 norm_constant=cfg.norm_constant,
-                tis_weight=None if tis_weight is None else tis_weight[rows].to(self.device),
+                tis_weight=tis,
             )
             if self.draft_params:  # the draft loss reaches only the MTP module's own parameters
                 d_loss = self._draft_loss(micro, out, num_draft_positions)
@@ -195,9 +280,16 @@ class PolicyWorker:
             totals["entropy"] += float((entropy.detach() * (mask > 0)).sum())
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
-        self._all_reduce_grads()
+        if self.sharded:  # FSDP has reduce-scattered (averaged) them already
+            from r1pipe.workers.sharding import undo_gradient_average
+
+            undo_gradient_average(self.model, self.world_size)
+        else:
+            self._all_reduce_grads()
         drafter = {id(p) for p in self.draft_params}
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) not in drafter], cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         if self.draft_params:
             torch.nn.utils.clip_grad_norm_(self.draft_params, cfg.grad_clip)
         self.optimizer.step()
@@ -239,32 +331,70 @@ class PolicyWorker:
 
     # ---- weights and checkpoints ----
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights for the rollout engine."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def weight_metas(self) -> list:
+        """Name, full shape and dtype of every weight the engines take (no tensors)."""
+        return self.metas
+
+    def sync_address(self) -> tuple[str, int]:
+        """(host, free port) for the weight-sync group's store, on this (rank 0's) node."""
+        import ray
+
+        from r1pipe.workers.weight_sync import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_sync(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the trainer -> engines group as its sender (rank 0 there)."""
+        from r1pipe.workers.weight_sync import SyncGroup
+
+        if self.rank == 0:
+            self.sync_group = SyncGroup(host, port, 0, world_size, str(self.device))
+
+    def send_weights(self, buckets: list) -> None:
+        """Every policy rank gathers the weights one tensor at a time (collectives when sharded);
+        rank 0 broadcasts them to the engines bucket by bucket."""
+        from r1pipe.workers.sharding import full_tensors
+
+        named = full_tensors(self.model)
+        if self.rank == 0:
+            if self.sync_group is None:
+                raise RuntimeError("send_weights before join_sync")
+            self.sync_group.send(named, buckets)
+        else:
+            for _ in named:
+                pass
 
     def save_checkpoint(self, path: str, tokenizer_dir: str | None = None) -> None:
-        """Rank 0 writes the model (HF layout) and optimizer; every rank writes its RNG state."""
+        """Rank 0 writes the whole model in the Hugging Face layout (gathered from the shards); every
+        rank writes its shards of model and optimizer (DCP, under sharded/) and its RNG state."""
+        from r1pipe.workers.sharding import full_tensors, save_pretrained_full, save_sharded
+
         path_ = Path(path)
         path_.mkdir(parents=True, exist_ok=True)
+        full = {n: t.to("cpu", copy=True) for n, t in full_tensors(self.model)} if self.sharded else None
         if self.rank == 0:
             from r1pipe.model import save_pretrained
 
-            save_pretrained(self.model, path_)
+            if full is not None:
+                save_pretrained_full(full, self.model.config, path_)
+            else:
+                save_pretrained(self.model, path_)
             if tokenizer_dir is not None:
                 from transformers import AutoTokenizer
 
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path_)
-            torch.save(self.optimizer.state_dict(), path_ / "optimizer.pt")
+        del full
+        self.barrier()
+        save_sharded(path_ / "sharded", self.model, self.optimizer)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path_ / f"rng_rank{self.rank}.pt")
         self.barrier()
 
     def load_checkpoint(self, path: str) -> None:
-        from r1pipe.model import load_pretrained
+        """Model and optimizer from the checkpoint's DCP shards, written by any number of workers."""
+        from r1pipe.workers.sharding import load_sharded
 
         path_ = Path(path)
-        self.model.load_state_dict(load_pretrained(path_, dtype=torch.float32, device=str(self.device)).state_dict())
-        self.optimizer.load_state_dict(torch.load(path_ / "optimizer.pt", map_location=self.device))
+        load_sharded(path_ / "sharded", self.model, self.optimizer)
         # AdamW steps a parameter once it has a gradient buffer (zero_grad keeps them as zeros): give
         # one to every parameter the optimizer has stepped, as the uninterrupted run has
         for p in self.model.parameters():
@@ -282,3 +412,9 @@ class PolicyWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

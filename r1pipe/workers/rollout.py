@@ -62,6 +62,16 @@ class RolloutWorker:
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.llm.update_weights(state_dict)
 
+    def join_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync)."""
+        from r1pipe.workers.weight_sync import SyncGroup
+
+        self.sync_group = SyncGroup(host, port, rank, world_size, str(getattr(self.llm, "device", "cpu")))
+
+    def receive_weights(self, buckets: list) -> int:
+        """Take one broadcast of the weights, bucket by bucket, into the engine; returns how many were set."""
+        return sum(self.llm.update_weights(part) for part in self.sync_group.receive(buckets))
+
     def pad_token_id(self) -> int:
         """Padding id for training batches (any valid id: padded positions are masked out)."""
         c = self.llm.config

@@ -1,0 +1,98 @@
+"""FSDP2 policy workers on Ray (gloo, CPU): 2 sharded workers step like 1 on the same batch, each
+holds about half the parameter and optimizer bytes, a checkpoint written by 2 workers resumes on 1
+and continues identically, and the exported model is a Hugging Face checkpoint transformers loads."""
+import dataclasses
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from r1pipe.workers import PolicyConfig, build_batch  # noqa: E402
+from r1pipe.workers.group import PolicyGroup  # noqa: E402
+from test_grpo_weight_sync import tiny_model as weight_sync_tiny_model  # noqa: E402
+
+
+def tiny_model(path):
+    return weight_sync_tiny_model(path, layers=3)
+
+
+def batch_and_advantages(seed: int, rows: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 32, (4 + i % 3,), generator=g).tolist() for i in range(rows)]
+    completions = [torch.randint(3, 32, (6 + i % 2,), generator=g).tolist() for i in range(rows)]
+    return build_batch(prompts, completions, pad_id=0), torch.randn(rows, generator=g)
+
+
+def grpo_step(group: PolicyGroup, seed: int) -> dict:
+    batch, adv = batch_and_advantages(seed)
+    old = group.logprobs(batch)
+    ref = group.logprobs(batch, reference=True)
+    return group.train_step(batch, old, adv, ref, float(batch.response_mask.sum()), float(len(batch)))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# A small learning rate: summation order differs between 1 and 2 ranks (fp32 rounding of gradients ~1e-9),
+# and AdamW turns a coordinate whose gradient is itself ~eps into a step of up to lr; at 1e-4 that stays
+# far under the 1e-5 the comparison allows, while a real error (e.g. averaged instead of summed
+# gradients, which halves grad_norm) does not.
+CFG = PolicyConfig(lr=1e-4, kl_coef=0.1, micro_batch_size=2, clip_low=0.2, clip_high=0.28)
+
+
+def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, tmp_path):
+    model = tiny_model(tmp_path / "model")
+    one = PolicyGroup(1, model, CFG, with_reference=True)
+    two = PolicyGroup(2, model, CFG, with_reference=True)
+    for seed in (0, 1):
+        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        assert s1["tokens"] == s2["tokens"]
+        assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
+        assert abs(s1["kl"] - s2["kl"]) <= 1e-5
+    probe, _ = batch_and_advantages(seed=9)
+    assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5  # same weights after two updates
+
+    whole, halves = one.memory()[0], two.memory()
+    print(f"\nbytes held: 1 worker {whole}; 2 FSDP workers {halves}")
+    for kind in ("parameters", "optimizer"):
+        # the shards cover the whole (FSDP pads dim 0 of a parameter to a multiple of the rank count)
+        assert whole[kind] <= sum(h[kind] for h in halves) <= 1.02 * whole[kind]
+        for h in halves:
+            assert 0.4 <= h[kind] / whole[kind] <= 0.6, (kind, h[kind], whole[kind])
+
+    # a checkpoint of the 2 sharded workers resumes on 1 worker and continues like the 2
+    ckpt = tmp_path / "ckpt"
+    two.save_checkpoint(str(ckpt), tokenizer_dir=None)
+    resumed = PolicyGroup(1, model, CFG, with_reference=True)
+    resumed.load_checkpoint(str(ckpt))
+    a, b = grpo_step(two, 2), grpo_step(resumed, 2)
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"])
+    assert (two.logprobs(probe) - resumed.logprobs(probe)).abs().max() <= 1e-5
+    for g in (one, two, resumed):
+        g.shutdown()
+
+    # the exported checkpoint is the whole model in the Hugging Face layout
+    transformers = pytest.importorskip("transformers")
+    from r1pipe.model import load_pretrained
+
+    ours = load_pretrained(ckpt).eval()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (ours(probe.input_ids).logits - hf(probe.input_ids).logits).abs().max() <= 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_update(ray_cluster, tmp_path):
+    model = tiny_model(tmp_path / "model")
+    plain = PolicyGroup(2, model, CFG, with_reference=True)
+    recompute = PolicyGroup(2, model, dataclasses.replace(CFG, activation_checkpointing=True), with_reference=True)
+    a, b = grpo_step(plain, 0), grpo_step(recompute, 0)
+    assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * max(1.0, a["grad_norm"])
+    probe, _ = batch_and_advantages(seed=9)
+    assert (plain.logprobs(probe) - recompute.logprobs(probe)).abs().max() <= 1e-6
+    plain.shutdown()
+    recompute.shutdown()

@@ -128,17 +128,22 @@ def init_model(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed
     return out_dir
 
 
-def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
-                       **overrides: Any) -> Path:
-    """A randomly initialised dense student (DENSE_PRESETS) sized to the tokenizer, saved with it."""
+def dense_config(preset: str, tokenizer: Any, **overrides: Any) -> Any:
+    """The transformers config of a dense preset (DENSE_PRESETS) sized to the tokenizer, with overrides."""
     if preset not in DENSE_PRESETS:
         raise ValueError(f"unknown dense student preset {preset!r}; known: {', '.join(DENSE_PRESETS)}")
-    tokenizer = load_tokenizer(tokenizer_dir)
     fields = {**DENSE_PRESETS[preset], **overrides}
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         fields.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields,
     )
+
+
+def init_dense_student(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                       **overrides: Any) -> Path:
+    """A randomly initialised dense student (DENSE_PRESETS) sized to the tokenizer, saved with it."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = dense_config(preset, tokenizer, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -167,4 +172,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["CausalLM", "DENSE_PRESETS", "init_model", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]
+__all__ = ["CausalLM", "DENSE_PRESETS", "dense_config", "init_model", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]

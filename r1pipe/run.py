@@ -118,7 +118,8 @@ def resolve_stage_refs(stage_cfg: Any, outputs: dict[str, dict], name: str) -> A
 
 def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[str, float]) -> dict:
     """The figures people look for first: held-out accuracy before and after RL (from the last
-    stage that reports them), steps, total wall time, each eval suite's pass@1, and the per-stage
+    stage that reports them), steps, total wall time, each eval suite's pass@1 (the last eval stage's
+    under `eval`, every eval stage's under `evals`), a compare stage's table (`comparison`), and the per-stage
     scorecard (held-out accuracy per domain, readability) when the recipe has one."""
     summary: dict = {"recipe": cfg.run.name, "stages": list(cfg.stages)}
     for name in cfg.stages:
@@ -130,6 +131,11 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[s
             summary.setdefault("eval", {})[suite] = {k: report[k] for k in ("pass@1", "n_problems", "k") if k in report}
         if out.get("scorecard"):
             summary["per_stage"] = out["scorecard"]
+        if "report_path" in out:  # every eval stage, by name: several models on the same suites
+            summary.setdefault("evals", {})[name] = {"model_path": out.get("model_path"), **{
+                suite: report.get("pass@1") for suite, report in (out.get("suites") or {}).items()}}
+        if out.get("comparison"):
+            summary["comparison"] = out["comparison"]
     summary["stage_seconds"] = {name: stage_seconds[name] for name in cfg.stages if name in stage_seconds}
     summary["wall_seconds"] = round(sum(summary["stage_seconds"].values()), 1)
     return summary

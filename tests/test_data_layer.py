@@ -60,8 +60,12 @@ def test_dataset_dict_split_and_errors(sources, tmp_path):
 
 
 def test_unreachable_hub_is_one_clear_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # offline, as on a machine without the hub (set on the modules: they read the environment at import)
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(DataError) as info:
         read_records("someone/no-such-dataset-r1pipe:test")
     message = str(info.value)

@@ -1,6 +1,6 @@
 """Held-out accuracy of a model on problem rows, by the one evaluation path of the project:
 completions from the rollout engine (RolloutWorker, i.e. r1pipe.engine.LLM, stopping after
-`</answer>`) graded by the rewards' accuracy reward (the last answer, math_equal). The pretrain
+`</answer>`; transformers' generate for a dense Hugging Face student) graded by the rewards' accuracy reward (the last answer, math_equal). The pretrain
 stage's base check and GRPO's held-out accuracy both come from here, so the "base accuracy" and
 the "final accuracy" of a run are the same metric.
 """
@@ -31,15 +31,10 @@ def measure_accuracy(
     """Accuracy of the checkpoint in `model_dir` on problem rows {"prompt", "answer"}, one completion each
     (greedy at temperature 0, else sampled with seed + row index)."""
     from r1pipe.rewards import build_reward_fn
-    from r1pipe.workers.rollout import RolloutWorker
 
-    engine = RolloutWorker(str(model_dir), {}, seed)
-    groups = engine.generate([r["prompt"] for r in rows], 1, temperature, max_new_tokens,
-                             seeds=[seed + i for i in range(len(rows))], stop=list(stop) or None)
     grade = build_reward_fn({"accuracy": 1.0})
     samples = []
-    for row, group in zip(rows, groups):
-        text = group[0].text
+    for row, text in zip(rows, _completions(model_dir, rows, temperature, max_new_tokens, seed, stop)):
         accuracy = float(grade(text, dict(row)).components["accuracy"])
         worked = bool(re.search(r"<think>", text)) and f"<think> {guess_think} </think>" not in text
         samples.append({"id": row["id"], "completion": text, "answer": row["answer"], "correct": accuracy > 0.5,
@@ -51,3 +46,24 @@ def measure_accuracy(
         worked_accuracy=share_solved([float(s["correct"]) for s in worked]) if worked else float("nan"),
         samples=samples,
     )
+
+
+def _completions(model_dir: str | Path, rows: list[dict], temperature: float, max_new_tokens: int, seed: int,
+                 stop: tuple[str, ...]) -> list[str]:
+    """One completion per row: r1pipe's engine for its DeepSeek-V3 (seeded per row), transformers'
+    generate (the eval's HFBackend, seeded per call) for a dense Hugging Face model."""
+    from r1pipe.causal_lm import V3, model_type_of
+
+    prompts = [r["prompt"] for r in rows]
+    if model_type_of(model_dir) != V3:
+        from r1pipe.eval.backends import GenerationConfig, HFBackend
+
+        backend = HFBackend(model_dir, batch_size=64)
+        config = GenerationConfig(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
+        return [group[0] for group in backend.generate(prompts, list(stop), config)]
+    from r1pipe.workers.rollout import RolloutWorker
+
+    engine = RolloutWorker(str(model_dir), {}, seed)
+    groups = engine.generate(prompts, 1, temperature, max_new_tokens, seeds=[seed + i for i in range(len(prompts))],
+                             stop=list(stop) or None)
+    return [group[0].text for group in groups]

@@ -1,4 +1,6 @@
-"""Stage `eval`: score the newest model of the run on evaluation suites with r1pipe.eval.
+"""Stage `eval`: score a model of the run (the newest, or `model_path`, e.g. `stage:teacher.model_path`)
+on evaluation suites with r1pipe.eval; one eval stage per model puts teacher and students on the
+same suites in one recipe.
 
 Suites are shipped names (gsm8k, math500, ... and the groups math / code / all), any data-layer
 source of math problems (a JSONL / Parquet / CSV file, a save_to_disk directory or a hub
@@ -9,6 +11,7 @@ Writes report.json / report.md / generations.jsonl in the stage folder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from r1pipe.stages.base import StageConfig, StageContext, register_stage
@@ -18,6 +21,7 @@ from r1pipe.stages.base import StageConfig, StageContext, register_stage
 class EvalConfig(StageConfig):
     kind: str = "eval"
     suites: list[str] = field(default_factory=lambda: ["heldout"])
+    model_path: Optional[str] = None  # default: the newest earlier stage's model, else model.path
     k: int = 1  # samples per problem (pass@1 is averaged over them)
     greedy: bool = True
     temperature: float = 0.6  # the R1 paper's evaluation setting, when not greedy
@@ -60,7 +64,7 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
 def run_eval(cfg: EvalConfig, ctx: StageContext) -> dict:
     from r1pipe.eval import evaluate
 
-    model_path = ctx.model_path()
+    model_path = Path(cfg.model_path).expanduser() if cfg.model_path else ctx.model_path()
     report = evaluate(
         str(model_path), resolve_suite_list(cfg, ctx), ctx.stage_dir, k=cfg.k, greedy=cfg.greedy,
         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, template=cfg.template,

@@ -47,6 +47,7 @@ class GRPOConfig(StageConfig):
     answer_field: Optional[str] = None  # None: answer / final_answer / solution / ...
     id_field: Optional[str] = None
     template: str = "raw"  # raw (prompts used as written) | r1-zero | r1 | chat | auto (r1pipe.data.templates)
+    model_path: Optional[str] = None  # the policy's start: default the newest earlier stage's model, else model.path
     heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
     eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
     # rollout
@@ -560,7 +561,7 @@ class GRPOTrainer:
 
         cfg = self.cfg
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self.base_model = str(self.ctx.model_path())
+        self.base_model = str(Path(cfg.model_path).expanduser() if cfg.model_path else self.ctx.model_path())
         self._check_reward_options()
         train_rows = self._problems("train_path", cfg.train_path, self.base_model)
         all_heldout = self._problems("heldout_path", cfg.heldout_path, self.base_model)

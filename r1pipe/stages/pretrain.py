@@ -68,6 +68,12 @@ class PretrainConfig(StageConfig):
     code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
     code_heldout_size: int = 0
     cold_start_size: int = 0  # readable worked solutions in the R1 format, written to sft_path
+    # the model this stage trains (e.g. a distillation student with a base of its own): None keeps the
+    # recipe's model.preset / model.overrides; else an r1pipe DeepSeek-V3 preset (`tiny`, ...) or a dense
+    # Hugging Face preset (`tiny-qwen2`, `tiny-llama`: r1pipe.causal_lm.DENSE_PRESETS, through transformers),
+    # with model_overrides over it (ModelConfig fields for V3, transformers config fields for dense)
+    preset: Optional[str] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from r1pipe.data.synthetic import KINDS
@@ -93,6 +99,15 @@ class PretrainConfig(StageConfig):
         for name in ("code_train_size", "code_heldout_size", "cold_start_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.preset is None and self.model_overrides:
+            raise ValueError("model_overrides: only used with a stage preset (else model.overrides applies)")
+        if self.preset is not None:
+            from r1pipe.causal_lm import DENSE_PRESETS
+            from r1pipe.model.config import PRESETS
+
+            if self.preset not in DENSE_PRESETS and self.preset not in PRESETS:
+                raise ValueError(f"preset={self.preset!r}: choose an r1pipe DeepSeek-V3 preset ({', '.join(PRESETS)}) "
+                                 f"or a dense preset ({', '.join(DENSE_PRESETS)})")
         if self.world == "r1-zero":
             used = [name for name in R1_WORLD_FIELDS if getattr(self, name) != R1_WORLD_DEFAULTS[name]]
             if used:
@@ -116,9 +131,18 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
+def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
+    """The model section this stage trains: the recipe's, with the stage's preset and overrides when it names one."""
+    if cfg.preset is None:
+        return dict(recipe_model)
+    return {**recipe_model, "preset": cfg.preset, "overrides": dict(cfg.model_overrides)}
+
+
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
-    """Everything that shapes the base (not where it is written or how it is checked)."""
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size", "eval_max_tokens")
+    """Everything that shapes the base (not where it is written or how it is checked); `model_section`
+    is stage_model_section's, so the stage's preset and model_overrides enter through it."""
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
+                                                                   "eval_max_tokens", "preset", "model_overrides")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
@@ -167,7 +191,7 @@ def _outputs(stage_dir: Path, key: str) -> dict:
 
 @register_stage("pretrain", PretrainConfig)
 def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
-    model_section = OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {}
+    model_section = stage_model_section(cfg, OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {})
     key = base_key(cfg, model_section, ctx.seed)
     stage_dir = ctx.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +226,8 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     from r1pipe.data.jsonl import write_jsonl
     from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
     from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss, save_pretrained
+    from r1pipe.causal_lm import DENSE_PRESETS, dense_config
+    from r1pipe.model import Precision
     from r1pipe.stages.base_eval import measure_accuracy
 
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
@@ -228,6 +253,11 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     if not (model_dir / "tokenizer.json").exists():
         tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
         save_tokenizer(tok, model_dir)
+    preset = model_section.get("preset") or "tiny"
+    if preset in DENSE_PRESETS and not (model_dir / "config.json").exists():
+        # transformers picks a dense model's tokenizer class from config.json's model_type: write it
+        # first, so the corpus is tokenized exactly as every later load (SFT, eval) tokenizes
+        dense_config(preset, load_tokenizer(model_dir), **(model_section.get("overrides") or {})).save_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
 
     # prompt and completion are encoded apart, exactly as generation sees them (a prompt is
@@ -237,18 +267,9 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     examples = [(p, c + [eos]) for p, c in zip(prompts, completions)]
 
-    # 3. model: the preset with the recipe's overrides, vocabulary from the tokenizer
-    config = ModelConfig.preset(model_section.get("preset") or "tiny")
-    for name, value in (model_section.get("overrides") or {}).items():
-        if not hasattr(config, name):
-            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
-        setattr(config, name, value)
-    config.vocab_size = len(tokenizer)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, eos, pad
-    config.torch_dtype = "float32"
-    config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
-    torch.manual_seed(seed)  # the model initialises from torch's default generator
-    model = apply_precision(Transformer(config), precision)  # fp32 masters; bf16 compute under autocast
+    # 3. model: the preset with the recipe's (or the stage's) overrides, vocabulary from the tokenizer
+    lm = build_model(model_section, tokenizer, precision, seed, model_dir)
+    model = lm.module
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -279,15 +300,14 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                 loss_mask[row, len(p): len(p) + len(c)] = True
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            out = model(ids, mtp=cfg.mtp)
-            loss, metrics = lm_loss(out, ids, loss_mask=loss_mask)
+            loss = base_loss(lm, ids, loss_mask, cfg.mtp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            model.update_router_bias()
+            lm.after_optimizer_step()
             tokens_seen += int(loss_mask.sum())
-            loss_value = metrics["loss"]
+            loss_value = loss.item()
             loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
@@ -296,7 +316,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                                     "torch_rng": torch.get_rng_state()}, ckpt_path)
     train_seconds = time.time() - t_train
 
-    save_pretrained(model, model_dir)
+    lm.save(model_dir)
     report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
                               "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:
@@ -313,6 +333,48 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     report["seconds"] = round(time.time() - t0, 1)
     (stage_dir / "base_eval.json").write_text(json.dumps(report, indent=2))
     ckpt_path.unlink(missing_ok=True)
+
+
+def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, model_dir: Path) -> Any:
+    """A freshly initialised CausalLM (r1pipe.causal_lm) of the section's preset, sized to the tokenizer:
+    r1pipe's DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
+    from r1pipe.model import ModelConfig, Transformer, apply_precision
+
+    preset = model_section.get("preset") or "tiny"
+    overrides = dict(model_section.get("overrides") or {})
+    torch.manual_seed(seed)  # the model initialises from torch's default generator
+    if preset in DENSE_PRESETS:
+        if precision.fp8:
+            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3, not the dense preset {preset!r}")
+        config = dense_config(preset, tokenizer, **overrides)
+        return CausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config.model_type, model_dir, precision.dtype)
+    config = ModelConfig.preset(preset)
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
+        setattr(config, name, value)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.torch_dtype = "float32"
+    config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
+    # fp32 masters; bf16 compute under autocast
+    return CausalLM(apply_precision(Transformer(config), precision), V3, model_dir, precision.dtype)
+
+
+def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
+    """Mean next-token CE over the completion tokens (loss_mask [B,S]); V3 adds its MTP modules' loss."""
+    from r1pipe.algo.sft import masked_ce_sum
+    from r1pipe.model import lm_loss
+
+    if lm.is_v3:
+        return lm_loss(lm.module(ids, mtp=mtp), ids, loss_mask=loss_mask)[0]
+    logits, _ = lm.forward(ids)
+    total, count = masked_ce_sum(logits, ids, loss_mask)
+    return total / count.clamp(min=1)
 
 
 def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:

@@ -1,0 +1,153 @@
+"""Distillation pieces on tiny models: traces re-tokenized for a student with another tokenizer,
+students with bases of their own from the pretrain stage (V3 and a dense Hugging Face model), the
+teacher's choice of run, eval of a named model, and the comparison table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from r1pipe.causal_lm import load_causal_lm, load_tokenizer
+from r1pipe.config import ConfigError, load_recipe, stage_config
+from r1pipe.data import load_sft_examples
+from r1pipe.data.jsonl import write_jsonl
+from r1pipe.run import run_summary
+from r1pipe.stages import StageContext, get_stage
+from r1pipe.stages.compare import CompareConfig, comparison_table, to_markdown
+from r1pipe.stages.pretrain import PretrainConfig, base_key, stage_model_section
+from r1pipe.stages.teacher import final_model
+from tests.tiny_models import make_tiny_v3, write_worked_solutions
+
+
+def test_traces_retokenized_for_another_tokenizer_round_trip(tmp_path: Path) -> None:
+    """Traces are text: a student whose BPE differs from the teacher's encodes each trace to other
+    ids, and its SFT targets decode back to exactly the trace (then its end-of-sequence)."""
+    teacher = load_tokenizer(make_tiny_v3(tmp_path / "teacher", vocab_size=400))
+    student = load_tokenizer(make_tiny_v3(tmp_path / "student", vocab_size=300))
+    rows = [json.loads(line) for line in write_worked_solutions(tmp_path / "t.jsonl", 20).read_text().splitlines()]
+    traces = [{"id": r["id"], "prompt": r["problem"], "response": r["solution"]} for r in rows]
+    write_jsonl(tmp_path / "traces.jsonl", traces)
+    examples, _ = load_sft_examples(str(tmp_path / "traces.jsonl"), student, template="raw", max_length=512, log=lambda _: None)
+    assert len(examples) == len(traces)
+    differs = 0
+    for trace, ex in zip(traces, examples):
+        targets = [t for t, m in zip(ex.input_ids, ex.target_mask) if m]
+        assert targets[-1] == student.eos_token_id
+        # the data layer joins prompt and response with one space (neither side brings its own)
+        assert student.decode(targets[:-1]) == " " + trace["response"]
+        differs += teacher(" " + trace["response"], add_special_tokens=False).input_ids != targets[:-1]
+    assert differs > 0  # the two tokenizers really split the traces differently
+
+
+def test_stage_preset_keys_the_base_and_keeps_r1_zero_key() -> None:
+    recipe_model = {"preset": "tiny", "path": None, "overrides": {}, "fp8": False, "dtype": "float32"}
+    r1_zero = base_key(PretrainConfig(), stage_model_section(PretrainConfig(), recipe_model), 0)
+    assert r1_zero == base_key(PretrainConfig(), recipe_model, 0)
+    dense = PretrainConfig(preset="tiny-qwen2")
+    small = PretrainConfig(preset="tiny", model_overrides={"num_hidden_layers": 2})
+    keys = {r1_zero, base_key(dense, stage_model_section(dense, recipe_model), 0),
+            base_key(small, stage_model_section(small, recipe_model), 0)}
+    assert len(keys) == 3
+    with pytest.raises(ValueError, match="preset='gpt9'"):
+        PretrainConfig(preset="gpt9")
+    with pytest.raises(ValueError, match="model_overrides"):
+        PretrainConfig(model_overrides={"hidden_size": 32})
+
+
+def _pretrain(tmp_path: Path, preset: str, vocab: int, overrides: dict | None = None) -> dict:
+    cfg = load_recipe("r1-zero-tiny", ["pretrain.cache_dir=null", f"pretrain.vocab_size={vocab}", "pretrain.steps=4",
+                                        "pretrain.eval_size=2", "pretrain.eval_max_tokens=8", "pretrain.tokenizer_examples=500",
+                                        f"pretrain.preset={preset}"])
+    sc = stage_config(cfg, "pretrain")
+    sc.model_overrides = dict(overrides or {})
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / preset, recipe=cfg, seed=0)
+    return get_stage("pretrain").fn(sc, ctx)
+
+
+def test_pretrain_trains_a_dense_student_with_its_own_tokenizer(tmp_path: Path) -> None:
+    dense = _pretrain(tmp_path, "tiny-qwen2", 300)
+    v3 = _pretrain(tmp_path, "tiny", 360, {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32})
+    # the dense student loads back in transformers, the V3 one in r1pipe, each with its own vocabulary
+    hf = AutoModelForCausalLM.from_pretrained(dense["model_path"])
+    assert hf.config.model_type == "qwen2" and hf.config.vocab_size == dense["vocab_size"] == len(load_tokenizer(dense["model_path"]))
+    assert load_causal_lm(v3["model_path"]).is_v3 and v3["vocab_size"] != dense["vocab_size"]
+    # same corpus splits: the students are scored on the same held-out problems
+    assert Path(dense["heldout_path"]).read_text() == Path(v3["heldout_path"]).read_text()
+    assert 0.0 <= dense["base_accuracy_greedy"] <= 1.0
+    # training moved the dense weights away from the seeded initialisation
+    from r1pipe.causal_lm import dense_config
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(dense_config("tiny-qwen2", load_tokenizer(dense["model_path"])))
+    assert not torch.equal(fresh.model.embed_tokens.weight, hf.model.embed_tokens.weight)
+
+
+def _finish(run: Path, stages: dict[str, dict | None]) -> None:
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"stages": list(stages)}))
+    for name, out in stages.items():
+        if out is not None:
+            (run / name).mkdir()
+            (run / name / "DONE.json").write_text(json.dumps(out))
+
+
+def test_teacher_is_the_final_model_of_the_first_finished_run(tmp_path: Path) -> None:
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m2").mkdir()
+    _finish(tmp_path / "r1", {"pretrain": {"model_path": str(tmp_path / "m1")}, "rl": None})  # unfinished
+    _finish(tmp_path / "zero", {"pretrain": {"model_path": str(tmp_path / "m1")}, "rl": {"model_path": str(tmp_path / "m2")},
+                                "eval": {"report_path": "r"}})
+    assert final_model(tmp_path / "r1") is None and final_model(tmp_path / "none") is None
+    assert final_model(tmp_path / "zero") == tmp_path / "m2"
+    teacher = get_stage("teacher")
+    cfg = teacher.config_cls(runs=[str(tmp_path / "r1"), str(tmp_path / "zero")])
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "t", recipe=OmegaConf.create({}), seed=0)
+    assert teacher.fn(cfg, ctx) == {"model_path": str(tmp_path / "m2"), "teacher_source": str(tmp_path / "zero")}
+
+
+def test_eval_stage_scores_the_named_model(tmp_path: Path) -> None:
+    a = make_tiny_v3(tmp_path / "a")
+    suite = tmp_path / "s.jsonl"
+    write_jsonl(suite, [{"id": "q0", "prompt": "What is 2 + 3?", "answer": "5"}])
+    spec = get_stage("eval")
+    cfg = spec.config_cls(model_path=str(a), suites=[str(suite)], max_tokens=4)
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "e", recipe=OmegaConf.create({}), seed=0,
+                       outputs={"other": {"model_path": str(tmp_path / "not-this-one")}})
+    out = spec.fn(cfg, ctx)
+    assert out["model_path"] == str(a) and out["suites"]["s"]["n_problems"] == 1
+
+
+def test_comparison_table_and_summary() -> None:
+    outputs = {
+        "teacher": {"model_path": "T"},
+        "sft": {"model_path": "S", "steps": 60},
+        "rl": {"model_path": "R", "steps": 60},
+        "eval_t": {"report_path": "x", "model_path": "T", "suites": {"heldout": {"pass@1": 0.9, "n_problems": 256}}},
+        "eval_s": {"report_path": "x", "model_path": "S", "suites": {"heldout": {"pass@1": 0.85, "n_problems": 256}}},
+        "eval_r": {"report_path": "x", "model_path": "R", "suites": {"heldout": {"pass@1": 0.125, "n_problems": 256}}},
+    }
+    cfg = CompareConfig(rows={"teacher": "eval_t", "distilled": "eval_s", "rl": "eval_r"}, reference="teacher")
+    table = comparison_table(cfg, outputs)
+    assert table["distilled"] == {"eval_stage": "eval_s", "model_path": "S", "trained_by": "sft", "steps": 60,
+                                  "pass@1": 0.85, "n_problems": 256, "points_vs_reference": -5.0}
+    assert table["rl"]["points_vs_reference"] == -77.5 and table["teacher"]["trained_by"] == "teacher"
+    assert "| rl | 12.5% | rl | 60 | -77.5 |" in to_markdown(table, "heldout", "teacher")
+    with pytest.raises(ValueError, match="compare.rows.x='sft'"):
+        comparison_table(CompareConfig(rows={"x": "sft"}), outputs)
+    recipe = OmegaConf.create({"run": {"name": "d"}, "stages": [*outputs, "compare"]})
+    summary = run_summary(recipe, {**outputs, "compare": {"comparison": table}}, {})
+    assert summary["evals"]["eval_r"] == {"model_path": "R", "heldout": 0.125}
+    assert summary["comparison"]["distilled"]["pass@1"] == 0.85
+
+
+def test_distill_runs_the_tiny_recipe_without_a_model() -> None:
+    cfg = load_recipe("distill")
+    assert cfg.run.name == "distill" and "compare" in cfg.stages and cfg.v3_base.preset == "tiny"
+    assert cfg.rl_v3.steps == cfg.distill_v3.steps  # RL alone gets as many optimizer steps as distillation
+    real = load_recipe("distill", ["model.path=/ckpt/DeepSeek-R1"])
+    assert real.teacher.model_path == "/ckpt/DeepSeek-R1" and "distill_qwen" in real.stages
+    with pytest.raises(ConfigError, match="v3_base: preset=.gpt9."):
+        load_recipe("distill", ["v3_base.preset=gpt9"])

@@ -227,10 +227,14 @@ def solved(components: dict[str, float], reference: dict, names: Iterable[str]) 
 def missing_reference(rewards: Iterable[str], reference: dict) -> str | None:
     """Why `reference` cannot be scored by the named rewards that apply to it (per-row routing,
     see routed_rewards), or None when it can."""
+    rewards = list(rewards)
     try:
         names = set(routed_rewards(rewards, reference))
     except ValueError as e:
         return str(e)
+    inferred = reference.get("domain") is None and reference.get("rewards") is None
+    if inferred and set(rewards) & set(GRADERS) and not names & set(GRADERS):
+        names = set(rewards)  # no grader of the run fits what the row carries: say what they need
     if "accuracy" in names and not has_answer(reference):
         return "no answer (the accuracy reward needs one)"
     if "code" in names and not has_tests(reference):

@@ -48,7 +48,11 @@ def base(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("base")
     recipe = write_recipe(root / "base.yaml", ["pretrain"], pretrain={**PRETRAIN, "cache_dir": str(root / "cache")})
-    return {**run_recipe(load_recipe(recipe), root / "run")["pretrain"], "cache_dir": str(root / "cache")}
+    yield {**run_recipe(load_recipe(recipe), root / "run")["pretrain"], "cache_dir": str(root / "cache")}
+    import ray
+
+    if ray.is_initialized():  # the stages run in this process started it; later modules start their own
+        ray.shutdown()
 
 
 def known_prompts(base: dict, path: Path, n: int = 12) -> tuple[Path, list[bool], list[str]]:

@@ -115,7 +115,13 @@ class ScoredSampler:
     def _score(self, rows: list[PromptRow], outs: list[list[Any]]) -> list[list[Sample]]:
         """Score each prompt's completions (r1pipe.workers.Completion, text with its stop string)."""
         flat = [(r, c) for r, group in zip(rows, outs) for c in group]
-        results = self.pool.score([c.text for _, c in flat], [dict(r.reference) for r, _ in flat])
+        # a text sampled twice for one prompt (common once a policy is confident) is scored once
+        unique: dict[tuple[str, str], int] = {}
+        slot = [unique.setdefault((r.id, c.text), len(unique)) for r, c in flat]
+        firsts = {i: k for k, i in reversed(list(enumerate(slot)))}
+        order = [firsts[i] for i in range(len(unique))]
+        scored = self.pool.score([flat[k][1].text for k in order], [dict(flat[k][0].reference) for k in order])
+        results = [scored[i] for i in slot]
         samples = [Sample(c.text, len(c.token_ids), c.finish_reason, float(res.total),
                           {k: float(v) for k, v in res.components.items()},
                           dict(res.info.get("errors") or {}) if isinstance(res.info, dict) else {})

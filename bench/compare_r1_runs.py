@@ -1,0 +1,72 @@
+"""R1 vs R1-Zero on the tiny world, side by side: the scorecards of two run directories.
+
+    r1pipe run r1 --run-dir runs/r1
+    r1pipe run r1 run.name=r1-zero-same-base "stages=[pretrain,zero_rl,scorecard]" --run-dir runs/r1-zero-same-base
+    python bench/compare_r1_runs.py runs/r1 runs/r1-zero-same-base --png docs/img/r1_vs_r1zero.png
+
+Prints a markdown table (held-out accuracy per domain, format compliance, language consistency,
+mixed-script share, mean length, per stage of both runs) and writes one PNG; last line JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FIGURES = ("format_compliance", "language_consistency", "mixed_script_share", "mean_length")
+
+
+def scorecard(run_dir: Path) -> dict[str, dict]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    order = [s for s in summary["stages"] if s in summary.get("per_stage", {})]
+    return {s: summary["per_stage"][s] for s in order}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("r1", type=Path)
+    ap.add_argument("r1_zero", type=Path)
+    ap.add_argument("--png", type=Path, default=Path("r1_vs_r1zero.png"))
+    args = ap.parse_args()
+    runs = {"R1": scorecard(args.r1), "R1-Zero": scorecard(args.r1_zero)}
+    domains = sorted({d for card in runs.values() for row in card.values() for d in row["accuracy"]})
+    head = ["run", "stage", *[f"{d} accuracy" for d in domains], *FIGURES]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for run, card in runs.items():
+        for stage, row in card.items():
+            cells = [run, stage, *[f"{row['accuracy'].get(d, float('nan')):.1%}" for d in domains],
+                     *[f"{row[k]:.1f}" if k == "mean_length" else f"{row[k]:.1%}" for k in FIGURES]]
+            print("| " + " | ".join(cells) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = {run: list(card.values())[-1] for run, card in runs.items()}
+    labels = [*[f"{d}\naccuracy" for d in domains], "format\ncompliance", "language\nconsistency", "mixed\nscripts"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    for i, (run, row) in enumerate(final.items()):
+        values = [*[row["accuracy"].get(d, 0.0) for d in domains], row["format_compliance"], row["language_consistency"],
+                  row["mixed_script_share"]]
+        axes[0].bar([x + (i - 0.5) * width for x in range(len(values))], values, width, label=f"{run} (final)")
+    axes[0].set_xticks(range(len(labels)), labels)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("held-out, greedy: final models")
+    axes[0].legend()
+    for run, card in runs.items():
+        for d in domains:
+            axes[1].plot(list(card), [row["accuracy"].get(d, 0.0) for row in card.values()], marker="o", label=f"{run}: {d}")
+    axes[1].set_title("held-out accuracy after each stage")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].tick_params(axis="x", rotation=30)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=100)
+    print(json.dumps({"r1_final": final["R1"], "r1_zero_final": final["R1-Zero"], "png": str(args.png)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,16 @@ from r1pipe.engine.tokenizer import TokenizerAdapter
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
 
 
+
+def prompt_token_budget(model_path: str | Path, engine_options: dict[str, Any], max_tokens: int) -> int:
+    """The longest prompt an LLM built with `engine_options` accepts for `max_tokens` new tokens:
+    its context (max_model_len, else the model's max_position_embeddings) less the completion and
+    the speculative lookahead, as LLM.generate checks it."""
+    from r1pipe.model import ModelConfig
+
+    context = engine_options.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings
+    return int(context) - max_tokens - int(engine_options.get("speculative_k", 0) or 0)
+
 class LLM:
     """Offline batched generation, shaped like vllm.LLM.
 

@@ -292,6 +292,7 @@ class GRPOTrainer:
         starts. A row is the source row (the reference the rewards read) plus `prompt` (templated)."""
         from r1pipe.causal_lm import load_tokenizer
         from r1pipe.data import load_prompt_rows
+        from r1pipe.engine.llm import prompt_token_budget
         from r1pipe.rewards import missing_reference
 
         cfg = self.cfg
@@ -301,7 +302,7 @@ class GRPOTrainer:
         fields = {"prompt": cfg.prompt_field, "answer": cfg.answer_field, "id": cfg.id_field}
         rows, report = load_prompt_rows(
             str(source), load_tokenizer(model_path), split=cfg.split, fields=fields, template=cfg.template,
-            max_prompt_tokens=self._max_model_len(model_path) - cfg.max_tokens - int(cfg.engine.get("speculative_k", 0) or 0),
+            max_prompt_tokens=prompt_token_budget(model_path, dict(cfg.engine), cfg.max_tokens),
             check_reference=lambda ref: missing_reference(cfg.reward_weights, ref), option_prefix="rl.",
             log=lambda line: print(f"grpo: {line}"),
         )
@@ -310,12 +311,6 @@ class GRPOTrainer:
         if not rows:
             raise ValueError(f"grpo: {source}: no usable problems ({report.summary()})")
         return [{**r.reference, "id": r.id, "prompt": r.prompt} for r in rows]
-
-    def _max_model_len(self, model_path: str) -> int:
-        """The engine's context: rl.engine.max_model_len, else the model's max_position_embeddings."""
-        from r1pipe.model import ModelConfig
-
-        return int(self.cfg.engine.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings)
 
     def _check_reward_options(self) -> None:
         from r1pipe.rewards import build_reward_fn

@@ -178,14 +178,13 @@ class RejectionSampler:
         or too long for the context are skipped and counted."""
         from r1pipe.causal_lm import load_tokenizer
         from r1pipe.data import load_prompt_rows
-        from r1pipe.model import ModelConfig
+        from r1pipe.engine.llm import prompt_token_budget
         from r1pipe.rewards import missing_reference
 
         cfg = self.cfg
         source = cfg.prompts_path or self.ctx.output(cfg.prompts_from)
         if not source:
             raise ValueError(f"rejection_sample: no prompts (set prompts_path, or run a stage that outputs {cfg.prompts_from!r})")
-        context = int(cfg.engine.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings)
 
         def check(ref: dict) -> str | None:
             if not graders_of(self.reward_names, ref):
@@ -194,7 +193,7 @@ class RejectionSampler:
 
         fields = {"prompt": cfg.prompt_field, "answer": cfg.answer_field, "id": cfg.id_field}
         rows, report = load_prompt_rows(str(source), load_tokenizer(model_path), split=cfg.split, fields=fields,
-                                        template=cfg.template, max_prompt_tokens=context - cfg.max_tokens,
+                                        template=cfg.template, max_prompt_tokens=prompt_token_budget(model_path, dict(cfg.engine), cfg.max_tokens),
                                         check_reference=check, option_prefix="rejection_sample.",
                                         log=lambda line: print(f"rejection_sample: {line}"))
         if not rows:

@@ -20,7 +20,7 @@ from r1pipe.stages import StageContext, get_stage
 from r1pipe.stages.compare import CompareConfig, comparison_table, to_markdown
 from r1pipe.stages.pretrain import PretrainConfig, base_key, stage_model_section
 from r1pipe.stages.teacher import final_model
-from tests.tiny_models import make_tiny_v3, write_worked_solutions
+from tiny_models import make_tiny_v3, write_worked_solutions
 
 
 def test_traces_retokenized_for_another_tokenizer_round_trip(tmp_path: Path) -> None:

@@ -49,7 +49,8 @@ def accuracy(text: str, reference: dict) -> float:
 
 def r1pipe_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
     from r1pipe.stages.base import StageContext
-    from r1pipe.stages.grpo import GRPOConfig, run_grpo
+    from r1pipe.stages.configs import GRPOConfig
+    from r1pipe.stages.grpo import run_grpo
 
     cfg = GRPOConfig(train_path=str(data), heldout_path=str(data), heldout_size=2, template="raw", steps=args.steps,
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, stop=[],

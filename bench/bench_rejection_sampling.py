@@ -57,7 +57,8 @@ def main() -> None:
 
     from r1pipe.engine import LLM, SamplingParams
     from r1pipe.rewards.readability import build_filters
-    from r1pipe.stages.rejection_sample import RejectionSampleConfig, judge
+    from r1pipe.stages.configs import RejectionSampleConfig
+    from r1pipe.stages.rejection_sample import judge
     from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
 
     torch.set_num_threads(1)

@@ -29,7 +29,8 @@ from r1pipe.causal_lm import init_dense_student, load_causal_lm, load_tokenizer 
 from r1pipe.data.jsonl import read_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
-from r1pipe.stages.sft import SFTConfig, SFTTrainer, StepPlan  # noqa: E402
+from r1pipe.stages.configs import SFTConfig  # noqa: E402
+from r1pipe.stages.sft import SFTTrainer, StepPlan  # noqa: E402
 
 
 def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path) -> float:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r1pipe.vocab import PRESETS
+
 DEFAULT_MTP_LAMBDA = 0.3
 
 # Keys that transformers (v4/v5) or the official DeepSeek checkpoints write into config.json and that
@@ -185,19 +187,3 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The real DeepSeek-V3 / R1 shape (671B + 14B MTP), bf16 weights.
-    "deepseek-v3": dict(
-        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    ),
-    # ~2.4 M parameters: 4 layers (3 MoE, n_group 4), 16 routed experts, 1 MTP module; fast on a laptop CPU.
-    "tiny": dict(
-        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
-        routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, v_head_dim=32,
-        qk_nope_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
-        max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=None, num_nextn_predict_layers=1,
-        torch_dtype="float32",
-    ),
-}

@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from r1pipe.vocab import DTYPE_NAMES, dtype_name
+
 from .config import ModelConfig
 from .experts import GroupedExperts
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 
 def parse_dtype(name: str | torch.dtype, key: str = "model.dtype") -> torch.dtype:
@@ -35,11 +34,7 @@ def parse_dtype(name: str | torch.dtype, key: str = "model.dtype") -> torch.dtyp
         if name in DTYPES.values():
             return name
         raise ValueError(f"{key}: {name} is not supported; expected one of {sorted(DTYPES)}")
-    if isinstance(name, str):
-        cleaned = name.strip().lower().removeprefix("torch.")
-        if cleaned in DTYPES:
-            return DTYPES[cleaned]
-    raise ValueError(f"{key}: unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return getattr(torch, dtype_name(name, key))
 
 
 @dataclass

@@ -20,19 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
 from r1pipe.model.precision import Precision, apply_precision
-from r1pipe.model.config import PRESETS
+from r1pipe.vocab import DENSE_PRESETS, PRESETS
 
 V3 = "deepseek_v3"
 
-# Tiny dense students: ~0.1-0.3 M parameters besides the embedding, for CPU tests and recipes.
-DENSE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       tie_word_embeddings=True, rope_theta=10000.0),
-    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       tie_word_embeddings=True, rope_theta=10000.0),
-}
 
 
 def model_type_of(path: str | Path) -> str:

@@ -16,6 +16,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1pipe.stages import get_stage
+from r1pipe.vocab import dtype_name
+
 TOP_LEVEL = ("run", "cluster", "model", "stages")
 
 
@@ -50,9 +53,7 @@ class ModelConfigSection:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (fp32 master weights either way)
 
     def __post_init__(self) -> None:
-        from r1pipe.model.precision import parse_dtype  # raises naming model.dtype
-
-        parse_dtype(self.dtype)
+        dtype_name(self.dtype)  # raises naming model.dtype
 
 
 @dataclass
@@ -85,12 +86,6 @@ def _error(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return ConfigError(f"{key}: {msg}" if key else msg)
-
-
-def stage_config_class(kind: str) -> type:
-    from r1pipe.stages import get_stage
-
-    return get_stage(kind).config_cls
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -140,7 +135,7 @@ def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConf
         if not isinstance(kind, str):
             raise ConfigError(f"{key}.kind: must be a string, got {kind!r}")
         try:
-            cls = stage_config_class(kind)
+            cls = get_stage(kind).config_cls
         except KeyError as e:
             raise ConfigError(f"{key}.kind: {e.args[0]}") from None
         schema[key] = OmegaConf.structured(cls)

@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
 
 from r1pipe.config import ConfigError, load_recipe, recipe_names, stage_config, to_yaml
+from r1pipe.stages import StageContext, get_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +44,6 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, dict]:
     """Run (or continue) every stage of a resolved recipe in `run_dir`; returns outputs by stage."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from r1pipe.stages import StageContext, get_stage
-
     console = console or Console()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,8 +156,6 @@ def model_path_error(cfg: DictConfig) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     console = Console()
     try:
         cfg = load_recipe(args.recipe, args.overrides)
@@ -166,8 +163,6 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[red]r1pipe run: bad recipe: {e}[/red]")
         return 2
     if args.dry_run:
-        from rich.syntax import Syntax
-
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
         console.print(f"[dim]run directory: {run_dir_for(cfg, args.run_dir)}[/dim]")
         return 0

@@ -1,7 +1,11 @@
 """Recipes: loading, overrides, errors that name the key, the stage registry and the runner."""
 from __future__ import annotations
 
+import ast
+import importlib
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from r1pipe.config import ConfigError, find_recipe, load_recipe, recipe_names, stage_config
-from r1pipe.stages import StageConfig, StageContext, get_stage, register_stage
+from r1pipe.stages import BUILTIN_STAGES, StageConfig, StageContext, get_stage, register_stage
+from r1pipe.stages.base import load_object
 
 CALLS: list[str] = []
 
@@ -113,11 +118,46 @@ def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
 
 def test_registry():
     assert get_stage("test_echo").config_cls is EchoConfig
+    assert get_stage("test_echo").fn is echo_stage
     assert get_stage("pretrain").config_cls.__name__ == "PretrainConfig"
-    with pytest.raises(KeyError, match="unknown stage kind 'nope'"):
+    with pytest.raises(KeyError, match=r"unknown stage kind 'nope'; known kinds: \[.*'rejection_sample'"):
         get_stage("nope")
     with pytest.raises(TypeError, match="dataclass with a `kind`"):
         register_stage("bad", dict)
+
+
+def test_every_builtin_kind_resolves_to_its_stage_function():
+    for kind, (config_cls, target) in BUILTIN_STAGES.items():
+        spec = get_stage(kind)
+        assert spec.config_cls is config_cls and config_cls.__module__ == "r1pipe.stages.configs"
+        module, _, name = target.partition(":")
+        assert spec.fn is getattr(importlib.import_module(module), name) and callable(spec.fn)
+    with pytest.raises(ValueError, match="module r1pipe.stages.grpo has no 'nope'"):
+        load_object("r1pipe.stages.grpo:nope", "stage 'x'")
+
+
+def test_validating_every_recipe_imports_no_heavy_module():
+    """Recipes are checked against the stage configs alone: no torch, Ray, transformers or datasets,
+    and no stage module (those import them at the top)."""
+    code = ("import sys\n"
+            "from r1pipe.config import load_recipe, recipe_names\n"
+            "for name in recipe_names(): load_recipe(name)\n"
+            "heavy = ['torch', 'ray', 'transformers', 'datasets', 'sympy', 'math_verify']\n"
+            "heavy += [m for m in sys.modules if m.startswith('r1pipe.stages.') and m.rsplit('.', 1)[1] not in ('base', 'configs')]\n"
+            "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_stage_modules_import_at_the_top():
+    """Stage modules are only imported to run a stage, so they import what they need at module level."""
+    stages_dir = Path(importlib.import_module("r1pipe.stages").__file__).parent
+    pushed = []
+    for path in sorted(stages_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                pushed += [f"{path.name}:{n.lineno}" for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert pushed == []
 
 
 def test_runner_runs_in_order_then_skips_done_stages(tmp_path, capsys):

@@ -17,8 +17,10 @@ from r1pipe.data import load_sft_examples
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.run import run_summary
 from r1pipe.stages import StageContext, get_stage
-from r1pipe.stages.compare import CompareConfig, comparison_table, to_markdown
-from r1pipe.stages.pretrain import PretrainConfig, base_key, stage_model_section
+from r1pipe.stages.configs import CompareConfig
+from r1pipe.stages.compare import comparison_table, to_markdown
+from r1pipe.stages.configs import PretrainConfig
+from r1pipe.stages.pretrain import base_key, stage_model_section
 from r1pipe.stages.teacher import final_model
 from tiny_models import make_tiny_v3, write_worked_solutions
 

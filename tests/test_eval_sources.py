@@ -60,7 +60,8 @@ def test_eval_stage_takes_any_source_as_a_suite(tmp_path):
     from omegaconf import OmegaConf
 
     from r1pipe.stages.base import StageContext
-    from r1pipe.stages.evaluate import EvalConfig, resolve_suite_list
+    from r1pipe.stages.configs import EvalConfig
+    from r1pipe.stages.evaluate import resolve_suite_list
 
     ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "eval", recipe=OmegaConf.create({}), seed=0)
     disk = write_source(tmp_path, "disk")

@@ -14,7 +14,8 @@ ray = pytest.importorskip("ray")
 from r1pipe.data.templates import R1_ZERO_HEAD  # noqa: E402
 from r1pipe.eval.suites import data_path  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
-from r1pipe.stages.grpo import GRPOConfig, GRPOTrainer, run_grpo  # noqa: E402
+from r1pipe.stages.configs import GRPOConfig  # noqa: E402
+from r1pipe.stages.grpo import GRPOTrainer, run_grpo  # noqa: E402
 from tiny_models import make_tiny_v3  # noqa: E402
 
 

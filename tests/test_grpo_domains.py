@@ -12,7 +12,8 @@ ray = pytest.importorskip("ray")
 
 from r1pipe.data.jsonl import write_jsonl  # noqa: E402
 from r1pipe.data.synthetic import CodeTask, Problem, code_row, math_row  # noqa: E402
-from r1pipe.stages.grpo import GRPOConfig, run_grpo  # noqa: E402
+from r1pipe.stages.configs import GRPOConfig  # noqa: E402
+from r1pipe.stages.grpo import run_grpo  # noqa: E402
 from test_grpo_data import context, ray_cluster  # noqa: E402,F401  (the module's Ray instance)
 from tiny_models import make_tiny_v3  # noqa: E402
 

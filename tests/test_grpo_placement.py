@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from r1pipe.config import load_recipe, stage_config
-from r1pipe.stages.grpo import GRPOConfig, resource_plan
+from r1pipe.stages.configs import GRPOConfig
+from r1pipe.stages.grpo import resource_plan
 from r1pipe.workers.placement import InsufficientResources, ResourcePlan, RoleResources
 
 ROOT = Path(__file__).resolve().parents[1]

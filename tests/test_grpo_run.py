@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 ray = pytest.importorskip("ray")
 
 from r1pipe.stages.base import StageContext  # noqa: E402
-from r1pipe.stages.grpo import GRPOConfig, run_grpo  # noqa: E402
+from r1pipe.stages.configs import GRPOConfig  # noqa: E402
+from r1pipe.stages.grpo import run_grpo  # noqa: E402
 
 CHARS = list("abcdefgh ?")
 

@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from r1pipe.stages.base import StageContext
-from r1pipe.stages.grpo import GRPOConfig, GRPOTrainer, PromptStream, Scorer, rollout_metrics
+from r1pipe.stages.configs import GRPOConfig
+from r1pipe.stages.grpo import GRPOTrainer, PromptStream, Scorer, rollout_metrics
 from r1pipe.workers import Completion, RolloutBatch
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from r1pipe.data.jsonl import read_jsonl
-from r1pipe.stages.pretrain import PretrainConfig, _batches, lr_at, run_pretrain, train_base
+from r1pipe.stages.configs import PretrainConfig
+from r1pipe.stages.pretrain import _batches, lr_at, run_pretrain, train_base
 
 SMALL_MODEL = {"preset": "tiny", "path": None, "overrides": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                                                "moe_intermediate_size": 32}, "fp8": False, "dtype": "float32"}

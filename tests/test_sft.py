@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_causal_lm, load_tokenizer
 from r1pipe.stages import StageContext
-from r1pipe.stages.sft import SFTConfig, SFTTrainer, StepPlan, collate, run_sft
+from r1pipe.stages.configs import SFTConfig
+from r1pipe.stages.sft import SFTTrainer, StepPlan, collate, run_sft
 from tiny_models import make_tiny_qwen2, make_tiny_v3, write_worked_solutions
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from r1pipe.config import ConfigError, load_recipe
 from r1pipe.run import resolve_stage_refs
-from r1pipe.stages.pretrain import PretrainConfig, base_key
+from r1pipe.stages.configs import PretrainConfig
+from r1pipe.stages.pretrain import base_key
 
 
 @dataclass

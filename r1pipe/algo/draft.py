@@ -8,7 +8,6 @@ Its gradient reaches only the drafter's logits.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from r1pipe.algo.logprobs import tempered_log_softmax

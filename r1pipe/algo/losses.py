@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from r1pipe.vocab import LOSS_AGGREGATIONS
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, max_log_ratio: float = 20.0) -> Tensor:

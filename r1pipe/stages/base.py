@@ -1,12 +1,14 @@
 """The stage contract: a stage kind has a typed config dataclass and a function
 `fn(cfg, ctx) -> dict` that returns its outputs (JSON-serialisable, e.g. {"model_path": ...}).
 
-Stage modules register themselves on import with `@register_stage(kind, ConfigClass)`; the
-runner writes stage_dir/DONE.json with the outputs, skips a stage whose DONE.json exists, and
-re-enters an interrupted one (which resumes from its own last checkpoint).
+A StageSpec names its function as "module:function", imported the first time the stage runs, so
+knowing a kind's config never imports the (heavy) stage module. The runner writes
+stage_dir/DONE.json with the outputs, skips a stage whose DONE.json exists, and re-enters an
+interrupted one (which resumes from its own last checkpoint).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -54,21 +56,45 @@ StageFn = Callable[[Any, StageContext], dict]
 class StageSpec:
     kind: str
     config_cls: type
-    fn: StageFn
+    target: str | StageFn  # "module:function", or the function itself
+
+    @property
+    def fn(self) -> StageFn:
+        return self.target if callable(self.target) else load_object(self.target, f"stage {self.kind!r}")
+
+
+def load_object(spec: str, what: str) -> Any:
+    """The object a "module:name" string names (a stage function, an extra reward); `what` names it in errors."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{what}: {spec!r} is not 'module:name'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except AttributeError:
+        raise ValueError(f"{what}: module {module} has no {name!r}") from None
 
 
 _REGISTRY: dict[str, StageSpec] = {}
 
 
-def register_stage(kind: str, config_cls: type) -> Callable[[StageFn], StageFn]:
-    """Decorator: `fn(cfg: config_cls, ctx: StageContext) -> dict` implements stage `kind`."""
+def _check_config_cls(kind: str, config_cls: type) -> None:
     if not (isinstance(config_cls, type) and hasattr(config_cls, "__dataclass_fields__") and "kind" in config_cls.__dataclass_fields__):
         raise TypeError(f"stage {kind!r}: config class {config_cls!r} must be a dataclass with a `kind` field")
 
+
+def add_stage(kind: str, config_cls: type, target: str | StageFn) -> None:
+    """Register stage `kind`: its config dataclass (with a `kind` field) and "module:function" (or the function)."""
+    _check_config_cls(kind, config_cls)
+    _REGISTRY[kind] = StageSpec(kind, config_cls, target)
+
+
+def register_stage(kind: str, config_cls: type) -> Callable[[StageFn], StageFn]:
+    """Decorator form of add_stage, for a stage defined outside r1pipe: `fn(cfg: config_cls, ctx) -> dict`."""
     def wrap(fn: StageFn) -> StageFn:
-        _REGISTRY[kind] = StageSpec(kind, config_cls, fn)
+        add_stage(kind, config_cls, fn)
         return fn
 
+    _check_config_cls(kind, config_cls)  # at decoration, not first use
     return wrap
 
 

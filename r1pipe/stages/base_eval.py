@@ -10,6 +10,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from r1pipe.causal_lm import V3, model_type_of
+from r1pipe.eval.backends import GenerationConfig, HFBackend
+from r1pipe.rewards import build_reward_fn
+from r1pipe.workers.rollout import RolloutWorker
+
 
 def share_solved(values: list[float]) -> float:
     """Accuracy from per-problem accuracy-reward values (> 0.5 = solved)."""
@@ -30,8 +35,6 @@ def measure_accuracy(
 ) -> BaseAccuracy:
     """Accuracy of the checkpoint in `model_dir` on problem rows {"prompt", "answer"}, one completion each
     (greedy at temperature 0, else sampled with seed + row index)."""
-    from r1pipe.rewards import build_reward_fn
-
     grade = build_reward_fn({"accuracy": 1.0})
     samples = []
     for row, text in zip(rows, _completions(model_dir, rows, temperature, max_new_tokens, seed, stop)):
@@ -52,17 +55,11 @@ def _completions(model_dir: str | Path, rows: list[dict], temperature: float, ma
                  stop: tuple[str, ...]) -> list[str]:
     """One completion per row: r1pipe's engine for its DeepSeek-V3 (seeded per row), transformers'
     generate (the eval's HFBackend, seeded per call) for a dense Hugging Face model."""
-    from r1pipe.causal_lm import V3, model_type_of
-
     prompts = [r["prompt"] for r in rows]
     if model_type_of(model_dir) != V3:
-        from r1pipe.eval.backends import GenerationConfig, HFBackend
-
         backend = HFBackend(model_dir, batch_size=64)
         config = GenerationConfig(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
         return [group[0] for group in backend.generate(prompts, list(stop), config)]
-    from r1pipe.workers.rollout import RolloutWorker
-
     engine = RolloutWorker(str(model_dir), {}, seed)
     groups = engine.generate(prompts, 1, temperature, max_new_tokens, seeds=[seed + i for i in range(len(prompts))],
                              stop=list(stop) or None)

@@ -9,24 +9,10 @@ run's summary.json carries the table as `comparison`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
-
-
-@dataclass
-class CompareConfig(StageConfig):
-    kind: str = "compare"
-    rows: dict[str, str] = field(default_factory=dict)  # label -> name of an earlier eval stage
-    suite: str = "heldout"
-    reference: Optional[str] = None  # a label: the others' difference to it in points
-
-    def __post_init__(self) -> None:
-        if not self.rows:
-            raise ValueError("rows: name at least one eval stage (label: stage)")
-        if self.reference is not None and self.reference not in self.rows:
-            raise ValueError(f"reference={self.reference!r}: not a label of rows ({', '.join(self.rows)})")
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import CompareConfig
 
 
 def trained_by(outputs: dict[str, dict], model_path: str) -> tuple[Optional[str], Optional[int]]:
@@ -67,7 +53,6 @@ def to_markdown(table: dict[str, dict[str, Any]], suite: str, reference: Optiona
     return "\n".join(lines) + "\n"
 
 
-@register_stage("compare", CompareConfig)
 def run_compare(cfg: CompareConfig, ctx: StageContext) -> dict:
     table = comparison_table(cfg, ctx.outputs)
     (ctx.stage_dir / "comparison.json").write_text(json.dumps(table, indent=1))

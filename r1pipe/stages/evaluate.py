@@ -10,41 +10,16 @@ Writes report.json / report.md / generations.jsonl in the stage folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
-
-
-@dataclass
-class EvalConfig(StageConfig):
-    kind: str = "eval"
-    suites: list[str] = field(default_factory=lambda: ["heldout"])
-    model_path: Optional[str] = None  # default: the newest earlier stage's model, else model.path
-    k: int = 1  # samples per problem (pass@1 is averaged over them)
-    greedy: bool = True
-    temperature: float = 0.6  # the R1 paper's evaluation setting, when not greedy
-    top_p: float = 0.95
-    max_tokens: int = 4096
-    template: str = "r1-zero"  # r1pipe.data.templates: auto | r1-zero | r1 | chat | raw
-    limit: Optional[int] = None  # first N problems of each suite
-    pass_at: list[int] = field(default_factory=list)
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.suites:
-            raise ValueError("suites: give at least one suite")
-        if self.k < 1:
-            raise ValueError(f"k={self.k}: must be >= 1")
-        if self.greedy and self.k != 1:
-            raise ValueError(f"k={self.k}: greedy decoding gives one sample per problem, use k=1 or greedy=false")
+from r1pipe.eval import evaluate
+from r1pipe.eval.suites import GROUPS, REGISTRY, load_suite_file, resolve_suites
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import EvalConfig
 
 
 def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
     """Suite objects for r1pipe.eval.evaluate: names stay names, files and `heldout` are loaded."""
-    from r1pipe.eval.suites import GROUPS, REGISTRY, load_suite_file, resolve_suites
-
     suites: list = []
     for name in cfg.suites:
         if name == "heldout":
@@ -60,10 +35,7 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
     return suites
 
 
-@register_stage("eval", EvalConfig)
 def run_eval(cfg: EvalConfig, ctx: StageContext) -> dict:
-    from r1pipe.eval import evaluate
-
     model_path = Path(cfg.model_path).expanduser() if cfg.model_path else ctx.model_path()
     report = evaluate(
         str(model_path), resolve_suite_list(cfg, ctx), ctx.stage_dir, k=cfg.k, greedy=cfg.greedy,

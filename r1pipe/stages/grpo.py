@@ -15,148 +15,40 @@ make every importance ratio silently off-policy.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional
 
-from r1pipe.algo.losses import LOSS_AGGREGATIONS
-from r1pipe.data.templates import TEMPLATES
-from r1pipe.rewards.compose import domain_of, solved
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
+import ray
+import torch
 
-if TYPE_CHECKING:
-    from r1pipe.workers.batch import Completion, RolloutBatch
-    from r1pipe.workers.placement import ResourcePlan
-
-OVERLONG_MODES = ("none", "filter", "soft")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-@dataclass
-class GRPOConfig(StageConfig):
-    kind: str = "grpo"
-    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
-    # of problems; default: the earlier stages' outputs. Fields are auto-detected unless named.
-    train_path: Optional[str] = None
-    heldout_path: Optional[str] = None
-    split: str = "train"
-    prompt_field: Optional[str] = None  # None: prompt / problem / question / instruction / ...
-    answer_field: Optional[str] = None  # None: answer / final_answer / solution / ...
-    id_field: Optional[str] = None
-    template: str = "raw"  # raw (prompts used as written) | r1-zero | r1 | chat | auto (r1pipe.data.templates)
-    model_path: Optional[str] = None  # the policy's start: default the newest earlier stage's model, else model.path
-    heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
-    eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
-    # rollout
-    steps: int = 40
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
-    engine: dict[str, Any] = field(default_factory=dict)  # extra r1pipe.engine.LLM arguments
-    # rewards
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
-    accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
-    reward_options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
-    # algorithm
-    normalize_std: bool = True  # False: Dr. GRPO advantages
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0  # 0 disables the KL term and drops the reference model
-    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
-    max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
-    overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
-    overlong_cache: int = 16
-    overlong_penalty: float = 1.0
-    updates_per_step: int = 1  # optimizer steps (mini-batches) per rollout batch
-    micro_batch_size: int = 32
-    # optimizer
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    bias_update_gamma: Optional[float] = None  # None: the model config's gamma
-    # workers and placement (Ray resources; the same recipe scales out with cluster.address=auto)
-    num_policy_workers: int = 1
-    num_rollout_workers: int = 1
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
-    device: str = "cpu"
-    # checkpoints
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    # trainer/engine agreement and the drafter
-    freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
-    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
-    tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
-    draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
-    # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
-    policy_cpus: Optional[float] = None
-    policy_gpus: Optional[float] = None
-    rollout_cpus: Optional[float] = None
-    rollout_gpus: Optional[float] = None
-    reward_cpus: float = 1.0  # per reward worker (rule-based rewards need no GPU)
-    policy_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per policy worker
-    rollout_resources: dict[str, float] = field(default_factory=dict)  # ... per rollout worker
-    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
-    # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
-    fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
-    activation_checkpointing: bool = False  # recompute each block's attention in the backward
-    sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
-    sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
-    sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
-
-    def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        if self.top_p != 1.0:
-            raise ValueError(
-                f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
-                "sampling makes the behaviour policy the truncated one while the trainer's log-probs are not, so "
-                "every ratio would be silently off-policy")
-        if self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
-        if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
-        if self.overlong not in OVERLONG_MODES:
-            raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
-        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "updates_per_step", "micro_batch_size",
-                     "num_policy_workers", "num_rollout_workers", "num_reward_workers", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
-        if self.sync_check_every < 0:
-            raise ValueError(f"sync_check_every must be >= 0, got {self.sync_check_every}")
-        if self.sync_bucket_mb <= 0:
-            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
-        if self.placement_timeout_s <= 0:
-            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
-        if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
-            raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
-
+from r1pipe.algo import dynamic_sampling_keep, group_advantages, overlong_filter_mask, overlong_soft_penalty
+from r1pipe.causal_lm import load_tokenizer
+from r1pipe.data import load_prompt_rows
+from r1pipe.data.jsonl import write_jsonl
+from r1pipe.engine.llm import prompt_token_budget
+from r1pipe.model import Precision, parse_dtype
+from r1pipe.rewards import build_reward_fn, domain_of, missing_reference, solved
+from r1pipe.rewards.worker import RewardPool
+from r1pipe.stages.base import StageContext, load_object
+from r1pipe.stages.base_eval import share_solved
+from r1pipe.stages.configs import GRPOConfig
+from r1pipe.stages.scored_sampling import ray_init
+from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
+from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
+from r1pipe.tracking.plots import DEFAULT_PLOTS
+from r1pipe.workers import PolicyConfig, RolloutBatch, RolloutWorker
+from r1pipe.workers.batch import Completion
+from r1pipe.workers.group import PolicyGroup
+from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve
+from r1pipe.workers.weight_sync import check_probe
 
 def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
     """Per-role Ray resources: rl.{policy,rollout}_{cpus,gpus} (default: rl.cpus_per_worker /
     gpus_per_worker), rl.reward_cpus; reward workers only when a reward pool runs."""
-    from r1pipe.workers.placement import ResourcePlan, RoleResources
-
     pick = lambda value, default: default if value is None else value  # noqa: E731
     roles = [
         RoleResources("policy", cfg.num_policy_workers, pick(cfg.policy_cpus, cfg.cpus_per_worker),
@@ -198,13 +90,6 @@ class PromptStream:
 # ---------------------------------------------------------------- rewards
 
 
-def _load_callable(spec: str) -> Callable[[str, dict], float]:
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"extra reward {spec!r} is not 'module:function'")
-    return getattr(importlib.import_module(module), name)
-
-
 class Scorer:
     """The RewardPool plus any extra reward functions. Nothing it scores can stop the run: a reward
     that raises scores 0 and is counted (the pool does this per reward; here too for extra rewards
@@ -214,13 +99,11 @@ class Scorer:
                  options: dict[str, Any] | None = None, num_cpus: float = 1.0):
         self.weights, self.num_workers, self.options = dict(weights), num_workers, dict(options or {})
         self.num_cpus = num_cpus
-        self.extra = {spec: (w, _load_callable(spec)) for spec, w in extra.items()}
+        self.extra = {spec: (w, load_object(spec, "extra reward")) for spec, w in extra.items()}
         self.pool = self._new_pool() if self.weights else None
         self.errors: list[str] = []
 
     def _new_pool(self) -> Any:
-        from r1pipe.rewards.worker import RewardPool
-
         return RewardPool(self.weights, num_workers=self.num_workers, num_cpus_per_worker=self.num_cpus, **self.options)
 
     def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
@@ -263,7 +146,6 @@ class Scorer:
 # ---------------------------------------------------------------- the stage
 
 
-@register_stage("grpo", GRPOConfig)
 def run_grpo(cfg: GRPOConfig, ctx: StageContext) -> dict:
     return GRPOTrainer(cfg, ctx).run()
 
@@ -282,19 +164,12 @@ class GRPOTrainer:
     # ---- setup
 
     def _ray_init(self) -> None:
-        from r1pipe.stages.scored_sampling import ray_init
-
         ray_init(self.ctx.recipe)
 
     def _problems(self, key: str, explicit: Optional[str], model_path: str) -> list[dict]:
         """Problems through the data layer, tokenized once here on the driver: rows without what the
         rewards need, or too long for the engine's context, are skipped and counted before any actor
         starts. A row is the source row (the reference the rewards read) plus `prompt` (templated)."""
-        from r1pipe.causal_lm import load_tokenizer
-        from r1pipe.data import load_prompt_rows
-        from r1pipe.engine.llm import prompt_token_budget
-        from r1pipe.rewards import missing_reference
-
         cfg = self.cfg
         source = explicit or self.ctx.output(key)
         if not source:
@@ -313,8 +188,6 @@ class GRPOTrainer:
         return [{**r.reference, "id": r.id, "prompt": r.prompt} for r in rows]
 
     def _check_reward_options(self) -> None:
-        from r1pipe.rewards import build_reward_fn
-
         try:
             build_reward_fn(dict(self.cfg.reward_weights), **dict(self.cfg.reward_options))
         except (TypeError, ValueError) as e:
@@ -323,13 +196,6 @@ class GRPOTrainer:
     def _start_workers(self, policy_path: str, rollout_path: str) -> None:
         """Policy workers (and the KL reference) from the stage's initial policy `policy_path`;
         rollout engines from `rollout_path` (the checkpoint being resumed, or the same)."""
-        import ray
-
-        from r1pipe.model import Precision
-        from r1pipe.workers import PolicyConfig, RolloutWorker
-        from r1pipe.workers.group import PolicyGroup
-        from r1pipe.workers.placement import reserve
-
         cfg = self.cfg
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
         policy_cfg = PolicyConfig(
@@ -368,10 +234,6 @@ class GRPOTrainer:
         """Truncated importance sampling: on by default when the engine runs in another precision
         than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
         trainer's autocast over fp32 masters exactly), off on the exact float32 path."""
-        import torch
-
-        from r1pipe.model import parse_dtype
-
         if self.cfg.tis is not None:
             return bool(self.cfg.tis)
         model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
@@ -382,8 +244,6 @@ class GRPOTrainer:
     def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[list[Completion]]:
         """The n completions of each prompt, prompts split over the rollout workers; prompt order.
         Workers get the token ids made once on the driver when loading the problems."""
-        import ray
-
         prompts = [self.prompt_ids.get(p, p) for p in prompts]
         k = len(self.rollout)
         chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
@@ -398,8 +258,6 @@ class GRPOTrainer:
         """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval);
         rows of several domains are each graded by their own domain's reward, and the share per
         domain is kept in self.heldout_by_domain."""
-        from r1pipe.stages.base_eval import share_solved
-
         groups = self._generate([r["prompt"] for r in rows], 1, 0.0, [0] * len(rows))
         _, components, _ = self.scorer.score([g[0].text for g in groups], [dict(r) for r in rows])
         domains = [domain_of(r) for r in rows]
@@ -416,11 +274,6 @@ class GRPOTrainer:
     def collect(self, stream: PromptStream) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
         groups whose rewards are all equal and refills up to max_refill_rounds times)."""
-        import torch
-
-        from r1pipe.algo import dynamic_sampling_keep
-        from r1pipe.workers import RolloutBatch
-
         cfg, G = self.cfg, self.cfg.group_size
         batch = RolloutBatch(problems=[], completions=[])
         for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
@@ -445,10 +298,6 @@ class GRPOTrainer:
     def score(self, problems: list[dict], groups: list[list[Completion]], batch: RolloutBatch) -> list[float]:
         """Rewards (plus the soft overlong penalty) of every completion, written into the completions;
         the totals, components and error count are added to `batch`'s record of what was seen."""
-        import torch
-
-        from r1pipe.algo import overlong_soft_penalty
-
         cfg = self.cfg
         flat = [(p, c) for p, group in zip(problems, groups) for c in group]
         ta = time.perf_counter()
@@ -477,10 +326,6 @@ class GRPOTrainer:
         """Advantages, old/ref log-probs, the update(s) (with TIS weights and the trainer/engine log-prob
         mismatch measured on the old log-probs); returns the step's training metrics. With one update per
         batch the old log-probs are the update's own forward, detached: no separate forward."""
-        import torch
-
-        from r1pipe.algo import group_advantages, overlong_filter_mask
-
         cfg = self.cfg
         rewards = torch.tensor([c.reward for c in batch.completions])
         advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.normalize_std)
@@ -562,11 +407,6 @@ class GRPOTrainer:
     def check_sync(self) -> float:
         """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores
         the same tokens; check_probe raises on disagreement."""
-        import ray
-
-        from r1pipe.workers import RolloutBatch
-        from r1pipe.workers.weight_sync import check_probe
-
         prompt = [self.probe_prompt]
         groups = ray.get([w.generate.remote(prompt, 2, self.cfg.temperature, self.cfg.max_tokens, [0]) for w in self.rollout])
         batch = RolloutBatch(problems=[], completions=[c for g in groups for c in g[0]])
@@ -576,15 +416,11 @@ class GRPOTrainer:
 
     def draft_acceptance(self) -> float:
         """Share of MTP draft tokens the engines accepted since the last call."""
-        import ray
-
         stats = ray.get([w.take_draft_stats.remote() for w in self.rollout])
         return sum(a for _, a in stats) / max(sum(d for d, _ in stats), 1)
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
         """Model, optimizer, RNG and data position, committed atomically; older ones pruned."""
-        from r1pipe.tracking.checkpoints import commit_checkpoint, staging_dir
-
         state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
         staging = staging_dir(self.ckpt_root, step)
         self.policy.save_checkpoint(str(staging), tokenizer_dir=self.base_model)
@@ -621,12 +457,6 @@ class GRPOTrainer:
     # ---- the stage
 
     def run(self) -> dict:
-        import ray
-
-        from r1pipe.data.jsonl import write_jsonl
-        from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-        from r1pipe.tracking.checkpoints import latest_checkpoint
-
         cfg = self.cfg
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.base_model = str(Path(cfg.model_path).expanduser() if cfg.model_path else self.ctx.model_path())
@@ -680,8 +510,6 @@ class GRPOTrainer:
             state["final_accuracy"] = self.heldout_accuracy(heldout_rows)
         final = latest_checkpoint(self.ckpt_root)
         assert final is not None
-        from r1pipe.tracking.plots import DEFAULT_PLOTS
-
         by_domain = ["accuracy/math", "accuracy/code", "heldout_accuracy/math", "heldout_accuracy/code"]
         plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots",
                              {**DEFAULT_PLOTS, "accuracy_by_domain": ("accuracy by domain", by_domain)})

@@ -20,106 +20,29 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import torch
 from omegaconf import OmegaConf
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import AutoModelForCausalLM
 
 from r1pipe.algo.schedule import warmup_cosine
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
+from r1pipe.algo.sft import masked_ce_sum
+from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
+from r1pipe.data.jsonl import write_jsonl
+from r1pipe.data.synthetic import (
+    CodeTask, code_row, cold_start_rows, corpus_texts, make_splits, math_row, problem_row, r1_corpus_texts,
+)
+from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.base_eval import measure_accuracy
+from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
 
 
-@dataclass
-class PretrainConfig(StageConfig):
-    kind: str = "pretrain"
-    # the synthetic task
-    problem_kinds: list[str] = field(default_factory=lambda: ["add", "sub"])  # "mul" too: a digit times a number
-    max_digits: int = 2
-    worked_fraction: float = 0.25  # share of "What is ...?" corpus completions that work the steps
-    tutor_fraction: float = 0.5  # share of the corpus that asks for the steps (always worked)
-    guess_correct: float = 0.15  # share of bare guesses that are right
-    train_size: int = 2000  # RL prompts written to train_path
-    heldout_size: int = 256  # held-out problems written to heldout_path
-    # tokenizer
-    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
-    tokenizer_examples: int = 20000
-    # optimisation (AdamW, linear warmup then cosine to min_lr_ratio * lr)
-    steps: int = 450
-    batch_size: int = 64
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
-    checkpoint_every: int = 100
-    num_threads: int = 0  # torch threads for this stage; 0 keeps torch's default
-    # the base's own check on held-out problems
-    eval_size: int = 256  # 0 skips it
-    eval_max_tokens: int = 64
-    cache_dir: Optional[str] = "~/.cache/r1pipe/tiny-base"  # None: never reuse or store a finished base
-    # the R1 world (r1pipe.data.synthetic): world "r1" writes readable steps ("step 7+5=12 keep 2")
-    # and enables the options below; the defaults leave the R1-Zero corpus (and its cache key) as is
-    world: str = "r1-zero"  # r1-zero | r1
-    mix_fraction: float = 0.0  # share of worked corpus completions whose step words switch script ...
-    mix_prob: float = 0.5  # ... each step with this probability
-    code_fraction: float = 0.0  # share of the corpus (and of the cold-start set) that are code tasks
-    code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
-    code_heldout_size: int = 0
-    cold_start_size: int = 0  # readable worked solutions in the R1 format, written to sft_path
-    # the model this stage trains (e.g. a distillation student with a base of its own): None keeps the
-    # recipe's model.preset / model.overrides; else an r1pipe DeepSeek-V3 preset (`tiny`, ...) or a dense
-    # Hugging Face preset (`tiny-qwen2`, `tiny-llama`: r1pipe.causal_lm.DENSE_PRESETS, through transformers),
-    # with model_overrides over it (ModelConfig fields for V3, transformers config fields for dense)
-    preset: Optional[str] = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from r1pipe.data.synthetic import KINDS
-
-        bad = [k for k in self.problem_kinds if k not in KINDS]
-        if bad or not self.problem_kinds:
-            raise ValueError(f"problem_kinds={list(self.problem_kinds)}: each must be one of {list(KINDS)}")
-        if not 2 <= self.max_digits <= 6:
-            raise ValueError(f"max_digits={self.max_digits}: must be in 2..6")
-        for name in ("worked_fraction", "tutor_fraction", "guess_correct", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
-        for name in ("steps", "batch_size", "checkpoint_every", "heldout_size", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.eval_size > self.heldout_size:
-            raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
-        if self.world not in WORLDS:
-            raise ValueError(f"world={self.world!r}: choose one of {WORLDS}")
-        for name in ("mix_fraction", "mix_prob", "code_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
-        for name in ("code_train_size", "code_heldout_size", "cold_start_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.preset is None and self.model_overrides:
-            raise ValueError("model_overrides: only used with a stage preset (else model.overrides applies)")
-        if self.preset is not None:
-            from r1pipe.causal_lm import DENSE_PRESETS
-            from r1pipe.model.config import PRESETS
-
-            if self.preset not in DENSE_PRESETS and self.preset not in PRESETS:
-                raise ValueError(f"preset={self.preset!r}: choose an r1pipe DeepSeek-V3 preset ({', '.join(PRESETS)}) "
-                                 f"or a dense preset ({', '.join(DENSE_PRESETS)})")
-        if self.world == "r1-zero":
-            used = [name for name in R1_WORLD_FIELDS if getattr(self, name) != R1_WORLD_DEFAULTS[name]]
-            if used:
-                raise ValueError(f"{', '.join(used)}: only used with world=r1 (world is {self.world!r})")
-        elif self.code_fraction > 0 and (self.code_train_size < 1 or self.code_heldout_size < 1):
-            raise ValueError("code_fraction > 0 needs code_train_size >= 1 and code_heldout_size >= 1")
-
-
-WORLDS = ("r1-zero", "r1")
-R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "code_fraction": 0.0,
-                     "code_train_size": 0, "code_heldout_size": 0, "cold_start_size": 0}
-R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
 # what a finished base leaves in its stage folder (and in the cache), by output key
 OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "code_train_path": "code_train.jsonl",
                 "code_heldout_path": "code_heldout.jsonl", "mixed_train_path": "mixed_train.jsonl",
@@ -161,8 +84,6 @@ def _batches(n_examples: int, batch_size: int, step: int, seed: int) -> list[int
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -189,7 +110,6 @@ def _outputs(stage_dir: Path, key: str) -> dict:
     }
 
 
-@register_stage("pretrain", PretrainConfig)
 def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
     model_section = stage_model_section(cfg, OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {})
     key = base_key(cfg, model_section, ctx.seed)
@@ -220,16 +140,6 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
 
 def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: Path) -> None:
     """Write stage_dir/{train,heldout}.jsonl, stage_dir/model (weights + tokenizer), base_eval.json."""
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from r1pipe.data.jsonl import write_jsonl
-    from r1pipe.data.synthetic import corpus_texts, make_splits, problem_row
-    from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from r1pipe.causal_lm import DENSE_PRESETS, dense_config
-    from r1pipe.model import Precision
-    from r1pipe.stages.base_eval import measure_accuracy
-
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
 
     if cfg.num_threads > 0:
@@ -338,12 +248,6 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
 def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, model_dir: Path) -> Any:
     """A freshly initialised CausalLM (r1pipe.causal_lm) of the section's preset, sized to the tokenizer:
     r1pipe's DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
-    from r1pipe.model import ModelConfig, Transformer, apply_precision
-
     preset = model_section.get("preset") or "tiny"
     overrides = dict(model_section.get("overrides") or {})
     torch.manual_seed(seed)  # the model initialises from torch's default generator
@@ -367,9 +271,6 @@ def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, 
 
 def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
     """Mean next-token CE over the completion tokens (loss_mask [B,S]); V3 adds its MTP modules' loss."""
-    from r1pipe.algo.sft import masked_ce_sum
-    from r1pipe.model import lm_loss
-
     if lm.is_v3:
         return lm_loss(lm.module(ids, mtp=mtp), ids, loss_mask=loss_mask)[0]
     logits, _ = lm.forward(ids)
@@ -380,9 +281,6 @@ def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
 def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:
     """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
     corpus, which avoids every held-out, RL and cold-start problem."""
-    from r1pipe.data.jsonl import write_jsonl
-    from r1pipe.data.synthetic import CodeTask, code_row, cold_start_rows, make_splits, math_row, r1_corpus_texts
-
     exclude = set(heldout) | set(train)
     code_heldout, code_train = make_splits(seed + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
                                            cfg.code_train_size) if cfg.code_fraction > 0 else ([], [])

@@ -20,82 +20,24 @@ jsonl_path, stats.
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from r1pipe.data.templates import TEMPLATES
-from r1pipe.rewards.compose import GRADERS, domain_of, graders_of, solved
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
+import datasets
 
-SELECT_MODES = ("first", "shortest", "diverse")
-DEFAULT_FILTERS: dict[str, dict] = {"language_consistency": {"min_share": 0.95}, "no_mixed_scripts": {}, "length": {},
-                                    "paragraph_length": {}, "no_repeated_paragraphs": {}, "no_code_in_math": {}}
-DEFAULT_REWARDS: dict[str, float] = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
-
-
-@dataclass
-class RejectionSampleConfig(StageConfig):
-    kind: str = "rejection_sample"
-    # prompts: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name; default: the
-    # newest earlier stage output `prompts_from` (e.g. train_path or mixed_train_path)
-    prompts_path: Optional[str] = None
-    prompts_from: str = "train_path"
-    split: str = "train"
-    prompt_field: Optional[str] = None
-    answer_field: Optional[str] = None
-    id_field: Optional[str] = None
-    template: str = "r1-zero"  # how prompts are rendered for sampling (r1pipe.data.templates)
-    limit: int = 0  # first N usable prompts (0: all)
-    # the checkpoint sampled: default the newest earlier stage's model, else model.path
-    model_path: Optional[str] = None
-    # sampling
-    k: int = 4  # samples per prompt
-    temperature: float = 1.0
-    max_tokens: int = 64
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    # selection
-    max_per_prompt: int = 2  # m: samples kept per prompt
-    select: str = "first"  # first | shortest (shortest correct) | diverse (farthest-first on character trigrams)
-    # readability filters by name -> parameters (r1pipe.rewards.readability); None: DEFAULT_FILTERS, {}: none
-    filters: Optional[dict[str, Any]] = None
-    # rewards: all are scored and recorded; the row's grader (accuracy / code) decides correctness.
-    # None: DEFAULT_REWARDS (a recipe's mapping replaces it whole)
-    reward_weights: Optional[dict[str, float]] = None
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    # workers and shards
-    shard_size: int = 64  # prompts per shard (and per generation call)
-    num_rollout_workers: int = 1
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
-    device: str = "cpu"
-    engine: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.filters is None:
-            self.filters = dict(DEFAULT_FILTERS)
-        if self.reward_weights is None:
-            self.reward_weights = dict(DEFAULT_REWARDS)
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        if self.select not in SELECT_MODES:
-            raise ValueError(f"select={self.select!r}: choose one of {SELECT_MODES}")
-        for name in ("k", "max_tokens", "max_per_prompt", "shard_size", "num_rollout_workers", "num_reward_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {self.limit}")
-        if not any(g in self.reward_weights for g in GRADERS):
-            raise ValueError(f"reward_weights={dict(self.reward_weights)}: needs a grader ({' or '.join(GRADERS)})")
-        from r1pipe.rewards import build_reward_fn
-        from r1pipe.rewards.readability import build_filters
-
-        build_filters({k: dict(v or {}) for k, v in self.filters.items()})
-        build_reward_fn(dict(self.reward_weights), **dict(self.reward_options))
-
+from r1pipe.causal_lm import load_tokenizer
+from r1pipe.data import load_prompt_rows
+from r1pipe.data.jsonl import read_jsonl, write_jsonl
+from r1pipe.engine.llm import prompt_token_budget
+from r1pipe.rewards import domain_of, graders_of, missing_reference, solved
+from r1pipe.rewards.readability import build_filters
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import RejectionSampleConfig
+from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+from r1pipe.tracking.plots import plot_histograms
 
 # ---------------------------------------------------------------- selection (pure functions)
 
@@ -155,15 +97,12 @@ def judge(reference: dict, samples: list, reward_names: list[str], filters: list
 # ---------------------------------------------------------------- the stage
 
 
-@register_stage("rejection_sample", RejectionSampleConfig)
 def run_rejection_sample(cfg: RejectionSampleConfig, ctx: StageContext) -> dict:
     return RejectionSampler(cfg, ctx).run()
 
 
 class RejectionSampler:
     def __init__(self, cfg: RejectionSampleConfig, ctx: StageContext):
-        from r1pipe.rewards.readability import build_filters
-
         self.cfg, self.ctx = cfg, ctx
         self.stage_dir = Path(ctx.stage_dir)
         self.shard_dir = self.stage_dir / "shards"
@@ -176,11 +115,6 @@ class RejectionSampler:
     def prompts(self, model_path: str) -> tuple[list, dict]:
         """Prompt rows through the data layer (tokenized here, once); rows the grader cannot score
         or too long for the context are skipped and counted."""
-        from r1pipe.causal_lm import load_tokenizer
-        from r1pipe.data import load_prompt_rows
-        from r1pipe.engine.llm import prompt_token_budget
-        from r1pipe.rewards import missing_reference
-
         cfg = self.cfg
         source = cfg.prompts_path or self.ctx.output(cfg.prompts_from)
         if not source:
@@ -219,9 +153,6 @@ class RejectionSampler:
         }
 
     def run(self) -> dict:
-        from r1pipe.data.jsonl import read_jsonl, write_jsonl
-        from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
-
         cfg = self.cfg
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.source = self.model_path()
@@ -261,8 +192,6 @@ class RejectionSampler:
 
     def finish(self, per_prompt: list[dict], data_report: dict, seconds: float, generated_tokens: int, write_jsonl) -> dict:
         """samples.jsonl, the save_to_disk dataset, stats.json and the length histogram."""
-        import datasets
-
         kept = [r for line in per_prompt for r in line["kept"]]
         if not kept:
             raise ValueError("rejection_sample: no sample passed the grader and the filters; "
@@ -275,8 +204,6 @@ class RejectionSampler:
         tmp = self.stage_dir / "dataset.tmp"
         datasets.Dataset.from_list(flat).save_to_disk(str(tmp))
         if dataset_path.exists():
-            import shutil
-
             shutil.rmtree(dataset_path)
         tmp.rename(dataset_path)
         stats = build_stats(per_prompt, [f.name for f in self.filters])
@@ -317,20 +244,5 @@ def build_stats(per_prompt: list[dict], filter_names: list[str]) -> dict:
 
 def length_histogram(per_prompt: list[dict], kept: list[dict], path: Path) -> Path:
     """Token lengths of all generated samples and of the kept ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     every = [n for line in per_prompt for n in line["lengths"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = max(10, min(50, len(set(every))))
-    ax.hist(every, bins=bins, alpha=0.5, label=f"generated ({len(every)})")
-    ax.hist([r["num_tokens"] for r in kept], bins=bins, alpha=0.7, label=f"kept ({len(kept)})")
-    ax.set_xlabel("response length (tokens)")
-    ax.set_ylabel("samples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot_histograms({"generated": every, "kept": [r["num_tokens"] for r in kept]}, path, "response length (tokens)", "samples")

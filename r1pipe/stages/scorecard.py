@@ -11,47 +11,20 @@ so an interrupted scorecard resumes with the models it has not scored yet.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from r1pipe.data.templates import TEMPLATES
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
-
-
-@dataclass
-class ScorecardConfig(StageConfig):
-    kind: str = "scorecard"
-    heldout_path: Optional[str] = None  # default: the newest earlier output `heldout_from`
-    heldout_from: str = "mixed_heldout_path"
-    per_domain: int = 128  # first N held-out rows of each domain
-    models: list[str] = field(default_factory=list)  # stage names; []: every earlier stage with a model_path
-    template: str = "r1-zero"
-    max_tokens: int = 64
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    reward_weights: Optional[dict[str, float]] = None  # None: accuracy, code, format, language
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    chunk_size: int = 64
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    threads_per_worker: int = 1
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.reward_weights is None:
-            self.reward_weights = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        for name in ("per_domain", "max_tokens", "chunk_size", "num_reward_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+from r1pipe.causal_lm import load_tokenizer
+from r1pipe.data import load_prompt_rows
+from r1pipe.rewards import domain_of, missing_reference, solved
+from r1pipe.rewards.readability import readability
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import ScorecardConfig
+from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
 
 
 def domain_scores(rows: list, samples: list, reward_names: list[str]) -> dict[str, Any]:
     """Accuracy per domain (graded by the row's grader) and readability over all rows, one greedy sample each."""
-    from r1pipe.rewards import domain_of, solved
-    from r1pipe.rewards.readability import readability
-
     per: dict[str, list[float]] = {}
     for row, (s,) in zip(rows, samples):
         per.setdefault(domain_of(row.reference), []).append(float(solved(s.components, row.reference, reward_names)))
@@ -60,13 +33,7 @@ def domain_scores(rows: list, samples: list, reward_names: list[str]) -> dict[st
             "n": {d: len(v) for d, v in sorted(per.items())}, **figures.to_dict()}
 
 
-@register_stage("scorecard", ScorecardConfig)
 def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
-    from r1pipe.causal_lm import load_tokenizer
-    from r1pipe.data import load_prompt_rows
-    from r1pipe.rewards import missing_reference
-    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
-
     names = list(cfg.models) or [n for n, out in ctx.outputs.items() if out.get("model_path")]
     missing = [n for n in names if not (ctx.outputs.get(n) or {}).get("model_path")]
     if missing or not names:
@@ -80,8 +47,6 @@ def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
     rows, report = load_prompt_rows(str(source), load_tokenizer(first_model), template=cfg.template,
                                     check_reference=lambda ref: missing_reference(weights, ref), option_prefix="scorecard.",
                                     log=lambda line: print(f"scorecard: {line}"))
-    from r1pipe.rewards import domain_of
-
     taken: dict[str, int] = {}
     picked = []
     for r in rows:

@@ -11,13 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
+import ray
+
 from r1pipe.data.rows import PromptRow
+from r1pipe.rewards.worker import RewardPool
+from r1pipe.workers import RolloutWorker
 
 
 def ray_init(recipe: Any) -> None:
     """Start (or join) Ray as the recipe's `cluster` section says; a no-op when already up."""
-    import ray
-
     if ray.is_initialized():
         return
     cluster = recipe.get("cluster", {}) or {}
@@ -67,11 +69,6 @@ class ScoredSampler:
                  reward_options: dict[str, Any] | None = None, *, num_workers: int = 1, num_reward_workers: int = 1,
                  cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, threads_per_worker: int = 1,
                  engine: dict[str, Any] | None = None, device: str = "cpu"):
-        import ray
-
-        from r1pipe.rewards.worker import RewardPool
-        from r1pipe.workers import RolloutWorker
-
         self.sampling = sampling
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(RolloutWorker)
         kwargs = {"device": device, **dict(engine or {})}
@@ -87,8 +84,6 @@ class ScoredSampler:
     def run(self, rows: Sequence[PromptRow], chunk_size: int, chunks: Iterable[int] | None = None) -> Iterator[ScoredChunk]:
         """Scored chunks of `rows` (chunk j = rows[j*chunk_size:(j+1)*chunk_size]), in chunk order;
         `chunks` picks which ones (default: all)."""
-        import ray
-
         todo = list(chunks) if chunks is not None else list(range((len(rows) + chunk_size - 1) // chunk_size))
         queue = list(todo)
         in_flight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (chunk, worker, submit time)
@@ -130,8 +125,6 @@ class ScoredSampler:
         return [samples[i * k:(i + 1) * k] for i in range(len(rows))]
 
     def shutdown(self) -> None:
-        import ray
-
         self.pool.shutdown()
         for w in self.workers:
             ray.kill(w)

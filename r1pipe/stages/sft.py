@@ -26,7 +26,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -34,84 +33,17 @@ from r1pipe.algo.schedule import warmup_cosine
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import CausalLM, load_causal_lm, load_tokenizer
 from r1pipe.data import SFTExample, load_sft_examples
-from r1pipe.data.templates import TEMPLATES
 from r1pipe.model.precision import Precision
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import SFTConfig
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
 
-LOSSES = ("ce", "kl", "ce+kl")
 SFT_PLOTS = {
     "loss": ("SFT loss (assistant tokens)", ["loss", "ce", "kl", "val_loss"]),
     "lr": ("learning rate", ["lr"]),
     "throughput": ("tokens/s (trained tokens)", ["tokens_per_second"]),
 }
-
-
-@dataclass
-class SFTConfig(StageConfig):
-    kind: str = "sft"
-    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
-    train_path: Optional[str] = None  # default: the newest earlier stage output `sft_path`
-    heldout_path: Optional[str] = None  # default: a heldout_fraction of train_path, set aside
-    split: str = "train"
-    heldout_fraction: float = 0.05
-    heldout_max: int = 256
-    prompt_field: Optional[str] = None  # None: auto-detected (prompt / problem / question / instruction)
-    response_field: Optional[str] = None  # None: auto-detected (response / completion / output / solution / answer)
-    messages_field: Optional[str] = None  # None: auto-detected (messages / conversations)
-    id_field: Optional[str] = None
-    template: str = "auto"  # auto | r1-zero | r1 | chat | raw (r1pipe.data.templates)
-    # model: where to start (default: the newest earlier stage's model, else model.path)
-    model_path: Optional[str] = None
-    max_length: int = 0  # longest sequence kept; 0: the model's context
-    mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
-    # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
-    # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer
-    loss: str = "ce"
-    teacher_path: Optional[str] = None
-    kl_weight: float = 1.0
-    kl_temperature: float = 1.0
-    # optimisation: AdamW, linear warmup then cosine to min_lr_ratio * lr
-    epochs: int = 1
-    steps: int = 0  # > 0: exactly this many optimizer steps (epochs repeat as needed)
-    batch_size: int = 32  # sequences per optimizer step
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # tracking and checkpoints
-    eval_every: int = 0  # validation loss every N steps (always at the start and the end)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    num_threads: int = 0  # torch threads; 0 keeps torch's default
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "max_length", "warmup_steps", "eval_every", "heldout_max", "num_threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
-        if self.loss != "ce" and not self.teacher_path:
-            raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
-        if self.kl_temperature <= 0:
-            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
 
 
 # ---------------------------------------------------------------- batches
@@ -172,7 +104,6 @@ def split_heldout(examples: list[SFTExample], fraction: float, limit: int, seed:
 # ---------------------------------------------------------------- the trainer
 
 
-@register_stage("sft", SFTConfig)
 def run_sft(cfg: SFTConfig, ctx: StageContext) -> dict:
     return SFTTrainer(cfg, ctx).run()
 

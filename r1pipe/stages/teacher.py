@@ -9,27 +9,19 @@ base). Outputs: model_path and where it came from (teacher_source).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from r1pipe.stages.base import StageConfig, StageContext, register_stage
+from omegaconf import OmegaConf
 
-
-@dataclass
-class TeacherConfig(StageConfig):
-    kind: str = "teacher"
-    model_path: Optional[str] = None  # a checkpoint used as is
-    runs: list[str] = field(default_factory=lambda: ["runs/r1", "runs/r1-zero"])  # finished runs, first wins
-    recipe: str = "r1-zero"  # trained when no run in `runs` has finished
-    run_dir: str = "runs/r1-zero"
-    overrides: list[str] = field(default_factory=list)  # key=value overrides for `recipe`
+from r1pipe.config import load_recipe
+from r1pipe.run import run_recipe
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.configs import TeacherConfig
 
 
 def final_model(run_dir: str | Path) -> Optional[Path]:
     """The model of the last stage with one, in a run whose every stage finished (DONE.json); else None."""
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         return None
@@ -44,7 +36,6 @@ def final_model(run_dir: str | Path) -> Optional[Path]:
     return None
 
 
-@register_stage("teacher", TeacherConfig)
 def run_teacher(cfg: TeacherConfig, ctx: StageContext) -> dict:
     if cfg.model_path:
         path = Path(cfg.model_path).expanduser()
@@ -56,9 +47,6 @@ def run_teacher(cfg: TeacherConfig, ctx: StageContext) -> dict:
         if model is not None:
             print(f"teacher: the final model of the finished run {run}: {model}")
             return {"model_path": str(model), "teacher_source": str(run)}
-    from r1pipe.config import load_recipe
-    from r1pipe.run import run_recipe
-
     print(f"teacher: no finished run among {list(cfg.runs)}; training recipe {cfg.recipe!r} in {cfg.run_dir}")
     run_recipe(load_recipe(cfg.recipe, list(cfg.overrides)), cfg.run_dir)
     model = final_model(cfg.run_dir)

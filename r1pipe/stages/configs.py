@@ -1,0 +1,454 @@
+"""Every built-in stage's typed config, and nothing heavy: validating a recipe (`r1pipe run --dry-run`)
+imports neither torch nor Ray nor transformers, and no stage module.
+
+Each dataclass is the schema of a recipe section with that `kind`; its `__post_init__` checks the values
+that can be checked without running anything, so a bad recipe fails naming the key before any stage
+starts. The stage functions live in the stage modules (r1pipe.stages.<module>), which import what they
+need at the top; r1pipe.stages maps each kind to its config and its function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from r1pipe.data.synthetic import KINDS
+from r1pipe.data.templates import TEMPLATES
+from r1pipe.rewards import GRADERS, build_reward_fn
+from r1pipe.rewards.readability import build_filters
+from r1pipe.stages.base import StageConfig
+from r1pipe.vocab import LOSS_AGGREGATIONS, check_preset
+
+
+# ---------------------------------------------------------------- synthetic base
+
+
+WORLDS = ("r1-zero", "r1")
+R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "code_fraction": 0.0,
+                     "code_train_size": 0, "code_heldout_size": 0, "cold_start_size": 0}
+R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    kind: str = "pretrain"
+    # the synthetic task
+    problem_kinds: list[str] = field(default_factory=lambda: ["add", "sub"])  # "mul" too: a digit times a number
+    max_digits: int = 2
+    worked_fraction: float = 0.25  # share of "What is ...?" corpus completions that work the steps
+    tutor_fraction: float = 0.5  # share of the corpus that asks for the steps (always worked)
+    guess_correct: float = 0.15  # share of bare guesses that are right
+    train_size: int = 2000  # RL prompts written to train_path
+    heldout_size: int = 256  # held-out problems written to heldout_path
+    # tokenizer
+    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
+    tokenizer_examples: int = 20000
+    # optimisation (AdamW, linear warmup then cosine to min_lr_ratio * lr)
+    steps: int = 450
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
+    checkpoint_every: int = 100
+    num_threads: int = 0  # torch threads for this stage; 0 keeps torch's default
+    # the base's own check on held-out problems
+    eval_size: int = 256  # 0 skips it
+    eval_max_tokens: int = 64
+    cache_dir: Optional[str] = "~/.cache/r1pipe/tiny-base"  # None: never reuse or store a finished base
+    # the R1 world (r1pipe.data.synthetic): world "r1" writes readable steps ("step 7+5=12 keep 2")
+    # and enables the options below; the defaults leave the R1-Zero corpus (and its cache key) as is
+    world: str = "r1-zero"  # r1-zero | r1
+    mix_fraction: float = 0.0  # share of worked corpus completions whose step words switch script ...
+    mix_prob: float = 0.5  # ... each step with this probability
+    code_fraction: float = 0.0  # share of the corpus (and of the cold-start set) that are code tasks
+    code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
+    code_heldout_size: int = 0
+    cold_start_size: int = 0  # readable worked solutions in the R1 format, written to sft_path
+    # the model this stage trains (e.g. a distillation student with a base of its own): None keeps the
+    # recipe's model.preset / model.overrides; else an r1pipe DeepSeek-V3 preset (`tiny`, ...) or a dense
+    # Hugging Face preset (`tiny-qwen2`, `tiny-llama`: r1pipe.causal_lm.DENSE_PRESETS, through transformers),
+    # with model_overrides over it (ModelConfig fields for V3, transformers config fields for dense)
+    preset: Optional[str] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.problem_kinds if k not in KINDS]
+        if bad or not self.problem_kinds:
+            raise ValueError(f"problem_kinds={list(self.problem_kinds)}: each must be one of {list(KINDS)}")
+        if not 2 <= self.max_digits <= 6:
+            raise ValueError(f"max_digits={self.max_digits}: must be in 2..6")
+        for name in ("worked_fraction", "tutor_fraction", "guess_correct", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        for name in ("steps", "batch_size", "checkpoint_every", "heldout_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.eval_size > self.heldout_size:
+            raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world={self.world!r}: choose one of {WORLDS}")
+        for name in ("mix_fraction", "mix_prob", "code_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        for name in ("code_train_size", "code_heldout_size", "cold_start_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.preset is None and self.model_overrides:
+            raise ValueError("model_overrides: only used with a stage preset (else model.overrides applies)")
+        if self.preset is not None:
+            check_preset(self.preset)
+        if self.world == "r1-zero":
+            used = [name for name in R1_WORLD_FIELDS if getattr(self, name) != R1_WORLD_DEFAULTS[name]]
+            if used:
+                raise ValueError(f"{', '.join(used)}: only used with world=r1 (world is {self.world!r})")
+        elif self.code_fraction > 0 and (self.code_train_size < 1 or self.code_heldout_size < 1):
+            raise ValueError("code_fraction > 0 needs code_train_size >= 1 and code_heldout_size >= 1")
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+OVERLONG_MODES = ("none", "filter", "soft")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    kind: str = "grpo"
+    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
+    # of problems; default: the earlier stages' outputs. Fields are auto-detected unless named.
+    train_path: Optional[str] = None
+    heldout_path: Optional[str] = None
+    split: str = "train"
+    prompt_field: Optional[str] = None  # None: prompt / problem / question / instruction / ...
+    answer_field: Optional[str] = None  # None: answer / final_answer / solution / ...
+    id_field: Optional[str] = None
+    template: str = "raw"  # raw (prompts used as written) | r1-zero | r1 | chat | auto (r1pipe.data.templates)
+    model_path: Optional[str] = None  # the policy's start: default the newest earlier stage's model, else model.path
+    heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
+    eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
+    # rollout
+    steps: int = 40
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
+    engine: dict[str, Any] = field(default_factory=dict)  # extra r1pipe.engine.LLM arguments
+    # rewards
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
+    accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
+    reward_options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
+    # algorithm
+    normalize_std: bool = True  # False: Dr. GRPO advantages
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # 0 disables the KL term and drops the reference model
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
+    overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
+    overlong_cache: int = 16
+    overlong_penalty: float = 1.0
+    updates_per_step: int = 1  # optimizer steps (mini-batches) per rollout batch
+    micro_batch_size: int = 32
+    # optimizer
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bias_update_gamma: Optional[float] = None  # None: the model config's gamma
+    # workers and placement (Ray resources; the same recipe scales out with cluster.address=auto)
+    num_policy_workers: int = 1
+    num_rollout_workers: int = 1
+    num_reward_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    device: str = "cpu"
+    # checkpoints
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    # trainer/engine agreement and the drafter
+    freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
+    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
+    tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
+    draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
+    # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
+    policy_cpus: Optional[float] = None
+    policy_gpus: Optional[float] = None
+    rollout_cpus: Optional[float] = None
+    rollout_gpus: Optional[float] = None
+    reward_cpus: float = 1.0  # per reward worker (rule-based rewards need no GPU)
+    policy_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per policy worker
+    rollout_resources: dict[str, float] = field(default_factory=dict)  # ... per rollout worker
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
+    # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
+    fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
+    activation_checkpointing: bool = False  # recompute each block's attention in the backward
+    sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
+    sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
+    sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
+                "sampling makes the behaviour policy the truncated one while the trainer's log-probs are not, so "
+                "every ratio would be silently off-policy")
+        if self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
+        if self.overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
+        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "updates_per_step", "micro_batch_size",
+                     "num_policy_workers", "num_rollout_workers", "num_reward_workers", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
+        if self.sync_check_every < 0:
+            raise ValueError(f"sync_check_every must be >= 0, got {self.sync_check_every}")
+        if self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
+            raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+# ---------------------------------------------------------------- supervised fine-tuning
+
+
+LOSSES = ("ce", "kl", "ce+kl")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    kind: str = "sft"
+    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
+    train_path: Optional[str] = None  # default: the newest earlier stage output `sft_path`
+    heldout_path: Optional[str] = None  # default: a heldout_fraction of train_path, set aside
+    split: str = "train"
+    heldout_fraction: float = 0.05
+    heldout_max: int = 256
+    prompt_field: Optional[str] = None  # None: auto-detected (prompt / problem / question / instruction)
+    response_field: Optional[str] = None  # None: auto-detected (response / completion / output / solution / answer)
+    messages_field: Optional[str] = None  # None: auto-detected (messages / conversations)
+    id_field: Optional[str] = None
+    template: str = "auto"  # auto | r1-zero | r1 | chat | raw (r1pipe.data.templates)
+    # model: where to start (default: the newest earlier stage's model, else model.path)
+    model_path: Optional[str] = None
+    max_length: int = 0  # longest sequence kept; 0: the model's context
+    mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
+    # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
+    # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer
+    loss: str = "ce"
+    teacher_path: Optional[str] = None
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    # optimisation: AdamW, linear warmup then cosine to min_lr_ratio * lr
+    epochs: int = 1
+    steps: int = 0  # > 0: exactly this many optimizer steps (epochs repeat as needed)
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # tracking and checkpoints
+    eval_every: int = 0  # validation loss every N steps (always at the start and the end)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    num_threads: int = 0  # torch threads; 0 keeps torch's default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        for name in ("epochs", "batch_size", "micro_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "max_length", "warmup_steps", "eval_every", "heldout_max", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
+        if self.loss != "ce" and not self.teacher_path:
+            raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+
+
+# ---------------------------------------------------------------- rejection sampling
+
+
+SELECT_MODES = ("first", "shortest", "diverse")
+DEFAULT_FILTERS: dict[str, dict] = {"language_consistency": {"min_share": 0.95}, "no_mixed_scripts": {}, "length": {},
+                                    "paragraph_length": {}, "no_repeated_paragraphs": {}, "no_code_in_math": {}}
+DEFAULT_REWARDS: dict[str, float] = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
+
+
+@dataclass
+class RejectionSampleConfig(StageConfig):
+    kind: str = "rejection_sample"
+    # prompts: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name; default: the
+    # newest earlier stage output `prompts_from` (e.g. train_path or mixed_train_path)
+    prompts_path: Optional[str] = None
+    prompts_from: str = "train_path"
+    split: str = "train"
+    prompt_field: Optional[str] = None
+    answer_field: Optional[str] = None
+    id_field: Optional[str] = None
+    template: str = "r1-zero"  # how prompts are rendered for sampling (r1pipe.data.templates)
+    limit: int = 0  # first N usable prompts (0: all)
+    # the checkpoint sampled: default the newest earlier stage's model, else model.path
+    model_path: Optional[str] = None
+    # sampling
+    k: int = 4  # samples per prompt
+    temperature: float = 1.0
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    # selection
+    max_per_prompt: int = 2  # m: samples kept per prompt
+    select: str = "first"  # first | shortest (shortest correct) | diverse (farthest-first on character trigrams)
+    # readability filters by name -> parameters (r1pipe.rewards.readability); None: DEFAULT_FILTERS, {}: none
+    filters: Optional[dict[str, Any]] = None
+    # rewards: all are scored and recorded; the row's grader (accuracy / code) decides correctness.
+    # None: DEFAULT_REWARDS (a recipe's mapping replaces it whole)
+    reward_weights: Optional[dict[str, float]] = None
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    # workers and shards
+    shard_size: int = 64  # prompts per shard (and per generation call)
+    num_rollout_workers: int = 1
+    num_reward_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    device: str = "cpu"
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.filters is None:
+            self.filters = dict(DEFAULT_FILTERS)
+        if self.reward_weights is None:
+            self.reward_weights = dict(DEFAULT_REWARDS)
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"select={self.select!r}: choose one of {SELECT_MODES}")
+        for name in ("k", "max_tokens", "max_per_prompt", "shard_size", "num_rollout_workers", "num_reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if not any(g in self.reward_weights for g in GRADERS):
+            raise ValueError(f"reward_weights={dict(self.reward_weights)}: needs a grader ({' or '.join(GRADERS)})")
+        build_filters({k: dict(v or {}) for k, v in self.filters.items()})
+        build_reward_fn(dict(self.reward_weights), **dict(self.reward_options))
+
+
+# ---------------------------------------------------------------- scorecard
+
+
+@dataclass
+class ScorecardConfig(StageConfig):
+    kind: str = "scorecard"
+    heldout_path: Optional[str] = None  # default: the newest earlier output `heldout_from`
+    heldout_from: str = "mixed_heldout_path"
+    per_domain: int = 128  # first N held-out rows of each domain
+    models: list[str] = field(default_factory=list)  # stage names; []: every earlier stage with a model_path
+    template: str = "r1-zero"
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    reward_weights: Optional[dict[str, float]] = None  # None: accuracy, code, format, language
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 64
+    num_reward_workers: int = 1
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.reward_weights is None:
+            self.reward_weights = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        for name in ("per_domain", "max_tokens", "chunk_size", "num_reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    kind: str = "eval"
+    suites: list[str] = field(default_factory=lambda: ["heldout"])
+    model_path: Optional[str] = None  # default: the newest earlier stage's model, else model.path
+    k: int = 1  # samples per problem (pass@1 is averaged over them)
+    greedy: bool = True
+    temperature: float = 0.6  # the R1 paper's evaluation setting, when not greedy
+    top_p: float = 0.95
+    max_tokens: int = 4096
+    template: str = "r1-zero"  # r1pipe.data.templates: auto | r1-zero | r1 | chat | raw
+    limit: Optional[int] = None  # first N problems of each suite
+    pass_at: list[int] = field(default_factory=list)
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.suites:
+            raise ValueError("suites: give at least one suite")
+        if self.k < 1:
+            raise ValueError(f"k={self.k}: must be >= 1")
+        if self.greedy and self.k != 1:
+            raise ValueError(f"k={self.k}: greedy decoding gives one sample per problem, use k=1 or greedy=false")
+
+
+# ---------------------------------------------------------------- distillation: teacher and comparison
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    kind: str = "teacher"
+    model_path: Optional[str] = None  # a checkpoint used as is
+    runs: list[str] = field(default_factory=lambda: ["runs/r1", "runs/r1-zero"])  # finished runs, first wins
+    recipe: str = "r1-zero"  # trained when no run in `runs` has finished
+    run_dir: str = "runs/r1-zero"
+    overrides: list[str] = field(default_factory=list)  # key=value overrides for `recipe`
+
+
+@dataclass
+class CompareConfig(StageConfig):
+    kind: str = "compare"
+    rows: dict[str, str] = field(default_factory=dict)  # label -> name of an earlier eval stage
+    suite: str = "heldout"
+    reference: Optional[str] = None  # a label: the others' difference to it in points
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("rows: name at least one eval stage (label: stage)")
+        if self.reference is not None and self.reference not in self.rows:
+            raise ValueError(f"reference={self.reference!r}: not a label of rows ({', '.join(self.rows)})")

@@ -1,0 +1,62 @@
+"""The names a recipe chooses from, in one torch-free module.
+
+Recipes are validated (`r1pipe.config.load_recipe`, `r1pipe run --dry-run`) without importing torch,
+transformers or Ray, so every closed vocabulary a config checks lives here, and the module that gives
+each name its meaning imports it from here: model presets (`r1pipe.model.config`, `r1pipe.causal_lm`),
+compute dtypes (`r1pipe.model.precision`) and GRPO loss aggregations (`r1pipe.algo.losses`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# r1pipe's DeepSeek-V3 presets: ModelConfig fields over its defaults (the defaults are DeepSeek-V3's).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The real DeepSeek-V3 / R1 shape (671B + 14B MTP), bf16 weights.
+    "deepseek-v3": dict(
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    # ~2.4 M parameters: 4 layers (3 MoE, n_group 4), 16 routed experts, 1 MTP module; fast on a laptop CPU.
+    "tiny": dict(
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
+        routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, v_head_dim=32,
+        qk_nope_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
+        max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=None, num_nextn_predict_layers=1,
+        torch_dtype="float32",
+    ),
+}
+
+# Tiny dense students through transformers: config fields (~0.1-0.3 M parameters besides the
+# embedding), for CPU tests and the distillation recipes.
+DENSE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, rope_theta=10000.0),
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+# `model.dtype` spellings -> the torch dtype's name (master weights stay fp32 whatever is chosen).
+DTYPE_NAMES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+# How the GRPO loss averages token terms (r1pipe.algo.losses.aggregate).
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def dtype_name(name: str, key: str = "model.dtype") -> str:
+    """'float32' / 'fp32' / 'bfloat16' / 'bf16' (any case, optional 'torch.') -> 'float32' or 'bfloat16';
+    anything else is a ValueError naming `key` and the accepted names."""
+    if isinstance(name, str):
+        cleaned = name.strip().lower().removeprefix("torch.")
+        if cleaned in DTYPE_NAMES:
+            return DTYPE_NAMES[cleaned]
+    raise ValueError(f"{key}: unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+
+
+def check_preset(name: str, key: str = "preset") -> None:
+    """A ValueError naming `key` unless `name` is a V3 preset or a dense preset."""
+    if name not in PRESETS and name not in DENSE_PRESETS:
+        raise ValueError(f"{key}={name!r}: choose an r1pipe DeepSeek-V3 preset ({', '.join(PRESETS)}) "
+                         f"or a dense preset ({', '.join(DENSE_PRESETS)})")

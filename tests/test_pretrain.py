@@ -94,10 +94,10 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(straight_run, tmp_path
     uninterrupted run, so no step is lost or repeated. (Two straight runs already differ by ~1e-8:
     CPU scatter-adds in the MoE backward are not bit-deterministic; one step more or less moves
     the weights by ~lr = 3e-3.)"""
-    import r1pipe.model as model_pkg
+    import r1pipe.stages.pretrain as pretrain_module
     from r1pipe.model import load_pretrained
 
-    real_loss, calls = model_pkg.lm_loss, []
+    real_loss, calls = pretrain_module.lm_loss, []
 
     def dying_loss(*args, **kwargs):
         calls.append(1)
@@ -105,11 +105,11 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(straight_run, tmp_path
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(model_pkg, "lm_loss", dying_loss)
+    monkeypatch.setattr(pretrain_module, "lm_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         train_base(small_cfg(), SMALL_MODEL, 0, tmp_path)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(model_pkg, "lm_loss", real_loss)
+    monkeypatch.setattr(pretrain_module, "lm_loss", real_loss)
     train_base(small_cfg(), SMALL_MODEL, 0, tmp_path)
 
     a, b = load_pretrained(straight_run / "model").state_dict(), load_pretrained(tmp_path / "model").state_dict()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, EOS, BOS = "<|pad|>", "<|eos|>", "<|bos|>"
 SPECIAL_TOKENS = [PAD, EOS, BOS]
@@ -37,8 +38,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
 
 def save_tokenizer(tok: Tokenizer, path: str | Path, model_max_length: int = 4096) -> None:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json (transformers layout)."""
-    from transformers import PreTrainedTokenizerFast
-
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS, model_max_length=model_max_length
     )
@@ -47,6 +46,4 @@ def save_tokenizer(tok: Tokenizer, path: str | Path, model_max_length: int = 409
 
 def load_tokenizer(path: str | Path):
     """The saved tokenizer through transformers (what the engine and eval use)."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.paged_cache import PagedLatentCache
@@ -24,6 +25,7 @@ from r1pipe.engine.scheduler import Scheduler, Sequence, SequenceGroup
 from r1pipe.engine.speculative import SpeculativeDecoding
 from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
+from r1pipe.model import ModelConfig, load_pretrained, parse_dtype
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
 
@@ -33,8 +35,6 @@ def prompt_token_budget(model_path: str | Path, engine_options: dict[str, Any], 
     """The longest prompt an LLM built with `engine_options` accepts for `max_tokens` new tokens:
     its context (max_model_len, else the model's max_position_embeddings) less the completion and
     the speculative lookahead, as LLM.generate checks it."""
-    from r1pipe.model import ModelConfig
-
     context = engine_options.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings
     return int(context) - max_tokens - int(engine_options.get("speculative_k", 0) or 0)
 
@@ -52,13 +52,9 @@ class LLM:
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
-        from r1pipe.model import parse_dtype
-
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
-            from r1pipe.model import load_pretrained
-
             self.model = load_pretrained(model, dtype=dtype, device=self.device)
             tokenizer = model if tokenizer is None else tokenizer
         else:
@@ -109,8 +105,6 @@ class LLM:
             self.scheduler.add(group)
         progress = None
         if use_tqdm:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False)
         was_training = self.model.training
         self.model.eval()

@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
 
 class TokenizerAdapter:
     """encode / decode / eos_token_id over a transformers tokenizer or a tokenizers.Tokenizer."""
@@ -27,12 +30,8 @@ class TokenizerAdapter:
             if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
                 return None
             try:
-                from transformers import AutoTokenizer
-
                 return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path)), eos_token_id)
             except (OSError, ValueError, KeyError):
-                from tokenizers import Tokenizer
-
                 return TokenizerAdapter(Tokenizer.from_file(str(path / "tokenizer.json")), eos_token_id)
         return TokenizerAdapter(source, eos_token_id)
 

@@ -8,12 +8,18 @@ strings (the stop string is kept, so `</answer>` closes the R1-Zero answer).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from r1pipe.engine import LLM, SamplingParams
+from r1pipe.engine.vllm_backend import VLLMEngine
 
 BACKENDS = ("auto", "engine", "hf", "vllm")
 ENGINE_ONLY = {"max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "num_blocks", "speculative_k", "cache_memory_gb"}
@@ -63,19 +69,13 @@ class EngineBackend:
     @staticmethod
     def own(model: Any, tokenizer: Any = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
             seed: int = 0, **engine_options: Any) -> "EngineBackend":
-        from r1pipe.engine import LLM
-
         return EngineBackend(LLM(model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, **engine_options))
 
     @staticmethod
     def vllm(path: str | Path, *, seed: int = 0, **vllm_options: Any) -> "EngineBackend":
-        from r1pipe.engine.vllm_backend import VLLMEngine
-
         return EngineBackend(VLLMEngine(path, seed=seed, **vllm_options), name="vllm")
 
     def generate(self, prompts: list[str], stop: Sequence[str], config: GenerationConfig) -> list[list[str]]:
-        from r1pipe.engine import SamplingParams
-
         params = SamplingParams(
             n=config.n, temperature=config.temperature, top_p=config.top_p if config.temperature > 0 else 1.0,
             max_tokens=config.max_tokens, stop=list(stop) or None, seed=config.seed,
@@ -90,8 +90,6 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         if self.tokenizer.pad_token is None:
@@ -102,8 +100,6 @@ class HFBackend:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], stop: Sequence[str], config: GenerationConfig) -> list[list[str]]:
-        from tqdm.auto import tqdm
-
         sampling = config.temperature > 0
         options: dict[str, Any] = dict(
             max_new_tokens=config.max_tokens, do_sample=sampling, num_return_sequences=config.n,
@@ -136,8 +132,6 @@ def model_type(path: Path) -> str | None:
 
 
 def vllm_usable() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from r1pipe.eval.backends import BACKENDS
+from r1pipe.eval.runner import evaluate
 from r1pipe.eval.suites import KINDS, REGISTRY, load_suite_file, resolve_suites
 from r1pipe.eval.templates import TEMPLATES
 
@@ -75,8 +76,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from r1pipe.eval.runner import evaluate
-
     if (args.model is None) == (args.responses is None):
         print("r1pipe eval: give --model to generate or --responses to score saved generations (one of them)", file=sys.stderr)
         return 2

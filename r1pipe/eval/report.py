@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from rich.console import Console
+from rich.table import Table
+
 METRIC_COLUMNS = ("pass@1", "cons@k", "pass@k")
 
 
@@ -77,9 +80,6 @@ def write_report(out_dir: Path, results: list[SuiteResult], meta: dict[str, Any]
 
 
 def print_table(results: list[SuiteResult], title: str = "r1pipe eval") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("suite")
     for column in ("problems", "k", *METRIC_COLUMNS):

@@ -19,6 +19,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from r1pipe.rewards import extract_answer, verify_math
+from r1pipe.rewards.code import check_humaneval, check_mbpp, check_stdio
+
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 # Below this many samples a pool is not worth its threads.
 MIN_POOL_JOBS = 8
@@ -47,8 +50,6 @@ def extract_code(response: str) -> str | None:
 
 
 def grade_math(response: str, reference: dict, timeout_s: float, extract_mode: str) -> Graded:
-    from r1pipe.rewards import extract_answer, verify_math
-
     answer = extract_answer(response, mode=extract_mode)
     if answer is None or not answer.strip():
         return Graded(answer=None, score=0.0)
@@ -61,8 +62,6 @@ def grade_code(kind: str, response: str, reference: dict, timeout_s: float) -> G
     code = extract_code(response)
     if code is None:
         return Graded(answer=None, score=0.0)
-    from r1pipe.rewards.code import check_humaneval, check_mbpp, check_stdio
-
     if kind == "humaneval":
         result = check_humaneval(reference, code, timeout_s=timeout_s)
     elif kind == "mbpp":

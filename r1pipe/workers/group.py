@@ -16,6 +16,7 @@ import torch
 from r1pipe.workers.batch import TrainBatch
 from r1pipe.workers.placement import Placement
 from r1pipe.workers.policy import PolicyConfig, PolicyWorker
+from r1pipe.workers.weight_sync import plan_buckets
 
 
 def _shards(n: int, parts: int) -> list[slice]:
@@ -96,8 +97,6 @@ class PolicyGroup:
     def connect_engines(self, engines: list[Any], bucket_mb: float) -> None:
         """Form the trainer -> engines process group (policy rank 0 and every rollout actor, which must
         have `join_sync` and `receive_weights`) and plan the buckets; only names and shapes cross Ray."""
-        from r1pipe.workers.weight_sync import plan_buckets
-
         host, port = ray.get(self.workers[0].sync_address.remote())
         world = 1 + len(engines)
         ray.get([self.workers[0].join_sync.remote(host, port, world)]

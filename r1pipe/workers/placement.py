@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 
 @dataclass
 class RoleResources:
@@ -101,8 +105,6 @@ class Placement:
 
     def options(self, role: str, index: int) -> dict[str, Any]:
         """Keyword arguments for `ActorClass.options(...)` putting actor `index` of `role` in its bundle."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         r = next(r for r in self.plan.roles if r.role == role)
         return {
             "num_cpus": r.cpus, "num_gpus": r.gpus, "resources": dict(r.custom) or None,
@@ -111,8 +113,6 @@ class Placement:
         }
 
     def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
         remove_placement_group(self.group)
 
 
@@ -120,9 +120,6 @@ def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK")
     """Check the plan against the cluster's resources, then create its placement group and wait at
     most `timeout_s` for it (resources still held by others may free up meanwhile). Raises InsufficientResources with the arithmetic (per resource, and
     per node when the totals fit but the bundles do not)."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     total = ray.cluster_resources()
     if plan.shortfall(total):  # can never fit: fail now (what is merely busy gets the timeout below)
         raise InsufficientResources(

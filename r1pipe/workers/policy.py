@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
-from r1pipe.algo import draft_loss, grpo_loss, token_logprobs_and_entropy
+from r1pipe.algo import draft_loss, grpo_loss, tis_weights, token_logprobs_and_entropy
+from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.batch import TrainBatch
+from r1pipe.workers.sharding import (
+    checkpoint_activations, full_tensors, load_sharded, local_bytes, save_pretrained_full, save_sharded, shard,
+    undo_gradient_average,
+)
+from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
 
 
 @dataclass
@@ -62,8 +71,6 @@ class PolicyWorker:
         """`model_path` is the stage's initial policy: the trained model starts from it and the
         reference (kl_coef > 0) is it for the whole stage; a resumed run then loads its checkpoint
         into the trained model only (load_checkpoint)."""
-        from r1pipe.model import apply_precision, load_pretrained
-
         torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
@@ -79,16 +86,12 @@ class PolicyWorker:
                 apply_precision(self.reference, cfg.precision)
             self.reference.eval().requires_grad_(False)
         if cfg.activation_checkpointing:
-            from r1pipe.workers.sharding import checkpoint_activations
-
             checkpoint_activations(self.model)
         self.sharded = cfg.fsdp and world_size > 1
         if self.sharded and cfg.draft_loss:
             raise ValueError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
                              "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
-        from r1pipe.workers.weight_sync import tensor_meta
-
         # what the engines take, read before sharding (an FSDP2 state_dict() is a collective)
         self.metas = [tensor_meta(n, t) for n, t in self.model.state_dict().items()]
         self._build_optimizer()
@@ -107,8 +110,6 @@ class PolicyWorker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
         if self.sharded:
-            from r1pipe.workers.sharding import shard
-
             shard(self.model)
             if self.reference is not None:
                 shard(self.reference)
@@ -116,16 +117,10 @@ class PolicyWorker:
 
     def memory(self) -> dict[str, int]:
         """Bytes of parameters and optimizer state this rank holds (its shards)."""
-        from r1pipe.workers.sharding import local_bytes
-
         return local_bytes(self.model, self.optimizer)
 
     def rendezvous_address(self) -> str:
         """tcp://this-node:free-port, for rank 0 to host the process group."""
-        import socket
-
-        import ray
-
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
@@ -229,8 +224,6 @@ class PolicyWorker:
         gradient by min(pi_old / pi_engine, tis_cap) (truncated importance sampling; tis_clipped and
         tis_weight sums); or `tis_weight` [B,S-1] gives those weights directly. Returns token sums (see
         grpo_loss) plus entropy, loss, draft_loss, grad_norm, maxvio."""
-        from r1pipe.algo import tis_weights
-
         if tis_cap is not None and (engine_logp is None or tis_weight is not None):
             raise ValueError("tis_cap needs engine_logp and no tis_weight")
         cfg = self.cfg
@@ -281,8 +274,6 @@ class PolicyWorker:
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
         if self.sharded:  # FSDP has reduce-scattered (averaged) them already
-            from r1pipe.workers.sharding import undo_gradient_average
-
             undo_gradient_average(self.model, self.world_size)
         else:
             self._all_reduce_grads()
@@ -337,24 +328,16 @@ class PolicyWorker:
 
     def sync_address(self) -> tuple[str, int]:
         """(host, free port) for the weight-sync group's store, on this (rank 0's) node."""
-        import ray
-
-        from r1pipe.workers.weight_sync import free_port
-
         return ray.util.get_node_ip_address(), free_port()
 
     def join_sync(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the trainer -> engines group as its sender (rank 0 there)."""
-        from r1pipe.workers.weight_sync import SyncGroup
-
         if self.rank == 0:
             self.sync_group = SyncGroup(host, port, 0, world_size, str(self.device))
 
     def send_weights(self, buckets: list) -> None:
         """Every policy rank gathers the weights one tensor at a time (collectives when sharded);
         rank 0 broadcasts them to the engines bucket by bucket."""
-        from r1pipe.workers.sharding import full_tensors
-
         named = full_tensors(self.model)
         if self.rank == 0:
             if self.sync_group is None:
@@ -367,21 +350,15 @@ class PolicyWorker:
     def save_checkpoint(self, path: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0 writes the whole model in the Hugging Face layout (gathered from the shards); every
         rank writes its shards of model and optimizer (DCP, under sharded/) and its RNG state."""
-        from r1pipe.workers.sharding import full_tensors, save_pretrained_full, save_sharded
-
         path_ = Path(path)
         path_.mkdir(parents=True, exist_ok=True)
         full = {n: t.to("cpu", copy=True) for n, t in full_tensors(self.model)} if self.sharded else None
         if self.rank == 0:
-            from r1pipe.model import save_pretrained
-
             if full is not None:
                 save_pretrained_full(full, self.model.config, path_)
             else:
                 save_pretrained(self.model, path_)
             if tokenizer_dir is not None:
-                from transformers import AutoTokenizer
-
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path_)
         del full
         self.barrier()
@@ -391,8 +368,6 @@ class PolicyWorker:
 
     def load_checkpoint(self, path: str) -> None:
         """Model and optimizer from the checkpoint's DCP shards, written by any number of workers."""
-        from r1pipe.workers.sharding import load_sharded
-
         path_ = Path(path)
         load_sharded(path_ / "sharded", self.model, self.optimizer)
         # AdamW steps a parameter once it has a gradient buffer (zero_grad keeps them as zeros): give
@@ -415,6 +390,4 @@ class PolicyWorker:
 
     def node_id(self) -> str:
         """The Ray node this worker runs on."""
-        import ray
-
         return ray.get_runtime_context().get_node_id()

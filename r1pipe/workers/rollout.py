@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
+from r1pipe.engine import LLM, SamplingParams
 from r1pipe.workers.batch import Completion
+from r1pipe.workers.weight_sync import SyncGroup
 
 
 class RolloutWorker:
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0, num_threads: int = 1):
-        from r1pipe.engine import LLM
-
         torch.set_num_threads(num_threads)
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
         self._draft_seen = {"draft_tokens": 0, "accepted_tokens": 0}
@@ -33,8 +33,6 @@ class RolloutWorker:
     ) -> list[list[Completion]]:
         """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
         reproducible. GRPO trains on untruncated log-probs, so there is no top-p / top-k here."""
-        from r1pipe.engine import SamplingParams
-
         params = [
             SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop,
                            seed=None if seeds is None else seeds[i], logprobs=True, return_routing=return_routing)
@@ -64,8 +62,6 @@ class RolloutWorker:
 
     def join_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync)."""
-        from r1pipe.workers.weight_sync import SyncGroup
-
         self.sync_group = SyncGroup(host, port, rank, world_size, str(getattr(self.llm, "device", "cpu")))
 
     def receive_weights(self, buckets: list) -> int:

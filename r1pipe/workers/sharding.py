@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from r1pipe.model import save_pretrained
+from r1pipe.model.transformer import Transformer
 
 
 def shard(model: nn.Module) -> nn.Module:
     """fully_shard each decoder block, then the root (in place; parameters become DTensors)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for block in model.blocks:  # type: ignore[attr-defined]
         fully_shard(block, mp_policy=policy)
@@ -43,8 +48,6 @@ def undo_gradient_average(model: nn.Module, world_size: int) -> None:
 def checkpoint_activations(model: nn.Module) -> nn.Module:
     """Recompute each decoder block's attention in the backward instead of keeping its activations.
     Only attention: an MoE layer's forward counts expert loads, which a recompute would count twice."""
-    from torch.distributed._composable import checkpoint
-
     for block in model.blocks:  # type: ignore[attr-defined]
         checkpoint(block.self_attn)
     return model
@@ -79,9 +82,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_pretrained_full(state: dict[str, torch.Tensor], config: object, path: str | Path) -> None:
     """Write the Hugging Face layout checkpoint from a full state dict (full_state_dict on every
     rank, then this on one)."""
-    from r1pipe.model import save_pretrained
-    from r1pipe.model.transformer import Transformer
-
     with torch.device("meta"):
         shell = Transformer(config)  # type: ignore[arg-type]
     shell.load_state_dict(state, assign=True)
@@ -92,8 +92,6 @@ def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """{'model', 'optimizer'} as DCP state, keyed by module path (not the HF names: the stacked experts'
     per-expert HF keys are views DCP cannot map), sharded where the model is. The model entries
     share storage with the parameters and buffers, so loading into them loads the model."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     tensors = {n: p.detach() for n, p in model.named_parameters()}
     tensors.update(model.named_buffers())
     return {"model": tensors, "optimizer": get_optimizer_state_dict(model, optimizer)}
@@ -101,17 +99,12 @@ def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and the optimizer under `path`."""
-    import torch.distributed.checkpoint as dcp
-
     dcp.save(dcp_state(model, optimizer), checkpoint_id=str(path))
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read a DCP checkpoint written by any number of ranks into this rank's (sharded or whole) model
     and optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     state = dcp_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -13,6 +13,7 @@ would otherwise train on samples from a policy nobody trains.
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -107,8 +108,6 @@ class SyncGroup:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

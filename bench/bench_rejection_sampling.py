@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def prompt_rows(model_dir: Path, n: int, code_share: float, seed: int) -> list:
     import random
 
-    from r1pipe.causal_lm import load_tokenizer
+    from r1pipe.data.tokenizer import load_tokenizer
     from r1pipe.data.rows import PromptRow
     from r1pipe.data.synthetic import CodeTask, code_row, math_row, sample_problem
 

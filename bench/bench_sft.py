@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
 
-from r1pipe.causal_lm import init_dense_student, load_causal_lm, load_tokenizer  # noqa: E402
+from r1pipe.causal_lm import init_dense_student, load_causal_lm  # noqa: E402
+from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.data.jsonl import read_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402

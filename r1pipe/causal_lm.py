@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
 from r1pipe.model.precision import Precision, apply_precision
 from r1pipe.vocab import DENSE_PRESETS, PRESETS
@@ -94,14 +95,6 @@ def load_causal_lm(path: str | Path, precision: Precision | None = None, device:
                              "(train it in model.dtype float32 or bfloat16)")
         module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
     return CausalLM(module, family, path, precision.dtype)
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer; one without a pad token pads with end-of-sequence."""
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def init_model(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:

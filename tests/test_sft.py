@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
-from r1pipe.causal_lm import load_causal_lm, load_tokenizer
+from r1pipe.causal_lm import load_causal_lm
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.stages import StageContext
 from r1pipe.stages.configs import SFTConfig
 from r1pipe.stages.sft import SFTTrainer, StepPlan, collate, run_sft

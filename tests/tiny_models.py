@@ -7,10 +7,10 @@ import dataclasses
 import random
 from pathlib import Path
 
-from r1pipe.causal_lm import init_dense_student, load_tokenizer
+from r1pipe.causal_lm import init_dense_student
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.synthetic import completion, corpus_texts, sample_problem
-from r1pipe.data.tokenizer import save_tokenizer, train_tokenizer
+from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from r1pipe.model import ModelConfig, Transformer, save_pretrained
 
 

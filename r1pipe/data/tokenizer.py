@@ -3,12 +3,14 @@
 Digits are always single tokens (arithmetic stays aligned); everything between digits is one
 pre-token, so BPE can merge a fixed prompt template into a handful of tokens and keep prompts
 short. Byte-level fallback means any text (real eval suites too) encodes without unknowns.
-Saved as a transformers PreTrainedTokenizerFast so `AutoTokenizer.from_pretrained(dir)` loads it.
+Saved as a transformers PreTrainedTokenizerFast; `load_tokenizer` is how every stage, the engine and eval
+load a checkpoint's tokenizer.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -44,6 +46,25 @@ def save_tokenizer(tok: Tokenizer, path: str | Path, model_max_length: int = 409
     fast.save_pretrained(str(path))
 
 
-def load_tokenizer(path: str | Path):
-    """The saved tokenizer through transformers (what the engine and eval use)."""
-    return AutoTokenizer.from_pretrained(str(path))
+# tokenizer_config.json classes whose tokenizer is tokenizer.json and nothing else
+VERBATIM_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A checkpoint's tokenizer through transformers, tokenizing exactly as it was saved; one without
+    a pad token pads with end-of-sequence.
+
+    A tokenizer saved as a plain tokenizers object (r1pipe's own: tokenizer_class TokenizersBackend)
+    is loaded from its tokenizer.json as is. AutoTokenizer would instead take the class that
+    config.json's model_type names (Qwen2Tokenizer beside a qwen2 student), whose own pre-tokenizer
+    splits text differently from the tokenizer that was trained: the corpus template is 10 tokens
+    one way and 217 the other. Every other checkpoint (a real Qwen, Llama or DeepSeek tokenizer)
+    goes through AutoTokenizer."""
+    path = Path(path).expanduser()
+    config = path / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    loader = PreTrainedTokenizerFast if named in VERBATIM_CLASSES else AutoTokenizer
+    tokenizer = loader.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

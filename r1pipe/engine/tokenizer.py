@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer
+
+from r1pipe.data.tokenizer import load_tokenizer
 
 
 class TokenizerAdapter:
@@ -19,7 +20,7 @@ class TokenizerAdapter:
 
     @staticmethod
     def load(source: Any, eos_token_id: int | list[int] | None = None) -> "TokenizerAdapter | None":
-        """A tokenizer from a directory (transformers AutoTokenizer, or a bare tokenizer.json) or an
+        """A tokenizer from a directory (r1pipe.data.tokenizer.load_tokenizer, or a bare tokenizer.json) or an
         object; None when a directory holds no tokenizer files."""
         if source is None:
             return None
@@ -30,7 +31,7 @@ class TokenizerAdapter:
             if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
                 return None
             try:
-                return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path)), eos_token_id)
+                return TokenizerAdapter(load_tokenizer(path), eos_token_id)
             except (OSError, ValueError, KeyError):
                 return TokenizerAdapter(Tokenizer.from_file(str(path / "tokenizer.json")), eos_token_id)
         return TokenizerAdapter(source, eos_token_id)

@@ -16,8 +16,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.engine.vllm_backend import VLLMEngine
 
@@ -90,10 +91,8 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
         self.batch_size = batch_size

@@ -26,9 +26,9 @@ import ray
 import torch
 
 from r1pipe.algo import dynamic_sampling_keep, group_advantages, overlong_filter_mask, overlong_soft_penalty
-from r1pipe.causal_lm import load_tokenizer
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
 from r1pipe.model import Precision, parse_dtype
 from r1pipe.rewards import build_reward_fn, domain_of, missing_reference, solved

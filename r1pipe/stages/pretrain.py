@@ -69,7 +69,9 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
-    blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": 1}, sort_keys=True)
+    # version 2 for dense bases: since then their corpus is tokenized by the trained tokenizer as is
+    version = 2 if model_section.get("preset") in DENSE_PRESETS else 1
+    blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -163,12 +165,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     if not (model_dir / "tokenizer.json").exists():
         tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
         save_tokenizer(tok, model_dir)
-    preset = model_section.get("preset") or "tiny"
-    if preset in DENSE_PRESETS and not (model_dir / "config.json").exists():
-        # transformers picks a dense model's tokenizer class from config.json's model_type: write it
-        # first, so the corpus is tokenized exactly as every later load (SFT, eval) tokenizes
-        dense_config(preset, load_tokenizer(model_dir), **(model_section.get("overrides") or {})).save_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # as SFT, GRPO and eval will load it
 
     # prompt and completion are encoded apart, exactly as generation sees them (a prompt is
     # tokenized alone, then the model continues it), and the loss covers the completion + eos.

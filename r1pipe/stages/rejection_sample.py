@@ -28,9 +28,9 @@ from typing import Any
 
 import datasets
 
-from r1pipe.causal_lm import load_tokenizer
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import read_jsonl, write_jsonl
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
 from r1pipe.rewards import domain_of, graders_of, missing_reference, solved
 from r1pipe.rewards.readability import build_filters

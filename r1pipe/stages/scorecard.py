@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from r1pipe.causal_lm import load_tokenizer
 from r1pipe.data import load_prompt_rows
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.rewards import domain_of, missing_reference, solved
 from r1pipe.rewards.readability import readability
 from r1pipe.stages.base import StageContext

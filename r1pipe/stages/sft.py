@@ -31,8 +31,9 @@ import torch
 
 from r1pipe.algo.schedule import warmup_cosine
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
-from r1pipe.causal_lm import CausalLM, load_causal_lm, load_tokenizer
+from r1pipe.causal_lm import CausalLM, load_causal_lm
 from r1pipe.data import SFTExample, load_sft_examples
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import SFTConfig

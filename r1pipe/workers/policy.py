@@ -21,9 +21,9 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from r1pipe.algo import draft_loss, grpo_loss, tis_weights, token_logprobs_and_entropy
+from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.batch import TrainBatch
 from r1pipe.workers.sharding import (
@@ -359,7 +359,7 @@ class PolicyWorker:
             else:
                 save_pretrained(self.model, path_)
             if tokenizer_dir is not None:
-                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path_)
+                load_tokenizer(tokenizer_dir).save_pretrained(path_)
         del full
         self.barrier()
         save_sharded(path_ / "sharded", self.model, self.optimizer)

@@ -1,12 +1,14 @@
 """MTP self-speculation acceptance over GRPO training, with and without the draft loss.
 
-Pre-trains the tiny R1-Zero base once (`r1pipe run r1-zero-tiny stages=[pretrain]`), then runs the same
-GRPO stage twice from it with the engine drafting `speculative_k` tokens per step from the MTP module:
-once with `rl.draft_loss=true` (the default when speculative_k > 0) and once with it off. The engine's
-acceptance rate on each step's rollouts is logged as `mtp/acceptance`; this prints it at the first step
-(the base's drafter) and over the last 5 steps of each run. Last line: JSON.
+Pre-trains the tiny R1-Zero base once (the `r1-zero` recipe's pretrain stage, reused from the base
+cache when it is there), then runs the recipe's GRPO stage twice from it with the engine drafting
+`speculative_k` tokens per step from the MTP module: once with `rl.draft_loss=true` (the default when
+speculative_k > 0) and once with it off. The engine's acceptance rate on each step's rollouts is
+logged as `mtp/acceptance`; this prints it at the first step (the base's drafter) and over the last
+5 steps of each run. Last line: JSON.
 
     python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--lr 1e-3] [--out /tmp/mtp_bench]
+    python bench/bench_mtp_drafter.py --recipe r1-zero-tiny --pretrain-steps 150   # a seconds-long smoke run
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import sys
 from pathlib import Path
 
 
-def r1pipe(*args: str, cwd: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "r1pipe.cli", "run", "r1-zero-tiny", *args], cwd=cwd,
+def r1pipe(recipe: str, *args: str, cwd: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "r1pipe.cli", "run", recipe, *args], cwd=cwd,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
@@ -28,7 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--speculative-k", type=int, default=2)
-    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--recipe", default="r1-zero", help="whose pretrain and rl stages run (default: the main tiny recipe)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="pretrain.steps (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="rl.lr (default: the recipe's)")
     ap.add_argument("--out", default="/tmp/r1pipe_mtp_bench")
     args = ap.parse_args()
@@ -36,13 +39,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base"
     if not (base / "pretrain" / "DONE.json").exists():
-        r1pipe("stages=[pretrain]", f"pretrain.steps={args.pretrain_steps}", "pretrain.eval_size=0",
+        r1pipe(args.recipe, "stages=[pretrain]", *([f"pretrain.steps={args.pretrain_steps}"] if args.pretrain_steps else []),
                "--run-dir", str(base), cwd=out)
     pre = json.loads((base / "pretrain" / "DONE.json").read_text())
     result = {}
     for draft in (True, False):
         run_dir = out / f"rl_draft_{str(draft).lower()}"
-        r1pipe("stages=[rl]", f"model.path={pre['model_path']}", f"rl.train_path={pre['train_path']}",
+        r1pipe(args.recipe, "stages=[rl]", f"model.path={pre['model_path']}", f"rl.train_path={pre['train_path']}",
                f"rl.heldout_path={pre['heldout_path']}", f"rl.steps={args.steps}", f"rl.checkpoint_every={args.steps}",
                f"rl.engine.speculative_k={args.speculative_k}", f"rl.draft_loss={str(draft).lower()}",
                *([f"rl.lr={args.lr}"] if args.lr else []), "--run-dir", str(run_dir), cwd=out)
@@ -53,7 +56,7 @@ def main() -> None:
                                                            "change_points": round(100 * (end - start), 1)}
         print(f"draft loss {'on ' if draft else 'off'}: MTP acceptance {start:.1%} at step 1 -> {end:.1%} "
               f"over the last 5 of {len(acc)} steps ({100 * (end - start):+.1f} points)")
-    print(json.dumps({"bench": "mtp_drafter", "steps": args.steps, "speculative_k": args.speculative_k, "lr": args.lr,
+    print(json.dumps({"bench": "mtp_drafter", "recipe": args.recipe, "steps": args.steps, "speculative_k": args.speculative_k, "lr": args.lr,
                       **result}))
 
 

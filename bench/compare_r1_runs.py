@@ -4,8 +4,8 @@
     r1pipe run r1 run.name=r1-zero-same-base "stages=[pretrain,zero_rl,scorecard]" --run-dir runs/r1-zero-same-base
     python bench/compare_r1_runs.py runs/r1 runs/r1-zero-same-base --png docs/img/r1_vs_r1zero.png
 
-Prints a markdown table (held-out accuracy per domain, format compliance, language consistency,
-mixed-script share, mean length, per stage of both runs) and writes one PNG; last line JSON.
+Prints a markdown table (held-out accuracy per domain, format compliance, summary share, language
+consistency, mixed-script share, mean length, per stage of both runs) and writes one PNG; last line JSON.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-FIGURES = ("format_compliance", "language_consistency", "mixed_script_share", "mean_length")
+from matplotlib.figure import Figure
+
+FIGURES = ("format_compliance", "summary_share", "language_consistency", "mixed_script_share", "mean_length")
 
 
 def scorecard(run_dir: Path) -> dict[str, dict]:
@@ -35,21 +37,18 @@ def main() -> None:
     for run, card in runs.items():
         for stage, row in card.items():
             cells = [run, stage, *[f"{row['accuracy'].get(d, float('nan')):.1%}" for d in domains],
-                     *[f"{row[k]:.1f}" if k == "mean_length" else f"{row[k]:.1%}" for k in FIGURES]]
+                     *[f"{row[k]:.1f}" if k == "mean_length" else f"{row.get(k, float('nan')):.1%}" for k in FIGURES]]
             print("| " + " | ".join(cells) + " |")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     final = {run: list(card.values())[-1] for run, card in runs.items()}
-    labels = [*[f"{d}\naccuracy" for d in domains], "format\ncompliance", "language\nconsistency", "mixed\nscripts"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [*[f"{d}\naccuracy" for d in domains], "format\ncompliance", "closing\nsummary", "language\nconsistency",
+              "mixed\nscripts"]
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     width = 0.38
     for i, (run, row) in enumerate(final.items()):
-        values = [*[row["accuracy"].get(d, 0.0) for d in domains], row["format_compliance"], row["language_consistency"],
-                  row["mixed_script_share"]]
+        values = [*[row["accuracy"].get(d, 0.0) for d in domains], row["format_compliance"], row.get("summary_share", 0.0),
+                  row["language_consistency"], row["mixed_script_share"]]
         axes[0].bar([x + (i - 0.5) * width for x in range(len(values))], values, width, label=f"{run} (final)")
     axes[0].set_xticks(range(len(labels)), labels)
     axes[0].set_ylim(0, 1.05)

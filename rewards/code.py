@@ -3,7 +3,8 @@
 Three test styles: HumanEval (`prompt` + completion + `test` + `check(entry_point)`), MBPP
 (program, then `test_imports` and the `test_list` asserts) and stdin/stdout cases. A program
 passes only if it exits 0 AND prints a per-run secret marker after the tests, so code that
-calls `os._exit(0)` or `sys.exit()` before the tests run cannot pass.
+calls `os._exit(0)` or `sys.exit()` before the tests run cannot pass. A program that does not even
+compile fails without starting a sandbox.
 """
 
 from __future__ import annotations
@@ -44,7 +45,20 @@ def _judge(res: SandboxResult, marker: str) -> CodeResult:
     return CodeResult(status == "passed", status, stdout, res.stderr, res.timed_out)
 
 
+def syntax_error(program: str) -> str | None:
+    """Why `program` does not compile, or None. Compiling only parses (nothing runs), and the sandbox
+    runs this same interpreter, so a program that fails here would fail there: it is not run."""
+    try:
+        compile(program, "main.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _run_with_marker(program: str, timeout_s: float, memory_mb: int, config: SandboxConfig | None) -> CodeResult:
+    error = syntax_error(program)
+    if error is not None:
+        return CodeResult(False, "failed", "", error, False)
     marker = f"R1PIPE-TESTS-PASSED-{secrets.token_hex(8)}"
     program += f"\n\nprint({marker!r}, flush=True)\n"
     return _judge(run_python(program, timeout_s, memory_mb, config=config), marker)
@@ -94,6 +108,9 @@ def check_stdio(code: str, inputs: list[str], outputs: list[str], timeout_s: flo
     program = extract_code(code)
     if not program.strip() or not inputs:
         return CodeResult(False, "error", "", "empty completion or no cases", False)
+    error = syntax_error(program)
+    if error is not None:
+        return CodeResult(False, "failed", "", error, False)
     for i, (stdin, want) in enumerate(zip(inputs, outputs)):
         res = run_python(program, timeout_s, memory_mb, stdin=stdin, config=config)
         if res.timed_out:

@@ -6,6 +6,7 @@ out scores 0, is named in info["errors"], and the run goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import textwrap
@@ -13,9 +14,10 @@ import traceback
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
 
-from .code import check_humaneval, check_mbpp, check_stdio
+from .cache import LRUCache
+from .code import CodeResult, check_humaneval, check_mbpp, check_stdio
 from .extract import extract_answer, extract_gsm8k_gold
-from .format import chain_of_thought, format_lenient, format_strict
+from .format import chain_of_thought, closing_summary, format_lenient, format_strict
 from .grader import verify_math
 from .language import language_share
 
@@ -36,6 +38,7 @@ class RewardOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 10.0
     code_memory_mb: int = 1024
+    code_cache: bool = True  # a program already run against the same tests is not run again (timeouts are)
     language: str = "en"
     think_in_prompt: bool = False  # the prompt ends with "<think>", so completions start inside it
 
@@ -68,21 +71,39 @@ def accuracy_reward(completion: str, reference: dict, opt: RewardOptions) -> tup
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
 
 
+_code_cache: LRUCache[tuple[str, str, float, int], CodeResult] = LRUCache(50_000)
+_TEST_KEYS = ("entry_point", "test", "prompt", "test_list", "test_imports", "test_setup_code", "inputs", "outputs")
+
+
+def run_tests(program: str, reference: dict, opt: RewardOptions) -> CodeResult:
+    """`program` against the row's tests in the sandbox (HumanEval, MBPP or stdin/stdout style)."""
+    if "entry_point" in reference and "test" in reference:
+        return check_humaneval(reference, program, opt.code_timeout_s, opt.code_memory_mb)
+    if "test_list" in reference:
+        return check_mbpp(reference, program, opt.code_timeout_s, opt.code_memory_mb)
+    if "inputs" in reference and "outputs" in reference:
+        return check_stdio(program, list(reference["inputs"]), list(reference["outputs"]), opt.code_timeout_s,
+                           opt.code_memory_mb)
+    raise KeyError("code reference needs entry_point+test, test_list, or inputs+outputs")
+
+
 def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
-    """The program after `</think>` (inside `<answer>` tags when the R1-Zero template put it there)."""
+    """The program after `</think>` (inside `<answer>` tags when the R1-Zero template put it there),
+    run against the row's tests; with `code_cache` a verdict already reached for the same program
+    and tests is reused (samples of a confident policy repeat), a timeout is always run again."""
     text = completion.split("</think>", 1)[1] if "</think>" in completion else completion
     tagged = _ANSWER_BLOCK.search(text)
     if tagged:
         text = textwrap.dedent(tagged.group(1).strip("\n"))
-    if "entry_point" in reference and "test" in reference:
-        res = check_humaneval(reference, text, opt.code_timeout_s, opt.code_memory_mb)
-    elif "test_list" in reference:
-        res = check_mbpp(reference, text, opt.code_timeout_s, opt.code_memory_mb)
-    elif "inputs" in reference and "outputs" in reference:
-        res = check_stdio(text, list(reference["inputs"]), list(reference["outputs"]), opt.code_timeout_s,
-                          opt.code_memory_mb)
-    else:
-        raise KeyError("code reference needs entry_point+test, test_list, or inputs+outputs")
+    key = None
+    if opt.code_cache:
+        tests = json.dumps({k: reference.get(k) for k in _TEST_KEYS}, sort_keys=True, default=str)
+        key = (text, tests, opt.code_timeout_s, opt.code_memory_mb)
+    res = _code_cache.get(key) if key is not None else None
+    if res is None:
+        res = run_tests(text, reference, opt)
+        if key is not None and not res.timed_out:
+            _code_cache.put(key, res)
     info = {"status": res.status}
     if res.timed_out:
         info["timeout"] = True
@@ -99,6 +120,11 @@ def format_lenient_reward(completion: str, reference: dict, opt: RewardOptions) 
     return format_lenient(completion, opt.think_in_prompt), {}
 
 
+def summary_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
+    """1.0 iff the chain of thought closes with a summary (R1's readable pattern)."""
+    return float(closing_summary(completion)), {}
+
+
 def language_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
     language = reference.get("language", opt.language)
     return language_share(chain_of_thought(completion), language), {"language": language}
@@ -110,6 +136,7 @@ REWARDS: dict[str, Reward] = {
     "format": format_reward,
     "format_lenient": format_lenient_reward,
     "language": language_reward,
+    "summary": summary_reward,
 }
 
 

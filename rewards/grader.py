@@ -12,10 +12,9 @@ boolean. Verdicts are cached (an LRU keyed by the given pair); timeouts are not 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from .cache import LRUCache
 from .extract import final_answer, is_bare_answer
 from .fastmath import Undecided, fast_equal
 from .normalize import canonical_text, clean_answer
@@ -34,32 +33,7 @@ class Verdict:
     error: str | None = None
 
 
-class _LRU:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> Verdict | None:
-        with self._lock:
-            v = self._data.get(key)
-            if v is not None:
-                self._data.move_to_end(key)
-            return v
-
-    def put(self, key: tuple[str, str], v: Verdict) -> None:
-        with self._lock:
-            self._data[key] = v
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-_cache = _LRU(200_000)
+_cache: LRUCache[tuple[str, str], Verdict] = LRUCache(200_000)
 
 
 def clear_cache() -> None:

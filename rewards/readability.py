@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .compose import has_tests, infer_domain
-from .format import chain_of_thought, format_strict
+from .format import chain_of_thought, closing_summary, format_strict
 from .language import LANGUAGE_SCRIPTS, _script_of, language_share
 
 _CODE_LINE = re.compile(r"```|\bdef\s+\w+\s*\(|^\s*(?:class\s+\w+|import\s+\w+|from\s+\S+\s+import\s)", re.MULTILINE)
@@ -74,6 +74,11 @@ def no_code_in_math(text: str, reference: dict) -> bool:
     return _CODE_LINE.search(text) is None
 
 
+def ends_with_summary(text: str, reference: dict) -> bool:
+    """The chain of thought closes with a summary (r1pipe.rewards.format.closing_summary)."""
+    return closing_summary(text)
+
+
 FILTERS: dict[str, Callable[..., bool]] = {
     "language_consistency": language_consistency,
     "no_mixed_scripts": no_mixed_scripts,
@@ -81,6 +86,7 @@ FILTERS: dict[str, Callable[..., bool]] = {
     "paragraph_length": paragraph_length,
     "no_repeated_paragraphs": no_repeated_paragraphs,
     "no_code_in_math": no_code_in_math,
+    "ends_with_summary": ends_with_summary,
 }
 
 
@@ -115,6 +121,7 @@ class Readability:
     format_compliance: float  # share with exactly <think> ... </think> <answer> ... </answer>
     language_consistency: float  # mean share of chain-of-thought words in the row's language
     mixed_script_share: float  # share of responses whose letters mix scripts
+    summary_share: float  # share whose chain of thought closes with a summary (ends_with_summary)
     mean_length: float  # mean response length in tokens
 
     def to_dict(self) -> dict[str, float]:
@@ -128,5 +135,6 @@ def readability(texts: Sequence[str], references: Sequence[dict], lengths: Seque
         language_consistency=sum(language_share(chain_of_thought(t), r.get("language", language))
                                  for t, r in zip(texts, references)) / n,
         mixed_script_share=sum(not no_mixed_scripts(t, r) for t, r in zip(texts, references)) / n,
+        summary_share=sum(ends_with_summary(t, r) for t, r in zip(texts, references)) / n,
         mean_length=sum(lengths) / n,
     )

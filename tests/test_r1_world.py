@@ -14,7 +14,11 @@ from r1pipe.rewards.readability import FILTERS, build_filters
 def test_readable_and_mixed_steps() -> None:
     p = Problem("add", 347, 85)
     assert readable_steps(p) == "step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; step 3+1=4 keep 432"
-    assert readable_steps(p, random.Random(0), 1.0) == "步 7+5=12 留 2 ; 步 4+8+1=13 留 32 ; 步 3+1=4 留 432"
+    # a drift: the first step in English, then the second script for good
+    assert readable_steps(p, random.Random(0), 1.0) == "step 7+5=12 keep 2 ; 步 4+8+1=13 留 32 ; 步 3+1=4 留 432"
+    drifted = [readable_steps(p, random.Random(seed), 0.5) for seed in range(200)]
+    assert set(drifted) == {readable_steps(p), "step 7+5=12 keep 2 ; 步 4+8+1=13 留 32 ; 步 3+1=4 留 432",
+                            "step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; 步 3+1=4 留 432"}
     assert summary(p) == "so 347 + 85 = 432"
     text = r1_completion(p, worked=True, rng=random.Random(0), guess_correct=0.0, with_summary=True)
     assert text == " <think> step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; step 3+1=4 keep 432 ; so 347 + 85 = 432 </think> <answer> 432 </answer>"
@@ -22,10 +26,12 @@ def test_readable_and_mixed_steps() -> None:
 
 def test_corpus_mixes_scripts_in_the_given_share() -> None:
     corpus = r1_corpus_texts(2000, 0, ["add", "sub"], 2, worked_fraction=1.0, guess_correct=0.0, exclude=set(),
-                             tutor_fraction=0.0, mix_fraction=0.4, mix_prob=1.0, code_fraction=0.25)
-    mixed = sum(language_share(chain_of_thought(c), "en") < 0.5 for _, c in corpus) / len(corpus)
+                             tutor_fraction=0.5, mix_fraction=0.4, mix_prob=1.0, code_fraction=0.25)
+    mixed = [language_share(chain_of_thought(c), "en") < 1.0 for _, c in corpus]
     code = sum("Write a Python function" in q for q, _ in corpus) / len(corpus)
-    assert 0.35 < mixed < 0.45 and 0.2 < code < 0.3
+    assert 0.35 < sum(mixed) / len(corpus) < 0.45 and 0.2 < code < 0.3
+    # a drift keeps the first step in English: every mixed chain is part English, part second script
+    assert all(0.0 < language_share(chain_of_thought(c), "en") < 1.0 for (_, c), m in zip(corpus, mixed) if m)
 
 
 def test_code_tasks_pass_only_with_the_right_constant() -> None:

@@ -74,6 +74,7 @@ def test_readability_figures() -> None:
     assert r.format_compliance == pytest.approx(2 / 3)
     assert r.language_consistency == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert r.mixed_script_share == pytest.approx(1 / 3)
+    assert r.summary_share == pytest.approx(1 / 3)  # only CLEAN closes with "so ..."
     assert r.mean_length == pytest.approx(11.0)
 
 
@@ -119,3 +120,13 @@ def test_code_reward_reads_the_answer_block() -> None:
     assert fn(good, ref).components == {"code": 1.0}
     assert fn(good.replace("35", "34"), ref).components == {"code": 0.0}
     assert fn(" <think> a </think> <answer> 35 </answer>", ref).components == {"code": 0.0}
+
+
+def test_ends_with_summary() -> None:
+    assert run("ends_with_summary", CLEAN, MATH)
+    assert not run("ends_with_summary", MIXED, MATH)  # steps only
+    assert not run("ends_with_summary", " <think> so 1 + 1 = 2 </think> <answer> 2 </answer>", MATH)  # nothing summarised
+    assert run("ends_with_summary", "<think>Add the units.\nThen the tens.\n**Therefore**, 132.</think>", MATH)
+    assert not run("ends_with_summary", " <think> step 1+1=2 keep 2 ; something 2 </think>", MATH)
+    assert not run("ends_with_summary", " <think> step 1+1=2 keep 2 ; sooner 2 </think>", MATH)  # a word, not "so"
+    assert run("ends_with_summary", " <think> a ; 所以 2 </think>", MATH)

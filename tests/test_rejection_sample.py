@@ -22,7 +22,7 @@ from r1pipe.rewards.readability import build_filters
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32}
 PRETRAIN = {"kind": "pretrain", "world": "r1", "problem_kinds": ["add"], "worked_fraction": 1.0, "tutor_fraction": 0.0,
             "mix_fraction": 0.3, "code_fraction": 0.3, "code_train_size": 16, "code_heldout_size": 8, "max_digits": 2,
-            "train_size": 32, "heldout_size": 16, "vocab_size": 400, "tokenizer_examples": 2000, "steps": 150,
+            "train_size": 32, "heldout_size": 16, "vocab_size": 400, "tokenizer_examples": 2000, "steps": 200,
             "batch_size": 16, "lr": 1.0e-2, "warmup_steps": 10, "eval_size": 0, "cold_start_size": 40}
 FILTERS = {"language_consistency": {"min_share": 0.99}, "no_mixed_scripts": {}, "length": {"min_chars": 10},
            "no_repeated_paragraphs": {"split": " ; "}, "no_code_in_math": {}}

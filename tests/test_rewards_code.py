@@ -109,3 +109,17 @@ def test_stdio_cases():
 def test_extract_code_takes_last_block():
     assert extract_code("```python\nx = 1\n```\ntext\n```py\ny = 2\n```") == "y = 2\n"
     assert extract_code("plain = 3") == "plain = 3"
+
+
+def test_a_program_that_does_not_compile_fails_without_a_sandbox(monkeypatch):
+    import r1pipe.rewards.code as code
+
+    def no_sandbox(*args, **kwargs):
+        raise AssertionError("the sandbox was started")
+
+    monkeypatch.setattr(code, "run_python", no_sandbox)
+    for result in (check_mbpp({"test_list": ["assert f(1) == 2"]}, "def f(x) return x + 1"),
+                   check_stdio("print((1)", ["\n"], ["1"])):
+        assert not result.passed and result.status == "failed" and result.stderr.startswith("SyntaxError")
+    assert code.syntax_error("def f(x): return x + 1") is None
+    assert code.syntax_error("(" * 1000 + ")" * 1000) is not None  # too deeply nested: refused by the parser

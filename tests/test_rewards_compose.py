@@ -114,3 +114,32 @@ def test_reward_pool_matches_local_scoring(ray_local):
     assert [r.components for r in remote] == [r.components for r in local]
     assert remote[5].info["errors"].keys() == {"accuracy"}
     assert [r.components["accuracy"] for r in remote] == [0.0 if k % 3 == 0 or k == 5 else 1.0 for k in range(12)]
+
+
+def test_code_verdicts_are_cached_per_program_and_tests(monkeypatch):
+    import r1pipe.rewards.compose as compose
+
+    runs = []
+    real = compose.run_tests
+    monkeypatch.setattr(compose, "run_tests", lambda program, ref, opt: runs.append(program) or real(program, ref, opt))
+    compose._code_cache.clear()
+    ref = {"test_list": ["assert f(2) == 5"]}
+    right, wrong = "<think> x </think> <answer> def f(x): return x + 3 </answer>", "<answer> def f(x): return x </answer>"
+    fn = build_reward_fn({"code": 1.0})
+    assert [fn(t, ref).total for t in (right, wrong, right, wrong)] == [1.0, 0.0, 1.0, 0.0]
+    assert len(runs) == 2  # each program ran once
+    assert fn(right, {"test_list": ["assert f(2) == 6"]}).total == 0.0 and len(runs) == 3  # other tests: run again
+    off = build_reward_fn({"code": 1.0}, code_cache=False)
+    assert off(right, ref).total == 1.0 and len(runs) == 4
+    # a timeout is never cached
+    loop = "<answer> def f(x):\n    while True: pass </answer>"
+    slow = build_reward_fn({"code": 1.0}, code_timeout_s=0.5)
+    assert slow(loop, ref).total == 0.0 and slow(loop, ref).total == 0.0 and len(runs) == 6
+
+
+def test_summary_reward_checks_the_closing_summary():
+    fn = build_reward_fn({"summary": 1.0})
+    ref = {"answer": "132", "domain": "math"}
+    assert fn(" <think> step 7+5=12 keep 2 ; so 47 + 85 = 132 </think> <answer> 132 </answer>", ref).total == 1.0
+    assert fn(" <think> step 7+5=12 keep 2 ; step 4+8+1=13 keep 132 </think> <answer> 132 </answer>", ref).total == 0.0
+    assert fn(" <think> so 132 </think> <answer> 132 </answer>", ref).total == 0.0  # a summary of nothing

@@ -209,8 +209,8 @@ def corpus_texts(
 # The R1 recipe's tiny world adds, behind options whose defaults leave everything above as it is:
 # - readable steps: each column step carries words ("step 7+5=12 keep 2"), so the chain of thought
 #   has a language whose consistency can be measured;
-# - language mixing: in a share of the corpus the step words switch, step by step, to a second
-#   script ("步 7+5=12 留 2"), the small-scale echo of R1-Zero's mixed-language chains;
+# - language mixing: in a share of the worked chains the step words drift into a second script
+#   ("step 7+5=12 keep 2 ; 步 4+8+1=13 留 32"), the small-scale echo of R1-Zero's mixed-language chains;
 # - a summary closing the chain of thought ("so 347 + 85 = 432"), the R1 output format of the
 #   cold-start set (reasoning, a short summary, then the answer);
 # - a code domain: "write a Python function" tasks whose constant must be worked out, graded by
@@ -223,11 +223,15 @@ DOMAINS = ("math", "code")
 
 def readable_steps(p: Problem, rng: random.Random | None = None, mix: float = 0.0) -> str:
     """worked_steps with words around each step: "step 7+5=12 keep 2 ; step 4+8+1=13 keep 32".
-    With mix > 0 each step's words are the second language's with that probability (rng draws)."""
+    With mix > 0 the chain drifts: from the second step on, each step switches to the second
+    language with that probability (rng draws) and the rest of the chain stays switched
+    ("step 7+5=12 keep 2 ; 步 4+8+1=13 留 32 ; 步 3+1=4 留 432")."""
     out = []
-    for step in worked_steps(p).split(" ; "):
+    lang = "en"
+    for i, step in enumerate(worked_steps(p).split(" ; ")):
         expr, partial = step.rsplit(" ", 1)
-        lang = SECOND_LANGUAGE if mix > 0 and rng is not None and rng.random() < mix else "en"
+        if i > 0 and lang == "en" and mix > 0 and rng is not None and rng.random() < mix:
+            lang = SECOND_LANGUAGE
         head, keep = STEP_WORDS[lang]
         out.append(f"{head} {expr} {keep} {partial}")
     return " ; ".join(out)
@@ -290,8 +294,10 @@ def r1_corpus_texts(n: int, seed: int, kinds: tuple[str, ...] | list[str], max_d
                     guess_correct: float, exclude: set[Problem], tutor_fraction: float, mix_fraction: float,
                     mix_prob: float, code_fraction: float) -> list[tuple[str, str]]:
     """The R1 world's pre-training corpus (see corpus_texts for the tutor / worked / guess split):
-    readable steps, a mix_fraction share of worked completions mixing scripts step by step with
-    probability mix_prob, and a code_fraction share of code tasks."""
+    readable steps, a mix_fraction share of the worked chains drifting into the second script
+    (readable_steps with mix_prob), and a code_fraction share of code tasks. With most chains
+    drifting, the reasoning R1-Zero-style RL amplifies is the mixed kind; only the cold start
+    (English, with a summary) and the language-consistency reward make it readable."""
     rng = random.Random(seed)
     out: list[tuple[str, str]] = []
     while len(out) < n:

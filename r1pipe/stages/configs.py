@@ -60,8 +60,8 @@ class PretrainConfig(StageConfig):
     # the R1 world (r1pipe.data.synthetic): world "r1" writes readable steps ("step 7+5=12 keep 2")
     # and enables the options below; the defaults leave the R1-Zero corpus (and its cache key) as is
     world: str = "r1-zero"  # r1-zero | r1
-    mix_fraction: float = 0.0  # share of worked corpus completions whose step words switch script ...
-    mix_prob: float = 0.5  # ... each step with this probability
+    mix_fraction: float = 0.0  # share of worked corpus completions that drift into a second script ...
+    mix_prob: float = 0.5  # ... switching for good at each step after the first with this probability
     code_fraction: float = 0.0  # share of the corpus (and of the cold-start set) that are code tasks
     code_train_size: int = 0  # code tasks written to code_train_path (and mixed into mixed_train_path)
     code_heldout_size: int = 0

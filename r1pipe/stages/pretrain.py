@@ -275,6 +275,12 @@ def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
     return total / count.clamp(min=1)
 
 
+def interleave(a: list, b: list) -> list:
+    """a and b merged in their own orders, b spread evenly through a (any prefix holds both in proportion)."""
+    keyed = sorted([(i / max(len(a), 1), 0, i) for i in range(len(a))] + [(i / max(len(b), 1), 1, i) for i in range(len(b))])
+    return [(a, b)[which][i] for _, which, i in keyed]
+
+
 def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:
     """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
     corpus, which avoids every held-out, RL and cold-start problem."""
@@ -289,11 +295,9 @@ def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: lis
     if code_train_rows:
         write_jsonl(stage_dir / OUTPUT_FILES["code_train_path"], code_train_rows)
         write_jsonl(stage_dir / OUTPUT_FILES["code_heldout_path"], code_heldout_rows)
-    # mixed train: code rows spread evenly through the math rows, so any prefix mixes both
-    mixed = sorted([(i / max(len(math_train_rows), 1), 0, r) for i, r in enumerate(math_train_rows)]
-                   + [(i / max(len(code_train_rows), 1), 1, r) for i, r in enumerate(code_train_rows)], key=lambda t: t[:2])
-    write_jsonl(stage_dir / OUTPUT_FILES["mixed_train_path"], (r for _, _, r in mixed))
-    write_jsonl(stage_dir / OUTPUT_FILES["mixed_heldout_path"], math_heldout_rows + code_heldout_rows)
+    # mixed sets: code rows spread evenly through the math rows, so any prefix mixes both
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_train_path"], interleave(math_train_rows, code_train_rows))
+    write_jsonl(stage_dir / OUTPUT_FILES["mixed_heldout_path"], interleave(math_heldout_rows, code_heldout_rows))
     if cfg.cold_start_size:
         cold = cold_start_rows(cfg.cold_start_size, seed + 3, cfg.problem_kinds, cfg.max_digits, exclude, cfg.code_fraction)
         write_jsonl(stage_dir / OUTPUT_FILES["sft_path"], (row for _, row in cold))

@@ -3,14 +3,17 @@
 Both sides sample k completions of the same mixed-domain prompts (R1-world math and code tasks,
 already tokenized) from the same checkpoint with the same seeds and max_tokens, one engine thread:
 - peer: `r1pipe.engine.LLM.generate` in this process, every prompt in one call, no scoring;
-- rejection sampling: the stage's ScoredSampler, a Ray rollout worker generating chunk i+1
-  while chunk i is scored on the RewardPool (math accuracy; code tests in the sandbox) plus the
-  stage's judging (grader, filters, dedupe, selection); actor start-up is not timed.
-Also timed: the same work with scoring after generation (no overlap), to show what overlap buys.
+- rejection sampling: the stage's ScoredSampler, a Ray rollout worker streaming the prompts that
+  finish after each engine step while the driver scores them on the RewardPool (math accuracy;
+  code tests in the sandbox), plus the stage's judging (grader, filters, dedupe, selection);
+  actor start-up is not timed.
+Also timed: the same work with scoring after generation (no overlap), on fresh actors.
 The ratio is generated tokens/s of rejection sampling over the raw engine's (goal >= 0.8).
 
-    python bench/bench_rejection_sampling.py [--model DIR] [--prompts 96] [--k 4] [--max-tokens 64]
-Without --model a random tiny V3 is built (every completion runs to max_tokens). Last line: JSON.
+    python bench/bench_rejection_sampling.py [--model DIR] [--prompts 384] [--k 4] [--max-tokens 64]
+Chunks are the stage's default shard size. Without --model a random tiny V3 is built (every
+completion runs to max_tokens and no program compiles): a trained checkpoint (e.g. the R1 run's
+reasoning-RL checkpoint) is the realistic case. Last line: JSON.
 """
 from __future__ import annotations
 
@@ -44,10 +47,10 @@ def prompt_rows(model_dir: Path, n: int, code_share: float, seed: int) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="an r1pipe checkpoint (default: a random tiny V3)")
-    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=384)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=32, help="prompts per generation call (shard size)")
+    ap.add_argument("--chunk", type=int, default=None, help="prompts per generation call (default: the stage's shard_size)")
     ap.add_argument("--code-share", type=float, default=0.25)
     ap.add_argument("--reward-workers", type=int, default=1)
     args = ap.parse_args()
@@ -62,6 +65,7 @@ def main() -> None:
     from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
 
     torch.set_num_threads(1)
+    args.chunk = args.chunk or RejectionSampleConfig().shard_size
     tmp = tempfile.TemporaryDirectory()
     if args.model:
         model = Path(args.model)
@@ -69,7 +73,8 @@ def main() -> None:
         from tiny_models import make_tiny_v3
 
         model = make_tiny_v3(Path(tmp.name) / "model")
-    rows = prompt_rows(model, args.prompts, args.code_share, seed=0)
+    every = prompt_rows(model, args.prompts + 16, args.code_share, seed=0)
+    rows, warm = every[: args.prompts], every[args.prompts:]  # warm-ups run on prompts outside the timed set
     sampling = Sampling(k=args.k, temperature=1.0, max_tokens=args.max_tokens, stop=("</answer>",), seed=0)
 
     # peer: raw engine generate, all prompts at once
@@ -87,7 +92,7 @@ def main() -> None:
     sampler = ScoredSampler(str(model), sampling, weights, num_workers=1, num_reward_workers=args.reward_workers)
     cfg = RejectionSampleConfig(k=args.k, max_tokens=args.max_tokens, reward_weights=weights)
     filters = build_filters(cfg.filters)
-    list(sampler.run(rows[: args.chunk // 4 or 1], args.chunk))  # warm-up: actors loaded, sandbox ready
+    list(sampler.run(warm, args.chunk))  # warm-up: actors loaded, sandbox ready
 
     t0 = time.perf_counter()
     tokens = kept = 0
@@ -97,7 +102,11 @@ def main() -> None:
             kept += len(judge(row.reference, samples, list(weights), filters, cfg.max_per_prompt, cfg.select)[0])
     rs_s = time.perf_counter() - t0
 
-    # no overlap: all generation first, then all scoring
+    sampler.shutdown()
+
+    # no overlap: all generation first, then all scoring (fresh actors: no verdict cached by the run above)
+    sampler = ScoredSampler(str(model), sampling, weights, num_workers=1, num_reward_workers=args.reward_workers)
+    list(sampler.run(warm, args.chunk))
     t0 = time.perf_counter()
     gen = ray.get(sampler.workers[0].generate.remote([r.prompt_ids for r in rows], args.k, 1.0, args.max_tokens,
                                                      [sampling.prompt_seed(i) for i in range(len(rows))],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import warnings
 from dataclasses import dataclass
 
 from .sandbox import SandboxConfig, SandboxResult, run_python
@@ -49,7 +50,9 @@ def syntax_error(program: str) -> str | None:
     """Why `program` does not compile, or None. Compiling only parses (nothing runs), and the sandbox
     runs this same interpreter, so a program that fails here would fail there: it is not run."""
     try:
-        compile(program, "main.py", "exec", dont_inherit=True)
+        with warnings.catch_warnings():  # an invalid escape warns at compile time; the sandbox run reports it
+            warnings.simplefilter("ignore")
+            compile(program, "main.py", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
         return f"{type(e).__name__}: {e}"
     return None

@@ -25,6 +25,7 @@ import math
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -325,6 +326,22 @@ def _site_dirs() -> tuple[str, ...]:
     return tuple(d for d in site.getsitepackages() if os.path.isdir(d))
 
 
+def _wait(proc: subprocess.Popen, timeout_s: float) -> None:
+    """proc.wait(timeout_s), woken by the kernel when the process exits (a pidfd) instead of
+    Popen.wait's polling, which sleeps up to 50 ms between looks."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        proc.wait(timeout=timeout_s)
+        return
+    try:
+        if not select.select([fd], [], [], timeout_s)[0]:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        proc.wait()
+    finally:
+        os.close(fd)
+
+
 def _launcher(args: list[str], site_packages: bool) -> list[str]:
     """Python arguments that run `args` (a script path, or -c code) with site-packages on sys.path."""
     if not site_packages:
@@ -332,7 +349,9 @@ def _launcher(args: list[str], site_packages: bool) -> list[str]:
     boot = f"import sys;sys.path.extend({list(_site_dirs())!r});"
     if args[0] == "-c":
         return ["-c", boot + "exec(compile(sys.argv.pop(1),'<string>','exec'))", *args[1:]]
-    return ["-c", boot + "import runpy;sys.argv=sys.argv[1:];runpy.run_path(sys.argv[0],run_name='__main__')", *args]
+    # the script runs as __main__ the way runpy.run_path would, without importing runpy (~14 ms a run)
+    return ["-c", boot + "sys.argv=sys.argv[1:];_f=sys.argv[0];exec(compile(open(_f,'rb').read(),_f,'exec'),"
+            "{'__name__':'__main__','__file__':_f,'__builtins__':__builtins__})", *args]
 
 
 def _run(files: dict[str, str], args: list[str], cfg: SandboxConfig, stdin: str,
@@ -370,7 +389,7 @@ def _run(files: dict[str, str], args: list[str], cfg: SandboxConfig, stdin: str,
                                 preexec_fn=_preexec(cfg, nproc, uid if iso.mode == "rlimits" else None, new_netns),
                                 close_fds=True)
         try:
-            proc.wait(timeout=cfg.timeout_s)
+            _wait(proc, cfg.timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:

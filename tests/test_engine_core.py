@@ -261,3 +261,24 @@ def test_blocks_follow_real_lengths(model):
     # has written: the 7 prompt tokens and its first stop_at outputs (the stop token is never fed)
     assert max(used) == 1 + 4 * (-(-(len(PROMPTS[0]) + stop_at) // 4) - 1)
     assert llm.scheduler.num_preemptions == 0 and llm.cache.allocator.num_free == 63
+
+
+def test_iter_generate_streams_finished_prompts_while_others_decode(model):
+    """Each prompt comes out once, as soon as its samples are done, with the same samples as
+    `generate`; a caller that stops early leaves no block allocated."""
+    params = [SamplingParams(n=2, temperature=1.0, max_tokens=4 + 6 * i, seed=7 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    llm = engine(model, max_num_seqs=4)
+    whole = llm.generate(PROMPTS, params, use_tqdm=False)
+    batches = list(llm.iter_generate(PROMPTS, params))
+    order = [i for batch in batches for i, _ in batch]
+    assert sorted(order) == list(range(len(PROMPTS))) and len(batches) > 1
+    assert order[0] == 0  # the shortest request finishes first, while the others still decode
+    streamed = {i: out for batch in batches for i, out in batch}
+    assert [[c.token_ids for c in streamed[i].outputs] for i in range(len(PROMPTS))] == \
+        [[c.token_ids for c in o.outputs] for o in whole]
+    free = llm.cache.allocator.num_free
+    stream = llm.iter_generate(PROMPTS, params)
+    next(stream)
+    stream.close()  # abandoned mid-way
+    assert llm.cache.allocator.num_free == free and not llm.scheduler.has_work()

@@ -129,7 +129,8 @@ def test_kept_samples_pass_the_grader_and_every_filter(base, tmp_path) -> None:
 
 def test_killed_build_regenerates_no_finished_shard(base, tmp_path) -> None:
     prompts, right, _ = known_prompts(base, tmp_path / "known.jsonl", n=24)
-    section = rs_section(prompts, k=2, filters={})
+    # one prompt's 2 samples decode at a time, so the shards finish one after another
+    section = rs_section(prompts, k=2, filters={}, engine={"max_num_seqs": 2})
     recipe = write_recipe(tmp_path / "rs.yaml", ["rs"], model_path=base["model_path"], rs=section)
     proc = subprocess.Popen([sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", "killed"], cwd=tmp_path,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -213,3 +214,36 @@ def test_dry_run_shows_every_stage(tmp_path) -> None:
     assert real.returncode == 0, real.stderr
     assert "stages:\n- cold_start\n- reasoning_rl\n- rejection_sample\n- sft\n- all_rl\n- eval" in real.stdout
     assert "model_path: /ckpt/base" in real.stdout  # the second SFT starts from the base
+
+
+def test_scored_sampler_streams_scored_chunks_in_order(base) -> None:
+    """Two rollout workers stream their prompts as they finish; the chunks asked for come out in
+    order, each prompt with the samples the engine draws for its seed, scored by its row's grader."""
+    import ray
+
+    from r1pipe.data.rows import PromptRow
+    from r1pipe.data.tokenizer import load_tokenizer
+    from r1pipe.engine import LLM, SamplingParams
+    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+
+    tok = load_tokenizer(base["model_path"])
+    raw = read_jsonl(base["mixed_train_path"])[:14]
+    rows = [PromptRow(r["id"], r["problem"], r["prompt"], tok(r["prompt"], add_special_tokens=False).input_ids, r) for r in raw]
+    sampling = Sampling(k=2, temperature=1.0, max_tokens=24, seed=3)
+    ray_init(load_recipe(write_recipe(Path(base["cache_dir"]).parent / "ray.yaml", [])))
+    sampler = ScoredSampler(base["model_path"], sampling, {"accuracy": 1.0, "code": 1.0}, num_workers=2)
+    try:
+        chunks = list(sampler.run(rows, 4, chunks=[3, 0, 2]))
+    finally:
+        sampler.shutdown()
+    assert [c.start for c in chunks] == [0, 8, 12] and [len(c.rows) for c in chunks] == [4, 4, 2]
+    llm = LLM(base["model_path"], seed=0)
+    reward_fn = build_reward_fn({"accuracy": 1.0, "code": 1.0})
+    for chunk in chunks:
+        for i, (row, samples) in enumerate(zip(chunk.rows, chunk.samples)):
+            params = SamplingParams(n=2, temperature=1.0, max_tokens=24, stop=["</answer>"], seed=sampling.prompt_seed(chunk.start + i))
+            (out,) = llm.generate([row.prompt_ids], params, use_tqdm=False)
+            assert [s.num_tokens for s in samples] == [len(c.token_ids) for c in out.outputs]
+            for s in samples:
+                assert s.total == reward_fn(s.text, row.reference).total
+    assert ray.is_initialized()

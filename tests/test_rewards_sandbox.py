@@ -15,7 +15,7 @@ from r1pipe.rewards.sandbox import SandboxConfig, active_isolation, run_python
 
 TIMEOUT_S = 2.0
 PROJECT = Path(__file__).resolve().parents[1]
-LAUNCHER_MARK = "runpy.run_path(sys.argv[0]"  # in the command line of every sandboxed interpreter
+LAUNCHER_MARK = "_f=sys.argv[0];exec(compile("  # in the command line of every sandboxed interpreter
 ISO = active_isolation()
 STRONG = ISO.mode == "bwrap" or ISO.unique_uid  # a fresh uid or a pid namespace contains everything
 

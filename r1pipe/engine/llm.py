@@ -9,7 +9,7 @@ drafts verified in one forward). The model runner (r1pipe.engine.runner) plans a
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable, Iterator, Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -99,30 +99,44 @@ class LLM:
     def generate(self, prompts: Seq[str] | Seq[Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; results in prompt order."""
+        done = dict(pair for finished in self.iter_generate(prompts, params, use_tqdm) for pair in finished)
+        return [done[i] for i in range(len(done))]
+
+    def iter_generate(self, prompts: Seq[str] | Seq[Seq[int]] | str,
+                      params: SamplingParams | Seq[SamplingParams] | None = None,
+                      use_tqdm: bool = False) -> Iterator[list[tuple[int, RequestOutput]]]:
+        """After each engine step that finished prompts, [(prompt index, output)] for them, while the
+        others keep decoding: the same continuous batch as `generate`, so a caller can score finished
+        prompts while generation goes on. Closing the iterator early frees everything in flight."""
         prompts, plist = pair_requests(prompts, params)
         groups = [self._make_group(p, sp) for p, sp in zip(prompts, plist)]
         for group in groups:
             self.scheduler.add(group)
-        progress = None
-        if use_tqdm:
-            progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False)
+        pending = list(range(len(groups)))
+        progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False) if use_tqdm else None
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
-                while self.scheduler.has_work():
-                    done_before = self._num_done(groups)
+            while self.scheduler.has_work():
+                with torch.inference_mode():
                     self._step()
-                    if progress is not None:
-                        progress.update(self._num_done(groups) - done_before)
-        except BaseException:
+                finished = [i for i in pending if self._is_done(groups[i])]
+                if not finished:
+                    continue
+                gone = set(finished)
+                pending = [i for i in pending if i not in gone]
+                if progress is not None:
+                    progress.update(len(finished))
+                yield [(i, self._request_output(groups[i])) for i in finished]
+            if pending:  # prompts that needed no decode step
+                yield [(i, self._request_output(groups[i])) for i in pending]
+        except BaseException:  # an error, or the caller closed the iterator: nothing stays allocated
             self._abort()
             raise
         finally:
             self.model.train(was_training)
             if progress is not None:
                 progress.close()
-        return [self._request_output(g) for g in groups]
 
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -166,8 +180,9 @@ class LLM:
         self._next_request += 1
         return group
 
-    def _num_done(self, groups: list[SequenceGroup]) -> int:
-        return sum(1 for g in groups if g.seqs and all(s.finished and not s.awaiting_final_feed for s in g.seqs))
+    @staticmethod
+    def _is_done(group: SequenceGroup) -> bool:
+        return bool(group.seqs) and all(s.finished and not s.awaiting_final_feed for s in group.seqs)
 
     def _abort(self) -> None:
         """Leave the engine usable after an error: free everything, drop queued work."""

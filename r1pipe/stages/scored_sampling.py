@@ -1,9 +1,12 @@
-"""k samples per prompt from rollout workers, scored on the RewardPool while the next chunk generates.
+"""k samples per prompt from rollout workers, scored on the RewardPool while generation goes on.
 
 Used by the stages that sample a checkpoint and grade what it wrote (rejection sampling, the
-per-domain scorecard). Work is cut into chunks of prompts; every rollout worker holds one chunk in
-flight, and as soon as one finishes the worker gets its next chunk *before* the finished one is
-scored, so scoring (reward actors, code sandboxes) overlaps generation instead of following it.
+per-domain scorecard). Each rollout worker gets its share of the prompts in one call and streams
+back the prompts that finish after each engine step (a Ray streaming generator over
+`LLM.iter_generate`), so its continuous batch stays full while the driver scores what has
+finished on the reward actors (code sandboxes, math verification): scoring overlaps generation
+instead of following it, and no batch drains at chunk boundaries. Results come out in chunks of
+prompts (the stages' shards), in order.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class ScoredChunk:
     start: int  # index of the chunk's first prompt in the sampled sequence
     rows: list[PromptRow]
     samples: list[list[Sample]]  # per row, k samples in generation order
-    generate_seconds: float  # wall time from submission to completion of the generation call
+    generate_seconds: float  # wall time from the run's start until the chunk's last prompt was generated and scored
 
 
 class ScoredSampler:
@@ -76,36 +79,54 @@ class ScoredSampler:
         self.pool = RewardPool(dict(reward_weights), num_workers=num_reward_workers,
                                num_cpus_per_worker=min(cpus_per_worker, 1.0), **dict(reward_options or {}))
 
-    def _submit(self, worker: Any, rows: Sequence[PromptRow], start: int) -> Any:
+    def _stream(self, worker: Any, rows: Sequence[PromptRow], positions: list[int]) -> Any:
         s = self.sampling
-        return worker.generate.remote([r.prompt_ids for r in rows], s.k, s.temperature, s.max_tokens,
-                                      [s.prompt_seed(start + i) for i in range(len(rows))], list(s.stop) or None, False)
+        return worker.generate_stream.options(num_returns="streaming").remote(
+            [rows[p].prompt_ids for p in positions], s.k, s.temperature, s.max_tokens,
+            [s.prompt_seed(p) for p in positions], list(s.stop) or None)
 
     def run(self, rows: Sequence[PromptRow], chunk_size: int, chunks: Iterable[int] | None = None) -> Iterator[ScoredChunk]:
         """Scored chunks of `rows` (chunk j = rows[j*chunk_size:(j+1)*chunk_size]), in chunk order;
         `chunks` picks which ones (default: all)."""
-        todo = list(chunks) if chunks is not None else list(range((len(rows) + chunk_size - 1) // chunk_size))
-        queue = list(todo)
-        in_flight: dict[Any, tuple[int, Any, float]] = {}  # ref -> (chunk, worker, submit time)
-        finished: dict[int, tuple[list[list[Any]], float]] = {}
-
-        def feed(worker: Any) -> None:
-            if queue:
-                j = queue.pop(0)
-                part = rows[j * chunk_size:(j + 1) * chunk_size]
-                in_flight[self._submit(worker, part, j * chunk_size)] = (j, worker, time.perf_counter())
-
-        for w in self.workers:
-            feed(w)
+        todo = sorted(chunks) if chunks is not None else list(range((len(rows) + chunk_size - 1) // chunk_size))
+        bounds = {j: range(j * chunk_size, min((j + 1) * chunk_size, len(rows))) for j in todo}
+        positions = [p for j in todo for p in bounds[j]]
+        n = len(self.workers)
+        parts = [positions[w * len(positions) // n:(w + 1) * len(positions) // n] for w in range(n)]
+        start = time.perf_counter()
+        streams = {self._stream(w, rows, part): part for w, part in zip(self.workers, parts) if part}
+        samples: dict[int, list[Sample]] = {}  # prompt position -> its scored samples
+        finished_at: dict[int, float] = {}  # chunk -> seconds from start until its last prompt finished
         for j in todo:
-            while j not in finished:  # wait for any chunk; refill its worker first, then score
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                chunk, worker, t0 = in_flight.pop(ready[0])
-                finished[chunk] = (ray.get(ready[0]), time.perf_counter() - t0)
-                feed(worker)
-            outs, seconds = finished.pop(j)
-            part = list(rows[j * chunk_size:(j + 1) * chunk_size])
-            yield ScoredChunk(j * chunk_size, part, self._score(part, outs), seconds)
+            while not all(p in samples for p in bounds[j]):
+                self._score_ready(rows, streams, samples)
+                for c in todo:
+                    if c not in finished_at and all(p in samples for p in bounds[c]):
+                        finished_at[c] = time.perf_counter() - start
+            part = list(rows[bounds[j].start:bounds[j].stop])
+            yield ScoredChunk(bounds[j].start, part, [samples.pop(p) for p in bounds[j]], finished_at[j])
+
+    def _score_ready(self, rows: Sequence[PromptRow], streams: dict[Any, list[int]], samples: dict[int, list[Sample]]) -> None:
+        """Wait for the workers' next finished prompts, take every other one streamed by then too,
+        score them in one batch, and file their samples by prompt position."""
+        done: list[tuple[int, list[Any]]] = []
+        timeout = None
+        while streams:
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=timeout)
+            if not ready:
+                break
+            try:
+                ref = next(ready[0])
+            except StopIteration:
+                del streams[ready[0]]
+                continue
+            part = streams[ready[0]]
+            done.extend((part[i], completions) for i, completions in ray.get(ref))
+            timeout = 0  # after the first, only what is already there
+        if not done:
+            raise RuntimeError("the rollout workers finished without returning every prompt")
+        scored = self._score([rows[p] for p, _ in done], [completions for _, completions in done])
+        samples.update({p: group for (p, _), group in zip(done, scored)})
 
     def _score(self, rows: list[PromptRow], outs: list[list[Any]]) -> list[list[Sample]]:
         """Score each prompt's completions (r1pipe.workers.Completion, text with its stop string)."""

@@ -6,7 +6,7 @@ Results travel as `Completion` dataclasses, so the controller needs no engine ty
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,6 +21,15 @@ class RolloutWorker:
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
         self._draft_seen = {"draft_tokens": 0, "accepted_tokens": 0}
 
+    def generate_stream(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
+                        seeds: list[int] | None = None, stop: list[str] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
+        """The same samples as `generate`, streamed: after each engine step, the prompts (index, n
+        completions) that have just finished. Call as a Ray streaming generator
+        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores."""
+        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False)
+        for finished in self.llm.iter_generate(prompts, params):
+            yield [(i, [self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)]) for i, out in finished]
+
     def generate(
         self,
         prompts: list[str] | list[list[int]],
@@ -33,13 +42,17 @@ class RolloutWorker:
     ) -> list[list[Completion]]:
         """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
         reproducible. GRPO trains on untruncated log-probs, so there is no top-p / top-k here."""
-        params = [
-            SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop,
-                           seed=None if seeds is None else seeds[i], logprobs=True, return_routing=return_routing)
-            for i in range(len(prompts))
-        ]
+        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    @staticmethod
+    def _params(num_prompts: int, n: int, temperature: float, max_tokens: int, seeds: list[int] | None,
+                stop: list[str] | None, return_routing: bool) -> list[SamplingParams]:
+        """One prompt's sampling settings each: untruncated (GRPO trains on untruncated log-probs), log-probs on."""
+        return [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop,
+                               seed=None if seeds is None else seeds[i], logprobs=True, return_routing=return_routing)
+                for i in range(num_prompts)]
 
     @staticmethod
     def _completion(out: Any, c: Any) -> Completion:

@@ -7,7 +7,7 @@ speculative_k > 0) and once with it off. The engine's acceptance rate on each st
 logged as `mtp/acceptance`; this prints it at the first step (the base's drafter) and over the last
 5 steps of each run. Last line: JSON.
 
-    python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--lr 1e-3] [--out /tmp/mtp_bench]
+    python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--lr 1e-3] [--draft-lr-scale 10] [--out /tmp/mtp_bench]
     python bench/bench_mtp_drafter.py --recipe r1-zero-tiny --pretrain-steps 150   # a seconds-long smoke run
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="r1-zero", help="whose pretrain and rl stages run (default: the main tiny recipe)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="pretrain.steps (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="rl.lr (default: the recipe's)")
+    ap.add_argument("--draft-lr-scale", type=float, default=None, help="rl.draft_lr_scale for the draft-loss run (default: the recipe's)")
     ap.add_argument("--out", default="/tmp/r1pipe_mtp_bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -48,7 +49,9 @@ def main() -> None:
         r1pipe(args.recipe, "stages=[rl]", f"model.path={pre['model_path']}", f"rl.train_path={pre['train_path']}",
                f"rl.heldout_path={pre['heldout_path']}", f"rl.steps={args.steps}", f"rl.checkpoint_every={args.steps}",
                f"rl.engine.speculative_k={args.speculative_k}", f"rl.draft_loss={str(draft).lower()}",
-               *([f"rl.lr={args.lr}"] if args.lr else []), "--run-dir", str(run_dir), cwd=out)
+               *([f"rl.lr={args.lr}"] if args.lr else []),
+               *([f"rl.draft_lr_scale={args.draft_lr_scale}"] if args.draft_lr_scale and draft else []),
+               "--run-dir", str(run_dir), cwd=out)
         rows = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
         acc = [r["mtp/acceptance"] for r in rows if "mtp/acceptance" in r]
         start, end = acc[0], sum(acc[-5:]) / len(acc[-5:])
@@ -57,6 +60,7 @@ def main() -> None:
         print(f"draft loss {'on ' if draft else 'off'}: MTP acceptance {start:.1%} at step 1 -> {end:.1%} "
               f"over the last 5 of {len(acc)} steps ({100 * (end - start):+.1f} points)")
     print(json.dumps({"bench": "mtp_drafter", "recipe": args.recipe, "steps": args.steps, "speculative_k": args.speculative_k, "lr": args.lr,
+                      "draft_lr_scale": args.draft_lr_scale,
                       **result}))
 
 

@@ -81,3 +81,25 @@ def test_draft_loss_falls_while_the_policy_holds_still(tmp_path):
     zero = torch.zeros(len(batch))  # no policy gradient: the target distribution stays put
     losses = [step(worker, batch, zero)["draft_loss"] for _ in range(6)]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_draft_lr_scale_steps_only_the_drafter_faster(tmp_path):
+    """With draft_lr_scale the MTP module's own parameters take AdamW steps at lr x scale: the first
+    Adam step moves each parameter by about lr, so the drafter moves ~scale times as far."""
+    path = tiny_mtp_model(tmp_path / "m")
+    batch, adv = batch_and_inputs()
+    base = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-3, draft_loss=True))
+    fast = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-3, draft_loss=True, draft_lr_scale=10.0))
+    assert [g["lr"] for g in fast.optimizer.param_groups] == [1e-3, 1e-2]
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    step(base, batch, adv)
+    step(fast, batch, adv)
+    own = {id(p) for p in fast.draft_params}
+    p_base = dict(base.model.named_parameters())
+    moved = {}
+    for name, p in fast.model.named_parameters():
+        if id(p) in own:
+            moved[name] = float((p - before[name]).abs().max()) / max(float((p_base[name] - before[name]).abs().max()), 1e-12)
+        else:
+            torch.testing.assert_close(p, p_base[name], atol=1e-6, rtol=0, msg=name)
+    assert moved and all(5.0 < r < 15.0 for r in moved.values()), moved

@@ -178,6 +178,7 @@ class GRPOConfig(StageConfig):
     tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
+    draft_lr_scale: float = 1.0  # the MTP module's learning rate is lr x this while the draft loss trains it
     # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
     policy_cpus: Optional[float] = None
     policy_gpus: Optional[float] = None
@@ -205,6 +206,8 @@ class GRPOConfig(StageConfig):
                 "every ratio would be silently off-policy")
         if self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if self.draft_lr_scale <= 0:
+            raise ValueError(f"draft_lr_scale must be > 0, got {self.draft_lr_scale}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
         if self.overlong not in OVERLONG_MODES:

@@ -202,7 +202,7 @@ class GRPOTrainer:
             lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
             clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
-            freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss,
+            freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=cfg.draft_lr_scale,
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
             precision=precision, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing,
         )

@@ -51,6 +51,7 @@ class PolicyConfig:
     bias_update_gamma: float | None = None  # None: the model config's gamma
     freeze_router_bias: bool = False  # hold the routers' balancing bias still (MaxVio is still measured)
     draft_loss: bool = False  # train the MTP module (only it) toward the policy's detached next-token distribution
+    draft_lr_scale: float = 1.0  # with the draft loss, the MTP module's parameters step at lr x this
     device: str = "cpu"
     num_threads: int = 1
     seed: int = 0
@@ -99,9 +100,11 @@ class PolicyWorker:
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         self.draft_params = self._draft_parameters() if cfg.draft_loss else []
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-        )
+        drafter = {id(p) for p in self.draft_params}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in drafter], "lr": cfg.lr}]
+        if self.draft_params:  # the drafter chases a moving policy: its own learning rate
+            groups.append({"params": self.draft_params, "lr": cfg.lr * cfg.draft_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
 
     def init_distributed(self, init_method: str) -> None:
         """Join the process group (called on every rank at once, after all actors exist); with fsdp,

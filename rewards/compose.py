@@ -72,7 +72,7 @@ _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
 
 
 _code_cache: LRUCache[tuple[str, str, float, int], CodeResult] = LRUCache(50_000)
-_TEST_KEYS = ("entry_point", "test", "prompt", "test_list", "test_imports", "test_setup_code", "inputs", "outputs")
+_TEST_CONTEXT = ("prompt", "test_imports")  # what the harnesses read beside the tests themselves
 
 
 def run_tests(program: str, reference: dict, opt: RewardOptions) -> CodeResult:
@@ -97,7 +97,8 @@ def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[f
         text = textwrap.dedent(tagged.group(1).strip("\n"))
     key = None
     if opt.code_cache:
-        tests = json.dumps({k: reference.get(k) for k in _TEST_KEYS}, sort_keys=True, default=str)
+        keys = [k for group in CODE_TEST_FIELDS for k in group] + list(_TEST_CONTEXT)
+        tests = json.dumps({k: reference.get(k) for k in keys}, sort_keys=True, default=str)
         key = (text, tests, opt.code_timeout_s, opt.code_memory_mb)
     res = _code_cache.get(key) if key is not None else None
     if res is None:

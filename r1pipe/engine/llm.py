@@ -112,24 +112,27 @@ class LLM:
         groups = [self._make_group(p, sp) for p, sp in zip(prompts, plist)]
         for group in groups:
             self.scheduler.add(group)
-        pending = list(range(len(groups)))
+        index = {id(g): i for i, g in enumerate(groups)}
+        pending = set(range(len(groups)))
         progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False) if use_tqdm else None
         was_training = self.model.training
         self.model.eval()
+        self.scheduler.take_retired()
         try:
             while self.scheduler.has_work():
                 with torch.inference_mode():
                     self._step()
-                finished = [i for i in pending if self._is_done(groups[i])]
+                # only the groups of sequences that finished in this step can have finished
+                touched = {id(s.group): s.group for s in self.scheduler.take_retired()}
+                finished = sorted(index[k] for k, g in touched.items() if k in index and self._is_done(g))
                 if not finished:
                     continue
-                gone = set(finished)
-                pending = [i for i in pending if i not in gone]
+                pending.difference_update(finished)
                 if progress is not None:
                     progress.update(len(finished))
                 yield [(i, self._request_output(groups[i])) for i in finished]
             if pending:  # prompts that needed no decode step
-                yield [(i, self._request_output(groups[i])) for i in pending]
+                yield [(i, self._request_output(groups[i])) for i in sorted(pending)]
         except BaseException:  # an error, or the caller closed the iterator: nothing stays allocated
             self._abort()
             raise

@@ -94,6 +94,7 @@ class Scheduler:
         self.prefilling: list[SequenceGroup] = []  # admitted (prompt blocks held) but not yet forked
         self.running: list[Sequence] = []  # oldest first
         self.preempted: list[Sequence] = []  # blocks freed, waiting to be recomputed; oldest first
+        self.retired: list[Sequence] = []  # finished since the last take_retired()
         self.num_preemptions = 0
 
     def _blocks(self, tokens: int) -> int:
@@ -137,6 +138,7 @@ class Scheduler:
         self.prefilling.clear()
         self.waiting.clear()
         self.preempted.clear()
+        self.retired.clear()
 
     def admit(self) -> tuple[list[SequenceGroup], list[Sequence]]:
         """What to prefill now: new groups (their prompt blocks allocated) and preempted sequences to
@@ -237,6 +239,12 @@ class Scheduler:
         for seq in done:
             self.allocator.free(seq.blocks)
             seq.blocks = []
+        self.retired.extend(done)
+
+    def take_retired(self) -> list[Sequence]:
+        """The sequences finished since the last call (so a caller checks only their groups)."""
+        out, self.retired = self.retired, []
+        return out
 
 
 def _age(seq: Sequence) -> tuple[int, int]:

@@ -1,9 +1,12 @@
 """One GRPO step end to end (rollout, reward, train, sync), split by phase, against TRL's GRPOTrainer.
 
-Both train the same randomly initialised tiny DeepSeek-V3 (tests/tiny_models.make_tiny_v3, built
-locally) on the same R1-Zero arithmetic prompts, in the same order, with the same reward (r1pipe's
-accuracy reward, called as a plain function by both), group size, completion length, sampling
-temperature 1, no KL, one update per batch, fp32 and the same torch thread count. r1pipe runs its
+Both train the same tiny DeepSeek-V3 on the same R1-Zero arithmetic prompts, in the same order, with
+the same reward (r1pipe's accuracy reward, called as a plain function by both), group size, completion
+length, sampling temperature 1, no KL, one update per batch, fp32 and the same torch thread count
+(TRL's own defaults are bf16 autocast and gradient checkpointing; both are turned off here, as r1pipe
+uses neither). The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally:
+every completion runs to the length limit), or with `--base` the R1-Zero recipe's pretrained base and
+its training prompts (completions stop at EOS as in the real run). r1pipe runs its
 `grpo` stage (Ray workers, dynamic sampling off: the same work as TRL); phases are its own
 time/* metrics. TRL's step is timed by a callback; its rollout is `_generate`, its reward the
 reward function's own time, its train the rest. Medians over the steps after the first.
@@ -14,6 +17,7 @@ forward (what it does now with updates_per_step == 1). Last line: a JSON object 
 
     python bench/bench_grpo.py                       # CPU: 8 prompts x 4, 32 tokens, 4 steps
     python bench/bench_grpo.py --prompts 32 --group 8 --max-tokens 64 --steps 10
+    python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 10
 """
 from __future__ import annotations
 
@@ -89,6 +93,7 @@ def trl_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
     config = TRLConfig(output_dir=str(root / "trl"), per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_tokens, max_steps=args.steps,
                        temperature=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4, use_cpu=True, report_to=[],
+                       bf16=False, gradient_checkpointing=False,
                        save_strategy="no", logging_steps=10**6, shuffle_dataset=False, seed=0)
     trainer = GRPOTrainer(model=str(model), reward_funcs=[reward], args=config, train_dataset=dataset, callbacks=[Phases()])
     generate = trainer._generate
@@ -136,6 +141,21 @@ def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     return out
 
 
+def problems(args, root: Path) -> tuple[Path, Path]:
+    """(model directory, JSONL of R1-Zero prompts with answers) for the run: the base's own, or a random
+    tiny model and freshly generated problems."""
+    data = root / "problems.jsonl"
+    wanted = args.prompts * (args.steps + 1)
+    if args.base is not None:
+        rows = read_jsonl(args.base / "train.jsonl")[:wanted]
+        write_jsonl(data, [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+        return args.base / "model", data
+    model = make_tiny_v3(root / "model")
+    source = read_jsonl(write_worked_solutions(root / "src.jsonl", wanted))
+    write_jsonl(data, [{"id": r["id"], "prompt": r1_zero_prompt(r["problem"]), "answer": r["answer"]} for r in source])
+    return model, data
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=8)
@@ -143,14 +163,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base", type=Path, default=None,
+                   help="a pretrain stage directory (model/ and train.jsonl, e.g. runs/r1-zero/pretrain); default: a random tiny model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = make_tiny_v3(root / "model")
-        data = root / "problems.jsonl"
-        source = read_jsonl(write_worked_solutions(root / "src.jsonl", args.prompts * (args.steps + 1)))
-        write_jsonl(data, [{"id": r["id"], "prompt": r1_zero_prompt(r["problem"]), "answer": r["answer"]} for r in source])
+        model, data = problems(args, root)
         ours = r1pipe_phases(model, data, args, root / "r1pipe")
         theirs = trl_phases(model, data, args, root / "trl")
         effect = old_logprob_forward_effect(model, args)
@@ -161,7 +180,7 @@ def main() -> None:
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens)")
     print(f"train phase, separate old-log-prob forward {effect['separate']:.3f}s vs the update's own {effect['fused']:.3f}s "
           f"({effect['separate'] / effect['fused']:.2f}x)")
-    print(json.dumps({"threads": args.threads, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
+    print(json.dumps({"base": str(args.base) if args.base else "random tiny", "threads": args.threads, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
                       "steps": args.steps, "r1pipe_s": {k: round(v, 4) for k, v in ours.items()},
                       "trl_s": {k: round(v, 4) for k, v in theirs.items()}, "speed_ratio_vs_trl": round(ratio, 2),
                       "train_separate_old_forward_s": round(effect["separate"], 4),

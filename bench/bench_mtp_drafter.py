@@ -3,9 +3,11 @@
 Pre-trains the tiny R1-Zero base once (the `r1-zero` recipe's pretrain stage, reused from the base
 cache when it is there), then runs the recipe's GRPO stage twice from it with the engine drafting
 `speculative_k` tokens per step from the MTP module: once with `rl.draft_loss=true` (the default when
-speculative_k > 0) and once with it off. The engine's acceptance rate on each step's rollouts is
-logged as `mtp/acceptance`; this prints it at the first step (the base's drafter) and over the last
-5 steps of each run. Last line: JSON.
+speculative_k > 0; it trains the drafter at every chained depth the engine drafts) and once with it
+off. The engine's acceptance rate on each step's rollouts is logged as `mtp/acceptance` (all drafts),
+`mtp/acceptance_first` (the first draft of each step) and `mtp/acceptance_chained` (the later ones);
+this prints each at the first step (the base's drafter) and over the last 5 steps of each run.
+Last line: JSON.
 
     python bench/bench_mtp_drafter.py [--steps 50] [--speculative-k 2] [--lr 1e-3] [--draft-lr-scale 10] [--out /tmp/mtp_bench]
     python bench/bench_mtp_drafter.py --recipe r1-zero-tiny --pretrain-steps 150   # a seconds-long smoke run
@@ -53,12 +55,15 @@ def main() -> None:
                *([f"rl.draft_lr_scale={args.draft_lr_scale}"] if args.draft_lr_scale and draft else []),
                "--run-dir", str(run_dir), cwd=out)
         rows = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
-        acc = [r["mtp/acceptance"] for r in rows if "mtp/acceptance" in r]
-        start, end = acc[0], sum(acc[-5:]) / len(acc[-5:])
-        result[f"draft_loss_{'on' if draft else 'off'}"] = {"step_1": round(start, 4), "last_5_mean": round(end, 4),
-                                                           "change_points": round(100 * (end - start), 1)}
-        print(f"draft loss {'on ' if draft else 'off'}: MTP acceptance {start:.1%} at step 1 -> {end:.1%} "
-              f"over the last 5 of {len(acc)} steps ({100 * (end - start):+.1f} points)")
+        run = {}
+        for key in ("acceptance", "acceptance_first", "acceptance_chained"):
+            acc = [r[f"mtp/{key}"] for r in rows if f"mtp/{key}" in r]
+            if acc:
+                start, end = acc[0], sum(acc[-5:]) / len(acc[-5:])
+                run[key] = {"step_1": round(start, 4), "last_5_mean": round(end, 4), "change_points": round(100 * (end - start), 1)}
+                print(f"draft loss {'on ' if draft else 'off'}: MTP {key.replace('_', ' ')} {start:.1%} at step 1 -> "
+                      f"{end:.1%} over the last 5 of {len(acc)} steps ({100 * (end - start):+.1f} points)")
+        result[f"draft_loss_{'on' if draft else 'off'}"] = run
     print(json.dumps({"bench": "mtp_drafter", "recipe": args.recipe, "steps": args.steps, "speculative_k": args.speculative_k, "lr": args.lr,
                       "draft_lr_scale": args.draft_lr_scale,
                       **result}))

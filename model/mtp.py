@@ -36,3 +36,20 @@ class MTPModule(Block):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.shared_head.head(self.shared_head.norm(hidden)).float()
+
+
+def chain_mask(S: int, depth: int, device: torch.device | None = None) -> Tensor:
+    """Attention mask [depth*S, depth*S] (True = may attend) for `depth` chained drafting blocks of S indices.
+
+    Block a's query at index i sees block 0's keys at indices <= i and blocks 1..a at index i only: what a
+    drafter cache holds when the chain drafts (catch-up entries up to t, then the chain's own)."""
+    i = torch.arange(S, device=device)
+    causal = i[None, :] <= i[:, None]
+    eye = torch.eye(S, dtype=torch.bool, device=device)
+    mask = torch.zeros(depth * S, depth * S, dtype=torch.bool, device=device)
+    for a in range(depth):
+        rows = slice(a * S, (a + 1) * S)
+        mask[rows, :S] = causal
+        for b in range(1, a + 1):
+            mask[rows, b * S:(b + 1) * S] = eye
+    return mask

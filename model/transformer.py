@@ -14,7 +14,7 @@ from .cache import LatentCache
 from .config import ModelConfig
 from .experts import PROJECTIONS, GroupedExperts
 from .moe import MoE
-from .mtp import MTPModule
+from .mtp import MTPModule, chain_mask
 from .norm import RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
 
@@ -150,6 +150,35 @@ class Transformer(nn.Module):
             h, logits, _ = self._mtp_step(self.mtp_modules[k], hidden, next_ids, cos, sin, mask, cache_positions, cache,
                                       attention_mask)
         return h, logits
+
+    def mtp_draft_chain(self, hidden: Tensor, input_ids: Tensor, depth: int,
+                        attention_mask: Tensor | None = None) -> list[Tensor]:
+        """MTP module 0 drafting `depth` tokens ahead at every position, exactly as self-speculation does.
+
+        hidden [B,S,D] (the main model's final hidden states), input_ids [B,S] -> depth tensors [B,S,V]:
+        entry j-1 at index t reads token t+j and drafts token t+j+1 (the last j indices are not meaningful).
+        Depth 1 is the module on the main hidden state at position t. Depth j > 1 chains depth j-1's output
+        hidden state at position t+j-1 and attends to what the engine's drafter cache holds when it drafts:
+        the depth-1 entries at positions <= t and the chain's own entries at t+1..t+j-1 (`chain_mask`)."""
+        module = self.mtp_modules[0]
+        B, S = input_ids.shape
+        index = torch.arange(S, device=input_ids.device).expand(B, S)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        with self.autocast(hidden.device):
+            prev, logits = hidden, []
+            inputs: list[Tensor] = []
+            for j in range(1, depth + 1):
+                inputs.append(module.combine(prev, torch.roll(input_ids, shifts=-j, dims=1)))
+                positions = torch.cat([index + b for b in range(j)], dim=1)
+                cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
+                tokens = valid.repeat(1, j)
+                # a padded query that sees nothing attends itself, so softmax stays finite (its output is unused)
+                eye = torch.eye(j * S, dtype=torch.bool, device=input_ids.device)
+                mask = (chain_mask(S, j, input_ids.device) & tokens[:, None, :]) | eye
+                h, _, _ = module(torch.cat(inputs, dim=1), cos, sin, mask, positions, None, None, tokens)
+                prev = h[:, -S:]
+                logits.append(module.logits(prev))
+        return logits
 
     def _mtp_step(self, module: MTPModule, prev: Tensor, next_ids: Tensor, cos: Tensor, sin: Tensor,
                   mask: Tensor | None, positions: Tensor, cache: LatentCache | None, attention_mask: Tensor | None

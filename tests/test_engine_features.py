@@ -140,6 +140,7 @@ def test_speculative_drafts_get_accepted_when_mtp_agrees():
     assert llm.acceptance_rate == 1.0
     # 9 tokens = 1 from the prefill + 8 in steps of 3 (2 drafts + 1): the last step's surplus is dropped
     assert llm.stats["accepted_tokens"] == 2 * 3 * len(PROMPTS)
+    assert llm.stats["first_accepted"] == llm.stats["first_drafts"] == 3 * len(PROMPTS)  # 3 steps a prompt
 
 
 def test_speculative_sampling_logprobs_and_routing_replay(model):

@@ -104,3 +104,75 @@ def test_draft_lr_scale_steps_only_the_drafter_faster(tmp_path):
         else:
             torch.testing.assert_close(p, p_base[name], atol=1e-6, rtol=0, msg=name)
     assert moved and all(5.0 < r < 15.0 for r in moved.values()), moved
+
+
+def test_chain_mask_is_the_drafter_cache_at_each_depth():
+    from r1pipe.model.mtp import chain_mask
+
+    m = chain_mask(3, 2).int()
+    # depth 1 (rows 0-2): causal over depth 1; depth 2 at index i: depth-1 indices <= i, and itself
+    assert m.tolist() == [[1, 0, 0, 0, 0, 0],
+                          [1, 1, 0, 0, 0, 0],
+                          [1, 1, 1, 0, 0, 0],
+                          [1, 0, 0, 1, 0, 0],
+                          [1, 1, 0, 0, 1, 0],
+                          [1, 1, 1, 0, 0, 1]]
+    third = chain_mask(2, 3).int()[4:]  # depth 3 sees depth 1 causally, depth 2 and 3 at its own index
+    assert third.tolist() == [[1, 0, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
+
+
+def test_draft_chain_equals_drafting_through_the_cache(tmp_path):
+    """mtp_draft_chain over whole sequences gives the logits the engine's drafter computes: catch-up of
+    the MTP cache on the main model's hidden states, then each further draft chaining its own hidden state
+    one position on (here fed the true next tokens, the case where drafts get accepted)."""
+    from r1pipe.model import DenseLatentCache, load_pretrained
+
+    model = load_pretrained(tiny_mtp_model(tmp_path / "m")).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the init, so the logits differ clearly by context
+            p.mul_(4.0)
+        ids = torch.randint(3, 32, (2, 14), generator=torch.Generator().manual_seed(5))
+        chain = model.mtp_draft_chain(model(ids).hidden, ids, 3)
+        for t in (0, 4, 9):  # drafting after prefix ids[:, :t+2], the newest known token is ids[:, t+1]
+            cache = DenseLatentCache(model.config, batch_size=2, max_len=16)
+            hidden = model(ids[:, : t + 2], cache=cache).hidden
+            positions = torch.arange(t + 1).expand(2, t + 1)
+            h, logits = model.mtp_step(0, hidden[:, : t + 1], ids[:, 1 : t + 2], positions, cache=cache)
+            cached = [logits[:, -1]]
+            h = h[:, -1:]
+            for j in (2, 3):
+                h, logits = model.mtp_step(0, h, ids[:, t + j : t + j + 1], torch.full((2, 1), t + j - 1), cache=cache)
+                cached.append(logits[:, -1])
+            for j, logits in enumerate(cached):
+                torch.testing.assert_close(chain[j][:, t], logits, atol=1e-5, rtol=1e-5, msg=f"depth {j + 1}, t={t}")
+
+
+def test_draft_loss_trains_every_chained_depth(tmp_path):
+    path = tiny_mtp_model(tmp_path / "m")
+    batch, _ = batch_and_inputs()
+    worker = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, draft_loss=True, draft_depth=2))
+    zero = torch.zeros(len(batch))
+
+    def depth_losses():
+        with torch.no_grad():
+            out = worker.model(batch.input_ids, attention_mask=batch.attention_mask)
+            chain = worker.model.mtp_draft_chain(out.hidden, batch.input_ids, 2, batch.attention_mask)
+            S = batch.input_ids.shape[1]
+            from r1pipe.algo import draft_loss
+            return [float(draft_loss(lg[:, : S - 1 - j], out.logits[:, j : S - 1], batch.response_mask[:, j:]))
+                    for j, lg in enumerate(chain, start=1)]
+
+    before = depth_losses()
+    for _ in range(6):
+        step(worker, batch, zero)
+    after = depth_losses()
+    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
+
+
+def test_draft_stats_split_first_and_chained_acceptance():
+    from r1pipe.workers import DraftStats
+
+    # two engines: 10 steps x 2 drafts with 7 accepted (first draft 6 of 10), and 5 x 2 with 2 (first 2 of 5)
+    total = DraftStats(20, 7, 10, 6) + DraftStats(10, 2, 5, 2)
+    assert (total.drafts, total.accepted, total.first_drafts, total.first_accepted) == (30, 9, 15, 8)
+    assert total.acceptance == 9 / 30 and total.first_acceptance == 8 / 15 and total.chained_acceptance == 1 / 15

@@ -81,7 +81,7 @@ class LLM:
         self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
                                       dtype=dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.cache, self.device)
-        self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "first_drafts": 0, "first_accepted": 0}
         stopper = StopChecker(self.eos_token_ids, self.tokenizer)
         self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k)
                          if speculative_k else PlainDecoding(self.runner, stopper, self.vocab_size, self.stats))

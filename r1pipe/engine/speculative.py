@@ -162,6 +162,8 @@ class SpeculativeDecoding(PlainDecoding):
                if want_lp else None)
         self.stats["draft_tokens"] += B * K
         self.stats["accepted_tokens"] += int(accepted.sum())
+        self.stats["first_drafts"] += B
+        self.stats["first_accepted"] += int((accepted > 0).sum())
         new_list, acc_list = new.tolist(), accepted.tolist()
         for b, s in enumerate(seqs):
             a = acc_list[b]

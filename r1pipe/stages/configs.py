@@ -178,7 +178,8 @@ class GRPOConfig(StageConfig):
     tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
-    draft_lr_scale: float = 1.0  # the MTP module's learning rate is lr x this while the draft loss trains it
+    draft_lr_scale: float = 10.0  # the MTP module's learning rate is lr x this: it chases a moving policy, and its chained
+    # depths (drafts fed the drafter's own hidden state) are first trained here, pretraining trains depth 1 only
     # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
     policy_cpus: Optional[float] = None
     policy_gpus: Optional[float] = None

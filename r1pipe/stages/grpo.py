@@ -40,7 +40,7 @@ from r1pipe.stages.scored_sampling import ray_init
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
 from r1pipe.tracking.plots import DEFAULT_PLOTS
-from r1pipe.workers import PolicyConfig, RolloutBatch, RolloutWorker
+from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
 from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve
@@ -203,6 +203,7 @@ class GRPOTrainer:
             clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
             freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=cfg.draft_lr_scale,
+            draft_depth=max(self.speculative_k, 1),
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
             precision=precision, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing,
         )
@@ -414,10 +415,9 @@ class GRPOTrainer:
         trainer = self.policy.logprobs(train_batch)
         return check_probe(trainer, batch.engine_logprobs(tuple(trainer.shape)), train_batch.response_mask, self.sync_check_tol)
 
-    def draft_acceptance(self) -> float:
-        """Share of MTP draft tokens the engines accepted since the last call."""
-        stats = ray.get([w.take_draft_stats.remote() for w in self.rollout])
-        return sum(a for _, a in stats) / max(sum(d for d, _ in stats), 1)
+    def draft_stats(self) -> DraftStats:
+        """MTP drafts the engines proposed and accepted since the last call."""
+        return sum(ray.get([w.take_draft_stats.remote() for w in self.rollout]), DraftStats())
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
         """Model, optimizer, RNG and data position, committed atomically; older ones pruned."""
@@ -433,13 +433,17 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
         if self.speculative_k:
-            self.draft_acceptance()  # drop what held-out evaluation proposed
+            self.draft_stats()  # drop what held-out evaluation proposed
         batch = self.collect(stream)
         metrics = rollout_metrics(batch, cfg.accuracy_reward)
         metrics["data_position"] = stream.position
         metrics["tokens_per_second/rollout"] = batch.generated_tokens / max(self.timings["rollout"], 1e-9)
         if self.speculative_k:
-            metrics["mtp/acceptance"] = self.draft_acceptance()
+            drafts = self.draft_stats()
+            metrics["mtp/acceptance"] = drafts.acceptance
+            metrics["mtp/acceptance_first"] = drafts.first_acceptance
+            if self.speculative_k > 1:
+                metrics["mtp/acceptance_chained"] = drafts.chained_acceptance
         if len(batch):
             metrics.update(self.train(batch))
             probe = self.sync(step)

@@ -3,8 +3,8 @@
 The classes are plain Python so they can be tested in-process; `remote_class` wraps them for Ray
 with the resources the recipe asks for, which is all it takes to scale out on a cluster.
 """
-from r1pipe.workers.batch import Completion, RolloutBatch, TrainBatch, build_batch, pad_per_token
+from r1pipe.workers.batch import Completion, DraftStats, RolloutBatch, TrainBatch, build_batch, pad_per_token
 from r1pipe.workers.policy import PolicyConfig, PolicyWorker
 from r1pipe.workers.rollout import RolloutWorker
 
-__all__ = ["Completion", "RolloutBatch", "PolicyConfig", "PolicyWorker", "RolloutWorker", "TrainBatch", "build_batch", "pad_per_token"]
+__all__ = ["Completion", "DraftStats", "RolloutBatch", "PolicyConfig", "PolicyWorker", "RolloutWorker", "TrainBatch", "build_batch", "pad_per_token"]

@@ -66,6 +66,36 @@ def pad_per_token(values: list[list[float]], prompt_lens: list[int], shape: tupl
 
 
 @dataclass
+class DraftStats:
+    """MTP self-speculation counts over some engine steps: drafts proposed and accepted, all of them
+    and the first draft of each step alone (later drafts chain the drafter's own hidden state)."""
+
+    drafts: int = 0
+    accepted: int = 0
+    first_drafts: int = 0
+    first_accepted: int = 0
+
+    def __add__(self, other: "DraftStats") -> "DraftStats":
+        return DraftStats(self.drafts + other.drafts, self.accepted + other.accepted,
+                          self.first_drafts + other.first_drafts, self.first_accepted + other.first_accepted)
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / proposed, every draft position."""
+        return self.accepted / max(self.drafts, 1)
+
+    @property
+    def first_acceptance(self) -> float:
+        """Accepted / proposed, first draft of each step (the MTP module on the main model's hidden state)."""
+        return self.first_accepted / max(self.first_drafts, 1)
+
+    @property
+    def chained_acceptance(self) -> float:
+        """Accepted / proposed, the later drafts (each one is proposed whatever happens to the earlier ones)."""
+        return (self.accepted - self.first_accepted) / max(self.drafts - self.first_drafts, 1)
+
+
+@dataclass
 class Completion:
     """One sampled completion of a prompt, as the rollout engine returned it, plus its reward."""
 

@@ -52,6 +52,7 @@ class PolicyConfig:
     freeze_router_bias: bool = False  # hold the routers' balancing bias still (MaxVio is still measured)
     draft_loss: bool = False  # train the MTP module (only it) toward the policy's detached next-token distribution
     draft_lr_scale: float = 1.0  # with the draft loss, the MTP module's parameters step at lr x this
+    draft_depth: int = 1  # drafts chained per position in the draft loss: the engine's speculative_k
     device: str = "cpu"
     num_threads: int = 1
     seed: int = 0
@@ -146,14 +147,16 @@ class PolicyWorker:
         return (*token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.cfg.temperature), out)
 
     def _draft_loss(self, batch: TrainBatch, out: Any, num_positions: float) -> torch.Tensor:
-        """MTP module 0 at position t reads token t+1 and drafts token t+2; its target is the policy's
-        distribution at t+1 (detached), on positions whose drafted token is a completion token."""
-        B, S = batch.input_ids.shape
-        positions = torch.arange(S, device=self.device).expand(B, S)
-        next_ids = torch.roll(batch.input_ids, shifts=-1, dims=1)
-        _, draft_logits = self.model.mtp_step(0, out.hidden.detach(), next_ids, positions, attention_mask=batch.attention_mask)
-        mask = batch.response_mask[:, 1:]
-        return draft_loss(draft_logits[:, : S - 2], out.logits[:, 1 : S - 1], mask, self.cfg.temperature, num_positions)
+        """The drafter chained `draft_depth` deep as the engine drafts (`mtp_draft_chain`): depth j at
+        position t reads token t+j and drafts token t+j+1; its target is the policy's distribution at t+j
+        (detached), on positions whose drafted token is a completion token. Mean over the depths."""
+        S = batch.input_ids.shape[1]
+        depth = self.cfg.draft_depth
+        chain = self.model.mtp_draft_chain(out.hidden.detach(), batch.input_ids, depth, batch.attention_mask)
+        losses = [draft_loss(logits[:, : S - 1 - j], out.logits[:, j : S - 1], batch.response_mask[:, j:],
+                             self.cfg.temperature, num_positions)
+                  for j, logits in enumerate(chain, start=1)]
+        return sum(losses) / depth
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
         if self.device.type == "cpu":

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from r1pipe.engine import LLM, SamplingParams
-from r1pipe.workers.batch import Completion
+from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.weight_sync import SyncGroup
 
 
@@ -19,7 +19,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0, num_threads: int = 1):
         torch.set_num_threads(num_threads)
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
-        self._draft_seen = {"draft_tokens": 0, "accepted_tokens": 0}
+        self._draft_seen = DraftStats()
 
     def generate_stream(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
@@ -63,12 +63,13 @@ class RolloutWorker:
         return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text + stop,
                           logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing)
 
-    def take_draft_stats(self) -> tuple[int, int]:
-        """(draft tokens proposed, accepted) by MTP speculation since the last call."""
-        now = {k: int(self.llm.stats[k]) for k in self._draft_seen}
-        delta = (now["draft_tokens"] - self._draft_seen["draft_tokens"], now["accepted_tokens"] - self._draft_seen["accepted_tokens"])
-        self._draft_seen = now
-        return delta
+    def take_draft_stats(self) -> DraftStats:
+        """MTP drafts proposed and accepted since the last call."""
+        st = self.llm.stats
+        now = DraftStats(st["draft_tokens"], st["accepted_tokens"], st["first_drafts"], st["first_accepted"])
+        seen, self._draft_seen = self._draft_seen, now
+        return DraftStats(now.drafts - seen.drafts, now.accepted - seen.accepted,
+                          now.first_drafts - seen.first_drafts, now.first_accepted - seen.first_accepted)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.llm.update_weights(state_dict)

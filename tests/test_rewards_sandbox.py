@@ -116,6 +116,15 @@ def test_network_is_unreachable(isolation):
     assert "connected" not in res.stdout and ("OSError" in res.stderr or "unreachable" in res.stderr)
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_limits_are_in_force_from_the_programs_first_line(isolation):
+    names = ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
+    res = run_python(f"import resource\nprint([resource.getrlimit(getattr(resource, n)) for n in {names!r}])",
+                     timeout_s=2.0, memory_mb=300, config=SandboxConfig(isolation=isolation))
+    # soft = hard for each, CPU: ceil(timeout) + 1 s soft (SIGXCPU), 1 s more hard; files 16 MB; no core dumps
+    assert res.ok and res.stdout.strip() == str([(300 * 2**20,) * 2, (3, 4), (16 * 2**20,) * 2, (256, 256), (0, 0)])
+
+
 def test_private_dir_is_writable_and_removed():
     res = run_python("import os\nopen('scratch.txt', 'w').write('ok')\nprint(os.getcwd())\nprint(open('scratch.txt').read())")
     assert res.ok and res.stdout.split()[-1] == "ok"

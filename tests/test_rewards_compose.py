@@ -116,6 +116,27 @@ def test_reward_pool_matches_local_scoring(ray_local):
     assert [r.components["accuracy"] for r in remote] == [0.0 if k % 3 == 0 or k == 5 else 1.0 for k in range(12)]
 
 
+def test_reward_pool_programs_run_at_low_cpu_priority(ray_local):
+    """Pool workers yield the CPU to generation: a sandboxed program runs `nice` steps lower than the
+    same program in a pool with nice=0 (Ray already runs its workers niced; 19 is the floor)."""
+    from r1pipe.rewards.worker import RewardPool
+
+    program = "<answer> def f(x): return x </answer>"
+    refs = [{"test_list": [f"assert os.nice(0) == {n}"], "test_imports": ["import os"]} for n in range(20)]
+
+    def niceness(nice: int) -> int:  # the one n whose test passes
+        pool = RewardPool({"code": 1.0}, num_workers=1, nice=nice)
+        try:
+            passed = [n for n, r in enumerate(pool.score([program] * 20, refs)) if r.total == 1.0]
+        finally:
+            pool.shutdown()
+        assert len(passed) == 1, passed
+        return passed[0]
+
+    base = niceness(0)
+    assert niceness(10) == min(19, base + 10) > base
+
+
 def test_code_verdicts_are_cached_per_program_and_tests(monkeypatch):
     import r1pipe.rewards.compose as compose
 

@@ -5,12 +5,16 @@
     python bench/compare_r1_runs.py runs/r1 runs/r1-zero-same-base --png docs/img/r1_vs_r1zero.png
 
 Prints a markdown table (held-out accuracy per domain, format compliance, summary share, language
-consistency, mixed-script share, mean length, per stage of both runs) and writes one PNG; last line JSON.
+consistency, mixed-script share, mean length, per stage of both runs), the final models compared
+problem by problem (per domain: solved by R1 only, by R1-Zero only, and the exact two-sided sign-test
+p-value of that split, i.e. McNemar's exact test; from the scorecards' answer files), and writes one
+PNG; last line JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -22,6 +26,35 @@ def scorecard(run_dir: Path) -> dict[str, dict]:
     summary = json.loads((run_dir / "summary.json").read_text())
     order = [s for s in summary["stages"] if s in summary.get("per_stage", {})]
     return {s: summary["per_stage"][s] for s in order}
+
+
+def answers(run_dir: Path, stage: str) -> dict[str, dict]:
+    """The scorecard's answers of one stage's model, by row id ({} for a scorecard without them)."""
+    path = run_dir / "scorecard" / f"{stage}.answers.jsonl"
+    if not path.exists():
+        return {}
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided p-value of `wins` against `losses` under a fair coin (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n)
+
+
+def paired(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
+    """Per domain, over the problems both answered: solved by `a` only, by `b` only, and the p-value."""
+    out: dict[str, dict] = {}
+    for rid in sorted(a.keys() & b.keys()):
+        d = out.setdefault(a[rid]["domain"], {"n": 0, "first_only": 0, "second_only": 0})
+        d["n"] += 1
+        d["first_only"] += int(a[rid]["solved"] and not b[rid]["solved"])
+        d["second_only"] += int(b[rid]["solved"] and not a[rid]["solved"])
+    for d in out.values():
+        d["p_value"] = round(sign_test(d["first_only"], d["second_only"]), 4)
+    return out
 
 
 def main() -> None:
@@ -41,6 +74,11 @@ def main() -> None:
             print("| " + " | ".join(cells) + " |")
 
     final = {run: list(card.values())[-1] for run, card in runs.items()}
+    last = {run: list(card)[-1] for run, card in runs.items()}
+    pairs = paired(answers(args.r1, last["R1"]), answers(args.r1_zero, last["R1-Zero"]))
+    for d, p in pairs.items():
+        print(f"{d}: {p['n']} problems; solved by R1 only {p['first_only']}, by R1-Zero only {p['second_only']} "
+              f"(sign test p = {p['p_value']:.3g})")
     labels = [*[f"{d}\naccuracy" for d in domains], "format\ncompliance", "closing\nsummary", "language\nconsistency",
               "mixed\nscripts"]
     fig = Figure(figsize=(11, 4))
@@ -64,7 +102,7 @@ def main() -> None:
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=100)
-    print(json.dumps({"r1_final": final["R1"], "r1_zero_final": final["R1-Zero"], "png": str(args.png)}))
+    print(json.dumps({"r1_final": final["R1"], "r1_zero_final": final["R1-Zero"], "paired": pairs, "png": str(args.png)}))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,9 @@ def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
         assert set(row["accuracy"]) == {"math", "code"} and row["n"] == {"math": 4, "code": 4}, name
         for key in ("format_compliance", "language_consistency", "mean_length", "mixed_script_share"):
             assert 0.0 <= row[key] and (key == "mean_length" or row[key] <= 1.0), (name, key)
+        answers = read_jsonl(rd / "scorecard" / f"{name}.answers.jsonl")  # every answer, for paired comparisons
+        assert [a["domain"] for a in answers].count("math") == 4 and len(answers) == 8, name
+        assert sum(a["solved"] for a in answers if a["domain"] == "math") / 4 == row["accuracy"]["math"], name
 
     again = run_cli("run", "r1", *args, "--run-dir", "rd", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

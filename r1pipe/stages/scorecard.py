@@ -5,8 +5,9 @@ the first `per_domain` held-out rows of each domain (math, code, ...) are scored
 reward routing (math: the accuracy reward; code: the code reward, tests run in the sandbox) and
 the readability figures of r1pipe.rewards.readability: format compliance, language consistency
 of the chain of thought, share of responses mixing scripts, mean length in tokens. The run's
-summary.json carries the table as `per_stage`. Results per model are written as they finish,
-so an interrupted scorecard resumes with the models it has not scored yet.
+summary.json carries the table as `per_stage`; `<stage>.answers.jsonl` keeps every answer (row id,
+domain, solved, text), so two runs can be compared problem by problem. Results per model are
+written as they finish, so an interrupted scorecard resumes with the models it has not scored yet.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from r1pipe.data import load_prompt_rows
+from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.rewards import domain_of, missing_reference, solved
 from r1pipe.rewards.readability import readability
@@ -72,6 +74,9 @@ def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
         finally:
             sampler.shutdown()
         table[name] = domain_scores(picked, samples, list(weights))
+        write_jsonl(out_dir / f"{name}.answers.jsonl",
+                    ({"id": r.id, "domain": domain_of(r.reference), "solved": solved(s.components, r.reference, list(weights)),
+                      "text": s.text} for r, (s,) in zip(picked, samples)))
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(table[name], indent=1))
         tmp.rename(done)

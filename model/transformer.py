@@ -159,7 +159,9 @@ class Transformer(nn.Module):
         entry j-1 at index t reads token t+j and drafts token t+j+1 (the last j indices are not meaningful).
         Depth 1 is the module on the main hidden state at position t. Depth j > 1 chains depth j-1's output
         hidden state at position t+j-1 and attends to what the engine's drafter cache holds when it drafts:
-        the depth-1 entries at positions <= t and the chain's own entries at t+1..t+j-1 (`chain_mask`)."""
+        the depth-1 entries at positions <= t and the chain's own entries at t+1..t+j-1 (`chain_mask`).
+        Depth j's pass recomputes depths < j as its keys (the block takes one sequence), so the cost grows
+        as depth^2 MTP-block passes: small for the k of 1-3 that speculation uses."""
         module = self.mtp_modules[0]
         B, S = input_ids.shape
         index = torch.arange(S, device=input_ids.device).expand(B, S)

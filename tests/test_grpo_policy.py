@@ -176,3 +176,4 @@ def test_draft_stats_split_first_and_chained_acceptance():
     total = DraftStats(20, 7, 10, 6) + DraftStats(10, 2, 5, 2)
     assert (total.drafts, total.accepted, total.first_drafts, total.first_accepted) == (30, 9, 15, 8)
     assert total.acceptance == 9 / 30 and total.first_acceptance == 8 / 15 and total.chained_acceptance == 1 / 15
+    assert total - DraftStats(10, 2, 5, 2) == DraftStats(20, 7, 10, 6)  # a worker's delta since its last report

@@ -7,7 +7,7 @@ what the engine used, and causal attention never lets a real token see the paddi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 from torch import Tensor
@@ -76,8 +76,10 @@ class DraftStats:
     first_accepted: int = 0
 
     def __add__(self, other: "DraftStats") -> "DraftStats":
-        return DraftStats(self.drafts + other.drafts, self.accepted + other.accepted,
-                          self.first_drafts + other.first_drafts, self.first_accepted + other.first_accepted)
+        return DraftStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __sub__(self, other: "DraftStats") -> "DraftStats":
+        return DraftStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
     @property
     def acceptance(self) -> float:

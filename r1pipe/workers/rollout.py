@@ -68,8 +68,7 @@ class RolloutWorker:
         st = self.llm.stats
         now = DraftStats(st["draft_tokens"], st["accepted_tokens"], st["first_drafts"], st["first_accepted"])
         seen, self._draft_seen = self._draft_seen, now
-        return DraftStats(now.drafts - seen.drafts, now.accepted - seen.accepted,
-                          now.first_drafts - seen.first_drafts, now.first_accepted - seen.first_accepted)
+        return now - seen
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.llm.update_weights(state_dict)

@@ -7,8 +7,15 @@ Isolation in force (strongest first; `r1pipe sandbox check` prints it):
   caller's home, and the run's private directory as the only writable place. When the caller is
   root the program additionally runs as a fresh, unique uid, so that the process limit binds and
   no file outside its own directory is writable.
-* ``rlimits``: no namespaces; a private working directory (cwd, HOME, TMPDIR), a new session
-  (process group) that is killed as a whole, and, when root, a new network namespace.
+* ``rlimits``: no namespaces; a private working directory (cwd, HOME, TMPDIR), a process group
+  that is killed as a whole, and, when root, a new network namespace.
+
+A run gets a session of its own only when the caller has a controlling terminal: that is what a new
+session keeps a program away from (pushing input into the terminal with TIOCSTI). Without one the
+run stays in the caller's session, because a session is also a scheduling group where the kernel
+groups by session (sched_autogroup): each run in a session of its own would weigh as much as the
+whole session generating, whatever its nice value. RewardPool workers give up their terminal at
+start (`release_terminal`), so their runs stay in their session, niced.
 
 Both always set rlimits on CPU time, address space, file size, open files and processes, write
 stdout/stderr to size-capped files (so printing 1 GB ends at the cap, it never fills memory) and
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import fcntl
 import functools
 import math
 import os
@@ -31,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,8 +128,34 @@ def _interpreter_binds(hidden: list[str]) -> list[str]:
     return out
 
 
-def _bwrap_argv(bwrap: str, workdir: str, uid: int | None) -> list[str]:
-    argv = [bwrap, "--die-with-parent", "--new-session",
+def has_controlling_terminal() -> bool:
+    """Whether this process has a controlling terminal (/dev/tty opens only then)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def release_terminal() -> None:
+    """Give up this process's controlling terminal, if it has one and does not lead its session (a leader
+    would hang the whole session up): the runs it starts then need no session of their own."""
+    if os.getsid(0) == os.getpid():
+        return
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, termios.TIOCNOTTY)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _bwrap_argv(bwrap: str, workdir: str, uid: int | None, new_session: bool) -> list[str]:
+    argv = [bwrap, "--die-with-parent", *(["--new-session"] if new_session else []),
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() != 0:
         argv.append("--unshare-user")
@@ -154,11 +189,14 @@ def _rlimits(cfg: SandboxConfig, nproc_limit: int) -> list[tuple[str, int, int]]
             ("RLIMIT_NPROC", nproc_limit, nproc_limit), ("RLIMIT_NOFILE", 256, 256), ("RLIMIT_CORE", 0, 0)]
 
 
-def _preexec(cfg: SandboxConfig, nproc_limit: int, uid: int | None, new_netns: bool):
+def _preexec(cfg: SandboxConfig, nproc_limit: int, uid: int | None, new_netns: bool, new_session: bool):
     limits = [(getattr(resource, name), soft, hard) for name, soft, hard in _rlimits(cfg, nproc_limit)]
 
     def run() -> None:  # in the child, between fork and exec: no allocations that may deadlock
-        os.setsid()
+        if new_session:
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
         for which, soft, hard in limits:
             resource.setrlimit(which, (soft, hard))
         if new_netns:
@@ -388,11 +426,12 @@ def _run(files: dict[str, str], args: list[str], cfg: SandboxConfig, stdin: str,
     # Under bubblewrap the interpreter sets its own limits (started by vfork); the fallback sets them,
     # with the uid drop and the network namespace, in a preexec_fn (a fork).
     bwrap = iso.mode == "bwrap"
+    new_session = has_controlling_terminal()  # else the run stays in the caller's session (module docstring)
     prelude = _limits_prelude(cfg, nproc) if bwrap else ""
     # -S skips site's .pth processing, which is most of the interpreter's start-up time here.
     argv = [sys.executable, "-I", "-S", "-B", *_launcher(args, cfg.site_packages, prelude)]
     if bwrap:
-        argv = _bwrap_argv(iso.bwrap, workdir, uid) + argv
+        argv = _bwrap_argv(iso.bwrap, workdir, uid, new_session) + argv
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": inside_dir, "TMPDIR": inside_dir,
            "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
     out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
@@ -401,9 +440,10 @@ def _run(files: dict[str, str], args: list[str], cfg: SandboxConfig, stdin: str,
     with open(out_path, "wb") as out, open(err_path, "wb") as err, tempfile.TemporaryFile() as fin:
         fin.write(stdin.encode())
         fin.seek(0)
-        preexec = None if bwrap else _preexec(cfg, nproc, uid, iso.private_network)
-        proc = subprocess.Popen(argv, stdin=fin, stdout=out, stderr=err, cwd=workdir, env=env,
-                                preexec_fn=preexec, start_new_session=bwrap, close_fds=True)
+        preexec = None if bwrap else _preexec(cfg, nproc, uid, iso.private_network, new_session)
+        proc = subprocess.Popen(argv, stdin=fin, stdout=out, stderr=err, cwd=workdir, env=env, preexec_fn=preexec,
+                                start_new_session=bwrap and new_session,
+                                process_group=0 if bwrap and not new_session else None, close_fds=True)
         try:
             _wait(proc, cfg.timeout_s)
         except subprocess.TimeoutExpired:

@@ -5,9 +5,10 @@ worker, rewards run on a thread pool (8 by default): a code sandbox mostly waits
 setting up its namespaces and on its child process, so several at once cost little more CPU than one
 (measured on 2 cores: 9.6 sandbox runs/s with 1 thread, 27 with 4, 29 with 8).
 
-Pool workers run at a lower CPU priority than the other Ray workers (`nice` on top of Ray's own worker
-niceness, 19 at most; inherited by every sandboxed program): rewards overlap generation, and where the
-two compete for cores the engine, the bottleneck, goes first.
+Pool workers score in the background: niced on top of Ray's own worker niceness (19 at most), their
+scoring threads and every sandboxed program under SCHED_IDLE, in the worker's own session (see
+rewards.sandbox on sessions and autogroups), math-verify processes started with the worker. Rewards
+overlap generation, and where the two compete for cores the engine, the bottleneck, goes first.
 """
 
 from __future__ import annotations
@@ -16,24 +17,38 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .compose import RewardResult, build_reward_fn
+from .sandbox import release_terminal
+from .verifier import default_pool
+
+
+def _idle() -> None:
+    """This thread (and what it starts) runs only on CPU time nothing else wants (SCHED_IDLE)."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class RewardWorker:
     """Plain class; `RewardPool` wraps it with `ray.remote`. Usable directly in tests or one process."""
 
     def __init__(self, weights: dict[str, float], threads: int = 8, nice: int = 0, **options):
-        """`nice` > 0 lowers the CPU priority of the process this runs in (RewardPool's actors: 10)."""
+        """`nice` > 0 makes this a background scorer (RewardPool's actors: 10): the process lowers its priority
+        by `nice`, its scoring threads (and the sandboxed programs they start) run under SCHED_IDLE, it gives up
+        its controlling terminal so that those programs need no session of their own (rewards.sandbox), and it
+        starts its math-verify processes at once instead of at the first answer that needs one."""
         self.reward_fn = build_reward_fn(weights, **options)
         self.threads = threads
-        if nice > 0:
+        self.background = nice > 0
+        if self.background:
             os.nice(nice)
+            release_terminal()
+            if "accuracy" in weights:
+                default_pool().start()
 
     def score(self, completions: list[str], references: list[dict]) -> list[RewardResult]:
         if len(completions) != len(references):
             raise ValueError(f"{len(completions)} completions but {len(references)} references")
         if self.threads <= 1 or len(completions) <= 1:
             return [self.reward_fn(c, r) for c, r in zip(completions, references)]
-        with ThreadPoolExecutor(self.threads) as ex:
+        with ThreadPoolExecutor(self.threads, initializer=_idle if self.background else None) as ex:
             return list(ex.map(self.reward_fn, completions, references))
 
 

@@ -137,6 +137,24 @@ def test_reward_pool_programs_run_at_low_cpu_priority(ray_local):
     assert niceness(10) == min(19, base + 10) > base
 
 
+def test_background_pool_programs_run_under_sched_idle(ray_local):
+    """A background pool (nice > 0) scores on SCHED_IDLE threads: its sandboxed programs inherit the
+    policy, so they only take CPU time that generation leaves; a pool with nice=0 does not."""
+    from r1pipe.rewards.worker import RewardPool
+
+    program = "<answer> def f(x): return x </answer>"
+    refs = [{"test_list": ["assert os.sched_getscheduler(0) == os.SCHED_IDLE"], "test_imports": ["import os"]}] * 2
+
+    def idle(nice: int) -> list[float]:
+        pool = RewardPool({"code": 1.0}, num_workers=1, nice=nice)
+        try:
+            return [r.total for r in pool.score([program] * 2, refs)]
+        finally:
+            pool.shutdown()
+
+    assert idle(10) == [1.0, 1.0] and idle(0) == [0.0, 0.0]
+
+
 def test_code_verdicts_are_cached_per_program_and_tests(monkeypatch):
     import r1pipe.rewards.compose as compose
 

@@ -146,3 +146,56 @@ def test_interpreter_in_a_hidden_directory_is_bound_back(monkeypatch):
     binds = sandbox._interpreter_binds(["/tmp", "/dev/shm"])
     assert "/tmp/clone/.venv" in binds
     assert all(not b.startswith("/usr/") for b in binds)  # what stays visible is not re-bound
+
+
+_TTY_PROBE = "import os\ntry:\n    os.close(os.open('/dev/tty', os.O_RDWR))\n    print('tty')\nexcept OSError:\n    print('no tty')\n"
+_AUTOGROUP_PROBE = "print(open('/proc/self/autogroup').read().split()[0])"
+
+
+def _in_child(body: str, isolation: str, with_terminal: bool) -> str:
+    """Run `body` (Python; its result in the variable `out`) in a child process that has a controlling
+    terminal (a pty, as a run started from an interactive shell has) or none; return `out`."""
+    import json
+    import pty
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp, "out.json")
+        script = (f"import json\nfrom r1pipe.rewards.sandbox import SandboxConfig, run_python\n"
+                  f"cfg = SandboxConfig(isolation={isolation!r})\n{body}\n"
+                  f"open({str(result)!r}, 'w').write(json.dumps(out))\n")
+        if not with_terminal:
+            subprocess.run([sys.executable, "-c", script], start_new_session=True, check=True, timeout=60)
+        else:
+            pid, fd = pty.fork()  # the child leads a new session whose controlling terminal is the pty
+            if pid == 0:
+                os.execv(sys.executable, [sys.executable, "-c", script])
+            try:
+                while True:  # drain the terminal until the child exits
+                    os.read(fd, 4096)
+            except OSError:
+                pass
+            assert os.waitpid(pid, 0)[1] == 0
+        return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_program_never_reaches_the_callers_terminal(isolation):
+    """Started from a process with a controlling terminal, a run gets a session of its own: the
+    program cannot open the terminal (nor push input into it)."""
+    here = "import os\nos.close(os.open('/dev/tty', os.O_RDWR))\n"  # the caller itself has the terminal
+    out = _in_child(f"{here}out = run_python({_TTY_PROBE!r}, config=cfg).stdout", isolation, with_terminal=True)
+    assert out.strip() == "no tty"
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling")
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_run_without_a_terminal_stays_in_the_callers_scheduling_group(isolation):
+    """With no terminal to protect, a run stays in the caller's session, i.e. its autogroup: its CPU
+    share then follows its nice value instead of weighing as much as the caller's whole session."""
+    body = (f"out = [open('/proc/self/autogroup').read().split()[0], "
+            f"run_python({_AUTOGROUP_PROBE!r}, config=cfg).stdout.strip()]")
+    caller, program = _in_child(body, isolation, with_terminal=False)
+    assert program == caller

@@ -27,6 +27,23 @@ class TrainBatch:
         routing = None if self.routing is None else [r[index] for r in self.routing]
         return TrainBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index], routing)
 
+    def trimmed(self) -> "TrainBatch":
+        """The same rows cut to their longest one: padding columns that every row has are dropped
+        (right padding: the real tokens' positions and results do not change)."""
+        S = self.input_ids.shape[1]
+        width = min(S, max(2, int(self.attention_mask.sum(1).max()))) if len(self) else S
+        if width == S:
+            return self
+        routing = None if self.routing is None else [r[:, :width] for r in self.routing]
+        return TrainBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, : width - 1],
+                          routing)
+
+
+def by_length(batch: TrainBatch) -> Tensor:
+    """Row indices, longest row first (ties in row order): cut into consecutive micro-batches, each
+    holds rows of similar length and pads only to its own longest (TrainBatch.trimmed)."""
+    return torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
+
 
 def build_batch(
     prompt_ids: list[list[int]],

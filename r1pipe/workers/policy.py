@@ -6,7 +6,8 @@ FSDP2 (r1pipe.workers.sharding), so each rank holds 1/N of the parameters and op
 gradients are reduce-scattered; without it every rank holds a replica and gradients are summed in
 one flat all-reduce. Either way the loss is normalised with the *global* token / sequence counts,
 so N workers step exactly like one worker on the whole batch. Every rank runs the same number of
-micro-batches (`num_micro`), as the sharded forward and backward are collectives.
+micro-batches (`num_micro`), as the sharded forward and backward are collectives; a micro-batch holds
+rows of similar length (sorted) and is padded only to its own longest row.
 The class is plain Python; the controller wraps it with ray.remote.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from r1pipe.algo import draft_loss, grpo_loss, tis_weights, token_logprobs_and_entropy
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
-from r1pipe.workers.batch import TrainBatch
+from r1pipe.workers.batch import TrainBatch, by_length
 from r1pipe.workers.sharding import (
     checkpoint_activations, full_tensors, load_sharded, local_bytes, save_pretrained_full, save_sharded, shard,
     undo_gradient_average,
@@ -164,13 +165,17 @@ class PolicyWorker:
         routing = None if batch.routing is None else [r.to(self.device) for r in batch.routing]
         return TrainBatch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.response_mask.to(self.device), routing)
 
-    def _micro_slices(self, n: int, num_micro: int | None) -> list[slice]:
-        """This rank's micro-batches: of micro_batch_size rows, or exactly `num_micro` near-equal
-        contiguous ones (some may be empty) so that every rank runs the same number."""
+    def _micro_batches(self, batch: TrainBatch, num_micro: int | None) -> list[torch.Tensor]:
+        """This rank's micro-batches as row indices: rows sorted by length (longest first) and cut into
+        micro_batch_size rows, or exactly `num_micro` near-equal parts (some may be empty) so that every
+        rank runs the same number. Each one is then trimmed to its longest row, so a batch of mixed
+        completion lengths is not padded to the longest of all (same update: the loss is a sum over
+        tokens normalised by the global counts)."""
+        order, n = by_length(batch), len(batch)
         if num_micro is None:
-            return [slice(i, i + self.cfg.micro_batch_size) for i in range(0, n, self.cfg.micro_batch_size)]
+            return [order[i:i + self.cfg.micro_batch_size] for i in range(0, n, self.cfg.micro_batch_size)]
         bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
-        return [slice(bounds[i], bounds[i + 1]) for i in range(num_micro)]
+        return [order[bounds[i]:bounds[i + 1]] for i in range(num_micro)]
 
     def _idle_pass(self, model: torch.nn.Module, backward: bool) -> None:
         """A rank with no rows for this micro-batch still joins the sharded collectives: a one-token
@@ -194,16 +199,17 @@ class PolicyWorker:
             raise RuntimeError("this worker holds no reference model (kl_coef == 0)")
         was_training = model.training
         model.eval()
-        parts = []
+        out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
         try:
-            for rows in self._micro_slices(len(batch), num_micro):
-                if rows.stop <= rows.start:
+            for rows in self._micro_batches(batch, num_micro):
+                if len(rows) == 0:
                     self._idle_pass(model, backward=False)
                     continue
-                parts.append(self._forward_logprobs(model, self._to_device(batch.rows(rows)))[0].cpu())
+                logp = self._forward_logprobs(model, self._to_device(batch.rows(rows).trimmed()))[0].cpu()
+                out[rows, : logp.shape[1]] = logp
         finally:
             model.train(was_training)
-        return torch.cat(parts) if parts else torch.zeros(0, batch.input_ids.shape[1] - 1)
+        return out
 
     # ---- one optimizer step ----
 
@@ -235,17 +241,18 @@ class PolicyWorker:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
-        for rows in self._micro_slices(len(batch), num_micro):
-            if rows.stop <= rows.start:
+        for rows in self._micro_batches(batch, num_micro):
+            if len(rows) == 0:
                 self._idle_pass(self.model, backward=True)
                 continue
-            micro = self._to_device(batch.rows(rows))
+            micro = self._to_device(batch.rows(rows).trimmed())
             logp, entropy, out = self._forward_logprobs(self.model, micro)
             mask = micro.response_mask
-            old = logp.detach() if old_logp is None else old_logp[rows].to(self.device)
-            tis = None if tis_weight is None else tis_weight[rows].to(self.device)
+            T = mask.shape[1]
+            old = logp.detach() if old_logp is None else old_logp[rows, :T].to(self.device)
+            tis = None if tis_weight is None else tis_weight[rows, :T].to(self.device)
             if engine_logp is not None:
-                engine, on = engine_logp[rows].to(self.device), mask > 0
+                engine, on = engine_logp[rows, :T].to(self.device), mask > 0
                 gap = (old - engine).abs()[on]
                 totals["mismatch_abs"] = totals.get("mismatch_abs", 0.0) + float(gap.sum())
                 totals["mismatch_max"] = max(totals.get("mismatch_max", 0.0), float(gap.max()) if gap.numel() else 0.0)
@@ -261,7 +268,7 @@ class PolicyWorker:
                 clip_low=cfg.clip_low,
                 clip_high=cfg.clip_high,
                 agg=cfg.loss_agg,
-                ref_logp=None if ref_logp is None else ref_logp[rows].to(self.device),
+                ref_logp=None if ref_logp is None else ref_logp[rows, :T].to(self.device),
                 kl_coef=cfg.kl_coef,
                 num_tokens=num_tokens,
                 num_seqs=num_seqs,

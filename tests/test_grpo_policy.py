@@ -144,7 +144,9 @@ def test_draft_chain_equals_drafting_through_the_cache(tmp_path):
                 h, logits = model.mtp_step(0, h, ids[:, t + j : t + j + 1], torch.full((2, 1), t + j - 1), cache=cache)
                 cached.append(logits[:, -1])
             for j, logits in enumerate(cached):
-                torch.testing.assert_close(chain[j][:, t], logits, atol=1e-5, rtol=1e-5, msg=f"depth {j + 1}, t={t}")
+                # fp32 summation order differs (cache vs whole sequence) on logits of size ~7: up to ~5e-5 seen on
+                # some CPUs; a wrong mask is off by O(1)
+                torch.testing.assert_close(chain[j][:, t], logits, atol=2e-4, rtol=1e-4, msg=f"depth {j + 1}, t={t}")
 
 
 def test_draft_loss_trains_every_chained_depth(tmp_path):

@@ -52,6 +52,7 @@ def test_logprobs_are_each_rows_own_in_row_order(tmp_path):
             alone, _ = token_logprobs_and_entropy(model(ids).logits[:, :-1], ids[:, 1:], 1.0)
             n = len(p) + len(c) - 1
             assert (logp[i, :n] - alone[0]).abs().max() <= 1e-5, i
+            assert torch.all(logp[i, n:] == 0)  # padding targets
 
 
 def test_train_step_in_sorted_trimmed_micro_batches_equals_one_whole_batch(tmp_path):

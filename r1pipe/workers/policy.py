@@ -192,8 +192,8 @@ class PolicyWorker:
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, reference: bool = False, num_micro: int | None = None) -> torch.Tensor:
-        """Log-probs [B, S-1] of every target token under the policy (or the reference), in eval mode
-        so that the forward does not count toward the router's expert loads."""
+        """Log-probs [B, S-1] of every target token under the policy (or the reference; 0 where the target is
+        padding), in eval mode so that the forward does not count toward the router's expert loads."""
         model = self.reference if reference else self.model
         if model is None:
             raise RuntimeError("this worker holds no reference model (kl_coef == 0)")
@@ -205,8 +205,9 @@ class PolicyWorker:
                 if len(rows) == 0:
                     self._idle_pass(model, backward=False)
                     continue
-                logp = self._forward_logprobs(model, self._to_device(batch.rows(rows).trimmed()))[0].cpu()
-                out[rows, : logp.shape[1]] = logp
+                micro = batch.rows(rows).trimmed()
+                logp = self._forward_logprobs(model, self._to_device(micro))[0].cpu()
+                out[rows, : logp.shape[1]] = logp * micro.attention_mask[:, 1:]  # 0 where the target is padding
         finally:
             model.train(was_training)
         return out

@@ -20,6 +20,7 @@ def test_readable_and_mixed_steps() -> None:
     assert set(drifted) == {readable_steps(p), "step 7+5=12 keep 2 ; 步 4+8+1=13 留 32 ; 步 3+1=4 留 432",
                             "step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; 步 3+1=4 留 432"}
     assert summary(p) == "so 347 + 85 = 432"
+    assert summary(p, code=True) == "so 347 + 85 = 432 and f(x) = x + 432"  # the function, right before the program
     text = r1_completion(p, worked=True, rng=random.Random(0), guess_correct=0.0, with_summary=True)
     assert text == " <think> step 7+5=12 keep 2 ; step 4+8+1=13 keep 32 ; step 3+1=4 keep 432 ; so 347 + 85 = 432 </think> <answer> 432 </answer>"
 
@@ -56,4 +57,4 @@ def test_cold_start_is_right_and_readable() -> None:
         result = fn(" " + r["response"], ref)
         assert result.components["format"] == 1.0 and result.components["code" if r["domain"] == "code" else "accuracy"] == 1.0
         assert all(f(r["response"], ref) for f in filters), (r, [f.name for f in filters if not f(r["response"], ref)])
-        assert summary(p) in r["response"]
+        assert summary(p, code=r["domain"] == "code") in r["response"]

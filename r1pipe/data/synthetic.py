@@ -237,9 +237,12 @@ def readable_steps(p: Problem, rng: random.Random | None = None, mix: float = 0.
     return " ; ".join(out)
 
 
-def summary(p: Problem) -> str:
-    """The short summary that closes an R1-format chain of thought."""
-    return f"so {p.a} {OPERATORS[p.kind]} {p.b} = {p.answer}"
+def summary(p: Problem, code: bool = False) -> str:
+    """The short summary that closes an R1-format chain of thought; for a code task it also says what the
+    function returns, so the program that follows is cued by the words right before it (a tiny model
+    reads the question's "Write a Python function" poorly from the far end of a chain)."""
+    text = f"so {p.a} {OPERATORS[p.kind]} {p.b} = {p.answer}"
+    return f"{text} and f(x) = x + {p.answer}" if code else text
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,7 @@ def r1_completion(p: Problem, *, worked: bool, rng: random.Random, guess_correct
     """A completion in the R1 world: readable (possibly mixed) steps or a bare guess; the answer is
     the number, or for a code task the program with that constant."""
     if worked:
-        think = readable_steps(p, rng, mix) + (f" ; {summary(p)}" if with_summary else "")
+        think = readable_steps(p, rng, mix) + (f" ; {summary(p, code)}" if with_summary else "")
         value = p.answer
     else:
         think, value = GUESS_THINK, guess_answer(p, rng, guess_correct)

@@ -71,7 +71,10 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     # version 2 for dense bases: since then their corpus is tokenized by the trained tokenizer as is
     version = 2 if model_section.get("preset") in DENSE_PRESETS else 1
-    blob = json.dumps({"pretrain": shaping, "model": model_section, "seed": seed, "version": version}, sort_keys=True)
+    key = {"pretrain": shaping, "model": model_section, "seed": seed, "version": version}
+    if cfg.world == "r1":  # 2: the cold-start set's code summaries name the function (its files are cached too)
+        key["r1_world"] = 2
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

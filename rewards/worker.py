@@ -1,9 +1,11 @@
 """Ray actors that score batches of completions in parallel: `RewardPool(weights, num_workers)`.
 
-Each `RewardWorker` owns one RewardFn (and, lazily, its own math-verify processes); inside a
-worker, rewards run on a thread pool (8 by default): a code sandbox mostly waits on the kernel
-setting up its namespaces and on its child process, so several at once cost little more CPU than one
-(measured on 2 cores: 9.6 sandbox runs/s with 1 thread, 27 with 4, 29 with 8).
+Each `RewardWorker` owns one RewardFn (and its own math-verify processes); inside a worker, rewards
+run on a thread pool: a code sandbox mostly waits on the kernel setting up its namespaces and on its
+child process, so a few at once overlap well. A pool worker runs as many threads as the machine has
+cores, at most 8 (`default_threads`): more concurrent sandboxes than cores cost CPU in the kernel
+(namespace set-up and teardown) that generation then lacks. On 2 cores, rejection sampling with 25%
+code prompts ran at 0.78x the raw engine with 8 threads and 0.95x with 2; scoring alone got faster too.
 
 Pool workers score in the background: niced on top of Ray's own worker niceness (19 at most), their
 scoring threads and every sandboxed program under SCHED_IDLE, in the worker's own session (see
@@ -52,11 +54,17 @@ class RewardWorker:
             return list(ex.map(self.reward_fn, completions, references))
 
 
+def default_threads() -> int:
+    """Scoring threads of a pool worker: the cores this process may run on, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 class RewardPool:
     """Scores a batch across `num_workers` Ray actors (contiguous chunks, order preserved)."""
 
     def __init__(self, weights: dict[str, float], num_workers: int = 2, num_cpus_per_worker: float = 1.0,
-                 threads_per_worker: int = 8, nice: int = 10, **options):
+                 threads_per_worker: int | None = None, nice: int = 10, **options):
+        """`threads_per_worker` None: default_threads()."""
         import ray  # lazily: rewards work without Ray
 
         if num_workers < 1:
@@ -67,7 +75,8 @@ class RewardPool:
                      configure_logging=False)
         actor = ray.remote(num_cpus=num_cpus_per_worker)(RewardWorker)
         self._ray = ray
-        self.workers = [actor.remote(weights, threads_per_worker, nice, **options) for _ in range(num_workers)]
+        threads = threads_per_worker or default_threads()
+        self.workers = [actor.remote(weights, threads, nice, **options) for _ in range(num_workers)]
 
     def score(self, completions: list[str], references: list[dict]) -> list[RewardResult]:
         if len(completions) != len(references):

@@ -114,7 +114,7 @@ class MoE(nn.Module):
         experts = torch.arange(self.config.n_routed_experts, device=x.device, dtype=sorted_expert.dtype)
         offsets = torch.searchsorted(sorted_expert, experts, right=True).to(torch.int32)  # [E] cumulative counts
         token_of = order // k
-        ys = self.experts(x[token_of], offsets)
+        ys = self.experts(x.index_select(0, token_of), offsets)  # backward: index_add_, a fixed summation order
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 

@@ -65,6 +65,32 @@ def test_moe_matches_a_loop_over_experts():
     assert torch.equal(ids.reshape(-1, 2), indices)
 
 
+def test_moe_backward_is_bit_reproducible_on_several_threads():
+    """Each token is gathered once per chosen expert; the gradient of that gather sums its copies in a fixed
+    order (index_select's index_add_), so two backward passes on 2 threads agree bit for bit (a plain
+    x[index] gather accumulates its copies in a thread-dependent order, and pretraining drifted apart)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(ModelConfig.preset("tiny"), hidden_size=64, moe_intermediate_size=32)  # top-4 of 16
+        moe = MoE(cfg, "model.layers.1.mlp")
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.normal_(0, 0.3)
+        x = torch.randn(64, 40, 64)
+
+        def input_grad() -> torch.Tensor:
+            xi = x.clone().requires_grad_(True)
+            moe(xi)[0].pow(2).mean().backward()
+            return xi.grad
+
+        first = input_grad()
+        assert all(torch.equal(first, input_grad()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_moe_forward_and_backward_never_read_counts_on_the_host(monkeypatch):
     moe = MoE(_moe_config(), "model.layers.1.mlp").train()
     with torch.no_grad():

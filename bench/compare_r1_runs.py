@@ -61,8 +61,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("r1", type=Path)
     ap.add_argument("r1_zero", type=Path)
-    ap.add_argument("--png", type=Path, default=Path("r1_vs_r1zero.png"))
+    ap.add_argument("--png", type=Path, default=None, help="where the PNG goes (default: <r1>/r1_vs_r1zero.png)")
     args = ap.parse_args()
+    args.png = args.png or args.r1 / "r1_vs_r1zero.png"  # beside the run, never in the working tree
     runs = {"R1": scorecard(args.r1), "R1-Zero": scorecard(args.r1_zero)}
     domains = sorted({d for card in runs.values() for row in card.values() for d in row["accuracy"]})
     head = ["run", "stage", *[f"{d} accuracy" for d in domains], *FIGURES]

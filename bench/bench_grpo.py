@@ -2,9 +2,9 @@
 
 Both train the same tiny DeepSeek-V3 on the same R1-Zero arithmetic prompts, in the same order, with
 the same reward (r1pipe's accuracy reward, called as a plain function by both), group size, completion
-length, sampling temperature 1, no KL, one update per batch, fp32 and the same torch thread count
-(TRL's own defaults are bf16 autocast and gradient checkpointing; both are turned off here, as r1pipe
-uses neither). The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally:
+length, sampling temperature 1, no KL, one update per batch, the same compute dtype (`--dtype`: fp32, or
+bf16 autocast over fp32 master weights for both) and the same torch thread count (TRL's own defaults are
+bf16 autocast and gradient checkpointing; checkpointing is off here, as r1pipe does not use it). The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally:
 every completion runs to the length limit), or with `--base` the R1-Zero recipe's pretrained base and
 its training prompts (completions stop at EOS as in the real run). r1pipe runs its
 `grpo` stage (Ray workers, dynamic sampling off: the same work as TRL); phases are its own
@@ -37,6 +37,7 @@ from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
 
 from r1pipe.data.jsonl import read_jsonl, write_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
+from r1pipe.model import Precision  # noqa: E402
 from r1pipe.rewards import build_reward_fn  # noqa: E402
 
 _REWARD = build_reward_fn({"accuracy": 1.0})
@@ -61,7 +62,8 @@ def r1pipe_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]
                      reward_weights={}, extra_rewards={f"{__name__}:accuracy": 1.0}, dynamic_sampling=False,
                      micro_batch_size=args.prompts * args.group, threads_per_worker=args.threads,
                      checkpoint_every=10**6, lr=1e-4)
-    recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2}, "model": {"path": str(model)}})
+    recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2},
+                               "model": {"path": str(model), "dtype": args.dtype}})
     run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
     rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()][2:]  # after step 1
     return {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("rollout", "reward", "train", "sync", "step")}
@@ -93,7 +95,7 @@ def trl_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
     config = TRLConfig(output_dir=str(root / "trl"), per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_tokens, max_steps=args.steps,
                        temperature=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4, use_cpu=True, report_to=[],
-                       bf16=False, gradient_checkpointing=False,
+                       bf16=args.dtype == "bfloat16", gradient_checkpointing=False,
                        save_strategy="no", logging_steps=10**6, shuffle_dataset=False, seed=0)
     trainer = GRPOTrainer(model=str(model), reward_funcs=[reward], args=config, train_dataset=dataset, callbacks=[Phases()])
     generate = trainer._generate
@@ -120,7 +122,8 @@ def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     batch = build_batch([torch.randint(3, vocab, (24,), generator=g).tolist() for _ in range(rows)],
                         [torch.randint(3, vocab, (args.max_tokens,), generator=g).tolist() for _ in range(rows)], pad_id=0)
     adv = torch.randn(rows, generator=g)
-    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=rows, num_threads=args.threads))
+    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=rows, num_threads=args.threads,
+                                                         precision=Precision.from_section({"dtype": args.dtype})))
     n_tok = float(batch.response_mask.sum())
 
     def separate():
@@ -163,6 +166,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
     p.add_argument("--base", type=Path, default=None,
                    help="a pretrain stage directory (model/ and train.jsonl, e.g. runs/r1-zero/pretrain); default: a random tiny model")
     args = p.parse_args()
@@ -180,7 +185,7 @@ def main() -> None:
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens)")
     print(f"train phase, separate old-log-prob forward {effect['separate']:.3f}s vs the update's own {effect['fused']:.3f}s "
           f"({effect['separate'] / effect['fused']:.2f}x)")
-    print(json.dumps({"base": str(args.base) if args.base else "random tiny", "threads": args.threads, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
+    print(json.dumps({"base": str(args.base) if args.base else "random tiny", "dtype": args.dtype, "threads": args.threads, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
                       "steps": args.steps, "r1pipe_s": {k: round(v, 4) for k, v in ours.items()},
                       "trl_s": {k: round(v, 4) for k, v in theirs.items()}, "speed_ratio_vs_trl": round(ratio, 2),
                       "train_separate_old_forward_s": round(effect["separate"], 4),

@@ -10,6 +10,11 @@ device); each projection is one `torch._grouped_mm` over all experts, with no ho
 that op is missing (older torch) or cannot take the operands (CUDA with non-16-byte-aligned shapes, or a dtype
 it lacks), `grouped_linear` falls back to one matmul per expert segment, which reads the counts on the host.
 FP8 experts run each segment through the block-scaled FP8 GEMM (see fp8/linear.py), also per segment.
+
+bf16 on CPU: oneDNN compiles a kernel for every new matmul shape (~1-4 ms each, then cached), and the expert
+segment lengths change with every batch, so each GEMM would pay a compile. There the segments are padded with
+zero rows to a few bucketed lengths (`bucket_rows`: at most 4 per doubling), which repeat from batch to batch;
+zero rows change neither the outputs nor the weight gradients.
 """
 from __future__ import annotations
 
@@ -54,6 +59,31 @@ def segment_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     bounds = [0] + offsets.tolist()
     parts = [x[a:b] @ weight[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
+def bucket_rows(n: Tensor, per_octave: int = 4, minimum: int = 16) -> Tensor:
+    """The smallest bucketed length >= n, elementwise: 0 stays 0, 1..minimum -> minimum, above that a multiple
+    of 2^(floor(log2 n) - log2 per_octave), so at most `per_octave` lengths per doubling (< 1/per_octave padding
+    above `minimum`). e.g. per_octave 4: 17 -> 20, 33 -> 40, 100 -> 112, 2500 -> 2560."""
+    n = n.to(torch.int64)
+    shift = (torch.log2(n.clamp(min=1).double()).floor().to(torch.int64) - per_octave.bit_length() + 1).clamp(min=0)
+    step = torch.ones_like(n) << shift
+    padded = (n + step - 1) // step * step
+    return torch.where(n > 0, padded.clamp(min=minimum), n)
+
+
+def padded_segments(offsets: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Where rows sorted by expert go when each segment is padded to bucket_rows(count).
+    offsets [E] int32 cumulative counts ending at T -> (row positions [T] in the padded layout, padded
+    offsets [E] int32, padded total). Reads the total on the host (meant for the CPU)."""
+    ends = offsets.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded_ends = torch.cumsum(bucket_rows(counts), 0)
+    rows = torch.arange(int(ends[-1]) if len(ends) else 0, device=offsets.device)
+    expert = torch.searchsorted(ends, rows, right=True)
+    shift = (padded_ends - bucket_rows(counts)) - (ends - counts)  # padded start - real start, per expert
+    total = int(padded_ends[-1]) if len(ends) else 0
+    return rows + shift[expert], padded_ends.to(torch.int32), total
 
 
 def fp8_segment_linear(x: Tensor, weight: Tensor, scale: Tensor | None, offsets: Tensor, backend: str = "auto"
@@ -105,6 +135,10 @@ class GroupedExperts(nn.Module):
         else:
             def proj(x: Tensor, name: str) -> Tensor:
                 return grouped_linear(x, getattr(self, name), offsets)
+            if xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16:  # repeat shapes (module docstring)
+                where, offsets, total = padded_segments(offsets)
+                xs_padded = xs.new_zeros(total, xs.shape[1]).index_copy(0, where, xs)
+                return proj(F.silu(proj(xs_padded, "gate_proj")) * proj(xs_padded, "up_proj"), "down_proj").index_select(0, where)
         return proj(F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj"), "down_proj")
 
     # ---- FP8 weights (inference from official FP8 checkpoints)
@@ -190,4 +224,5 @@ def _stack_experts(module: GroupedExperts, state_dict: dict, prefix: str, local_
             state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
 
-__all__ = ["GroupedExperts", "grouped_linear", "segment_linear", "fp8_segment_linear", "expert_key"]
+__all__ = ["GroupedExperts", "grouped_linear", "segment_linear", "fp8_segment_linear", "expert_key", "bucket_rows",
+           "padded_segments"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from r1pipe.model import ModelConfig, Transformer
-from r1pipe.model.experts import GroupedExperts, grouped_linear, segment_linear
+from r1pipe.model.experts import GroupedExperts, bucket_rows, grouped_linear, padded_segments, segment_linear
 from r1pipe.model.moe import MoE
 
 
@@ -36,6 +36,61 @@ def test_grouped_linear_matches_per_expert_matmuls_with_empty_experts(dtype):
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # an expert with no tokens gets no gradient
     assert torch.allclose(segment_linear(x.detach(), w.detach(), _offsets(counts)).float(), ref.float(),
                           atol=tol, rtol=tol)
+
+
+def test_bucket_rows_by_hand():
+    n = torch.tensor([0, 1, 16, 17, 20, 21, 33, 100, 2500, 4096, 4097])
+    assert bucket_rows(n).tolist() == [0, 16, 16, 20, 20, 24, 40, 112, 2560, 4096, 5120]
+    lengths = bucket_rows(torch.arange(1, 20000))
+    assert len(set(lengths.tolist())) <= 4 * 11  # 4 per doubling from 16 to 2^15
+    assert bool((lengths >= torch.arange(1, 20000)).all()) and float((lengths / torch.arange(1, 20000)).max()) <= 16
+
+
+def test_padded_segments_by_hand():
+    where, offsets, total = padded_segments(_offsets([3, 0, 20]))
+    assert where.tolist() == [0, 1, 2] + list(range(16, 36)) and offsets.tolist() == [16, 16, 36] and total == 36
+
+
+def test_bf16_experts_on_cpu_run_padded_segments_with_the_same_result():
+    """bf16 on CPU pads each expert's rows to a bucketed length (oneDNN compiles per shape): outputs and
+    gradients equal the fp32 per-expert reference to bf16 precision, and the matmuls only see bucketed
+    lengths."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 16)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    counts = [5, 0, 37, 18]
+    x = torch.randn(sum(counts), 32, requires_grad=True)
+    dy = torch.randn(sum(counts), 32)
+    seen: list[int] = []
+    mm = torch._grouped_mm
+
+    def spy(a, b, offs=None, **kw):
+        seen.extend(torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist())
+        return mm(a, b, offs=offs, **kw)
+
+    torch._grouped_mm = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts(x, _offsets(counts))
+    finally:
+        torch._grouped_mm = mm
+    y.float().backward(dy)
+    got = (y.float(), x.grad.clone(), [getattr(experts, n).grad.clone() for n in ("gate_proj", "up_proj", "down_proj")])
+    x.grad = None
+    experts.zero_grad()
+    ref = experts(x, _offsets(counts))  # fp32, unpadded
+    ref.backward(dy)
+    assert set(seen) == {16, 0, 40, 20}
+
+    def close(a, b):  # bf16 precision: ~1% relative error
+        return float((a - b).norm() / b.norm()) < 2e-2
+
+    assert close(got[0], ref) and close(got[1], x.grad)
+    for g, name in zip(got[2], ("gate_proj", "up_proj", "down_proj")):
+        assert close(g, getattr(experts, name).grad), name
+    assert torch.equal(got[2][0][1], torch.zeros(16, 32))  # the empty expert gets no gradient
 
 
 def _moe_config(**overrides) -> ModelConfig:

@@ -6,7 +6,7 @@ import torch
 from test_grpo_weight_sync import tiny_model
 
 from r1pipe.algo import token_logprobs_and_entropy
-from r1pipe.model import load_pretrained
+from r1pipe.model import Precision, load_pretrained
 from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch
 from r1pipe.workers.batch import by_length
 
@@ -36,6 +36,20 @@ def test_micro_batches_sort_by_length_and_trim():
     assert short.input_ids.shape[1] == int(lengths[-3]) < batch.input_ids.shape[1]
     assert short.response_mask.shape[1] == short.input_ids.shape[1] - 1
     assert short.response_mask.sum() == batch.rows(order[-3:]).response_mask.sum()  # no completion token is cut
+    rounded = batch.rows(order[-3:]).trimmed(multiple=8)  # widths that repeat (bf16 on CPU)
+    assert rounded.input_ids.shape[1] == 8 * -(-int(lengths[-3]) // 8)
+    assert torch.equal(rounded.input_ids[:, : short.input_ids.shape[1]], short.input_ids)
+    assert batch.trimmed(multiple=64).input_ids.shape[1] == batch.input_ids.shape[1]  # never wider than the batch
+
+
+def test_bf16_policy_on_cpu_rounds_micro_batch_widths(tmp_path):
+    _, _, batch = mixed_lengths_batch()
+    worker = PolicyWorker(0, 1, tiny_model(tmp_path / "model"),
+                          PolicyConfig(micro_batch_size=3, precision=Precision.from_section({"dtype": "bf16"})))
+    seen: list[int] = []
+    worker.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    worker.logprobs(batch)
+    assert seen and all(width % 8 == 0 or width == batch.input_ids.shape[1] for width in seen)
 
 
 def test_logprobs_are_each_rows_own_in_row_order(tmp_path):

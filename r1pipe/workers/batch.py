@@ -27,11 +27,14 @@ class TrainBatch:
         routing = None if self.routing is None else [r[index] for r in self.routing]
         return TrainBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index], routing)
 
-    def trimmed(self) -> "TrainBatch":
-        """The same rows cut to their longest one: padding columns that every row has are dropped
-        (right padding: the real tokens' positions and results do not change)."""
+    def trimmed(self, multiple: int = 1) -> "TrainBatch":
+        """The same rows cut to their longest one, rounded up to a multiple of `multiple` (at most the
+        current width): padding columns that every row has are dropped (right padding: the real tokens'
+        positions and results do not change). A multiple > 1 keeps the set of shapes small for backends
+        that compile a kernel per shape (oneDNN bf16 on CPU)."""
         S = self.input_ids.shape[1]
-        width = min(S, max(2, int(self.attention_mask.sum(1).max()))) if len(self) else S
+        longest = max(2, int(self.attention_mask.sum(1).max())) if len(self) else S
+        width = min(S, -(-longest // multiple) * multiple)
         if width == S:
             return self
         routing = None if self.routing is None else [r[:, :width] for r in self.routing]

@@ -95,6 +95,9 @@ class PolicyWorker:
             raise ValueError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
                              "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
+        # oneDNN compiles a bf16 kernel per matmul shape: round micro-batch widths so that shapes repeat
+        bf16_cpu = self.device.type == "cpu" and self.model.compute_dtype == torch.bfloat16
+        self.width_multiple = 8 if bf16_cpu else 1
         # what the engines take, read before sharding (an FSDP2 state_dict() is a collective)
         self.metas = [tensor_meta(n, t) for n, t in self.model.state_dict().items()]
         self._build_optimizer()
@@ -205,7 +208,7 @@ class PolicyWorker:
                 if len(rows) == 0:
                     self._idle_pass(model, backward=False)
                     continue
-                micro = batch.rows(rows).trimmed()
+                micro = batch.rows(rows).trimmed(self.width_multiple)
                 logp = self._forward_logprobs(model, self._to_device(micro))[0].cpu()
                 out[rows, : logp.shape[1]] = logp * micro.attention_mask[:, 1:]  # 0 where the target is padding
         finally:
@@ -246,7 +249,7 @@ class PolicyWorker:
             if len(rows) == 0:
                 self._idle_pass(self.model, backward=True)
                 continue
-            micro = self._to_device(batch.rows(rows).trimmed())
+            micro = self._to_device(batch.rows(rows).trimmed(self.width_multiple))
             logp, entropy, out = self._forward_logprobs(self.model, micro)
             mask = micro.response_mask
             T = mask.shape[1]

@@ -1,23 +1,37 @@
-"""One GRPO step end to end (rollout, reward, train, sync), split by phase, against TRL's GRPOTrainer.
+"""One GRPO step end to end (rollout, reward, train, sync), split by phase, against TRL's GRPOTrainer;
+with --heldout-every, also held-out accuracy against training time.
 
 Both train the same tiny DeepSeek-V3 on the same R1-Zero arithmetic prompts, in the same order, with
-the same reward (r1pipe's accuracy reward, called as a plain function by both), group size, completion
-length, sampling temperature 1, no KL, one update per batch, the same compute dtype (`--dtype`: fp32, or
-bf16 autocast over fp32 master weights for both) and the same torch thread count (TRL's own defaults are
-bf16 autocast and gradient checkpointing; checkpointing is off here, as r1pipe does not use it). The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally:
-every completion runs to the length limit), or with `--base` the R1-Zero recipe's pretrained base and
-its training prompts (completions stop at EOS as in the real run). r1pipe runs its
-`grpo` stage (Ray workers, dynamic sampling off: the same work as TRL); phases are its own
-time/* metrics. TRL's step is timed by a callback; its rollout is `_generate`, its reward the
-reward function's own time, its train the rest. Medians over the steps after the first.
+the same reward (r1pipe's R1-Zero reward, accuracy + 0.1 format, called as a plain function by both),
+group size, completion length, completions ending at `</answer>` as in the R1-Zero recipe (r1pipe's stop
+string; TRL's generate takes no stop strings, so its generation config lists the ` </answer>` token as a
+second EOS id), sampling temperature 1, no KL, one update per batch, constant learning rate 1e-4, AdamW
+betas (0.9, 0.99), clip range 0.2 / 0.28, the same compute dtype (`--dtype`: fp32, or bf16 autocast over fp32
+master weights for both) and the same torch thread count. TRL's own defaults are bf16 autocast and
+gradient checkpointing; checkpointing is off here, as r1pipe does not use it.
 
-Also measured, in-process on one PolicyWorker and the same batch shape: the train phase with a
-separate forward for the old log-probs (what r1pipe did before) against the update's own detached
+The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally: every completion
+runs to the length limit), or with `--base` the R1-Zero recipe's pretrained base and its training prompts
+(completions stop at EOS as in the real run). r1pipe runs its `grpo` stage (Ray workers, dynamic
+sampling off: the same work as TRL); phases are its own time/* metrics. TRL's step is timed by a
+callback; its rollout is `_generate`, its reward the reward function's own time, its train the rest.
+Medians over the steps after the first.
+
+`--heldout-every N` (with `--base`) evaluates greedy pass@1 on the base's held-out problems every N
+steps, outside the clock, for three runs: TRL, r1pipe at the same work, and r1pipe with dynamic sampling
+(its R1-Zero setting: groups whose rewards are all equal are not trained on). r1pipe's runs use their
+own held-out evaluation; TRL's model is evaluated by the same engine and reward (its weights copied into
+an r1pipe engine). It prints the training seconds to 50%, 80% and 90% and draws the curves (`--png`).
+
+Without it, also measured in-process on one PolicyWorker and the same batch shape: the train phase with
+a separate forward for the old log-probs (what r1pipe did before) against the update's own detached
 forward (what it does now with updates_per_step == 1). Last line: a JSON object with the figures.
 
     python bench/bench_grpo.py                       # CPU: 8 prompts x 4, 32 tokens, 4 steps
     python bench/bench_grpo.py --prompts 32 --group 8 --max-tokens 64 --steps 10
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 10
+    python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 100 \
+        --heldout-every 5                            # time to 90% held-out, ~10 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -36,42 +50,97 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
 
 from r1pipe.data.jsonl import read_jsonl, write_jsonl  # noqa: E402
+from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.model import Precision  # noqa: E402
 from r1pipe.rewards import build_reward_fn  # noqa: E402
+from r1pipe.stages.base_eval import share_solved  # noqa: E402
 
-_REWARD = build_reward_fn({"accuracy": 1.0})
+_REWARD = build_reward_fn({"accuracy": 1.0, "format": 0.1})  # the R1-Zero recipe's reward
 REWARD_SECONDS = [0.0]
 
 
-def accuracy(text: str, reference: dict) -> float:
-    """The reward both trainers use: r1pipe's accuracy reward of one completion (timed)."""
+def reward(text: str, reference: dict) -> float:
+    """The reward both trainers use: r1pipe's R1-Zero reward (accuracy + 0.1 format) of one completion
+    (timed). Above 0.5 exactly when the answer is right, which is how accuracy is counted (share_solved)."""
     t = time.perf_counter()
     value = float(_REWARD(text, reference).total)
     REWARD_SECONDS[0] += time.perf_counter() - t
     return value
 
 
-def r1pipe_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
+PHASES = ("rollout", "reward", "train", "sync", "step")
+STOP = "</answer>"  # completions end there (the R1-Zero recipe's rl.stop) or at EOS
+Curve = list[tuple[float, float]]  # (training seconds so far, greedy held-out accuracy)
+
+
+def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool = False,
+               heldout: Path | None = None) -> tuple[dict[str, float], Curve]:
+    """r1pipe's grpo stage: median phase seconds after step 1 and, with `heldout`, its held-out curve (its own
+    greedy evaluation every --heldout-every steps; evaluation time is not training time)."""
     from r1pipe.stages.base import StageContext
     from r1pipe.stages.configs import GRPOConfig
     from r1pipe.stages.grpo import run_grpo
 
-    cfg = GRPOConfig(train_path=str(data), heldout_path=str(data), heldout_size=2, template="raw", steps=args.steps,
-                     prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, stop=[],
-                     reward_weights={}, extra_rewards={f"{__name__}:accuracy": 1.0}, dynamic_sampling=False,
+    cfg = GRPOConfig(train_path=str(data), heldout_path=str(heldout or data), heldout_size=args.heldout if heldout else 2,
+                     eval_every=args.heldout_every if heldout else 10**6, template="raw", steps=args.steps,
+                     prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
+                     stop=[STOP] if stop_token(model) is not None else [],
+                     reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
+                     dynamic_sampling=dynamic_sampling,
                      micro_batch_size=args.prompts * args.group, threads_per_worker=args.threads,
                      checkpoint_every=10**6, lr=1e-4)
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2},
                                "model": {"path": str(model), "dtype": args.dtype}})
     run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
-    rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()][2:]  # after step 1
-    return {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("rollout", "reward", "train", "sync", "step")}
+    rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        r["time/step"] -= r.get("time/heldout", 0.0)
+    phases = {k: statistics.median(r[f"time/{k}"] for r in rows[2:]) for k in PHASES}  # after step 1
+    curve, seconds = [], 0.0
+    for r in rows:
+        seconds += r["time/step"] if r["step"] > 0 else 0.0
+        if "heldout_accuracy" in r:
+            curve.append((seconds, r["heldout_accuracy"]))
+    return phases, curve
 
 
-def trl_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
+def stop_token(model: Path) -> int | None:
+    """The token that ends a completion at STOP, or None where the tokenizer has no single token for it (the
+    random model: both then stop at EOS only). TRL's generate takes no stop strings but stops at any of the
+    generation config's EOS ids, so it gets this token as a second one; r1pipe stops at the string."""
+    ids = load_tokenizer(model).encode(" " + STOP)
+    return ids[0] if len(ids) == 1 else None
+
+
+class GreedyHeldout:
+    """Held-out accuracy of a transformers model, evaluated as r1pipe's GRPO stage evaluates its own: an
+    r1pipe rollout worker (built once from the base) generates greedily with the same stop and length, and the
+    same reward grades. The model's weights reach it saved in the Hugging Face layout."""
+
+    def __init__(self, base: Path, rows: list[dict], args):
+        from r1pipe.workers.rollout import RolloutWorker
+
+        self.worker = RolloutWorker(str(base), {"dtype": args.dtype}, seed=0, num_threads=args.threads)
+        self.rows, self.max_tokens = rows, args.max_tokens
+        self.stop = [STOP] if stop_token(base) is not None else None
+
+    def __call__(self, hf_model) -> float:  # share of held-out problems solved
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.save_pretrained(tmp)
+            self.worker.update_weights({k: v for f in sorted(Path(tmp).glob("*.safetensors")) for k, v in load_file(f).items()})
+        groups = self.worker.generate([r["prompt"] for r in self.rows], 1, 0.0, self.max_tokens, [0] * len(self.rows), self.stop)
+        return share_solved([reward(g[0].text, {"answer": r["answer"]}) for g, r in zip(groups, self.rows)])
+
+
+def trl_run(model: Path, data: Path, args, root: Path, heldout: Path | None = None
+            ) -> tuple[dict[str, float], Curve]:
+    """TRL's GRPOTrainer on the same model, prompts (in order), reward and settings: median phase seconds
+    after step 1 and, with `heldout`, its held-out curve (evaluated by GreedyHeldout outside the clock)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
@@ -80,24 +149,37 @@ def trl_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
     steps: list[dict[str, float]] = []
     clock = {"generate": 0.0}
 
-    def reward(prompts, completions, answer, **_):
-        return [accuracy(c, {"answer": a}) for c, a in zip(completions, answer)]
+    def trl_reward(prompts, completions, answer, **_):
+        return [reward(c, {"answer": a}) for c, a in zip(completions, answer)]
+
+    evaluate = GreedyHeldout(model, read_jsonl(heldout)[: args.heldout], args) if heldout else None
+    curve: Curve = []
 
     class Phases(TrainerCallback):
+        def on_train_begin(self, a, state, control, model=None, **kw):
+            if evaluate is not None:
+                curve.append((0.0, evaluate(model)))
+
         def on_step_begin(self, a, state, control, **kw):
             self.t0, clock["generate"], REWARD_SECONDS[0] = time.perf_counter(), 0.0, 0.0
 
-        def on_step_end(self, a, state, control, **kw):
+        def on_step_end(self, a, state, control, model=None, **kw):
             step = time.perf_counter() - self.t0
             steps.append({"rollout": clock["generate"], "reward": REWARD_SECONDS[0], "step": step,
                           "train": step - clock["generate"] - REWARD_SECONDS[0], "sync": 0.0})
+            if evaluate is not None and (state.global_step % args.heldout_every == 0 or state.global_step == args.steps):
+                curve.append((sum(s["step"] for s in steps), evaluate(model)))
 
     config = TRLConfig(output_dir=str(root / "trl"), per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_tokens, max_steps=args.steps,
                        temperature=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4, use_cpu=True, report_to=[],
+                       lr_scheduler_type="constant", adam_beta2=0.99, epsilon_high=0.28,  # r1pipe's optimiser and clip
                        bf16=args.dtype == "bfloat16", gradient_checkpointing=False,
                        save_strategy="no", logging_steps=10**6, shuffle_dataset=False, seed=0)
-    trainer = GRPOTrainer(model=str(model), reward_funcs=[reward], args=config, train_dataset=dataset, callbacks=[Phases()])
+    policy = AutoModelForCausalLM.from_pretrained(str(model))
+    if stop_token(model) is not None:  # TRL stops at any of these
+        policy.generation_config.eos_token_id = [policy.config.eos_token_id, stop_token(model)]
+    trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward], args=config, train_dataset=dataset, callbacks=[Phases()])
     generate = trainer._generate
 
     def timed_generate(*a, **kw):
@@ -109,7 +191,7 @@ def trl_phases(model: Path, data: Path, args, root: Path) -> dict[str, float]:
 
     trainer._generate = timed_generate
     trainer.train()
-    return {k: statistics.median(s[k] for s in steps[1:]) for k in ("rollout", "reward", "train", "sync", "step")}
+    return {k: statistics.median(s[k] for s in steps[1:]) for k in PHASES}, curve
 
 
 def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
@@ -159,6 +241,30 @@ def problems(args, root: Path) -> tuple[Path, Path]:
     return model, data
 
 
+def time_to(curve: Curve, share: float) -> float | None:
+    """Training seconds at the first evaluation reaching `share` held-out accuracy (None: never)."""
+    return next((t for t, acc in curve if acc >= share), None)
+
+
+def plot_curves(curves: dict[str, Curve], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        ax.plot([t for t, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3, label=name)
+    ax.axhline(90, color="grey", linewidth=0.8, linestyle="--")
+    ax.set(xlabel="training seconds (held-out evaluation excluded)", ylabel="greedy held-out accuracy (%)", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=8)
@@ -170,26 +276,54 @@ def main() -> None:
                    help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
     p.add_argument("--base", type=Path, default=None,
                    help="a pretrain stage directory (model/ and train.jsonl, e.g. runs/r1-zero/pretrain); default: a random tiny model")
+    p.add_argument("--heldout-every", type=int, default=0,
+                   help="with --base: greedy held-out accuracy every N steps for TRL, r1pipe at the same work and r1pipe "
+                        "with dynamic sampling (its R1-Zero setting); prints the training seconds to 50%%, 80%% and 90%%")
+    p.add_argument("--heldout", type=int, default=256, help="held-out problems evaluated (from the base's heldout.jsonl)")
+    p.add_argument("--png", type=Path, default=Path("runs/bench/grpo_vs_trl_heldout.png"), help="the held-out curves' plot")
     args = p.parse_args()
+    if args.heldout_every and args.base is None:
+        p.error("--heldout-every needs --base (a base whose held-out problems it can learn)")
     torch.set_num_threads(args.threads)
+    heldout = args.base / "heldout.jsonl" if args.heldout_every else None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, data = problems(args, root)
-        ours = r1pipe_phases(model, data, args, root / "r1pipe")
-        theirs = trl_phases(model, data, args, root / "trl")
-        effect = old_logprob_forward_effect(model, args)
+        ours, our_curve = r1pipe_run(model, data, args, root / "r1pipe", heldout=heldout)
+        if heldout:
+            dyn, dyn_curve = r1pipe_run(model, data, args, root / "r1pipe-dynamic", dynamic_sampling=True, heldout=heldout)
+        theirs, their_curve = trl_run(model, data, args, root / "trl", heldout=heldout)
+        effect = None if heldout else old_logprob_forward_effect(model, args)
     print(f"{'phase':8s} {'r1pipe s':>10s} {'TRL s':>10s}")
-    for k in ("rollout", "reward", "train", "sync", "step"):
+    for k in PHASES:
         print(f"{k:8s} {ours[k]:10.3f} {theirs[k]:10.3f}")
     ratio = theirs["step"] / ours["step"]
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens)")
-    print(f"train phase, separate old-log-prob forward {effect['separate']:.3f}s vs the update's own {effect['fused']:.3f}s "
-          f"({effect['separate'] / effect['fused']:.2f}x)")
-    print(json.dumps({"base": str(args.base) if args.base else "random tiny", "dtype": args.dtype, "threads": args.threads, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
-                      "steps": args.steps, "r1pipe_s": {k: round(v, 4) for k, v in ours.items()},
-                      "trl_s": {k: round(v, 4) for k, v in theirs.items()}, "speed_ratio_vs_trl": round(ratio, 2),
-                      "train_separate_old_forward_s": round(effect["separate"], 4),
-                      "train_own_forward_s": round(effect["fused"], 4)}))
+    result = {"base": str(args.base) if args.base else "random tiny", "dtype": args.dtype, "threads": args.threads,
+              "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,
+              "r1pipe_s": {k: round(v, 4) for k, v in ours.items()}, "trl_s": {k: round(v, 4) for k, v in theirs.items()},
+              "speed_ratio_vs_trl": round(ratio, 2)}
+    if effect is not None:
+        print(f"train phase, separate old-log-prob forward {effect['separate']:.3f}s vs the update's own {effect['fused']:.3f}s "
+              f"({effect['separate'] / effect['fused']:.2f}x)")
+        result.update(train_separate_old_forward_s=round(effect["separate"], 4), train_own_forward_s=round(effect["fused"], 4))
+    if heldout:
+        curves = {"r1pipe, dynamic sampling": dyn_curve, "r1pipe, same work as TRL": our_curve, "TRL GRPOTrainer": their_curve}
+        print(f"r1pipe with dynamic sampling: {dyn['step']:.3f} s/step")
+        shares = (0.5, 0.8, 0.9)
+        print(f"{'held-out':26s} {'final':>6s} {'best':>6s}" + "".join(f" {f's to {100 * x:.0f}%':>9s}" for x in shares))
+        for name, curve in curves.items():
+            reached = [time_to(curve, x) for x in shares]
+            print(f"{name:26s} {100 * curve[-1][1]:5.1f}% {100 * max(a for _, a in curve):5.1f}%"
+                  + "".join(f" {'-' if t is None else f'{t:.1f}':>9s}" for t in reached))
+        plot_curves(curves, args.png, f"GRPO on the R1-Zero base: {args.prompts} prompts x {args.group}, "
+                                      f"{args.max_tokens} tokens, {args.threads} threads")
+        print(f"plot: {args.png}")
+        result.update(r1pipe_dynamic_step_s=round(dyn["step"], 4),
+                      heldout={name: {"curve": [[round(t, 2), round(a, 4)] for t, a in c],
+                                      **{f"seconds_to_{100 * x:.0f}": time_to(c, x) for x in shares}}
+                               for name, c in curves.items()})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

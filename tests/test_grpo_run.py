@@ -113,7 +113,7 @@ def context(run_dir: Path, model: str, address: str | None = None) -> StageConte
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, task, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grpo_run")
-    outputs = run_grpo(grpo_config(task), context(run_dir, task["model"]))
+    outputs = run_grpo(grpo_config(task, eval_every=3), context(run_dir, task["model"]))
     rows = [json.loads(l) for l in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     return run_dir / "rl", outputs, rows
 
@@ -149,6 +149,10 @@ def test_run_directory_contents(finished_run):
                 "time/reward", "time/train", "time/sync", "response_length/mean", "reward/share_of_a"):
         assert key in rows[-1], key
     assert rows[-1]["moe/maxvio"] > 0
+    # held-out evaluation inside a step (eval_every 3) is timed apart, so training time can leave it out
+    assert "heldout_accuracy" in rows[3] and rows[3]["time/heldout"] > 0
+    assert all(r["time/heldout"] == 0.0 for r in rows[1:] if r["step"] != 3)
+    assert rows[3]["time/step"] > rows[3]["time/heldout"] + rows[3]["time/train"]
     assert {p.stem for p in (stage_dir / "plots").glob("*.png")} >= {"reward", "accuracy", "response_length", "kl"}
     assert list((stage_dir / "tensorboard").glob("events.*"))
     model_dir = Path(outputs["model_path"])

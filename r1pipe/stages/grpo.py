@@ -431,7 +431,7 @@ class GRPOTrainer:
     def step(self, step: int, stream: PromptStream, heldout_rows: list[dict]) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
+        self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0, "heldout": 0.0}
         if self.speculative_k:
             self.draft_stats()  # drop what held-out evaluation proposed
         batch = self.collect(stream)
@@ -450,8 +450,10 @@ class GRPOTrainer:
             if probe is not None:
                 metrics["sync/probe_logprob_diff"] = probe
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            t_eval = time.perf_counter()
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
             metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
+            self.timings["heldout"] = time.perf_counter() - t_eval
         step_time = time.perf_counter() - t0
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         metrics["time/step"] = step_time

@@ -10,9 +10,10 @@ betas (0.9, 0.99), clip range 0.2 / 0.28, the same compute dtype (`--dtype`: fp3
 master weights for both) and the same torch thread count. TRL's own defaults are bf16 autocast and
 gradient checkpointing; checkpointing is off here, as r1pipe does not use it.
 
-The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally: every completion
-runs to the length limit), or with `--base` the R1-Zero recipe's pretrained base and its training prompts
-(completions stop at EOS as in the real run). r1pipe runs its `grpo` stage (Ray workers, dynamic
+The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built locally, `--shape` tiny or
+issue 12's 1.7B DeepSeek-V3 shape with the tokenizer's small vocabulary: every completion runs to the
+length limit), or with `--base` the R1-Zero recipe's pretrained base and its training prompts
+(completions stop at `</answer>` or EOS as in the real run). `--device cuda` puts both on one GPU. r1pipe runs its `grpo` stage (Ray workers, dynamic
 sampling off: the same work as TRL); phases are its own time/* metrics. TRL's step is timed by a
 callback; its rollout is `_generate`, its reward the reward function's own time, its train the rest.
 Medians over the steps after the first.
@@ -28,6 +29,8 @@ a separate forward for the old log-probs (what r1pipe did before) against the up
 forward (what it does now with updates_per_step == 1). Last line: a JSON object with the figures.
 
     python bench/bench_grpo.py                       # CPU: 8 prompts x 4, 32 tokens, 4 steps
+    python bench/bench_grpo.py --device cuda --shape 1.7b --dtype bfloat16 --prompts 32 --group 8 --max-tokens 64 \
+        --steps 6 --micro-batch 64                   # the 1.7B shape on one GPU (not run on a GPU yet)
     python bench/bench_grpo.py --prompts 32 --group 8 --max-tokens 64 --steps 10
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 10
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 100 \
@@ -88,9 +91,10 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
                      stop=[STOP] if stop_token(model) is not None else [],
                      reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
                      dynamic_sampling=dynamic_sampling,
-                     micro_batch_size=args.prompts * args.group, threads_per_worker=args.threads,
-                     checkpoint_every=10**6, lr=1e-4)
-    recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2},
+                     micro_batch_size=args.micro_batch or args.prompts * args.group, threads_per_worker=args.threads,
+                     checkpoint_every=10**6, lr=1e-4, device=args.device,
+                     gpus_per_worker=0.5 if args.device == "cuda" else 0.0)  # policy and rollout share one GPU
+    recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
                                "model": {"path": str(model), "dtype": args.dtype}})
     run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
     rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +125,8 @@ class GreedyHeldout:
     def __init__(self, base: Path, rows: list[dict], args):
         from r1pipe.workers.rollout import RolloutWorker
 
-        self.worker = RolloutWorker(str(base), {"dtype": args.dtype}, seed=0, num_threads=args.threads)
+        self.worker = RolloutWorker(str(base), {"dtype": args.dtype, "device": args.device}, seed=0,
+                                    num_threads=args.threads)
         self.rows, self.max_tokens = rows, args.max_tokens
         self.stop = [STOP] if stop_token(base) is not None else None
 
@@ -172,7 +177,7 @@ def trl_run(model: Path, data: Path, args, root: Path, heldout: Path | None = No
 
     config = TRLConfig(output_dir=str(root / "trl"), per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_tokens, max_steps=args.steps,
-                       temperature=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4, use_cpu=True, report_to=[],
+                       temperature=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4, use_cpu=args.device == "cpu", report_to=[],
                        lr_scheduler_type="constant", adam_beta2=0.99, epsilon_high=0.28,  # r1pipe's optimiser and clip
                        bf16=args.dtype == "bfloat16", gradient_checkpointing=False,
                        save_strategy="no", logging_steps=10**6, shuffle_dataset=False, seed=0)
@@ -204,7 +209,8 @@ def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     batch = build_batch([torch.randint(3, vocab, (24,), generator=g).tolist() for _ in range(rows)],
                         [torch.randint(3, vocab, (args.max_tokens,), generator=g).tolist() for _ in range(rows)], pad_id=0)
     adv = torch.randn(rows, generator=g)
-    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=rows, num_threads=args.threads,
+    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=args.micro_batch or rows,
+                                                         num_threads=args.threads, device=args.device,
                                                          precision=Precision.from_section({"dtype": args.dtype})))
     n_tok = float(batch.response_mask.sum())
 
@@ -226,16 +232,26 @@ def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     return out
 
 
+# random models (the tokenizer's own small vocabulary): the test-sized default, and issue 12's ~1.7B DeepSeek-V3 shape
+RANDOM_SHAPES: dict[str, dict] = {
+    "tiny": {},
+    "1.7b": dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024, num_hidden_layers=8,
+                 num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1, n_routed_experts=32, n_group=4,
+                 topk_group=4, num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=768,
+                 qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_nextn_predict_layers=0),
+}
+
+
 def problems(args, root: Path) -> tuple[Path, Path]:
     """(model directory, JSONL of R1-Zero prompts with answers) for the run: the base's own, or a random
-    tiny model and freshly generated problems."""
+    model of --shape and freshly generated problems."""
     data = root / "problems.jsonl"
     wanted = args.prompts * (args.steps + 1)
     if args.base is not None:
         rows = read_jsonl(args.base / "train.jsonl")[:wanted]
         write_jsonl(data, [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in rows])
         return args.base / "model", data
-    model = make_tiny_v3(root / "model")
+    model = make_tiny_v3(root / "model", **RANDOM_SHAPES[args.shape])
     source = read_jsonl(write_worked_solutions(root / "src.jsonl", wanted))
     write_jsonl(data, [{"id": r["id"], "prompt": r1_zero_prompt(r["problem"]), "answer": r["answer"]} for r in source])
     return model, data
@@ -272,6 +288,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: both trainers on the one GPU (r1pipe's policy and rollout workers take half of it each)")
+    p.add_argument("--shape", choices=tuple(RANDOM_SHAPES), default="tiny", help="the random model's shape (without --base)")
+    p.add_argument("--micro-batch", type=int, default=0, help="r1pipe's training micro-batch rows (0: the whole batch)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
     p.add_argument("--base", type=Path, default=None,
@@ -284,6 +304,8 @@ def main() -> None:
     args = p.parse_args()
     if args.heldout_every and args.base is None:
         p.error("--heldout-every needs --base (a base whose held-out problems it can learn)")
+    if args.base is not None and args.shape != "tiny":
+        p.error("--shape is the random model's; --base brings its own model")
     torch.set_num_threads(args.threads)
     heldout = args.base / "heldout.jsonl" if args.heldout_every else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,7 +321,8 @@ def main() -> None:
         print(f"{k:8s} {ours[k]:10.3f} {theirs[k]:10.3f}")
     ratio = theirs["step"] / ours["step"]
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens)")
-    result = {"base": str(args.base) if args.base else "random tiny", "dtype": args.dtype, "threads": args.threads,
+    result = {"base": str(args.base) if args.base else f"random {args.shape}", "device": args.device, "dtype": args.dtype,
+              "threads": args.threads,
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,
               "r1pipe_s": {k: round(v, 4) for k, v in ours.items()}, "trl_s": {k: round(v, 4) for k, v in theirs.items()},
               "speed_ratio_vs_trl": round(ratio, 2)}

@@ -57,7 +57,10 @@ from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.model import Precision  # noqa: E402
 from r1pipe.rewards import build_reward_fn  # noqa: E402
+from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.base_eval import share_solved  # noqa: E402
+from r1pipe.stages.configs import GRPOConfig  # noqa: E402
+from r1pipe.stages.grpo import run_grpo  # noqa: E402
 
 _REWARD = build_reward_fn({"accuracy": 1.0, "format": 0.1})  # the R1-Zero recipe's reward
 REWARD_SECONDS = [0.0]
@@ -81,17 +84,13 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
                heldout: Path | None = None) -> tuple[dict[str, float], Curve]:
     """r1pipe's grpo stage: median phase seconds after step 1 and, with `heldout`, its held-out curve (its own
     greedy evaluation every --heldout-every steps; evaluation time is not training time)."""
-    from r1pipe.stages.base import StageContext
-    from r1pipe.stages.configs import GRPOConfig
-    from r1pipe.stages.grpo import run_grpo
-
     cfg = GRPOConfig(train_path=str(data), heldout_path=str(heldout or data), heldout_size=args.heldout if heldout else 2,
                      eval_every=args.heldout_every if heldout else 10**6, template="raw", steps=args.steps,
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
                      stop=[STOP] if stop_token(model) is not None else [],
                      reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
                      dynamic_sampling=dynamic_sampling,
-                     micro_batch_size=args.micro_batch or args.prompts * args.group, threads_per_worker=args.threads,
+                     micro_batch_size=args.micro_batch, threads_per_worker=args.threads,
                      checkpoint_every=10**6, lr=1e-4, device=args.device,
                      gpus_per_worker=0.5 if args.device == "cuda" else 0.0)  # policy and rollout share one GPU
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
@@ -209,7 +208,7 @@ def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     batch = build_batch([torch.randint(3, vocab, (24,), generator=g).tolist() for _ in range(rows)],
                         [torch.randint(3, vocab, (args.max_tokens,), generator=g).tolist() for _ in range(rows)], pad_id=0)
     adv = torch.randn(rows, generator=g)
-    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=args.micro_batch or rows,
+    worker = PolicyWorker(0, 1, str(model), PolicyConfig(lr=1e-6, micro_batch_size=args.micro_batch,
                                                          num_threads=args.threads, device=args.device,
                                                          precision=Precision.from_section({"dtype": args.dtype})))
     n_tok = float(batch.response_mask.sum())
@@ -291,7 +290,9 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: both trainers on the one GPU (r1pipe's policy and rollout workers take half of it each)")
     p.add_argument("--shape", choices=tuple(RANDOM_SHAPES), default="tiny", help="the random model's shape (without --base)")
-    p.add_argument("--micro-batch", type=int, default=0, help="r1pipe's training micro-batch rows (0: the whole batch)")
+    p.add_argument("--micro-batch", type=int, default=GRPOConfig.micro_batch_size,
+                   help="r1pipe's training micro-batch rows (default: its rl.micro_batch_size default; TRL trains "
+                        "each batch in one pass)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
     p.add_argument("--base", type=Path, default=None,

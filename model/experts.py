@@ -129,16 +129,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, xs: Tensor, offsets: Tensor) -> Tensor:
         """xs [T, D] sorted by expert, offsets [E] int32 cumulative counts -> [T, D]."""
-        if self.fp8 or self.holds_fp8_weight:
-            def proj(x: Tensor, name: str) -> Tensor:
+        fp8 = self.fp8 or self.holds_fp8_weight
+        if not fp8 and xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16:  # repeat shapes (docstring)
+            where, padded_offsets, total = padded_segments(offsets)
+            padded = xs.new_zeros(total, xs.shape[1]).index_copy(0, where, xs)
+            return self._swiglu(padded, padded_offsets, fp8).index_select(0, where)
+        return self._swiglu(xs, offsets, fp8)
+
+    def _swiglu(self, xs: Tensor, offsets: Tensor, fp8: bool) -> Tensor:
+        def proj(x: Tensor, name: str) -> Tensor:
+            if fp8:
                 return fp8_segment_linear(x, getattr(self, name), getattr(self, name + SCALE_SUFFIX), offsets)
-        else:
-            def proj(x: Tensor, name: str) -> Tensor:
-                return grouped_linear(x, getattr(self, name), offsets)
-            if xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16:  # repeat shapes (module docstring)
-                where, offsets, total = padded_segments(offsets)
-                xs_padded = xs.new_zeros(total, xs.shape[1]).index_copy(0, where, xs)
-                return proj(F.silu(proj(xs_padded, "gate_proj")) * proj(xs_padded, "up_proj"), "down_proj").index_select(0, where)
+            return grouped_linear(x, getattr(self, name), offsets)
+
         return proj(F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj"), "down_proj")
 
     # ---- FP8 weights (inference from official FP8 checkpoints)

@@ -39,6 +39,7 @@ forward (what it does now with updates_per_step == 1). Last line: a JSON object 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
@@ -61,6 +63,8 @@ from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.base_eval import share_solved  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import run_grpo  # noqa: E402
+from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch  # noqa: E402
+from r1pipe.workers.rollout import RolloutWorker  # noqa: E402
 
 _REWARD = build_reward_fn({"accuracy": 1.0, "format": 0.1})  # the R1-Zero recipe's reward
 REWARD_SECONDS = [0.0]
@@ -87,7 +91,7 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     cfg = GRPOConfig(train_path=str(data), heldout_path=str(heldout or data), heldout_size=args.heldout if heldout else 2,
                      eval_every=args.heldout_every if heldout else 10**6, template="raw", steps=args.steps,
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
-                     stop=[STOP] if stop_token(model) is not None else [],
+                     stop=stop_strings(model),
                      reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
                      dynamic_sampling=dynamic_sampling,
                      micro_batch_size=args.micro_batch, threads_per_worker=args.threads,
@@ -108,6 +112,7 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     return phases, curve
 
 
+@functools.cache
 def stop_token(model: Path) -> int | None:
     """The token that ends a completion at STOP, or None where the tokenizer has no single token for it (the
     random model: both then stop at EOS only). TRL's generate takes no stop strings but stops at any of the
@@ -116,22 +121,23 @@ def stop_token(model: Path) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def stop_strings(model: Path) -> list[str]:
+    """r1pipe's stop strings for `model`: STOP where TRL can stop there too (stop_token), else none."""
+    return [STOP] if stop_token(model) is not None else []
+
+
 class GreedyHeldout:
     """Held-out accuracy of a transformers model, evaluated as r1pipe's GRPO stage evaluates its own: an
     r1pipe rollout worker (built once from the base) generates greedily with the same stop and length, and the
     same reward grades. The model's weights reach it saved in the Hugging Face layout."""
 
     def __init__(self, base: Path, rows: list[dict], args):
-        from r1pipe.workers.rollout import RolloutWorker
-
         self.worker = RolloutWorker(str(base), {"dtype": args.dtype, "device": args.device}, seed=0,
                                     num_threads=args.threads)
         self.rows, self.max_tokens = rows, args.max_tokens
-        self.stop = [STOP] if stop_token(base) is not None else None
+        self.stop = stop_strings(base)
 
     def __call__(self, hf_model) -> float:  # share of held-out problems solved
-        from safetensors.torch import load_file
-
         with tempfile.TemporaryDirectory() as tmp:
             hf_model.save_pretrained(tmp)
             self.worker.update_weights({k: v for f in sorted(Path(tmp).glob("*.safetensors")) for k, v in load_file(f).items()})
@@ -181,8 +187,8 @@ def trl_run(model: Path, data: Path, args, root: Path, heldout: Path | None = No
                        bf16=args.dtype == "bfloat16", gradient_checkpointing=False,
                        save_strategy="no", logging_steps=10**6, shuffle_dataset=False, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(str(model))
-    if stop_token(model) is not None:  # TRL stops at any of these
-        policy.generation_config.eos_token_id = [policy.config.eos_token_id, stop_token(model)]
+    if (stop := stop_token(model)) is not None:  # TRL stops at any of these
+        policy.generation_config.eos_token_id = [policy.config.eos_token_id, stop]
     trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward], args=config, train_dataset=dataset, callbacks=[Phases()])
     generate = trainer._generate
 
@@ -200,8 +206,6 @@ def trl_run(model: Path, data: Path, args, root: Path, heldout: Path | None = No
 
 def old_logprob_forward_effect(model: Path, args) -> dict[str, float]:
     """Train-phase seconds with a separate old-log-prob forward vs the update's own (median of 3)."""
-    from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch
-
     g = torch.Generator().manual_seed(0)
     rows = args.prompts * args.group
     vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])

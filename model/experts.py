@@ -63,8 +63,9 @@ def segment_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
 
 def bucket_rows(n: Tensor, per_octave: int = 4, minimum: int = 16) -> Tensor:
     """The smallest bucketed length >= n, elementwise: 0 stays 0, 1..minimum -> minimum, above that a multiple
-    of 2^(floor(log2 n) - log2 per_octave), so at most `per_octave` lengths per doubling (< 1/per_octave padding
-    above `minimum`). e.g. per_octave 4: 17 -> 20, 33 -> 40, 100 -> 112, 2500 -> 2560."""
+    of 2^(floor(log2 n) - log2 per_octave) (per_octave a power of two), so at most `per_octave` lengths per
+    doubling (< 1/per_octave padding above `minimum`). e.g. per_octave 4: 17 -> 20, 33 -> 40, 100 -> 112,
+    2500 -> 2560."""
     n = n.to(torch.int64)
     shift = (torch.log2(n.clamp(min=1).double()).floor().to(torch.int64) - per_octave.bit_length() + 1).clamp(min=0)
     step = torch.ones_like(n) << shift
@@ -78,12 +79,11 @@ def padded_segments(offsets: Tensor) -> tuple[Tensor, Tensor, int]:
     offsets [E] int32, padded total). Reads the total on the host (meant for the CPU)."""
     ends = offsets.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    padded_ends = torch.cumsum(bucket_rows(counts), 0)
-    rows = torch.arange(int(ends[-1]) if len(ends) else 0, device=offsets.device)
-    expert = torch.searchsorted(ends, rows, right=True)
-    shift = (padded_ends - bucket_rows(counts)) - (ends - counts)  # padded start - real start, per expert
-    total = int(padded_ends[-1]) if len(ends) else 0
-    return rows + shift[expert], padded_ends.to(torch.int32), total
+    padded = bucket_rows(counts)
+    padded_ends = torch.cumsum(padded, 0)
+    rows = torch.arange(int(ends[-1]), device=offsets.device)
+    shift = (padded_ends - padded) - (ends - counts)  # padded start - real start, per expert
+    return rows + shift[torch.searchsorted(ends, rows, right=True)], padded_ends.to(torch.int32), int(padded_ends[-1])
 
 
 def fp8_segment_linear(x: Tensor, weight: Tensor, scale: Tensor | None, offsets: Tensor, backend: str = "auto"

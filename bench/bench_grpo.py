@@ -94,9 +94,12 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
                      stop=stop_strings(model),
                      reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
                      dynamic_sampling=dynamic_sampling,
-                     micro_batch_size=args.micro_batch, threads_per_worker=args.threads,
+                     micro_batch_size=args.micro_batch, threads_per_worker=args.threads // args.workers,
+                     num_policy_workers=args.workers, num_rollout_workers=args.workers,
+                     fsdp=args.sharding != "replicas", fsdp_keep_gathered=args.sharding == "fsdp-keep-gathered",
+                     cpus_per_worker=0.5 / args.workers,  # the roles take turns on the same cores
                      checkpoint_every=10**6, lr=1e-4, device=args.device,
-                     gpus_per_worker=0.5 if args.device == "cuda" else 0.0)  # policy and rollout share one GPU
+                     gpus_per_worker=0.5 / args.workers if args.device == "cuda" else 0.0)  # all share one GPU
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
                                "model": {"path": str(model), "dtype": args.dtype}})
     run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
@@ -290,7 +293,11 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each trainer in all (the cores they share)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="r1pipe's policy workers and rollout workers (each role N, with threads / N torch threads each)")
+    p.add_argument("--sharding", choices=("fsdp", "fsdp-keep-gathered", "replicas"), default="fsdp",
+                   help="with --workers > 1: the policy workers' rl.fsdp / rl.fsdp_keep_gathered (replicas: rl.fsdp=false)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: both trainers on the one GPU (r1pipe's policy and rollout workers take half of it each)")
     p.add_argument("--shape", choices=tuple(RANDOM_SHAPES), default="tiny", help="the random model's shape (without --base)")
@@ -309,6 +316,8 @@ def main() -> None:
     args = p.parse_args()
     if args.heldout_every and args.base is None:
         p.error("--heldout-every needs --base (a base whose held-out problems it can learn)")
+    if args.workers < 1 or args.threads % args.workers:
+        p.error(f"--threads {args.threads} does not split evenly over --workers {args.workers}")
     if args.base is not None and args.shape != "tiny":
         p.error("--shape is the random model's; --base brings its own model")
     torch.set_num_threads(args.threads)
@@ -325,9 +334,10 @@ def main() -> None:
     for k in PHASES:
         print(f"{k:8s} {ours[k]:10.3f} {theirs[k]:10.3f}")
     ratio = theirs["step"] / ours["step"]
-    print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens)")
+    layout = f", {args.workers} policy + {args.workers} rollout workers ({args.sharding})" if args.workers > 1 else ""
+    print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens{layout})")
     result = {"base": str(args.base) if args.base else f"random {args.shape}", "device": args.device, "dtype": args.dtype,
-              "threads": args.threads,
+              "threads": args.threads, "workers": args.workers, "sharding": args.sharding,
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,
               "r1pipe_s": {k: round(v, 4) for k, v in ours.items()}, "trl_s": {k: round(v, 4) for k, v in theirs.items()},
               "speed_ratio_vs_trl": round(ratio, 2)}

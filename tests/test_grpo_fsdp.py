@@ -96,3 +96,75 @@ def test_activation_checkpointing_gives_the_same_update(ray_cluster, tmp_path):
     assert (plain.logprobs(probe) - recompute.logprobs(probe)).abs().max() <= 1e-6
     plain.shutdown()
     recompute.shutdown()
+
+
+def test_sharded_workers_that_keep_parameters_gathered_step_like_one(ray_cluster, tmp_path):
+    model = tiny_model(tmp_path / "model")
+    one = PolicyGroup(1, model, CFG, with_reference=True)
+    kept = PolicyGroup(2, model, dataclasses.replace(CFG, fsdp_keep_gathered=True), with_reference=True)
+    for seed in (0, 1):
+        s1, s2 = grpo_step(one, seed), grpo_step(kept, seed)
+        assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
+    probe, _ = batch_and_advantages(seed=9)
+    assert (one.logprobs(probe) - kept.logprobs(probe)).abs().max() <= 1e-5
+    one.shutdown()
+    kept.shutdown()
+
+
+def _gather_on_two_ranks(rank: int, port: int, model_path: str) -> None:
+    """Rank `rank` of 2 (gloo): full_tensors of a sharded V3 with MTP (embedding and head shared, an odd vocab:
+    uneven shards) equals the unsharded state dict, names and order included; gather_full also handles a rank
+    whose shard is empty; keep_gathered gathers each unit once per step instead of per micro-batch."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import profile
+
+    from r1pipe.model import load_pretrained
+    from r1pipe.workers.policy import PolicyWorker
+    from r1pipe.workers.sharding import full_tensors, gather_full, shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    whole = load_pretrained(model_path)
+    want = {n: t.clone() for n, t in whole.state_dict().items()}
+    got = list(full_tensors(shard(whole)))
+    assert [n for n, _ in got] == list(want)
+    for name, t in got:
+        assert torch.equal(t, want[name]), name
+
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))  # rows 2 + 1 and 1 + 0
+    expected = {n: t.clone() for n, t in small.state_dict().items()}
+    for layer in small:
+        fully_shard(layer)
+    fully_shard(small)
+    assert {n: t.shape for n, t in gather_full(small).items()} == {n: t.shape for n, t in expected.items()}
+    assert all(torch.equal(gather_full(small)[n], t) for n, t in expected.items())
+
+    batch, adv = batch_and_advantages(seed=rank, rows=6)  # 3 micro-batches of 2 rows on each rank
+    gathers = {}
+    for keep in (False, True):
+        worker = PolicyWorker(rank, 2, model_path, dataclasses.replace(CFG, fsdp_keep_gathered=keep, kl_coef=0.0))
+        worker.sharded = True
+        shard(worker.model, keep)
+        worker._build_optimizer()
+        with profile() as prof:
+            worker.train_step(batch, None, adv, None, 40.0, 12.0, num_micro=3)
+        gathers[keep] = sum(e.count for e in prof.key_averages() if "allgather" in e.key.lower())
+    units = 1 + len(whole.blocks)
+    assert gathers[True] <= units < gathers[False], gathers
+    dist.destroy_process_group()
+
+
+def test_sharded_parameters_gather_in_one_collective_and_keep_gathered_gathers_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    from r1pipe.model import ModelConfig, Transformer, save_pretrained
+    from r1pipe.workers.weight_sync import free_port
+
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=33, hidden_size=64, intermediate_size=128,
+                              moe_intermediate_size=32, num_hidden_layers=2, n_routed_experts=8, n_group=2,
+                              topk_group=1, num_experts_per_tok=2, num_nextn_predict_layers=1, pad_token_id=0,
+                              eos_token_id=1, bos_token_id=2, max_position_embeddings=64)
+    save_pretrained(Transformer(cfg, seed=0), tmp_path / "model")
+    mp.spawn(_gather_on_two_ranks, args=(free_port(), str(tmp_path / "model")), nprocs=2)

@@ -192,6 +192,7 @@ class GRPOConfig(StageConfig):
     placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
     # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
     fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
+    fsdp_keep_gathered: bool = False  # gather parameters / reduce gradients once per step, not per micro-batch
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
     sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
     sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)

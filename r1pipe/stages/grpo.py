@@ -205,7 +205,8 @@ class GRPOTrainer:
             freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=cfg.draft_lr_scale,
             draft_depth=max(self.speculative_k, 1),
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
-            precision=precision, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing,
+            precision=precision, fsdp=cfg.fsdp, fsdp_keep_gathered=cfg.fsdp_keep_gathered,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
         self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
         self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,

@@ -28,8 +28,8 @@ from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.batch import TrainBatch, by_length
 from r1pipe.workers.sharding import (
-    checkpoint_activations, full_tensors, load_sharded, local_bytes, save_pretrained_full, save_sharded, shard,
-    undo_gradient_average,
+    accumulate, checkpoint_activations, full_tensors, load_sharded, local_bytes, reshard, save_pretrained_full,
+    save_sharded, shard, undo_gradient_average,
 )
 from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
 
@@ -60,6 +60,7 @@ class PolicyConfig:
     precision: Any = None  # r1pipe.model.Precision from the recipe's model section; None: fp32, no FP8
     fsdp: bool = True  # shard policy and reference across the workers (FSDP2); False: replicas + all-reduce
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
+    fsdp_keep_gathered: bool = False  # gather once per step, not per micro-batch (sharding.accumulate)
 
 
 class PolicyWorker:
@@ -118,9 +119,9 @@ class PolicyWorker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
         if self.sharded:
-            shard(self.model)
+            shard(self.model, self.cfg.fsdp_keep_gathered)
             if self.reference is not None:
-                shard(self.reference)
+                shard(self.reference, self.cfg.fsdp_keep_gathered)
             self._build_optimizer()
 
     def memory(self) -> dict[str, int]:
@@ -213,6 +214,8 @@ class PolicyWorker:
                 out[rows, : logp.shape[1]] = logp * micro.attention_mask[:, 1:]  # 0 where the target is padding
         finally:
             model.train(was_training)
+            if self.sharded and self.cfg.fsdp_keep_gathered:
+                reshard(model)
         return out
 
     # ---- one optimizer step ----
@@ -245,7 +248,10 @@ class PolicyWorker:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
-        for rows in self._micro_batches(batch, num_micro):
+        micro_batches = self._micro_batches(batch, num_micro)
+        for i, rows in enumerate(micro_batches):
+            if self.sharded and cfg.fsdp_keep_gathered:
+                accumulate(self.model, last_micro_batch=i == len(micro_batches) - 1)
             if len(rows) == 0:
                 self._idle_pass(self.model, backward=True)
                 continue

@@ -13,27 +13,48 @@ any worker count (including one unsharded worker) reads them back.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from r1pipe.model import save_pretrained
 from r1pipe.model.transformer import Transformer
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """fully_shard each decoder block, then the root (in place; parameters become DTensors)."""
+def shard(model: nn.Module, keep_gathered: bool = False) -> nn.Module:
+    """fully_shard each decoder block, then the root (in place; parameters become DTensors). With
+    `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for block in model.blocks:  # type: ignore[attr-defined]
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not keep_gathered)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def accumulate(model: nn.Module, last_micro_batch: bool) -> None:
+    """Gradient accumulation without per-micro-batch collectives, for a model sharded with
+    keep_gathered: until the step's last micro-batch the parameters stay gathered (no all-gather per
+    block and micro-batch, forward or backward) and the gradients accumulate unsharded (no
+    reduce-scatter); the last backward reduce-scatters their sum once and reshards. The price: a whole
+    unsharded model and gradient at peak during the step (FSDP1's no_sync)."""
+    model.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
+    model.set_reshard_after_backward(last_micro_batch)  # type: ignore[operator]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered parameter: FSDP registers the sharded parameters again (a forward-only pass leaves the
+    root gathered, and every block when sharded with keep_gathered)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def undo_gradient_average(model: nn.Module, world_size: int) -> None:
@@ -67,11 +88,65 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     return {"parameters": params, "optimizer": state}
 
 
+def _persistent(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module path, tensor) of every parameter and persistent buffer, under each name it has (the MTP
+    module shares the embedding and head): what the model's state dict holds."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in module.named_parameters(recurse=False):
+            yield dot + name, p
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield dot + name, b
+
+
+def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module path -> full tensor of every parameter and persistent buffer. FSDP2's shards (dim 0 cut
+    as torch.chunk does) travel in one all-gather per dtype, each rank's rows padded to ceil(rows /
+    ranks), rather than one collective per tensor (hundreds a step, one per expert). Every rank of the
+    group calls it and gets the whole model: one full copy at peak."""
+    reshard(model)  # a forward-only pass can leave units gathered: their registered parameters are then plain
+    names: dict[int, list[str]] = {}
+    sharded: dict[torch.dtype, dict[int, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for name, t in _persistent(model):
+        if hasattr(t, "to_local"):
+            names.setdefault(id(t), []).append(name)
+            sharded.setdefault(t.dtype, {})[id(t)] = t
+        else:
+            full[name] = t.detach()
+    for tensors in sharded.values():
+        first = next(iter(tensors.values()))
+        world, rank = first.device_mesh.size(), first.device_mesh.get_local_rank()
+        rows = {key: -(-t.shape[0] // world) for key, t in tensors.items()}  # rows of every rank but the last ones
+        padded = []
+        for key, t in tensors.items():
+            local = t.to_local().detach()
+            if local.shape[0] != max(0, min(rows[key], t.shape[0] - rank * rows[key])):
+                raise RuntimeError(f"{names[key][0]}: a local shard of {local.shape[0]} rows is not torch.chunk's")
+            padded.append(torch.cat([local, local.new_zeros(rows[key] - local.shape[0], *local.shape[1:])]).reshape(-1))
+        mine = torch.cat(padded)
+        everyone = mine.new_empty(world * mine.numel())
+        dist.all_gather_single(everyone, mine, group=first.device_mesh.get_group())
+        everyone, offset = everyone.view(world, -1), 0
+        for key, t in tensors.items():
+            size = rows[key] * math.prod(t.shape[1:])
+            whole = everyone[:, offset : offset + size].reshape(world * rows[key], *t.shape[1:])[: t.shape[0]]
+            full.update((name, whole) for name in names[key])
+            offset += size
+    return full
+
+
 def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) of every state-dict entry, one at a time; a sharded parameter is
-    all-gathered, so every rank of the group must iterate together."""
-    for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+    """(HF name, full tensor) of every state-dict entry, in state-dict order. Sharded parameters are
+    gathered first (gather_full: every rank of the group must call this together)."""
+    if not any(hasattr(p, "to_local") for p in model.parameters()):
+        yield from ((n, t.detach()) for n, t in model.state_dict().items())
+        return
+    with torch.device("meta"):
+        shell = Transformer(model.config)  # type: ignore[arg-type]
+    shell.load_state_dict(gather_full(model), assign=True)  # the HF layout (per-expert keys) by its own hooks
+    yield from shell.state_dict().items()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

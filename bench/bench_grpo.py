@@ -18,6 +18,9 @@ sampling off: the same work as TRL); phases are its own time/* metrics. TRL's st
 callback; its rollout is `_generate`, its reward the reward function's own time, its train the rest.
 Medians over the steps after the first.
 
+`--workers N` runs N policy and N rollout workers with --threads / N torch threads each, on the same cores
+(`--sharding`: FSDP2, FSDP2 gathering once per step, or replicas); TRL keeps one process of --threads threads.
+
 `--heldout-every N` (with `--base`) evaluates greedy pass@1 on the base's held-out problems every N
 steps, outside the clock, for three runs: TRL, r1pipe at the same work, and r1pipe with dynamic sampling
 (its R1-Zero setting: groups whose rewards are all equal are not trained on). r1pipe's runs use their
@@ -34,7 +37,9 @@ forward (what it does now with updates_per_step == 1). Last line: a JSON object 
     python bench/bench_grpo.py --prompts 32 --group 8 --max-tokens 64 --steps 10
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 10
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 100 \
-        --heldout-every 5                            # time to 90% held-out, ~10 minutes on 2 cores
+        --heldout-every 5                            # time to 90% held-out, ~5 minutes on 2 cores
+    python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 100 \
+        --heldout-every 5 --workers 2 --sharding replicas   # the r1-zero recipe's layout: 2 + 2 workers, a thread each
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import json
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -278,7 +284,8 @@ def plot_curves(curves: dict[str, Curve], path: Path, title: str) -> None:
     for name, curve in curves.items():
         ax.plot([t for t, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3, label=name)
     ax.axhline(90, color="grey", linewidth=0.8, linestyle="--")
-    ax.set(xlabel="training seconds (held-out evaluation excluded)", ylabel="greedy held-out accuracy (%)", title=title)
+    ax.set(xlabel="training seconds (held-out evaluation excluded)", ylabel="greedy held-out accuracy (%)")
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +341,7 @@ def main() -> None:
     for k in PHASES:
         print(f"{k:8s} {ours[k]:10.3f} {theirs[k]:10.3f}")
     ratio = theirs["step"] / ours["step"]
-    layout = f", {args.workers} policy + {args.workers} rollout workers ({args.sharding})" if args.workers > 1 else ""
+    layout = f", r1pipe: {args.workers} policy + {args.workers} rollout workers ({args.sharding})" if args.workers > 1 else ""
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens{layout})")
     result = {"base": str(args.base) if args.base else f"random {args.shape}", "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "workers": args.workers, "sharding": args.sharding,
@@ -355,7 +362,7 @@ def main() -> None:
             print(f"{name:26s} {100 * curve[-1][1]:5.1f}% {100 * max(a for _, a in curve):5.1f}%"
                   + "".join(f" {'-' if t is None else f'{t:.1f}':>9s}" for t in reached))
         plot_curves(curves, args.png, f"GRPO on the R1-Zero base: {args.prompts} prompts x {args.group}, "
-                                      f"{args.max_tokens} tokens, {args.threads} threads")
+                                      f"{args.max_tokens} tokens, {args.threads} threads{layout}")
         print(f"plot: {args.png}")
         result.update(r1pipe_dynamic_step_s=round(dyn["step"], 4),
                       heldout={name: {"curve": [[round(t, 2), round(a, 4)] for t, a in c],

@@ -1,6 +1,8 @@
 """FSDP2 policy workers on Ray (gloo, CPU): 2 sharded workers step like 1 on the same batch, each
 holds about half the parameter and optimizer bytes, a checkpoint written by 2 workers resumes on 1
-and continues identically, and the exported model is a Hugging Face checkpoint transformers loads."""
+and continues identically, and the exported model is a Hugging Face checkpoint transformers loads;
+with fsdp_keep_gathered they still step like 1 and gather each unit once per step; the whole model is
+gathered exactly (two processes, no Ray)."""
 import dataclasses
 
 import pytest
@@ -145,8 +147,7 @@ def _gather_on_two_ranks(rank: int, port: int, model_path: str) -> None:
     gathers = {}
     for keep in (False, True):
         worker = PolicyWorker(rank, 2, model_path, dataclasses.replace(CFG, fsdp_keep_gathered=keep, kl_coef=0.0))
-        worker.sharded = True
-        shard(worker.model, keep)
+        shard(worker.model, keep)  # what init_distributed does once the process group exists
         worker._build_optimizer()
         with profile() as prof:
             worker.train_step(batch, None, adv, None, 40.0, 12.0, num_micro=3)

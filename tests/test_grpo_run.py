@@ -237,3 +237,21 @@ def test_bf16_engine_turns_on_tis_and_logs_mismatch(ray_cluster, task, tmp_path)
 def test_fp32_path_has_tis_off_by_default(finished_run):
     _, _, rows = finished_run
     assert not any("tis/clipped_share" in r for r in rows)
+
+
+def test_two_engines_and_two_replicas_sample_and_step_as_one_of_each(ray_cluster, task, tmp_path):
+    """The r1-zero recipe's layout (2 rollout workers, 2 replicated policy workers): every prompt's samples are
+    seeded by its position in the stream, whichever engine draws them, and the replicas sum their gradients, so
+    the run is the one-of-each run."""
+    common = dict(steps=2, prompts_per_step=4, group_size=4, checkpoint_every=2, cpus_per_worker=0.25, sync_check_every=1)
+    runs = {}
+    for n in (1, 2):
+        cfg = grpo_config(task, **common, num_policy_workers=n, num_rollout_workers=n, fsdp=False)
+        run_grpo(cfg, context(tmp_path / str(n), task["model"]))
+        runs[n] = [json.loads(line) for line in (tmp_path / str(n) / "rl" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert len(runs[1]) == len(runs[2]) == 2
+    for one, two in zip(runs[1], runs[2]):
+        for key in ("reward/mean", "response_length/mean", "groups_kept", "data_position"):
+            assert one[key] == two[key], key
+        for key in ("loss", "grad_norm", "entropy", "sync/probe_logprob_diff"):
+            assert one[key] == pytest.approx(two[key], abs=1e-5), key

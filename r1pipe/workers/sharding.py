@@ -8,6 +8,10 @@ model.dtype runs the forward under autocast over the fp32 masters, exactly as on
 gathered parameters stay fp32 and gradients are reduce-scattered in fp32, so N sharded workers
 step like one. Works with gloo on CPU (torch >= 2.6) and NCCL on GPU.
 
+`shard(keep_gathered=True)` with `accumulate` gathers the parameters and reduce-scatters the
+gradients once per step instead of once per micro-batch. `gather_full` hands the whole model to
+weight sync and the Hugging Face export in one all-gather per dtype.
+
 Checkpoints go through torch.distributed.checkpoint (DCP): every rank writes its own shards and
 any worker count (including one unsharded worker) reads them back.
 """

@@ -28,8 +28,8 @@ from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.batch import TrainBatch, by_length
 from r1pipe.workers.sharding import (
-    accumulate, checkpoint_activations, full_tensors, load_sharded, local_bytes, reshard, save_pretrained_full,
-    save_sharded, shard, undo_gradient_average,
+    accumulate, checkpoint_activations, full_tensors, gathered_model, load_sharded, local_bytes, reshard, save_sharded,
+    shard, undo_gradient_average,
 )
 from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
 
@@ -375,15 +375,12 @@ class PolicyWorker:
         rank writes its shards of model and optimizer (DCP, under sharded/) and its RNG state."""
         path_ = Path(path)
         path_.mkdir(parents=True, exist_ok=True)
-        full = {n: t.to("cpu", copy=True) for n, t in full_tensors(self.model)} if self.sharded else None
+        whole = gathered_model(self.model) if self.sharded else self.model
         if self.rank == 0:
-            if full is not None:
-                save_pretrained_full(full, self.model.config, path_)
-            else:
-                save_pretrained(self.model, path_)
+            save_pretrained(whole, path_)
             if tokenizer_dir is not None:
                 load_tokenizer(tokenizer_dir).save_pretrained(path_)
-        del full
+        del whole
         self.barrier()
         save_sharded(path_ / "sharded", self.model, self.optimizer)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path_ / f"rng_rank{self.rank}.pt")

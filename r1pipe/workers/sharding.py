@@ -10,7 +10,7 @@ step like one. Works with gloo on CPU (torch >= 2.6) and NCCL on GPU.
 
 `shard(keep_gathered=True)` with `accumulate` gathers the parameters and reduce-scatters the
 gradients once per step instead of once per micro-batch. `gather_full` hands the whole model to
-weight sync and the Hugging Face export in one all-gather per dtype.
+weight sync and the Hugging Face export (gathered_model) in one all-gather per dtype.
 
 Checkpoints go through torch.distributed.checkpoint (DCP): every rank writes its own shards and
 any worker count (including one unsharded worker) reads them back.
@@ -29,7 +29,6 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from r1pipe.model import save_pretrained
 from r1pipe.model.transformer import Transformer
 
 
@@ -141,30 +140,20 @@ def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
-def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) of every state-dict entry, in state-dict order. Sharded parameters are
-    gathered first (gather_full: every rank of the group must call this together)."""
-    if not any(hasattr(p, "to_local") for p in model.parameters()):
-        yield from ((n, t.detach()) for n, t in model.state_dict().items())
-        return
+def gathered_model(model: nn.Module) -> nn.Module:
+    """A copy of the model built on the meta device and holding the full tensors of gather_full (every
+    rank of the group must call it together); its state dict is the Hugging Face layout (per-expert keys)."""
     with torch.device("meta"):
         shell = Transformer(model.config)  # type: ignore[arg-type]
-    shell.load_state_dict(gather_full(model), assign=True)  # the HF layout (per-expert keys) by its own hooks
-    yield from shell.state_dict().items()
+    shell.load_state_dict(gather_full(model), assign=True)
+    return shell
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model on CPU (every rank of the group must call it; every rank gets it)."""
-    return {name: t.to("cpu", copy=True) for name, t in full_tensors(model)}
-
-
-def save_pretrained_full(state: dict[str, torch.Tensor], config: object, path: str | Path) -> None:
-    """Write the Hugging Face layout checkpoint from a full state dict (full_state_dict on every
-    rank, then this on one)."""
-    with torch.device("meta"):
-        shell = Transformer(config)  # type: ignore[arg-type]
-    shell.load_state_dict(state, assign=True)
-    save_pretrained(shell, path)
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of every state-dict entry, in state-dict order; a sharded model is gathered
+    first (every rank of the group must call this together)."""
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    yield from (gathered_model(model) if sharded else model).state_dict().items()
 
 
 def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

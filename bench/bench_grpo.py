@@ -14,7 +14,9 @@ The model is a randomly initialised one (tests/tiny_models.make_tiny_v3, built l
 issue 12's 1.7B DeepSeek-V3 shape with the tokenizer's small vocabulary: every completion runs to the
 length limit), or with `--base` the R1-Zero recipe's pretrained base and its training prompts
 (completions stop at `</answer>` or EOS as in the real run). `--device cuda` puts both on one GPU. r1pipe runs its `grpo` stage (Ray workers, dynamic
-sampling off: the same work as TRL); phases are its own time/* metrics. TRL's step is timed by a
+sampling off: the same samples and the same update as TRL; rows whose group's rewards are all equal have zero
+advantage and hence zero gradient, and r1pipe leaves them out of the forward and backward unless
+`--keep-zero-advantage`); phases are its own time/* metrics. TRL's step is timed by a
 callback; its rollout is `_generate`, its reward the reward function's own time, its train the rest.
 Medians over the steps after the first.
 
@@ -99,7 +101,7 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
                      stop=stop_strings(model),
                      reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
-                     dynamic_sampling=dynamic_sampling,
+                     dynamic_sampling=dynamic_sampling, skip_zero_advantage=not args.keep_zero_advantage,
                      micro_batch_size=args.micro_batch, threads_per_worker=args.threads // args.workers,
                      num_policy_workers=args.workers, num_rollout_workers=args.workers,
                      fsdp=args.sharding != "replicas", fsdp_keep_gathered=args.sharding == "fsdp-keep-gathered",
@@ -311,6 +313,9 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=GRPOConfig.micro_batch_size,
                    help="r1pipe's training micro-batch rows (default: its rl.micro_batch_size default; TRL trains "
                         "each batch in one pass)")
+    p.add_argument("--keep-zero-advantage", action="store_true",
+                   help="r1pipe runs rows with zero advantage through forward and backward as TRL does (rl.skip_zero_advantage"
+                        "=false); by default it leaves them out: same gradient, less work")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
     p.add_argument("--base", type=Path, default=None,
@@ -345,6 +350,7 @@ def main() -> None:
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens{layout})")
     result = {"base": str(args.base) if args.base else f"random {args.shape}", "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "workers": args.workers, "sharding": args.sharding,
+              "skip_zero_advantage": not args.keep_zero_advantage,
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,
               "r1pipe_s": {k: round(v, 4) for k, v in ours.items()}, "trl_s": {k: round(v, 4) for k, v in theirs.items()},
               "speed_ratio_vs_trl": round(ratio, 2)}

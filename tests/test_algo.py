@@ -25,6 +25,15 @@ def test_group_advantages_with_std():
     torch.testing.assert_close(adv, torch.tensor([h, -h, -h, h, 0, 0, 0, 0]))
 
 
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage():
+    # float32: mean([0.1] * 8) is not 0.1 to the last bit; the residue over (std 0 + eps) was -0.0074 per row
+    for value in (0.1, 0.3, 0.7, 1.1):
+        for normalize_std in (True, False):
+            adv = group_advantages(torch.tensor([value] * 8 + [0.0, 1.0] * 4), group_size=8, normalize_std=normalize_std)
+            assert adv[:8].eq(0).all(), (value, normalize_std, adv[:8])
+            assert adv[8:].ne(0).all()
+
+
 def test_group_advantages_without_std_is_dr_grpo():
     # [3, 1]: mean 2 -> [1, -1]; [0, 0, 3] would be another size; [5, 1]: mean 3 -> [2, -2]
     adv = group_advantages(torch.tensor([3.0, 1, 5, 1]), group_size=2, normalize_std=False)

@@ -1,5 +1,6 @@
 """The GRPO step's pieces alone, without Ray: score, collect (dynamic sampling with refills), the
-RolloutBatch's trainer rows and engine log-probs, and the step's rollout metrics."""
+RolloutBatch's trainer rows and engine log-probs, the step's rollout metrics, and the update that
+leaves zero-advantage rows out (an in-process PolicyWorker as the trainer's policy)."""
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from omegaconf import OmegaConf
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.stages.grpo import GRPOTrainer, PromptStream, Scorer, rollout_metrics
-from r1pipe.workers import Completion, RolloutBatch
+from r1pipe.workers import Completion, PolicyConfig, PolicyWorker, RolloutBatch
+
+from test_grpo_weight_sync import tiny_model
 
 
 def count_a(text: str, reference: dict) -> float:
@@ -67,3 +70,50 @@ def test_rollout_batch_rows_and_engine_logprobs_on_the_target_grid():
     assert rows.response_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     engine = batch.engine_logprobs(tuple(rows.response_mask.shape))
     torch.testing.assert_close(engine, -0.5 * rows.response_mask)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_rows_with_zero_advantage_skip_the_model_and_leave_the_gradient_unchanged(tmp_path, loss_agg):
+    path = tiny_model(tmp_path / "model")
+    # four groups of two: "aa"/"a" and "ab"/"b" differ (count_a 2 vs 1, 1 vs 0); "cc"/"dd" and "a"/"ba" tie
+    texts = [("aa", "a"), ("cc", "dd"), ("ab", "bcd"), ("a", "ba")]
+    batch = RolloutBatch(problems=[{}] * 4, completions=[completion(t) for pair in texts for t in pair])
+    for c in batch.completions:
+        c.reward = count_a(c.text, {})
+    updates = {}
+    for skip in (False, True):
+        t = trainer(tmp_path / str(skip), prompts_per_step=4, skip_zero_advantage=skip, loss_agg=loss_agg)
+        t.pad_id = 0
+        t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, loss_agg=loss_agg, norm_constant=4.0,
+                                                         freeze_router_bias=True, micro_batch_size=2))
+        rows_seen: list[int] = []
+        t.policy.model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
+        metrics = t.train(batch)
+        assert metrics["advantage/zero_share"] == 0.5
+        updates[skip] = (t.policy, sum(rows_seen), metrics)
+    (full, full_rows, a), (skipped, skipped_rows, b) = updates[False], updates[True]
+    assert (full_rows, skipped_rows) == (8, 4)  # the tied groups' rows never reach the model
+    assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6
+    for (name, pa), pb in zip(full.model.named_parameters(), skipped.model.parameters()):  # the step's gradients
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            assert (pa.grad - pb.grad).abs().max() <= 1e-6 * max(1.0, float(pa.grad.abs().max())), name
+
+
+def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
+    """AdamW moves parameters on a zero gradient (its momentum): skipping every row must not skip that."""
+    path = tiny_model(tmp_path / "model")
+    batch = RolloutBatch(problems=[{}] * 2, completions=[completion(t) for t in ("aa", "bb", "cc", "dd")])
+    for c, r in zip(batch.completions, (1.0, 0.0, 1.0, 1.0)):
+        c.reward = r
+    t = trainer(tmp_path, prompts_per_step=2)
+    t.pad_id = 0
+    t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, freeze_router_bias=True))
+    t.train(batch)  # one informative group: a real step, AdamW has momentum
+    before = [p.detach().clone() for p in t.policy.model.parameters()]
+    for c in batch.completions:
+        c.reward = 1.0
+    metrics = t.train(batch)
+    assert metrics["advantage/zero_share"] == 1.0 and metrics["grad_norm"] == 0.0
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(t.policy.model.parameters(), before)]
+    assert max(moved) > 0

@@ -152,6 +152,7 @@ class GRPOConfig(StageConfig):
     kl_coef: float = 0.0  # 0 disables the KL term and drops the reference model
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
+    skip_zero_advantage: bool = True  # rows of all-equal groups skip forward and backward (same gradient; kl_coef 0, no draft loss)
     overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
     overlong_cache: int = 16
     overlong_penalty: float = 1.0

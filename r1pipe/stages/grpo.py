@@ -232,6 +232,15 @@ class GRPOTrainer:
         return self.speculative_k > 0 if self.cfg.draft_loss is None else bool(self.cfg.draft_loss)
 
     @property
+    def skip_zero_advantage(self) -> bool:
+        """Leave rows with zero advantage (every reward of their group equal) out of the forward and
+        backward: their policy-gradient term is exactly 0, and with no KL term and no draft loss nothing
+        else trains on them. Their tokens still count in the loss's denominators, so the gradient is the
+        one of the whole batch; the MoE expert loads that steer the balancing bias, and the entropy and
+        clip metrics, then cover the trained rows only."""
+        return self.cfg.skip_zero_advantage and self.cfg.kl_coef == 0 and not self.draft_loss
+
+    @property
     def tis(self) -> bool:
         """Truncated importance sampling: on by default when the engine runs in another precision
         than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
@@ -351,12 +360,13 @@ class GRPOTrainer:
             if len(rows) == 0:
                 continue
             mini = train_batch.rows(rows)
+            trained = rows[advantages[rows] != 0] if self.skip_zero_advantage else rows
             stats = self.policy.train_step(
-                mini, None if old_logp is None else old_logp[rows], advantages[rows],
-                None if ref_logp is None else ref_logp[rows],
-                num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),
+                train_batch.rows(trained), None if old_logp is None else old_logp[trained], advantages[trained],
+                None if ref_logp is None else ref_logp[trained],
+                num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),  # skipped rows count here
                 num_draft_positions=float(mini.response_mask[:, 1:].sum()),
-                engine_logp=engine_logp[rows], tis_cap=cfg.tis_cap if self.tis else None,
+                engine_logp=engine_logp[trained], tis_cap=cfg.tis_cap if self.tis else None,
             )
             grad_norms.append(stats.pop("grad_norm"))
             maxvios.append(stats.pop("maxvio"))
@@ -380,6 +390,7 @@ class GRPOTrainer:
             "grad_norm": _mean(grad_norms),
             "moe/maxvio": max(maxvios) if maxvios else 0.0,
             "advantage/abs_mean": float(advantages.abs().mean()),
+            "advantage/zero_share": float((advantages == 0).float().mean()),
             "tokens_per_second/train": sums.get("tokens", 0.0) / max(self.timings["train"], 1e-9),
         })
         if self.draft_loss:

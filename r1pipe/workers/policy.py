@@ -174,10 +174,11 @@ class PolicyWorker:
         micro_batch_size rows, or exactly `num_micro` near-equal parts (some may be empty) so that every
         rank runs the same number. Each one is then trimmed to its longest row, so a batch of mixed
         completion lengths is not padded to the longest of all (same update: the loss is a sum over
-        tokens normalised by the global counts)."""
+        tokens normalised by the global counts). No rows at all: one empty micro-batch (an idle pass, so
+        the parameters get their zero gradients and AdamW steps them as after any zero-gradient batch)."""
         order, n = by_length(batch), len(batch)
         if num_micro is None:
-            return [order[i:i + self.cfg.micro_batch_size] for i in range(0, n, self.cfg.micro_batch_size)]
+            return [order[i:i + self.cfg.micro_batch_size] for i in range(0, max(n, 1), self.cfg.micro_batch_size)]
         bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
         return [order[bounds[i]:bounds[i + 1]] for i in range(num_micro)]
 

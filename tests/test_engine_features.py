@@ -199,3 +199,55 @@ def test_samples_share_the_prompts_mtp_cache(model):
     assert len(seen) == 12 and any(kv.numel() for kv in first.values())
     for req, i, kv in seen:
         assert torch.equal(kv, first[req]) and (kv.numel() == 0 or kv.abs().sum() > 0)
+
+
+def metaspace_tokenizer(corpus: list[str]):
+    """A sentencepiece-style BPE: a word's leading space is part of its token ("▁word") and a token
+    decoded alone drops it, so a stop string ending in a space completes only with the next word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_stop_strings_found_without_decoding_every_step_end_where_full_decoding_ends_them(kind):
+    """The stop checker decodes the tail only after tokens whose own text holds a stop string's last
+    character (unless that is whitespace or not ASCII): completions must still end exactly where decoding
+    the whole text finds the first stop."""
+    import random
+    from types import SimpleNamespace
+
+    from r1pipe.data.tokenizer import train_tokenizer
+    from r1pipe.engine.stopping import StopChecker
+    from r1pipe.engine.tokenizer import TokenizerAdapter
+
+    corpus = [f"<think> {a} + {b} = {a + b} </think> <answer>{a + b}</answer> café\n\nnext" for a in range(40) for b in range(7)]
+    trained = train_tokenizer(corpus, vocab_size=300) if kind == "byte-level" else metaspace_tokenizer(corpus)
+    tokenizer = TokenizerAdapter(trained)
+    rng = random.Random(0)
+    texts = [rng.choice(corpus)[: rng.randrange(5, 60)] + rng.choice(["</answer>", " > x", "é", "\n\n", "b> ", "ok"])
+             + rng.choice(corpus) for _ in range(150)]
+    vocab = tokenizer.vocab_size
+    streams = [tokenizer.encode(t) for t in texts] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(150)]
+    stop_sets = [["</answer>"], [">"], ["b>", "café"], ["é"], ["\n\n", "</think>"], ["+ "]]
+    checked = 0
+    for stops in stop_sets:
+        checker = StopChecker(frozenset(), tokenizer)
+        for ids in streams:
+            params = SimpleNamespace(logprobs=False, ignore_eos=True, stop_token_ids=None, stop=stops, max_tokens=10**6,
+                                     skip_special_tokens=True, return_routing=False)
+            seq = SimpleNamespace(output_ids=[], logprobs=[], params=params, finish_reason=None, stop_reason=None)
+            for token in ids:
+                checker.append(seq, token, None)
+                if seq.finish_reason:
+                    break
+            ends = [k for k in range(1, len(ids) + 1) if any(s in tokenizer.decode(ids[:k]) for s in stops)]
+            assert len(seq.output_ids) == (ends[0] if ends else len(ids)), (stops, ids)
+            checked += bool(ends)
+        if stops in (["</answer>"], [">"]):  # decided by the table of ids whose text holds ">"
+            assert set(checker._carriers) == {">"}
+    assert checked > 300  # most streams do hit a stop

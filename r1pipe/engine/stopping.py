@@ -11,6 +11,7 @@ class StopChecker:
 
     def __init__(self, eos_token_ids: frozenset[int], tokenizer: TokenizerAdapter | None) -> None:
         self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
+        self._carriers: dict[str, frozenset[int]] = {}  # a character -> the ids whose own text contains it
 
     def append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         """Add one sampled token and decide whether the sequence is finished."""
@@ -23,7 +24,8 @@ class StopChecker:
             reason = "stop"
         elif p.stop_token_ids and token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
-        elif p.stop and self.tokenizer is not None and (hit := self._stop_string(seq)) is not None:
+        elif (p.stop and self.tokenizer is not None and self._may_complete_stop(token, p.stop)
+              and (hit := self._stop_string(seq)) is not None):
             reason, seq.stop_reason = "stop", hit
         elif len(seq.output_ids) >= p.max_tokens:
             reason = "length"
@@ -31,6 +33,24 @@ class StopChecker:
             seq.finish_reason = reason
             # its routing is recorded when it is fed; the last token never is, so feed it once more
             seq.awaiting_final_feed = p.return_routing
+
+    def _may_complete_stop(self, token: int, stops: list[str]) -> bool:
+        """Whether appending `token` can complete one of `stops`, without decoding the tail. Stops are checked
+        after every token, so a stop string that appears now ends inside the new token's text: its last
+        character is in the token's own text. That is decided from a table for a last character that is ASCII
+        and not whitespace; any other is always decoded (decoders add whitespace between tokens, and a byte of
+        a multi-byte character decodes alone to U+FFFD)."""
+        for stop in stops:
+            last = stop[-1]
+            if not last.isascii() or last.isspace():
+                return True
+            carriers = self._carriers.get(last)
+            if carriers is None:
+                texts = self.tokenizer.token_texts()  # type: ignore[union-attr]
+                carriers = self._carriers[last] = frozenset(i for i, text in enumerate(texts) if last in text)
+            if token in carriers or token >= len(self.tokenizer.token_texts()):  # type: ignore[union-attr]
+                return True
+        return False
 
     def _stop_string(self, seq: Sequence) -> str | None:
         stops = seq.params.stop or []

@@ -43,3 +43,20 @@ class TokenizerAdapter:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self) -> list[str]:
+        """Every id's own text (decoded alone, special tokens included), computed once."""
+        if not hasattr(self, "_token_texts"):
+            singles = [[i] for i in range(self.vocab_size)]
+            if self._is_raw:
+                self._token_texts = list(self.tokenizer.decode_batch(singles, skip_special_tokens=False))
+            else:
+                self._token_texts = list(self.tokenizer.batch_decode(singles, skip_special_tokens=False))
+        return self._token_texts
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer knows, added tokens included."""
+        if self._is_raw:
+            return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return len(self.tokenizer)

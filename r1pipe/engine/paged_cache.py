@@ -84,7 +84,6 @@ class PagedLatentCache:
         self._table: torch.Tensor | None = None  # [B, max_blocks] block ids
         self._query_pos: torch.Tensor | None = None  # [B, S] position of each fed token, -1 for padding
         self._write: torch.Tensor | None = None  # [B*S] slot per fed token (scratch for padding)
-        self._read: torch.Tensor | None = None  # [B*T] slot per key, position order
         self._mask: torch.Tensor | None = None  # [B, S, T]
         self._positions: torch.Tensor | None = None
         self._shape: tuple[int, int, int] = (0, 0, 0)
@@ -115,7 +114,6 @@ class PagedLatentCache:
         safe_pos = torch.where(valid, positions, torch.zeros_like(positions)).clamp_(max=T - 1)
         write = slot_of_position.gather(1, safe_pos)
         self._write = torch.where(valid, write, torch.full_like(write, SCRATCH_BLOCK * bs)).reshape(-1)
-        self._read = slot_of_position.reshape(-1)
         key_pos = torch.arange(T, device=self.device)
         query_pos = torch.where(valid, positions, torch.zeros_like(positions))
         self._mask = key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1)
@@ -128,8 +126,9 @@ class PagedLatentCache:
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._store(layer, kv_latent, k_rope)
         B, S, T = self._shape
-        return (self.kv[layer].index_select(0, self._read).view(B, T, -1),
-                self.pe[layer].index_select(0, self._read).view(B, T, -1), self._mask)
+        blocks = self._table.reshape(-1)  # whole blocks in table order are the keys in position order
+        return (self.kv[layer].view(self.num_blocks, -1).index_select(0, blocks).view(B, T, -1),
+                self.pe[layer].view(self.num_blocks, -1).index_select(0, blocks).view(B, T, -1), self._mask)
 
     def attend(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
                k_rope: torch.Tensor, scale: float) -> torch.Tensor:

@@ -67,6 +67,17 @@ def test_cluster_examples_fit_the_gpus_they_run_on(doc):
         assert asked == gpus, f"{doc}: {' '.join(rl)} asks for {asked} GPUs on {gpus}"
 
 
+@pytest.mark.parametrize("recipe", ["r1-zero", "r1-zero-tiny", "r1-tiny", "distill-tiny"])
+def test_the_tiny_recipes_fit_a_two_core_laptop(recipe):
+    """The recipes a plain `r1pipe run` uses with no model ask for at most the 2 CPUs of the laptop they run on."""
+    cfg = load_recipe(recipe)
+    grpo = [name for name in cfg.stages if cfg[name].get("kind") == "grpo"]
+    assert grpo
+    for name in grpo:
+        asked = resource_plan(stage_config(cfg, name)).totals()
+        assert asked["CPU"] <= 2 and asked.get("GPU", 0) == 0, f"{recipe}.{name} asks for {asked}"
+
+
 def test_readme_error_example_is_the_real_message():
     plan = resource_plan(GRPOConfig(num_policy_workers=8, policy_gpus=1, rollout_gpus=1))
     text = (ROOT / "cluster/README.md").read_text()

@@ -89,6 +89,20 @@ def test_outputs(straight_run):
     assert not (straight_run / "checkpoint.pt").exists()
 
 
+def test_measuring_a_base_in_this_process_keeps_its_thread_count(straight_run):
+    """The base's check runs the engine in the driver; a run's later stages (SFT) must keep its threads (it
+    once left 1 behind, and a fresh `r1pipe run r1` trained its SFT stages on one core)."""
+    from r1pipe.stages.base_eval import measure_accuracy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        measure_accuracy(straight_run / "model", read_jsonl(straight_run / "heldout.jsonl")[:4], 0.0, 8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_interrupted_pretrain_resumes_to_the_same_weights(straight_run, tmp_path, monkeypatch):
     """Killed after step 6 (checkpoint at 4), re-run: resumes at 4 and ends with the weights of the
     uninterrupted run, so no step is lost or repeated. (Two straight runs already differ by ~1e-8:

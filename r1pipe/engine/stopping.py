@@ -44,11 +44,12 @@ class StopChecker:
             last = stop[-1]
             if not last.isascii() or last.isspace():
                 return True
-            carriers = self._carriers.get(last)
-            if carriers is None:
-                texts = self.tokenizer.token_texts()  # type: ignore[union-attr]
-                carriers = self._carriers[last] = frozenset(i for i, text in enumerate(texts) if last in text)
-            if token in carriers or token >= len(self.tokenizer.token_texts()):  # type: ignore[union-attr]
+            texts = self.tokenizer.token_texts()  # type: ignore[union-attr]  (built once)
+            if token >= len(texts):  # an id the tokenizer does not know: decode to be safe
+                return True
+            if last not in self._carriers:
+                self._carriers[last] = frozenset(i for i, text in enumerate(texts) if last in text)
+            if token in self._carriers[last]:
                 return True
         return False
 

@@ -17,6 +17,7 @@ class TokenizerAdapter:
         self._is_raw = hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "batch_decode")
         own_eos = None if self._is_raw else getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id: int | list[int] | None = own_eos if own_eos is not None else eos_token_id
+        self._token_texts: list[str] | None = None  # token_texts(), built on first use
 
     @staticmethod
     def load(source: Any, eos_token_id: int | list[int] | None = None) -> "TokenizerAdapter | None":
@@ -46,7 +47,7 @@ class TokenizerAdapter:
 
     def token_texts(self) -> list[str]:
         """Every id's own text (decoded alone, special tokens included), computed once."""
-        if not hasattr(self, "_token_texts"):
+        if self._token_texts is None:
             singles = [[i] for i in range(self.vocab_size)]
             if self._is_raw:
                 self._token_texts = list(self.tokenizer.decode_batch(singles, skip_special_tokens=False))

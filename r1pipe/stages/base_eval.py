@@ -10,8 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from r1pipe.causal_lm import V3, model_type_of
 from r1pipe.eval.backends import GenerationConfig, HFBackend
 from r1pipe.rewards import build_reward_fn
@@ -62,8 +60,7 @@ def _completions(model_dir: str | Path, rows: list[dict], temperature: float, ma
         backend = HFBackend(model_dir, batch_size=64)
         config = GenerationConfig(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
         return [group[0] for group in backend.generate(prompts, list(stop), config)]
-    # in this process: the engine takes the process's thread count (a RolloutWorker sets it, for its own actor)
-    engine = RolloutWorker(str(model_dir), {}, seed, num_threads=torch.get_num_threads())
+    engine = RolloutWorker(str(model_dir), {}, seed)
     groups = engine.generate(prompts, 1, temperature, max_new_tokens, seeds=[seed + i for i in range(len(prompts))],
                              stop=list(stop) or None)
     return [group[0].text for group in groups]

@@ -16,8 +16,12 @@ from r1pipe.workers.weight_sync import SyncGroup
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0, num_threads: int = 1):
-        torch.set_num_threads(num_threads)
+    def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0,
+                 num_threads: int | None = None):
+        """`num_threads`: torch threads of this actor's process; None (a worker used in the caller's own
+        process, e.g. the pretrain stage's base check) leaves the process's setting alone."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
         self._draft_seen = DraftStats()
 

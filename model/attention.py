@@ -65,9 +65,13 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, H, c.qk_rope_head_dim)], dim=-1).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None]
         dropout = c.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout,
+        v = v.transpose(1, 2)
+        pad = c.qk_head_dim - c.v_head_dim if v.device.type == "cpu" else 0
+        if pad > 0:  # torch's fused CPU attention needs V's head dim equal to Q's; else it materialises the scores
+            v = F.pad(v, (0, pad))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
                                              is_causal=mask is None, scale=c.softmax_scale)
-        return out.transpose(1, 2)
+        return out[..., : c.v_head_dim].transpose(1, 2)
 
     def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, positions: Tensor,
                   cache: LatentCache) -> Tensor:
@@ -75,17 +79,24 @@ class MLA(nn.Module):
         with `attend` (the engine's paged cache) computes the attention itself, reading its blocks in place;
         any other cache hands back its keys and the attention runs here."""
         c = self.config
-        H = self.n_heads
+        B, S, H, _ = q_nope.shape
         w = dense_weight(self.kv_b_proj).view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
+        # per head: [H, B*S, d] @ [H, d, C] (bmm over the heads; an einsum here costs more than the product)
+        q_latent = per_head(q_nope, w_uk.to(q_nope.dtype))
         attend = getattr(cache, "attend", None)
         if attend is not None:
             out_latent = attend(self.layer, q_latent, q_rope, latent, k_rope, c.softmax_scale)
         else:
             latents, k_ropes, mask = cache.update(self.layer, latent, k_rope, positions)
             out_latent = absorbed_attention(q_latent, q_rope, latents, k_ropes, mask, c.softmax_scale)
-        return torch.einsum("bshc,hdc->bshd", out_latent.to(q_latent.dtype), w_uv.to(q_latent.dtype))
+        return per_head(out_latent.to(q_latent.dtype), w_uv.to(q_latent.dtype).transpose(1, 2))
+
+
+def per_head(x: Tensor, w: Tensor) -> Tensor:
+    """x [B,S,H,i] times each head's own w [H,i,o] -> [B,S,H,o]."""
+    B, S, H, i = x.shape
+    return torch.bmm(x.reshape(B * S, H, i).transpose(0, 1), w).transpose(0, 1).reshape(B, S, H, -1)
 
 
 def absorbed_attention(q_latent: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor,
@@ -93,8 +104,11 @@ def absorbed_attention(q_latent: Tensor, q_rope: Tensor, latents: Tensor, k_rope
     """Attention in latent space: q_latent [B,S,H,C] against latents [B,T,C] plus q_rope [B,S,H,R] against the
     shared rope keys k_ropes [B,T,R]; mask [B,S,T] (True: may attend) -> out_latent [B,S,H,C]. A query that may
     attend to no key (padding) gets zeros, not NaN."""
-    scores = (torch.einsum("bshc,btc->bsht", q_latent, latents.to(q_latent.dtype))
-              + torch.einsum("bshr,btr->bsht", q_rope, k_ropes.to(q_rope.dtype))).float() * scale
+    B, S, H, C = q_latent.shape
+    T = latents.shape[1]
+    scores = torch.baddbmm(torch.bmm(q_latent.reshape(B, S * H, C), latents.to(q_latent.dtype).transpose(1, 2)),
+                           q_rope.reshape(B, S * H, -1), k_ropes.to(q_rope.dtype).transpose(1, 2))  # [B, S*H, T]
+    scores = scores.view(B, S, H, T).float() * scale
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).to(q_latent.dtype)
-    return torch.einsum("bsht,btc->bshc", probs, latents.to(probs.dtype))
+    return torch.bmm(probs.view(B, S * H, T), latents.to(probs.dtype)).view(B, S, H, C)

@@ -85,7 +85,8 @@ def test_rows_with_zero_advantage_skip_the_model_and_leave_the_gradient_unchange
         t = trainer(tmp_path / str(skip), prompts_per_step=4, skip_zero_advantage=skip, loss_agg=loss_agg)
         t.pad_id = 0
         t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, loss_agg=loss_agg, norm_constant=4.0,
-                                                         freeze_router_bias=True, micro_batch_size=2))
+                                                         freeze_router_bias=True, micro_batch_size=2,
+                                                         share_prompts=False))  # rows, not packed prompts, are counted
         rows_seen: list[int] = []
         t.policy.model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
         metrics = t.train(batch)

@@ -1,6 +1,7 @@
 """Micro-batches of rows sorted by length, each trimmed to its own longest row: the log-probs are each
 row's own (as if run alone, unpadded), back in the batch's row order, and a train step equals the one
 on the whole batch at once, while the model sees fewer padded positions."""
+import pytest
 import torch
 
 from test_grpo_weight_sync import tiny_model
@@ -52,10 +53,11 @@ def test_bf16_policy_on_cpu_rounds_micro_batch_widths(tmp_path):
     assert seen and all(width % 8 == 0 or width == batch.input_ids.shape[1] for width in seen)
 
 
-def test_logprobs_are_each_rows_own_in_row_order(tmp_path):
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_logprobs_are_each_rows_own_in_row_order(tmp_path, share_prompts):
     path = tiny_model(tmp_path / "model")
     prompts, completions, batch = mixed_lengths_batch()
-    worker = PolicyWorker(0, 1, path, PolicyConfig(micro_batch_size=3))
+    worker = PolicyWorker(0, 1, path, PolicyConfig(micro_batch_size=3, share_prompts=share_prompts))
     seen = positions_seen(worker)
     logp = worker.logprobs(batch)
     assert sum(seen) < batch.input_ids.numel()  # trimmed micro-batches: less padding computed
@@ -65,8 +67,8 @@ def test_logprobs_are_each_rows_own_in_row_order(tmp_path):
             ids = torch.tensor([p + c])
             alone, _ = token_logprobs_and_entropy(model(ids).logits[:, :-1], ids[:, 1:], 1.0)
             n = len(p) + len(c) - 1
-            assert (logp[i, :n] - alone[0]).abs().max() <= 1e-5, i
-            assert torch.all(logp[i, n:] == 0)  # padding targets
+            assert (logp[i, len(p) - 1:n] - alone[0, len(p) - 1:]).abs().max() <= 1e-5, i
+            assert torch.all(logp[i, : len(p) - 1] == 0) and torch.all(logp[i, n:] == 0)  # prompt and padding targets
 
 
 def test_train_step_in_sorted_trimmed_micro_batches_equals_one_whole_batch(tmp_path):

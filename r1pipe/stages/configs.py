@@ -153,6 +153,7 @@ class GRPOConfig(StageConfig):
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
     skip_zero_advantage: bool = True  # rows of all-equal groups skip forward and backward (same gradient; kl_coef 0, no draft loss)
+    share_prompts: bool = True  # the trainer runs a group's shared prompt once, its rows packed (same log-probs; not with draft_loss)
     overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
     overlong_cache: int = 16
     overlong_penalty: float = 1.0

@@ -206,7 +206,7 @@ class GRPOTrainer:
             draft_depth=max(self.speculative_k, 1),
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
             precision=precision, fsdp=cfg.fsdp, fsdp_keep_gathered=cfg.fsdp_keep_gathered,
-            activation_checkpointing=cfg.activation_checkpointing,
+            activation_checkpointing=cfg.activation_checkpointing, share_prompts=cfg.share_prompts,
         )
         self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
         self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,

@@ -57,16 +57,17 @@ def build_batch(
     """Pack rows; `routing` (optional) is one LongTensor[num_moe_layers, P_i + C_i, top_k] per row."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError("prompt_ids and completion_ids differ in length")
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    seq_len = max(lengths)
+    lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], dtype=torch.long)
+    prompt_lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    seq_len = int(lengths.max())
     batch = len(lengths)
+    columns = torch.arange(seq_len)
+    attention_mask = columns < lengths[:, None]
     input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
-    response_mask = torch.zeros(batch, seq_len - 1)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, : lengths[i]] = torch.tensor(p + c, dtype=torch.long)
-        attention_mask[i, : lengths[i]] = True
-        response_mask[i, len(p) - 1 : lengths[i] - 1] = 1.0
+    input_ids[attention_mask] = torch.tensor([t for p, c in zip(prompt_ids, completion_ids) for t in (*p, *c)],
+                                             dtype=torch.long)  # row-major: each row's tokens in order
+    targets = columns[:-1]
+    response_mask = ((targets >= prompt_lens[:, None] - 1) & (targets < lengths[:, None] - 1)).float()
     replay = None
     if routing is not None:
         layers, _, top_k = routing[0].shape
@@ -79,9 +80,11 @@ def build_batch(
 
 def pad_per_token(values: list[list[float]], prompt_lens: list[int], shape: tuple[int, int]) -> Tensor:
     """Engine per-completion-token values (e.g. log-probs) placed on the [B, S-1] target grid."""
+    start = torch.tensor([p - 1 for p in prompt_lens], dtype=torch.long)[:, None]
+    end = start + torch.tensor([len(v) for v in values], dtype=torch.long)[:, None]
+    columns = torch.arange(shape[1])
     out = torch.zeros(shape)
-    for i, (v, p) in enumerate(zip(values, prompt_lens)):
-        out[i, p - 1 : p - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
+    out[(columns >= start) & (columns < end)] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
     return out
 
 

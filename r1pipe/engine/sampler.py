@@ -48,6 +48,7 @@ class SamplingTensors:
     top_k: torch.Tensor  # [B] int64, vocab size when off
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
+    any_greedy: bool
     any_top_p: bool
     any_top_k: bool
 
@@ -59,13 +60,13 @@ class SamplingTensors:
         greedy = t == 0
         return SamplingTensors(
             temperature=t, top_p=torch.tensor(top_p, dtype=torch.float32, device=device), top_k=k,
-            greedy=greedy, all_greedy=bool(greedy.all()),
+            greedy=greedy, all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
             any_top_p=any(p < 1.0 for p in top_p), any_top_k=any(0 < x < vocab_size for x in top_k))
 
     def select(self, rows: torch.Tensor) -> "SamplingTensors":
         """The parameters of the given rows (e.g. one row per draft position)."""
         return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows],
-                               self.greedy[rows], self.all_greedy, self.any_top_p, self.any_top_k)
+                               self.greedy[rows], self.all_greedy, self.any_greedy, self.any_top_p, self.any_top_k)
 
 
 def scaled_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -96,7 +97,7 @@ def sampling_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         drop = drop.scatter(-1, order, drop)  # back to vocabulary order
         scaled = scaled.masked_fill(drop, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if st.greedy.any():
+    if st.any_greedy:
         onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(st.greedy.unsqueeze(-1), onehot, probs)
     return probs
@@ -115,4 +116,4 @@ def sample(logits: torch.Tensor, st: SamplingTensors, streams: list[RandomStream
         return logits.argmax(-1)
     u = uniforms(streams).squeeze(-1).to(logits.device)
     tokens = draw(sampling_probs(logits, st), u)
-    return torch.where(st.greedy, logits.argmax(-1), tokens)
+    return torch.where(st.greedy, logits.argmax(-1), tokens) if st.any_greedy else tokens

@@ -210,6 +210,13 @@ class Scheduler:
     def grow(self) -> None:
         """Give every running sequence the blocks its next step writes, oldest first; when the cache is
         full, preempt the youngest running sequences (possibly the one being grown) to make room."""
+        needs = [self._step_blocks(seq) - len(seq.blocks) for seq in self.running]
+        if sum(n for n in needs if n > 0) <= self.allocator.num_free:  # room for all: nobody is preempted
+            for seq, need in zip(self.running, needs):
+                if need > 0:
+                    seq.blocks += [self.allocator.allocate() for _ in range(need)]
+            self.running.sort(key=_age)
+            return
         queue = sorted(self.running, key=_age)
         kept: list[Sequence] = []
         while queue:

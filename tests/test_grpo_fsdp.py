@@ -169,3 +169,25 @@ def test_sharded_parameters_gather_in_one_collective_and_keep_gathered_gathers_o
                               eos_token_id=1, bos_token_id=2, max_position_embeddings=64)
     save_pretrained(Transformer(cfg, seed=0), tmp_path / "model")
     mp.spawn(_gather_on_two_ranks, args=(free_port(), str(tmp_path / "model")), nprocs=2)
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(ray_cluster, tmp_path, shared_memory):
+    """Replicas (fsdp=False) keep their gradients in one flat buffer each: on this machine's CPUs it is a slot of
+    a shared-memory region summed in place, else the group all-reduces it; a checkpoint load that replaces the
+    gradients is put back into the buffer."""
+    model = tiny_model(tmp_path / "model")
+    cfg = dataclasses.replace(CFG, fsdp=False, shared_memory=shared_memory)
+    one, two = PolicyGroup(1, model, cfg, with_reference=True), PolicyGroup(2, model, cfg, with_reference=True)
+    assert ray.get([w.__ray_call__.remote(lambda w: w.shared_grads is not None) for w in two.workers]) == [shared_memory] * 2
+    for seed in (0, 1):
+        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
+    two.save_checkpoint(str(tmp_path / "ckpt"), None)
+    two.load_checkpoint(str(tmp_path / "ckpt"))  # sets fresh gradient tensors
+    for seed in (2, 3):
+        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
+    probe, _ = batch_and_advantages(seed=9)
+    assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5
+    one.shutdown(), two.shutdown()

@@ -1,7 +1,8 @@
 """Weight sync trainer -> engine over a gloo process group (the two ends in two threads of this
-process, no Ray at all: ray.put is made to raise), in several buckets; the post-sync probe agrees
-after a real sync and catches a deliberately corrupted one."""
+process, no Ray at all: ray.put is made to raise), in several buckets, broadcast or through shared
+memory; the post-sync probe agrees after a real sync and catches a deliberately corrupted one."""
 import dataclasses
+import os
 import threading
 
 import pytest
@@ -62,8 +63,8 @@ def probe(policy: PolicyWorker, engine: RolloutWorker, tol: float) -> float:
     return check_probe(trainer, batch.engine_logprobs(tuple(trainer.shape)), train.response_mask, tol)
 
 
-@pytest.fixture
-def pair(tmp_path, monkeypatch):
+@pytest.fixture(params=["broadcast", "shared-memory"])
+def pair(tmp_path, monkeypatch, request):
     import ray
 
     def no_object_store(*args, **kwargs):
@@ -83,6 +84,11 @@ def pair(tmp_path, monkeypatch):
     policy.train_step(batch, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, float(batch.response_mask.sum()), 4.0)
     buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
     assert len(buckets) > 3
+    if request.param == "shared-memory":
+        directory = policy.share_buckets(buckets)
+        engine.attach_shared_buckets(directory, buckets)
+        policy.unlink_shared(directory)
+        assert not os.path.exists(directory)  # mapped, and nothing left on disk
     return policy, engine, buckets
 
 
@@ -102,9 +108,9 @@ def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
     policy, engine, buckets = pair
     real_pack = weight_sync.pack
 
-    def corrupt(tensors):  # one bucket arrives scaled: what a wrong dtype/offset/stale shard would do
-        flat = real_pack(tensors)
-        return flat * 1.5 if flat.numel() > 1000 else flat
+    def corrupt(tensors, out=None):  # one bucket arrives scaled: what a wrong dtype/offset/stale shard would do
+        flat = real_pack(tensors, out)
+        return flat.mul_(1.5) if flat.numel() > 1000 else flat
 
     monkeypatch.setattr(weight_sync, "pack", corrupt)
     run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))

@@ -197,6 +197,7 @@ class GRPOConfig(StageConfig):
     fsdp_keep_gathered: bool = False  # gather parameters / reduce gradients once per step, not per micro-batch
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
     sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
+    shared_memory: bool = True  # CPU workers on one machine: weight sync and replicas' gradient sums through shared memory
     sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
     sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
 

@@ -207,6 +207,7 @@ class GRPOTrainer:
             device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
             precision=precision, fsdp=cfg.fsdp, fsdp_keep_gathered=cfg.fsdp_keep_gathered,
             activation_checkpointing=cfg.activation_checkpointing, share_prompts=cfg.share_prompts,
+            shared_memory=cfg.shared_memory,
         )
         self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
         self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
@@ -216,7 +217,7 @@ class GRPOTrainer:
                             rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb)
+        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb, cfg.shared_memory)
         self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options),
                              num_cpus=cfg.reward_cpus)
 

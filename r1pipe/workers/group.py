@@ -94,15 +94,28 @@ class PolicyGroup:
         """Per rank: bytes of parameters and optimizer state held."""
         return ray.get([w.memory.remote() for w in self.workers])
 
-    def connect_engines(self, engines: list[Any], bucket_mb: float) -> None:
+    def connect_engines(self, engines: list[Any], bucket_mb: float, shared_memory: bool = True) -> None:
         """Form the trainer -> engines process group (policy rank 0 and every rollout actor, which must
-        have `join_sync` and `receive_weights`) and plan the buckets; only names and shapes cross Ray."""
+        have `join_sync` and `receive_weights`) and plan the buckets; only names and shapes cross Ray.
+        With `shared_memory`, CPU workers and engines all on rank 0's machine exchange the buckets through
+        shared memory (r1pipe.workers.shared_memory.SharedBuckets); self.shared_memory says whether they do."""
         host, port = ray.get(self.workers[0].sync_address.remote())
         world = 1 + len(engines)
         ray.get([self.workers[0].join_sync.remote(host, port, world)]
                 + [e.join_sync.remote(host, port, i + 1, world) for i, e in enumerate(engines)])
         self.engines = list(engines)
         self.buckets = plan_buckets(ray.get(self.workers[0].weight_metas.remote()), int(bucket_mb * 2**20))
+        self.shared_memory = False
+        if shared_memory and self.cfg.device == "cpu":
+            node = ray.get(self.workers[0].node_id.remote())
+            if all(n == node for n in ray.get([e.node_id.remote() for e in engines])):
+                directory = ray.get(self.workers[0].share_buckets.remote(self.buckets))
+                if directory is not None:
+                    try:
+                        ray.get([e.attach_shared_buckets.remote(directory, self.buckets) for e in engines])
+                    finally:
+                        ray.get(self.workers[0].unlink_shared.remote(directory))
+                    self.shared_memory = True
 
     def sync_weights(self) -> None:
         """Broadcast the current weights to the connected engines (tensors only over torch.distributed)."""

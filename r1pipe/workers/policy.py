@@ -32,6 +32,7 @@ from r1pipe.workers.sharding import (
     accumulate, checkpoint_activations, full_tensors, gathered_model, load_sharded, local_bytes, reshard, save_sharded,
     shard, undo_gradient_average,
 )
+from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, unlink
 from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
 
 
@@ -63,6 +64,7 @@ class PolicyConfig:
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
     fsdp_keep_gathered: bool = False  # gather once per step, not per micro-batch (sharding.accumulate)
     share_prompts: bool = True  # rows with the same prompt run it once (r1pipe.workers.packing); not with draft_loss
+    shared_memory: bool = True  # CPU replicas on one machine sum gradients in shared memory, not over gloo's TCP
 
 
 class PolicyWorker:
@@ -98,6 +100,8 @@ class PolicyWorker:
             raise ValueError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
                              "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
+        self.flat_grad: torch.Tensor | None = None  # replicas: every gradient is a view of it (_flat_gradients)
+        self.shared_grads: SharedGradients | None = None
         # oneDNN compiles a bf16 kernel per matmul shape: round micro-batch widths so that shapes repeat
         bf16_cpu = self.device.type == "cpu" and self.model.compute_dtype == torch.bfloat16
         self.width_multiple = 8 if bf16_cpu else 1
@@ -129,6 +133,48 @@ class PolicyWorker:
             if self.reference is not None:
                 shard(self.reference, self.cfg.fsdp_keep_gathered)
             self._build_optimizer()
+        elif self.world_size > 1:
+            self._flat_gradients()
+
+    def _flat_gradients(self) -> None:
+        """Replicas: every trainable parameter's gradient becomes a view of one flat buffer (autograd
+        accumulates into it in place), so the all-reduce needs no packing. With cfg.shared_memory and every
+        rank on this machine's CPUs, the buffer is this rank's slot of a SharedGradients region and the sum
+        runs there; otherwise it is all-reduced by the process group."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if len({p.dtype for p in params}) != 1:
+            return  # mixed master dtypes: _all_reduce_grads packs per step
+        numel, dtype = sum(p.numel() for p in params), params[0].dtype
+        shared = None
+        if self.cfg.shared_memory and self.device.type == "cpu":
+            nodes: list[Any] = [None] * self.world_size
+            dist.all_gather_object(nodes, self.node_id())
+            if len(set(nodes)) == 1:
+                box = [make_directory() if self.rank == 0 else None]
+                dist.broadcast_object_list(box, src=0)
+                if box[0] is not None:
+                    shared = SharedGradients(box[0], numel, dtype, self.rank, self.world_size)
+                    dist.barrier()  # every rank has mapped the region
+                    if self.rank == 0:
+                        unlink(box[0])
+        self.shared_grads = shared
+        self.flat_grad = shared.local if shared is not None else torch.zeros(numel, dtype=dtype, device=self.device)
+        self.grad_views, offset = [], 0
+        for p in params:
+            self.grad_views.append((p, self.flat_grad[offset:offset + p.numel()].view_as(p)))
+            offset += p.numel()
+        self._attach_gradients()
+
+    def _attach_gradients(self) -> None:
+        """Point every parameter's gradient at its view of the flat buffer, keeping its value (a checkpoint
+        load, or a gradient set from outside, replaces the tensor)."""
+        for p, view in self.grad_views:
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                p.grad = view
 
     def memory(self) -> dict[str, int]:
         """Bytes of parameters and optimizer state this rank holds (its shards)."""
@@ -332,6 +378,13 @@ class PolicyWorker:
         """Sum gradients over ranks in one flat buffer (the loss already divides by global counts)."""
         if self.world_size == 1:
             return
+        if self.flat_grad is not None:
+            self._attach_gradients()
+            if self.shared_grads is not None:
+                self.shared_grads.all_reduce()
+            else:
+                dist.all_reduce(self.flat_grad, op=dist.ReduceOp.SUM)
+            return
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
@@ -377,6 +430,17 @@ class PolicyWorker:
         """Rank 0 joins the trainer -> engines group as its sender (rank 0 there)."""
         if self.rank == 0:
             self.sync_group = SyncGroup(host, port, 0, world_size, str(self.device))
+
+    def share_buckets(self, buckets: list) -> str | None:
+        """Rank 0: put the sync buckets in shared memory for engines on this machine; returns their directory
+        (None without /dev/shm: the broadcast carries the weights)."""
+        directory = make_directory()
+        if directory is not None:
+            self.sync_group.shared = SharedBuckets(directory, buckets)
+        return directory
+
+    def unlink_shared(self, directory: str) -> None:
+        unlink(directory)
 
     def send_weights(self, buckets: list) -> None:
         """Every policy rank gathers the weights one tensor at a time (collectives when sharded);
@@ -429,5 +493,5 @@ class PolicyWorker:
         return os.getpid()
 
     def node_id(self) -> str:
-        """The Ray node this worker runs on."""
-        return ray.get_runtime_context().get_node_id()
+        """The Ray node this worker runs on (the host name outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import ray
 import torch
 
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.workers.batch import Completion, DraftStats
+from r1pipe.workers.shared_memory import SharedBuckets
 from r1pipe.workers.weight_sync import SyncGroup
 
 
@@ -80,6 +82,14 @@ class RolloutWorker:
     def join_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync)."""
         self.sync_group = SyncGroup(host, port, rank, world_size, str(getattr(self.llm, "device", "cpu")))
+
+    def attach_shared_buckets(self, directory: str, buckets: list) -> None:
+        """Map the trainer's shared-memory buckets (same machine, CPU): later syncs read them in place."""
+        self.sync_group.shared = SharedBuckets(directory, buckets)
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        return ray.get_runtime_context().get_node_id()
 
     def receive_weights(self, buckets: list) -> int:
         """Take one broadcast of the weights, bucket by bucket, into the engine; returns how many were set."""

@@ -6,6 +6,11 @@ workers' FSDP group. Each step the trainer broadcasts the weights as flat buffer
 `bucket_bytes` (one dtype per bucket); the engines unpack each bucket into views and copy them in
 place. Only the tensor names, shapes and dtypes travel through Ray, once, as plain Python.
 
+On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory instead
+(r1pipe.workers.shared_memory.SharedBuckets): the trainer
+writes them in place and the engines copy from them, so the group carries a one-element ready
+signal rather than the weights, as colocated GPU engines take weights through CUDA IPC handles.
+
 After a sync the stage compares a fixed probe's log-probs from the engine with the trainer's
 (`check_probe`) and stops the run when they disagree: a sync that silently shipped wrong weights
 would otherwise train on samples from a policy nobody trains.
@@ -19,6 +24,8 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from r1pipe.workers.shared_memory import SharedBuckets
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,9 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[Tensor
     return buckets
 
 
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One flat buffer of the tensors (one dtype), in order."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One flat buffer of the tensors (one dtype), in order (written into `out` when given)."""
+    return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
 
 def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
@@ -78,6 +85,7 @@ class SyncGroup:
     def __init__(self, host: str, port: int, rank: int, world_size: int, device: str = "cpu", timeout_s: float = 600.0):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.shared: SharedBuckets | None = None  # set when every member maps the same shared buckets
         self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
         if self.device.type == "cuda":  # pragma: no cover - needs GPUs
             self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
@@ -88,19 +96,31 @@ class SyncGroup:
         self.group.broadcast(buffer, 0).wait()
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], buckets: list[list[TensorMeta]]) -> None:
-        """Rank 0: broadcast `named` (in bucket order) bucket by bucket."""
+        """Rank 0: broadcast `named` (in bucket order) bucket by bucket; with shared buckets, write them and
+        broadcast the ready signal."""
         it = iter(named)
-        for bucket in buckets:
+        for i, bucket in enumerate(buckets):
             tensors = []
             for m in bucket:
                 name, t = next(it)
                 if name != m.name:
                     raise RuntimeError(f"weight sync: sending {name} where the plan has {m.name}")
                 tensors.append(t.to(self.device))
-            self.broadcast(pack(tensors))
+            if self.shared is None:
+                self.broadcast(pack(tensors))
+            else:
+                pack(tensors, out=self.shared.tensors[i])
+        if self.shared is not None:
+            self.broadcast(torch.ones(1))
 
     def receive(self, buckets: list[list[TensorMeta]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Ranks 1..R: each bucket as name -> tensor (views of one received buffer)."""
+        """Ranks 1..R: each bucket as name -> tensor (views of one received buffer, or of the shared bucket
+        once the sender's signal has come)."""
+        if self.shared is not None:
+            self.broadcast(torch.zeros(1))
+            for bucket, flat in zip(buckets, self.shared.tensors):
+                yield unpack(flat, bucket)
+            return
         for bucket in buckets:
             flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=self.device)
             self.broadcast(flat)

@@ -6,6 +6,8 @@ Both paths compute the same attention and agree to float rounding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,10 +39,11 @@ class MLA(nn.Module):
                                      fp8=fp8("kv_b_proj"))
         self.o_proj = make_linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias, fp8=fp8("o_proj"))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, positions: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | SharedPrefix | None, positions: Tensor,
                 cache: LatentCache | None = None) -> Tensor:
-        """x [B,S,D]; cos/sin [B,S,r/2]; mask [B,S,S] (True = may attend) for the training path, ignored with a
-        cache (the cache supplies it); positions [B,S] (negative = padding) for the cache."""
+        """x [B,S,D]; cos/sin [B,S,r/2]; mask [B,S,S] (True = may attend; None: causal) or a SharedPrefix (packed
+        rows) for the training path, ignored with a cache (the cache supplies it); positions [B,S] (negative =
+        padding) for the cache."""
         c = self.config
         B, S, _ = x.shape
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -56,22 +59,18 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_rope, latent, k_rope, positions, cache)
         return self.o_proj(out.flatten(2))
 
-    def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, mask: Tensor | None) -> Tensor:
+    def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor,
+                  mask: Tensor | SharedPrefix | None) -> Tensor:
         c = self.config
         B, S, H, _ = q_nope.shape
         kv = self.kv_b_proj(latent).view(B, S, H, c.qk_nope_head_dim + c.v_head_dim)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, H, c.qk_rope_head_dim)], dim=-1).transpose(1, 2)
-        attn_mask = None if mask is None else mask[:, None]
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, H, c.qk_rope_head_dim)], dim=-1)
         dropout = c.attention_dropout if self.training else 0.0
-        v = v.transpose(1, 2)
-        pad = c.qk_head_dim - c.v_head_dim if v.device.type == "cpu" else 0
-        if pad > 0:  # torch's fused CPU attention needs V's head dim equal to Q's; else it materialises the scores
-            v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                             is_causal=mask is None, scale=c.softmax_scale)
-        return out[..., : c.v_head_dim].transpose(1, 2)
+        if isinstance(mask, SharedPrefix):
+            return mask.attention(q, k, v, c.softmax_scale, dropout)
+        return sdpa(q, k, v, mask, c.softmax_scale, dropout)
 
     def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor, positions: Tensor,
                   cache: LatentCache) -> Tensor:
@@ -97,6 +96,56 @@ def per_head(x: Tensor, w: Tensor) -> Tensor:
     """x [B,S,H,i] times each head's own w [H,i,o] -> [B,S,H,o]."""
     B, S, H, i = x.shape
     return torch.bmm(x.reshape(B * S, H, i).transpose(0, 1), w).transpose(0, 1).reshape(B, S, H, -1)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout: float = 0.0) -> Tensor:
+    """q, k [B,S,H,d], v [B,T,H,dv]; mask [B,S,T] (True: may attend; None: causal) -> [B,S,H,dv]."""
+    dv = v.shape[-1]
+    pad = q.shape[-1] - dv if v.device.type == "cpu" else 0
+    if pad > 0:  # torch's fused CPU attention needs V's head dim equal to Q's; else it materialises the scores
+        v = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=None if mask is None else mask[:, None], dropout_p=dropout,
+                                         is_causal=mask is None, scale=scale)
+    return out[..., :dv].transpose(1, 2)
+
+
+@dataclass
+class SharedPrefix:
+    """Packed rows whose tokens are a shared prompt followed by several rows' completions
+    (r1pipe.workers.packing), attended as the unpacked rows were: each prompt token over the prompt up to
+    itself, each completion token over the whole prompt and its own completion up to itself. Instead of one
+    mask over the packed row (quadratic in all its completions), the prompts attend among themselves and each
+    completion attends [its prompt's keys, its own keys]: the work of the unpacked rows, the prompt once.
+
+    Indices are flat into the packed [G*L] tokens. Prompts: G rows of P slots (prompt_index, padding 0),
+    prompt_mask [G,P,P]; completions: N rows of C slots (row_index), row_group [N] their packed row,
+    row_mask [N,C,P+C] over [prompt keys, own keys]. *_take pick the real slots of the flattened
+    [G*P] / [N*C] results and *_dest say where they go among the G*L tokens (the rest, padding, get 0)."""
+
+    prompt_index: Tensor
+    prompt_mask: Tensor
+    prompt_take: Tensor
+    prompt_dest: Tensor
+    row_index: Tensor
+    row_group: Tensor
+    row_mask: Tensor
+    row_take: Tensor
+    row_dest: Tensor
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
+        """q, k [G,L,H,d], v [G,L,H,dv] of the packed rows -> attention output [G,L,H,dv]."""
+        G, L, H, _ = q.shape
+        flat = lambda t, index: t.reshape(G * L, H, -1).index_select(0, index.reshape(-1)).view(*index.shape, H, -1)  # noqa: E731
+        kp, vp = flat(k, self.prompt_index), flat(v, self.prompt_index)
+        prompt_out = sdpa(flat(q, self.prompt_index), kp, vp, self.prompt_mask, scale, dropout)
+        keys = torch.cat([kp.index_select(0, self.row_group), flat(k, self.row_index)], dim=1)
+        values = torch.cat([vp.index_select(0, self.row_group), flat(v, self.row_index)], dim=1)
+        row_out = sdpa(flat(q, self.row_index), keys, values, self.row_mask, scale, dropout)
+        out = q.new_zeros(G * L, H, v.shape[-1])
+        out = out.index_copy(0, self.prompt_dest, prompt_out.reshape(-1, H, v.shape[-1]).index_select(0, self.prompt_take))
+        out = out.index_copy(0, self.row_dest, row_out.reshape(-1, H, v.shape[-1]).index_select(0, self.row_take))
+        return out.view(G, L, H, -1)
 
 
 def absorbed_attention(q_latent: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .attention import SharedPrefix
 from .block import Block
 from .cache import LatentCache
 from .config import ModelConfig
@@ -100,17 +101,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
                 attention_mask: Tensor | None = None, routing: list[Tensor] | None = None,
-                return_routing: bool = False, mtp: bool = False, attend: Tensor | None = None) -> ModelOutput:
+                return_routing: bool = False, mtp: bool = False, prefix: SharedPrefix | None = None) -> ModelOutput:
         """input_ids [B,S]; positions [B,S] (default 0..S-1); attention_mask [B,S]: 0 on padding, else the
         number of rows a token stands for (1, or more for a shared prompt packed once: the MoE expert loads
-        count it that many times); attend [B,S,S] (True: the query may attend the key) replaces the causal
-        pattern, for packed rows (r1pipe.workers.packing); routing: replayed expert ids per MoE layer."""
+        count it that many times); prefix: packed rows of shared prompts and their completions (their attention
+        pattern, r1pipe.workers.packing) instead of causal rows; routing: replayed expert ids per MoE layer."""
         with self.autocast(input_ids.device):
-            return self._forward(input_ids, positions, cache, attention_mask, routing, return_routing, mtp, attend)
+            return self._forward(input_ids, positions, cache, attention_mask, routing, return_routing, mtp, prefix)
 
     def _forward(self, input_ids: Tensor, positions: Tensor | None, cache: LatentCache | None,
                  attention_mask: Tensor | None, routing: list[Tensor] | None, return_routing: bool, mtp: bool,
-                 attend: Tensor | None = None) -> ModelOutput:
+                 prefix: SharedPrefix | None = None) -> ModelOutput:
         c = self.config
         B, S = input_ids.shape
         if positions is None:
@@ -118,9 +119,9 @@ class Transformer(nn.Module):
         moe_count = sum(b.is_moe for b in self.blocks)
         if routing is not None and len(routing) != moe_count:
             raise ValueError(f"routing has {len(routing)} tensors; the model has {moe_count} MoE layers")
-        if attend is not None and mtp:
-            raise ValueError("mtp=True reads the next tokens of a row; packed rows (attend) have none")
-        mask, cache_positions = self._masks(positions, attention_mask, cache, attend)
+        if prefix is not None and mtp:
+            raise ValueError("mtp=True reads the next tokens of a row; packed rows (prefix) have none")
+        mask, cache_positions = self._masks(positions, attention_mask, cache, prefix)
         cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
         h = self.model.embed_tokens(input_ids)
         routes: list[Tensor] = []
@@ -196,12 +197,12 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _masks(positions: Tensor, attention_mask: Tensor | None, cache: LatentCache | None,
-               attend: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+               prefix: SharedPrefix | None = None) -> tuple[Tensor | SharedPrefix | None, Tensor]:
         """(self-attention mask [B,S,S] for the no-cache path, positions for the cache with padding as -1)."""
-        if attend is not None:
+        if prefix is not None:
             if cache is not None:
-                raise ValueError("attend (packed rows) is for the no-cache path")
-            return attend | torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device), positions
+                raise ValueError("prefix (packed rows) is for the no-cache path")
+            return prefix, positions
         if cache is not None:
             cache_positions = positions if attention_mask is None else positions.masked_fill(~attention_mask.bool(), -1)
             return None, cache_positions

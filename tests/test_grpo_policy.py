@@ -54,7 +54,7 @@ def test_freeze_router_bias_holds_routing_still_and_still_measures_maxvio(tmp_pa
 def test_draft_loss_trains_only_the_mtp_module_toward_the_policy(tmp_path):
     path = tiny_mtp_model(tmp_path / "m")
     batch, adv = batch_and_inputs()
-    plain = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2))
+    plain = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, share_prompts=False))  # the draft loss runs rows unpacked
     drafted = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, draft_loss=True))
     own = {id(p) for p in drafted.draft_params}
     names = {n for n, p in drafted.model.named_parameters() if id(p) in own}

@@ -19,16 +19,18 @@ def test_packed_layout_by_hand():
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 4, 0]]
     assert packed.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]
     assert packed.token_weight.tolist() == [[2, 2, 1, 1, 1], [1, 1, 1, 1, 0]]
+    prefix = packed.prefix  # prompts attend among themselves; each completion over [its prompt, itself]
+    assert prefix.prompt_index.tolist() == [[0, 1, 0], [5, 6, 7]]  # flat [G*L]; row 0's prompt has 2 tokens
     T, F = True, False
-    assert packed.attend[0].tolist() == [  # query rows, key columns: the prompt, then each row's own completion
-        [T, F, F, F, F],
-        [T, T, F, F, F],
-        [T, T, T, F, F],  # row 0's first completion token
-        [T, T, T, T, F],
-        [T, T, F, F, T],  # row 2's: sees the prompt, not row 0's completion
-    ]
-    assert packed.attend[1, :4].tolist() == [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, T, T, F]]
-    assert not packed.attend[:, :, :].any(1)[1, 4]  # padding is never a key
+    assert prefix.prompt_mask[0].tolist() == [[T, F, F], [T, T, F], [T, T, F]]  # a padding query (dropped) sees the prompt
+    assert prefix.prompt_mask[1].tolist() == [[T, F, F], [T, T, F], [T, T, T]]
+    assert prefix.row_group.tolist() == [0, 0, 1]
+    assert prefix.row_index.tolist() == [[2, 3], [4, 0], [8, 0]]  # row 0's completion, row 2's, row 1's
+    # keys: [prompt slots 0..2, own slots 0..1]
+    assert prefix.row_mask[0].tolist() == [[T, T, F, T, F], [T, T, F, T, T]]
+    assert prefix.row_mask[1].tolist() == [[T, T, F, T, F], [T, T, F, T, F]]
+    assert prefix.row_mask[2].tolist() == [[T, T, T, T, F], [T, T, T, T, F]]
+    assert prefix.prompt_dest.tolist() == [0, 1, 5, 6, 7] and prefix.row_dest.tolist() == [2, 3, 4, 8]
     # targets in row order: row 0 predicts 7 at its column 1 and 8 at 2; row 1 predicts 4 at 2; row 2 predicts 9 at 1
     assert packed.target.tolist() == [7, 8, 4, 9]
     assert packed.source.tolist() == [1, 2, 5 + 2, 1]  # flat [G*L]: row 2's first target reads the shared prompt
@@ -73,7 +75,7 @@ def test_packed_forward_and_backward_equal_the_rows(tmp_path, replay):
         if packed_rows:
             packed = pack_shared_prompts(batch)
             out = model(packed.input_ids, positions=packed.positions, attention_mask=packed.token_weight,
-                        attend=packed.attend, routing=packed.routing)
+                        prefix=packed.prefix, routing=packed.routing)
             logp, ent = token_logprobs_and_entropy(out.logits.view(-1, out.logits.shape[-1])[packed.source], packed.target)
             logp, ent = packed.unpack(logp), packed.unpack(ent)
         else:

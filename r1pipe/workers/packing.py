@@ -4,14 +4,15 @@ Row b of a TrainBatch is prompt_b + completion_b + padding. Rows with the same p
 samples) become one packed row: the prompt once, then each row's completion, each completion
 at the positions it had in its own row. The attention pattern keeps every token's view as it
 was: a prompt token sees the prompt up to itself, a completion token sees the whole prompt and
-its own completion up to itself, never another row's completion. Each token's hidden states, and
+its own completion up to itself, never another row's completion (r1pipe.model.SharedPrefix: the
+prompts attend among themselves and each completion over [its prompt, itself], so attention does
+the unpacked rows' work, not the packed row's square). Each token's hidden states, and
 so the log-prob of every completion token, are those of the unpacked rows (up to float summation
 order), and autograd sums the gradient reaching a shared prompt token over the rows that read it.
 
 What it saves is the prompt's forward and backward for all but one row of each group (the R1-Zero
 recipe's 10-token prompts under 21-token completions: 28% of the tokens; long prompts, most of them).
-The price is attention over the packed row, quadratic in its length, which stays small beside the
-projections and experts at completion lengths of hundreds of tokens.
+The prompt's keys and values are copied to each of its completions' attention, a small price.
 
 Only the log-probs of targets (response_mask > 0) are computed: the prompt's own next-token
 log-probs are never used by the loss. Expert loads count each packed token as many times as rows
@@ -24,10 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from r1pipe.model import SharedPrefix
 from r1pipe.workers.batch import TrainBatch
-
-_PROMPT, _PAD = -1, -2  # owner of a shared prompt token / of padding; completions are owned by their row's slot
-
 
 @dataclass
 class PackedBatch:
@@ -36,7 +35,7 @@ class PackedBatch:
     input_ids: Tensor  # [G, L] long
     positions: Tensor  # [G, L] long: each token's position in its own row
     token_weight: Tensor  # [G, L] float: rows the token stands for (0: padding)
-    attend: Tensor  # [G, L, L] bool: query may attend key
+    prefix: SharedPrefix  # the attention pattern: prompts among themselves, completions over prompt + own
     source: Tensor  # [N] long: flat index into [G*L] of the token whose logits predict each target
     target: Tensor  # [N] long: the target token ids
     scatter: Tensor  # [N] long: flat index of each target into the [B, S-1] grid
@@ -58,7 +57,7 @@ def prompt_lengths(batch: TrainBatch) -> list[int]:
     return [f + 1 if any_ else int(n) for f, any_, n in zip(first, scored.any(1).tolist(), lengths)]
 
 
-def prompt_groups(batch: TrainBatch, max_rows: int | None = None) -> list[list[int]]:
+def prompt_groups(batch: TrainBatch) -> list[list[int]]:
     """Row indices grouped by identical prompt (token ids, and the replayed routing of the prompt when the
     batch has one), groups in order of first appearance, rows in order."""
     plens = prompt_lengths(batch)
@@ -69,70 +68,97 @@ def prompt_groups(batch: TrainBatch, max_rows: int | None = None) -> list[list[i
         if batch.routing is not None:
             key += tuple(r[b, :p].numpy().tobytes() for r in batch.routing)
         groups.setdefault(key, []).append(b)
-    out = list(groups.values())
-    if max_rows:
-        out = [rows[i:i + max_rows] for rows in out for i in range(0, len(rows), max_rows)]
-    return out
+    return list(groups.values())
 
 
-def pack_shared_prompts(batch: TrainBatch, multiple: int = 1, max_rows: int | None = None) -> PackedBatch:
+def pack_shared_prompts(batch: TrainBatch, multiple: int = 1) -> PackedBatch:
     """Pack `batch` (see the module docstring); the packed width is rounded up to `multiple`."""
     B, S = batch.input_ids.shape
     device = batch.input_ids.device
     ids = batch.input_ids.tolist()
     lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
     plens = prompt_lengths(batch)
-    groups = prompt_groups(batch, max_rows)
-    rows_ids: list[list[int]] = []  # per packed row: token ids, positions, weights, owners, (row, column) origin
-    rows_pos: list[list[int]] = []
-    rows_w: list[list[float]] = []
-    rows_owner: list[list[int]] = []
-    rows_from: list[list[tuple[int, int]]] = []
-    packed_index: dict[tuple[int, int], int] = {}  # (row b, column t) -> flat packed index of that token
+    groups = prompt_groups(batch)
+    packed_ids: list[list[int]] = []
+    packed_pos: list[list[int]] = []
+    packed_weight: list[list[float]] = []
+    origin: list[list[tuple[int, int]]] = []  # per packed row: (row, column) each token comes from
+    completions: list[tuple[int, int, int, int]] = []  # (packed row, start in it, length, batch row)
     for g, rows in enumerate(groups):
         p = plens[rows[0]]
-        tok, pos, w, own = ids[rows[0]][:p], list(range(p)), [float(len(rows))] * p, [_PROMPT] * p
-        origin = [(rows[0], t) for t in range(p)]
-        for slot, b in enumerate(rows):
+        packed_ids.append(ids[rows[0]][:p])
+        packed_pos.append(list(range(p)))
+        packed_weight.append([float(len(rows))] * p)
+        origin.append([(rows[0], t) for t in range(p)])
+        for b in rows:
             n = lengths[b]
-            tok += ids[b][p:n]
-            pos += range(p, n)
-            w += [1.0] * (n - p)
-            own += [slot] * (n - p)
-            origin += [(b, t) for t in range(p, n)]
-        rows_ids.append(tok), rows_pos.append(pos), rows_w.append(w), rows_owner.append(own), rows_from.append(origin)
-    L = max(len(r) for r in rows_ids)
-    L = -(-L // multiple) * multiple
+            if n > p:
+                completions.append((g, len(packed_ids[g]), n - p, b))
+            packed_ids[g] += ids[b][p:n]
+            packed_pos[g] += range(p, n)
+            packed_weight[g] += [1.0] * (n - p)
+            origin[g] += [(b, t) for t in range(p, n)]
     G = len(groups)
+    L = -(-max(len(r) for r in packed_ids) // multiple) * multiple
+    pad = lambda rows, value: [r + [value] * (L - len(r)) for r in rows]  # noqa: E731
+    long = dict(dtype=torch.long, device=device)
+    input_ids = torch.tensor(pad(packed_ids, 0), **long)
+    positions = torch.tensor(pad(packed_pos, 0), **long)
+    weight = torch.tensor(pad(packed_weight, 0.0), dtype=torch.float32, device=device)
+
+    packed_index: dict[tuple[int, int], int] = {}  # (row b, column t) -> flat packed index of that token
     for g, rows in enumerate(groups):
-        for i, (b, t) in enumerate(rows_from[g]):
+        for i, (b, t) in enumerate(origin[g]):
             packed_index[(b, t)] = g * L + i
         for b in rows[1:]:  # the shared prompt stands for every row's copy of it
             for t in range(plens[b]):
                 packed_index[(b, t)] = packed_index[(rows[0], t)]
-    pad = lambda rows, value: [r + [value] * (L - len(r)) for r in rows]  # noqa: E731
-    input_ids = torch.tensor(pad(rows_ids, 0), dtype=torch.long, device=device)
-    positions = torch.tensor(pad(rows_pos, 0), dtype=torch.long, device=device)
-    weight = torch.tensor(pad(rows_w, 0.0), dtype=torch.float32, device=device)
-    owner = torch.tensor(pad(rows_owner, _PAD), dtype=torch.long, device=device)
-    key_owner, query_owner = owner[:, None, :], owner[:, :, None]
-    attend = ((positions[:, None, :] <= positions[:, :, None]) & ((key_owner == _PROMPT) | (key_owner == query_owner))
-              & (weight[:, None, :] > 0))
-
     targets = (batch.response_mask > 0).nonzero().tolist()  # (b, t): token t+1 of row b, predicted at t
-    source = torch.tensor([packed_index[(b, t)] for b, t in targets], dtype=torch.long, device=device)
-    target = torch.tensor([ids[b][t + 1] for b, t in targets], dtype=torch.long, device=device)
-    scatter = torch.tensor([b * (S - 1) + t for b, t in targets], dtype=torch.long, device=device)
+    source = torch.tensor([packed_index[(b, t)] for b, t in targets], **long)
+    target = torch.tensor([ids[b][t + 1] for b, t in targets], **long)
+    scatter = torch.tensor([b * (S - 1) + t for b, t in targets], **long)
 
     routing = None
     if batch.routing is not None:
-        origin = torch.zeros(G * L, dtype=torch.long)  # flat [B*S] index each packed token copies (padding: 0)
+        copies = torch.zeros(G * L, dtype=torch.long)  # flat [B*S] index each packed token copies (padding: 0)
         for g in range(G):
-            for i, (b, t) in enumerate(rows_from[g]):
-                origin[g * L + i] = b * S + t
-        origin = origin.to(device)
-        routing = [r.reshape(B * S, -1).index_select(0, origin).view(G, L, -1) for r in batch.routing]
-    return PackedBatch(input_ids, positions, weight, attend, source, target, scatter, (B, S - 1), routing)
+            for i, (b, t) in enumerate(origin[g]):
+                copies[g * L + i] = b * S + t
+        copies = copies.to(device)
+        routing = [r.reshape(B * S, -1).index_select(0, copies).view(G, L, -1) for r in batch.routing]
+    prefix = shared_prefix([plens[rows[0]] for rows in groups], completions, L, device)
+    return PackedBatch(input_ids, positions, weight, prefix, source, target, scatter, (B, S - 1), routing)
+
+
+def shared_prefix(prompt_lens: list[int], completions: list[tuple[int, int, int, int]], L: int,
+                  device: torch.device) -> SharedPrefix:
+    """The attention layout of packed rows: prompt g is the first prompt_lens[g] tokens of packed row g; each
+    completion (packed row, start, length, _) follows it there. Padding queries attend key 0 (a prompt token,
+    so softmax stays finite); their outputs are dropped."""
+    G, P = len(prompt_lens), max(prompt_lens)
+    p = torch.tensor(prompt_lens, device=device)
+    slot = torch.arange(P, device=device)
+    prompt_valid = slot[None, :] < p[:, None]  # [G, P]
+    prompt_index = (torch.arange(G, device=device)[:, None] * L + slot[None, :]) * prompt_valid
+    causal = slot[None, :, None] >= slot[None, None, :]  # query >= key
+    prompt_mask = causal & prompt_valid[:, None, :]
+    prompt_mask[:, :, 0] = True
+    N = len(completions)
+    C = max((c for _, _, c, _ in completions), default=1)
+    group = torch.tensor([g for g, _, _, _ in completions], dtype=torch.long, device=device)
+    start = torch.tensor([g * L + s for g, s, _, _ in completions], dtype=torch.long, device=device)
+    length = torch.tensor([c for _, _, c, _ in completions], dtype=torch.long, device=device)
+    col = torch.arange(C, device=device)
+    row_valid = col[None, :] < length[:, None]  # [N, C]
+    row_index = (start[:, None] + col[None, :]) * row_valid
+    own = (col[None, :, None] >= col[None, None, :]) & row_valid[:, None, :]  # [N, C, C]
+    row_mask = torch.cat([prompt_valid.index_select(0, group)[:, None, :].expand(N, C, P), own], dim=2)
+    row_mask[:, :, 0] = True
+    return SharedPrefix(
+        prompt_index=prompt_index, prompt_mask=prompt_mask,
+        prompt_take=prompt_valid.reshape(-1).nonzero().squeeze(1), prompt_dest=prompt_index[prompt_valid],
+        row_index=row_index, row_group=group, row_mask=row_mask,
+        row_take=row_valid.reshape(-1).nonzero().squeeze(1), row_dest=row_index[row_valid])
 
 
 def by_prompt(batch: TrainBatch) -> Tensor:

@@ -204,7 +204,7 @@ class PolicyWorker:
         if self.share_prompts:
             packed = pack_shared_prompts(batch, self.width_multiple)
             out = model(packed.input_ids, positions=packed.positions, attention_mask=packed.token_weight,
-                        attend=packed.attend, routing=packed.routing)
+                        prefix=packed.prefix, routing=packed.routing)
             logits = out.logits.view(-1, out.logits.shape[-1]).index_select(0, packed.source)
             logp, entropy = token_logprobs_and_entropy(logits, packed.target, self.cfg.temperature)
             return packed.unpack(logp), packed.unpack(entropy), None

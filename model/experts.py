@@ -127,22 +127,28 @@ class GroupedExperts(nn.Module):
 
         return self.gate_proj.dtype == FP8_DTYPE
 
-    def forward(self, xs: Tensor, offsets: Tensor) -> Tensor:
-        """xs [T, D] sorted by expert, offsets [E] int32 cumulative counts -> [T, D]."""
+    def forward(self, xs: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:
+        """xs [T, D] sorted by expert, offsets [E] int32 cumulative counts -> [T, D]; scale [T] (each row's gate
+        weight) multiplies a row before the down projection, where it is narrower than the output."""
         fp8 = self.fp8 or self.holds_fp8_weight
         if not fp8 and xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16:  # repeat shapes (docstring)
             where, padded_offsets, total = padded_segments(offsets)
             padded = xs.new_zeros(total, xs.shape[1]).index_copy(0, where, xs)
-            return self._swiglu(padded, padded_offsets, fp8).index_select(0, where)
-        return self._swiglu(xs, offsets, fp8)
+            if scale is not None:
+                scale = scale.new_zeros(total).index_copy(0, where, scale)
+            return self._swiglu(padded, padded_offsets, fp8, scale).index_select(0, where)
+        return self._swiglu(xs, offsets, fp8, scale)
 
-    def _swiglu(self, xs: Tensor, offsets: Tensor, fp8: bool) -> Tensor:
+    def _swiglu(self, xs: Tensor, offsets: Tensor, fp8: bool, scale: Tensor | None = None) -> Tensor:
         def proj(x: Tensor, name: str) -> Tensor:
             if fp8:
                 return fp8_segment_linear(x, getattr(self, name), getattr(self, name + SCALE_SUFFIX), offsets)
             return grouped_linear(x, getattr(self, name), offsets)
 
-        return proj(F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj"), "down_proj")
+        hidden = F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj")
+        if scale is not None:
+            hidden = hidden * scale[:, None].to(hidden.dtype)
+        return proj(hidden, "down_proj")
 
     # ---- FP8 weights (inference from official FP8 checkpoints)
     def load_fp8_weight(self, proj: str, expert: int, weight: Tensor, weight_scale_inv: Tensor) -> None:

@@ -106,17 +106,17 @@ class MoE(nn.Module):
 
     def routed(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """Sort the (token, expert) pairs by expert once, run every expert's projections as grouped GEMMs on the
-        sorted rows, weight and scatter back. x [N,D], weights/indices [N,k] -> [N,D]. No host synchronisation:
-        the segment offsets stay on the device."""
+        sorted rows (each weighted by its gate before the down projection) and scatter back. x [N,D],
+        weights/indices [N,k] -> [N,D]. No host synchronisation: the segment offsets stay on the device."""
         N, k = indices.shape
         flat_expert = indices.flatten()
         sorted_expert, order = flat_expert.sort(stable=True)
         experts = torch.arange(self.config.n_routed_experts, device=x.device, dtype=sorted_expert.dtype)
         offsets = torch.searchsorted(sorted_expert, experts, right=True).to(torch.int32)  # [E] cumulative counts
         token_of = order // k
-        ys = self.experts(x.index_select(0, token_of), offsets)  # backward: index_add_, a fixed summation order
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+        # each row's gate weight enters before the down projection (the hidden is narrower than the output)
+        ys = self.experts(x.index_select(0, token_of), offsets, weights.flatten()[order])
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))  # backward: a fixed summation order
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> float:

@@ -116,3 +116,23 @@ def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
     run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
     with pytest.raises(SyncMismatch, match="sync_check_tol"):
         probe(policy, engine, tol=1e-3)
+
+
+def test_shared_memory_is_declined_without_room(monkeypatch):
+    """A tmpfs too small for the tensors (Docker's 64 MB /dev/shm) is not used: writing past its room would kill
+    the writer, so the caller falls back to the process group."""
+    from r1pipe.workers import shared_memory
+
+    real = os.statvfs(shared_memory.SHARED_MEMORY)
+    made = shared_memory.make_directory(1 << 20)
+    assert made is not None or real.f_bavail * real.f_frsize < (80 << 20)
+    if made is not None:
+        shared_memory.unlink(made)
+        assert not os.path.exists(made)
+
+    class Small:
+        f_bavail, f_frsize = 16, 4 << 20  # 64 MB free
+
+    monkeypatch.setattr(shared_memory.os, "statvfs", lambda path: Small)
+    assert shared_memory.make_directory(100 << 20) is None
+    assert shared_memory.make_directory(1 << 20) is None  # the margin: 64 MB kept free

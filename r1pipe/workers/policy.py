@@ -150,7 +150,7 @@ class PolicyWorker:
             nodes: list[Any] = [None] * self.world_size
             dist.all_gather_object(nodes, self.node_id())
             if len(set(nodes)) == 1:
-                box = [make_directory() if self.rank == 0 else None]
+                box = [make_directory(self.world_size * numel * dtype.itemsize) if self.rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
                 if box[0] is not None:
                     shared = SharedGradients(box[0], numel, dtype, self.rank, self.world_size)
@@ -433,8 +433,8 @@ class PolicyWorker:
 
     def share_buckets(self, buckets: list) -> str | None:
         """Rank 0: put the sync buckets in shared memory for engines on this machine; returns their directory
-        (None without /dev/shm: the broadcast carries the weights)."""
-        directory = make_directory()
+        (None without /dev/shm or room in it: the broadcast carries the weights)."""
+        directory = make_directory(sum(m.numel * m.torch_dtype.itemsize for bucket in buckets for m in bucket))
         if directory is not None:
             self.sync_group.shared = SharedBuckets(directory, buckets)
         return directory

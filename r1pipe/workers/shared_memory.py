@@ -17,9 +17,14 @@ import torch.distributed as dist
 SHARED_MEMORY = "/dev/shm"
 
 
-def make_directory() -> str | None:
-    """A new directory under /dev/shm; None where the machine has none."""
+def make_directory(nbytes: int) -> str | None:
+    """A new directory under /dev/shm for `nbytes` of tensors; None where the machine has none or it has not
+    that much room with a margin (a full tmpfs would kill a process writing into its mapping, e.g. Docker's
+    default 64 MB /dev/shm under a larger model): the callers then use the process group."""
     if not os.path.isdir(SHARED_MEMORY):
+        return None
+    stat = os.statvfs(SHARED_MEMORY)
+    if stat.f_bavail * stat.f_frsize < 1.25 * nbytes + (64 << 20):
         return None
     return tempfile.mkdtemp(prefix="r1pipe-", dir=SHARED_MEMORY)
 

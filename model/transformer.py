@@ -198,7 +198,8 @@ class Transformer(nn.Module):
     @staticmethod
     def _masks(positions: Tensor, attention_mask: Tensor | None, cache: LatentCache | None,
                prefix: SharedPrefix | None = None) -> tuple[Tensor | SharedPrefix | None, Tensor]:
-        """(self-attention mask [B,S,S] for the no-cache path, positions for the cache with padding as -1)."""
+        """(self-attention mask [B,S,S] for the no-cache path, or `prefix` itself for packed rows; positions for
+        the cache with padding as -1)."""
         if prefix is not None:
             if cache is not None:
                 raise ValueError("prefix (packed rows) is for the no-cache path")

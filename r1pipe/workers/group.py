@@ -118,7 +118,8 @@ class PolicyGroup:
                     self.shared_memory = True
 
     def sync_weights(self) -> None:
-        """Broadcast the current weights to the connected engines (tensors only over torch.distributed)."""
+        """Send the current weights to the connected engines (over torch.distributed, or through shared memory
+        on one machine; never through Ray's object store)."""
         if self.buckets is None:
             raise RuntimeError("sync_weights before connect_engines")
         ray.get([w.send_weights.remote(self.buckets) for w in self.workers]

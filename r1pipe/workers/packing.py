@@ -28,6 +28,7 @@ from torch import Tensor
 from r1pipe.model import SharedPrefix
 from r1pipe.workers.batch import TrainBatch
 
+
 @dataclass
 class PackedBatch:
     """G packed rows of width L standing for B rows of width S; N targets (completion tokens to score)."""
@@ -57,10 +58,10 @@ def prompt_lengths(batch: TrainBatch) -> list[int]:
     return [f + 1 if any_ else int(n) for f, any_, n in zip(first, scored.any(1).tolist(), lengths)]
 
 
-def prompt_groups(batch: TrainBatch) -> list[list[int]]:
+def prompt_groups(batch: TrainBatch, plens: list[int] | None = None) -> list[list[int]]:
     """Row indices grouped by identical prompt (token ids, and the replayed routing of the prompt when the
-    batch has one), groups in order of first appearance, rows in order."""
-    plens = prompt_lengths(batch)
+    batch has one), groups in order of first appearance, rows in order; `plens`: prompt_lengths(batch)."""
+    plens = prompt_lengths(batch) if plens is None else plens
     ids = batch.input_ids.tolist()
     groups: dict[tuple, list[int]] = {}
     for b, p in enumerate(plens):
@@ -78,7 +79,7 @@ def pack_shared_prompts(batch: TrainBatch, multiple: int = 1) -> PackedBatch:
     ids = batch.input_ids.tolist()
     lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
     plens = prompt_lengths(batch)
-    groups = prompt_groups(batch)
+    groups = prompt_groups(batch, plens)
     packed_ids: list[list[int]] = []
     packed_pos: list[list[int]] = []
     packed_weight: list[list[float]] = []
@@ -120,11 +121,8 @@ def pack_shared_prompts(batch: TrainBatch, multiple: int = 1) -> PackedBatch:
 
     routing = None
     if batch.routing is not None:
-        copies = torch.zeros(G * L, dtype=torch.long)  # flat [B*S] index each packed token copies (padding: 0)
-        for g in range(G):
-            for i, (b, t) in enumerate(origin[g]):
-                copies[g * L + i] = b * S + t
-        copies = copies.to(device)
+        # the flat [B*S] index each packed token copies (padding: 0)
+        copies = torch.tensor(pad([[b * S + t for b, t in row] for row in origin], 0), **long).view(-1)
         routing = [r.reshape(B * S, -1).index_select(0, copies).view(G, L, -1) for r in batch.routing]
     prefix = shared_prefix([plens[rows[0]] for rows in groups], completions, L, device)
     return PackedBatch(input_ids, positions, weight, prefix, source, target, scatter, (B, S - 1), routing)

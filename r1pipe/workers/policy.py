@@ -32,7 +32,7 @@ from r1pipe.workers.sharding import (
     accumulate, checkpoint_activations, full_tensors, gathered_model, load_sharded, local_bytes, reshard, save_sharded,
     shard, undo_gradient_average,
 )
-from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, unlink
+from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, unlink
 from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
 
 
@@ -148,7 +148,7 @@ class PolicyWorker:
         shared = None
         if self.cfg.shared_memory and self.device.type == "cpu":
             nodes: list[Any] = [None] * self.world_size
-            dist.all_gather_object(nodes, self.node_id())
+            dist.all_gather_object(nodes, node_id())
             if len(set(nodes)) == 1:
                 box = [make_directory(self.world_size * numel * dtype.itemsize) if self.rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
@@ -232,8 +232,8 @@ class PolicyWorker:
 
     def _micro_batches(self, batch: TrainBatch, num_micro: int | None) -> list[torch.Tensor]:
         """This rank's micro-batches as row indices: rows sorted by length (longest first; with share_prompts,
-        the rows of each prompt together, groups with the most tokens first) and cut into micro_batch_size rows, or exactly `num_micro` near-equal parts (some may be empty) so that every
-        rank runs the same number. Each one is then trimmed to its longest row, so a batch of mixed
+        the rows of each prompt together, groups with the most tokens first) and cut into micro_batch_size
+        rows, or exactly `num_micro` near-equal parts (some may be empty) so that every rank runs the same number. Each one is then trimmed to its longest row, so a batch of mixed
         completion lengths is not padded to the longest of all (same update: the loss is a sum over
         tokens normalised by the global counts). No rows at all: one empty micro-batch (an idle pass, so
         the parameters get their zero gradients and AdamW steps them as after any zero-gradient batch)."""
@@ -494,4 +494,4 @@ class PolicyWorker:
 
     def node_id(self) -> str:
         """The Ray node this worker runs on (the host name outside Ray)."""
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+        return node_id()

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import ray
 import torch
 
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.workers.batch import Completion, DraftStats
-from r1pipe.workers.shared_memory import SharedBuckets
+from r1pipe.workers.shared_memory import SharedBuckets, node_id
 from r1pipe.workers.weight_sync import SyncGroup
 
 
@@ -89,7 +88,7 @@ class RolloutWorker:
 
     def node_id(self) -> str:
         """The Ray node this worker runs on."""
-        return ray.get_runtime_context().get_node_id()
+        return node_id()
 
     def receive_weights(self, buckets: list) -> int:
         """Take one broadcast of the weights, bucket by bucket, into the engine; returns how many were set."""

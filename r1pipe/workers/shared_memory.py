@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
+import ray
 import torch
 import torch.distributed as dist
 
 SHARED_MEMORY = "/dev/shm"
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (the host name outside Ray): processes that share it share /dev/shm."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
 
 
 def make_directory(nbytes: int) -> str | None:

@@ -7,9 +7,9 @@ workers' FSDP group. Each step the trainer broadcasts the weights as flat buffer
 place. Only the tensor names, shapes and dtypes travel through Ray, once, as plain Python.
 
 On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory instead
-(r1pipe.workers.shared_memory.SharedBuckets): the trainer
-writes them in place and the engines copy from them, so the group carries a one-element ready
-signal rather than the weights, as colocated GPU engines take weights through CUDA IPC handles.
+(r1pipe.workers.shared_memory.SharedBuckets): the trainer writes them in place and the engines copy
+from them, so the group carries a one-element ready signal rather than the weights, as colocated GPU
+engines take weights through CUDA IPC handles.
 
 After a sync the stage compares a fixed probe's log-probs from the engine with the trainer's
 (`check_probe`) and stops the run when they disagree: a sync that silently shipped wrong weights

@@ -249,5 +249,6 @@ def test_stop_strings_found_without_decoding_every_step_end_where_full_decoding_
             assert len(seq.output_ids) == (ends[0] if ends else len(ids)), (stops, ids)
             checked += bool(ends)
         if stops in (["</answer>"], [">"]):  # decided by the table of ids whose text holds ">"
-            assert set(checker._carriers) == {">"}
+            carriers = checker._carriers[tuple(stops)]
+            assert carriers and all(">" in tokenizer.token_texts()[i] for i in carriers)
     assert checked > 300  # most streams do hit a stop

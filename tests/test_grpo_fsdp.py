@@ -191,3 +191,19 @@ def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(ray_cl
     probe, _ = batch_and_advantages(seed=9)
     assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5
     one.shutdown(), two.shutdown()
+
+
+def test_shards_split_the_rows_by_tokens():
+    """Contiguous shards whose token counts are as equal as whole rows allow (hand-checked)."""
+    from r1pipe.workers.group import balanced_shards
+
+    def sizes(tokens, parts):
+        return [(s.start, s.stop) for s in balanced_shards(torch.tensor(tokens), parts)]
+
+    assert sizes([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert sizes([30, 10, 10, 10], 2) == [(0, 1), (1, 4)]  # by rows it would be 40 against 20
+    assert sizes([1, 1, 1, 100], 2) == [(0, 3), (3, 4)]
+    assert sizes([5, 5, 5, 5, 5, 5], 3) == [(0, 2), (2, 4), (4, 6)]
+    assert sizes([7], 2) == [(0, 1), (1, 1)]  # a rank may get no rows
+    assert sizes([], 2) == [(0, 0), (0, 0)]
+    assert sizes([4, 4, 4], 1) == [(0, 3)]

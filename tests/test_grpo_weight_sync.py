@@ -106,13 +106,15 @@ def test_sync_delivers_the_trained_weights_through_the_process_group(pair):
 
 def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
     policy, engine, buckets = pair
-    real_pack = weight_sync.pack
+    real_send = weight_sync.SyncGroup.send_flat
 
-    def corrupt(tensors, out=None):  # one bucket arrives scaled: what a wrong dtype/offset/stale shard would do
-        flat = real_pack(tensors, out)
-        return flat.mul_(1.5) if flat.numel() > 1000 else flat
+    def corrupt(self, weights):  # the large buckets arrive scaled: what a wrong dtype/offset/stale shard would do
+        for view, t in weights.loose:
+            view.copy_(t)
+        flats = [flat * 1.5 if flat.numel() > 1000 else flat for flat in weights.flats]
+        real_send(self, dataclasses.replace(weights, flats=flats, loose=[]))
 
-    monkeypatch.setattr(weight_sync, "pack", corrupt)
+    monkeypatch.setattr(weight_sync.SyncGroup, "send_flat", corrupt)
     run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
     with pytest.raises(SyncMismatch, match="sync_check_tol"):
         probe(policy, engine, tol=1e-3)
@@ -136,3 +138,76 @@ def test_shared_memory_is_declined_without_room(monkeypatch):
     monkeypatch.setattr(shared_memory.os, "statvfs", lambda path: Small)
     assert shared_memory.make_directory(100 << 20) is None
     assert shared_memory.make_directory(1 << 20) is None  # the margin: 64 MB kept free
+
+
+@pytest.mark.parametrize("bucket_bytes", [64 * 1024, 1 << 30])
+def test_rehome_lays_the_weights_out_as_the_buckets(tmp_path, bucket_bytes):
+    """Every state-dict entry reads the same from its bucket run as from the model, the forward is unchanged,
+    and with one bucket every tensor (stacked experts too) is a view of it, so writing the bucket writes the model."""
+    from r1pipe.model import load_pretrained
+
+    model = load_pretrained(tiny_model(tmp_path / "model"))
+    ids = torch.randint(3, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    state_before = {n: t.clone() for n, t in model.state_dict().items()}
+    buckets = plan_buckets([weight_sync.tensor_meta(n, t) for n, t in model.state_dict().items()], bucket_bytes)
+    flat = weight_sync.rehome(model, buckets)
+    assert torch.equal(model(ids).logits, before)
+    for flat_i, bucket in zip(flat.flats, buckets):
+        for name, view in weight_sync.unpack(flat_i, bucket).items():
+            assert torch.equal(view, state_before[name]), name
+    assert flat.num_names == len(state_before) and flat.fits(buckets)
+    if len(buckets) == 1:
+        assert flat.loose == []
+        experts = model.get_submodule("model.layers.1.mlp.experts")
+        start, nbytes = flat.flats[0].data_ptr(), flat.flats[0].numel() * 4
+        bias = model.get_submodule("model.layers.1.mlp.gate").e_score_correction_bias  # a buffer in the state dict
+        assert all(start <= t.data_ptr() < start + nbytes for t in [*model.parameters(), bias])
+        flat.flats[0].zero_()
+        assert experts.gate_proj.abs().sum() == 0 and model.lm_head.weight.abs().sum() == 0
+    else:
+        assert flat.loose  # a stack whose experts straddle two buckets is copied entry by entry
+    first = next(model.parameters())
+    first.data = first.data.clone()  # something replaced a parameter's storage: the layout no longer serves
+    assert not flat.fits(buckets)
+
+
+def test_a_rehomed_trainer_steps_as_before(tmp_path):
+    """The trainer's weights moved into the sync buckets (as a whole model's first sync does) train exactly as
+    they did in place: same loss, same weights after two steps."""
+    model = tiny_model(tmp_path / "model")
+    workers = [PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2)) for _ in range(2)]
+    buckets = plan_buckets(workers[0].weight_metas(), bucket_bytes=64 * 1024)
+    workers[1]._flat_weights(buckets)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        batch = build_batch([torch.randint(3, 32, (5,), generator=g).tolist() for _ in range(4)],
+                            [torch.randint(3, 32, (6,), generator=g).tolist() for _ in range(4)], pad_id=0)
+        adv, n = torch.tensor([1.0, -1.0, 0.5, -0.5]), float(batch.response_mask.sum())
+        stats = [w.train_step(batch, None, adv, None, n, 4.0) for w in workers]
+        assert stats[0]["loss"] == stats[1]["loss"]
+    assert workers[1].flat_weights.fits(buckets)
+    ours, theirs = workers[0].model.state_dict(), workers[1].model.state_dict()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_sync_into_a_bfloat16_engine(tmp_path):
+    """An engine in another dtype than the buckets takes its bf16 tensors loose, cast on the copy (the router's fp32
+    bias still lands in place)."""
+    model = tiny_model(tmp_path / "model")
+    policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
+    engine = RolloutWorker(model, {"max_model_len": 64, "dtype": "bfloat16"})
+    port = free_port()
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2), lambda: engine.join_sync("127.0.0.1", port, 1, 2))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.01)
+    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
+    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    assert all(t.dtype == torch.float32 for t, _ in engine.flat_weights.placed)
+    ours, dtypes = policy.model.state_dict(), set()
+    for name, t in engine.llm.model.state_dict().items():
+        assert torch.equal(t, ours[name].to(t.dtype)), name
+        dtypes.add(t.dtype)
+    assert torch.bfloat16 in dtypes

@@ -54,6 +54,9 @@ class PlainDecoding:
                 s.awaiting_final_feed = False
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        settings = {(p.temperature, p.top_p, p.top_k) for p in (s.params for s in seqs)}
+        if len(settings) == 1:  # the common case: one setting for the whole batch
+            return SamplingTensors.uniform(len(seqs), *settings.pop(), self.vocab_size, self.device)
         return SamplingTensors.build([s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
                                      [s.params.top_k for s in seqs], self.vocab_size, self.device)
 

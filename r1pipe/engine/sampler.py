@@ -36,6 +36,8 @@ class RandomStream:
 
 def uniforms(streams: list[RandomStream], count: int = 1) -> torch.Tensor:
     """[len(streams), count] float64 uniforms, row i from streams[i]."""
+    if count == 1:
+        return torch.tensor([s.next() for s in streams], dtype=torch.float64).unsqueeze(1)
     return torch.tensor([[s.next() for _ in range(count)] for s in streams], dtype=torch.float64)
 
 
@@ -62,6 +64,19 @@ class SamplingTensors:
             temperature=t, top_p=torch.tensor(top_p, dtype=torch.float32, device=device), top_k=k,
             greedy=greedy, all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
             any_top_p=any(p < 1.0 for p in top_p), any_top_k=any(0 < x < vocab_size for x in top_k))
+
+    @staticmethod
+    def uniform(n: int, temperature: float, top_p: float, top_k: int, vocab_size: int,
+                device: torch.device | str = "cpu") -> "SamplingTensors":
+        """n rows that all sample with the same settings: what `build` gives for n equal entries."""
+        k = vocab_size if top_k < 0 else min(top_k, vocab_size)
+        greedy = temperature == 0
+        return SamplingTensors(
+            temperature=torch.full((n,), temperature, dtype=torch.float32, device=device),
+            top_p=torch.full((n,), top_p, dtype=torch.float32, device=device),
+            top_k=torch.full((n,), k, dtype=torch.long, device=device),
+            greedy=torch.full((n,), greedy, dtype=torch.bool, device=device), all_greedy=greedy or n == 0,
+            any_greedy=greedy and n > 0, any_top_p=top_p < 1.0 and n > 0, any_top_k=0 < top_k < vocab_size and n > 0)
 
     def select(self, rows: torch.Tensor) -> "SamplingTensors":
         """The parameters of the given rows (e.g. one row per draft position)."""

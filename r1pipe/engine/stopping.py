@@ -11,7 +11,7 @@ class StopChecker:
 
     def __init__(self, eos_token_ids: frozenset[int], tokenizer: TokenizerAdapter | None) -> None:
         self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
-        self._carriers: dict[str, frozenset[int]] = {}  # a character -> the ids whose own text contains it
+        self._carriers: dict[tuple[str, ...], frozenset[int] | None] = {}  # stops -> ids that may complete one
 
     def append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         """Add one sampled token and decide whether the sequence is finished."""
@@ -37,21 +37,23 @@ class StopChecker:
     def _may_complete_stop(self, token: int, stops: list[str]) -> bool:
         """Whether appending `token` can complete one of `stops`, without decoding the tail. Stops are checked
         after every token, so a stop string that appears now ends inside the new token's text: its last
-        character is in the token's own text. That is decided from a table for a last character that is ASCII
-        and not whitespace; any other is always decoded (decoders add whitespace between tokens, and a byte of
-        a multi-byte character decodes alone to U+FFFD)."""
-        for stop in stops:
-            last = stop[-1]
-            if not last.isascii() or last.isspace():
-                return True
-            texts = self.tokenizer.token_texts()  # type: ignore[union-attr]  (built once)
-            if token >= len(texts):  # an id the tokenizer does not know: decode to be safe
-                return True
-            if last not in self._carriers:
-                self._carriers[last] = frozenset(i for i, text in enumerate(texts) if last in text)
-            if token in self._carriers[last]:
-                return True
-        return False
+        character is in the token's own text. That is decided from a table (per list of stops, built once)
+        when every stop's last character is ASCII and not whitespace; otherwise the tail is always decoded
+        (decoders add whitespace between tokens, and a byte of a multi-byte character decodes alone to U+FFFD).
+        An id the tokenizer does not know is always decoded."""
+        key = tuple(stops)
+        if key not in self._carriers:
+            self._carriers[key] = self._carriers_of(stops)
+        carriers = self._carriers[key]
+        return carriers is None or token in carriers or token >= len(self.tokenizer.token_texts())  # type: ignore[union-attr]
+
+    def _carriers_of(self, stops: list[str]) -> frozenset[int] | None:
+        """The ids whose own text holds the last character of one of `stops`; None: decode after every token."""
+        lasts = {stop[-1] for stop in stops}
+        if any(not c.isascii() or c.isspace() for c in lasts):
+            return None
+        texts = self.tokenizer.token_texts()  # type: ignore[union-attr]  (built once)
+        return frozenset(i for i, text in enumerate(texts) if any(c in text for c in lasts))
 
     def _stop_string(self, seq: Sequence) -> str | None:
         stops = seq.params.stop or []

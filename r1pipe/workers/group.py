@@ -2,7 +2,7 @@
 
 It creates the actors in their bundles of the stage's placement group (r1pipe.workers.placement),
 joins them into one torch.distributed group (FSDP2-sharded unless fsdp=False), and splits every
-batch by rows across them (contiguous shards; a rank may get none), telling every rank how many
+batch by rows across them (contiguous shards of near-equal token counts; a rank may get none), telling every rank how many
 micro-batches to run so the sharded collectives line up. `sync_weights` sends the weights to the
 rollout engines over their own process group (r1pipe.workers.weight_sync).
 """
@@ -19,8 +19,22 @@ from r1pipe.workers.policy import PolicyConfig, PolicyWorker
 from r1pipe.workers.weight_sync import plan_buckets
 
 
-def _shards(n: int, parts: int) -> list[slice]:
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
+def balanced_shards(tokens: torch.Tensor, parts: int) -> list[slice]:
+    """`parts` contiguous row ranges whose token counts (tokens [B], per row) are as equal as whole rows allow:
+    each cut falls where the running total is nearest its share, so no rank waits long for a longer one."""
+    n = len(tokens)
+    cum = tokens.double().cumsum(0)
+    total = float(cum[-1]) if n else 0.0
+    if total <= 0:
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+    else:
+        bounds = [0]
+        for j in range(1, parts):
+            target = total * j / parts
+            r = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)))  # first row reaching it
+            cut = r + 1 if r < n and (r == 0 or abs(float(cum[r]) - target) <= abs(float(cum[r - 1]) - target)) else r
+            bounds.append(min(max(cut, bounds[-1]), n))
+        bounds.append(n)
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
@@ -49,7 +63,7 @@ class PolicyGroup:
         return max(1, -(-largest // self.cfg.micro_batch_size))
 
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
-        shards = _shards(len(batch), len(self.workers))
+        shards = balanced_shards(batch.attention_mask.sum(1), len(self.workers))
         num_micro = self._num_micro(shards)
         refs = [w.logprobs.remote(batch.rows(s), reference, num_micro) for w, s in zip(self.workers, shards)]
         return torch.cat(ray.get(refs))
@@ -70,7 +84,7 @@ class PolicyGroup:
         """One synchronous optimizer step of every rank (see PolicyWorker.train_step; old_logp None: the
         step's own forward gives them); sums are added over ranks, *_max keys maxed, grad_norm / maxvio
         (identical on every rank) taken from rank 0."""
-        shards = _shards(len(batch), len(self.workers))
+        shards = balanced_shards(batch.attention_mask.sum(1), len(self.workers))
         num_micro = self._num_micro(shards)
         refs = [
             w.train_step.remote(

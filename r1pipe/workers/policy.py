@@ -33,7 +33,7 @@ from r1pipe.workers.sharding import (
     shard, undo_gradient_average,
 )
 from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, unlink
-from r1pipe.workers.weight_sync import SyncGroup, free_port, tensor_meta
+from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, tensor_meta
 
 
 @dataclass
@@ -100,6 +100,7 @@ class PolicyWorker:
             raise ValueError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
                              "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
+        self.flat_weights: FlatWeights | None = None  # a whole model's weights laid out as the sync buckets
         self.flat_grad: torch.Tensor | None = None  # replicas: every gradient is a view of it (_flat_gradients)
         self.shared_grads: SharedGradients | None = None
         # oneDNN compiles a bf16 kernel per matmul shape: round micro-batch widths so that shapes repeat
@@ -443,16 +444,30 @@ class PolicyWorker:
         unlink(directory)
 
     def send_weights(self, buckets: list) -> None:
-        """Every policy rank gathers the weights one tensor at a time (collectives when sharded);
-        rank 0 broadcasts them to the engines bucket by bucket."""
+        """Rank 0 sends the weights to the engines bucket by bucket. A whole model keeps them laid out as the
+        buckets (weight_sync.rehome, done once); a sharded one is gathered one tensor at a time, which
+        every rank joins."""
+        if self.rank == 0 and self.sync_group is None:
+            raise RuntimeError("send_weights before join_sync")
+        if not self.sharded:
+            if self.rank == 0:
+                self.sync_group.send_flat(self._flat_weights(buckets))
+            return
         named = full_tensors(self.model)
         if self.rank == 0:
-            if self.sync_group is None:
-                raise RuntimeError("send_weights before join_sync")
             self.sync_group.send(named, buckets)
         else:
             for _ in named:
                 pass
+
+    def _flat_weights(self, buckets: list) -> FlatWeights:
+        """The model's weights in flat buffers laid out as `buckets`: the shared buckets themselves when the
+        engines map them (a sync then copies nothing here), else private ones. Moved there on first use, and
+        again if something has replaced a parameter's storage since."""
+        if self.flat_weights is None or not self.flat_weights.fits(buckets):
+            shared = self.sync_group.shared if self.sync_group is not None else None
+            self.flat_weights = rehome(self.model, buckets, None if shared is None else shared.tensors)
+        return self.flat_weights
 
     def save_checkpoint(self, path: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0 writes the whole model in the Hugging Face layout (gathered from the shards); every

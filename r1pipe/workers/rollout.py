@@ -13,7 +13,7 @@ import torch
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
-from r1pipe.workers.weight_sync import SyncGroup
+from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome
 
 
 class RolloutWorker:
@@ -25,6 +25,7 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
         self._draft_seen = DraftStats()
+        self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
 
     def generate_stream(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
@@ -91,8 +92,12 @@ class RolloutWorker:
         return node_id()
 
     def receive_weights(self, buckets: list) -> int:
-        """Take one broadcast of the weights, bucket by bucket, into the engine; returns how many were set."""
-        return sum(self.llm.update_weights(part) for part in self.sync_group.receive(buckets))
+        """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. The
+        engine's weights are laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
+        lands in one piece."""
+        if self.flat_weights is None or not self.flat_weights.fits(buckets):
+            self.flat_weights = rehome(self.llm.model, buckets)
+        return self.sync_group.receive_flat(self.flat_weights)
 
     def pad_token_id(self) -> int:
         """Padding id for training batches (any valid id: padded positions are masked out)."""

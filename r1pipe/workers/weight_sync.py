@@ -11,6 +11,9 @@ On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory
 from them, so the group carries a one-element ready signal rather than the weights, as colocated GPU
 engines take weights through CUDA IPC handles.
 
+A whole (unsharded) model on either end keeps its weights in flat buffers laid out as the buckets
+(`rehome`): a sync is then one copy or one broadcast per bucket, not one per tensor.
+
 After a sync the stage compares a fixed probe's log-probs from the engine with the trainer's
 (`check_probe`) and stops the run when they disagree: a sync that silently shipped wrong weights
 would otherwise train on samples from a policy nobody trains.
@@ -18,12 +21,14 @@ would otherwise train on samples from a policy nobody trains.
 from __future__ import annotations
 
 import datetime
+import itertools
 import socket
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from r1pipe.workers.shared_memory import SharedBuckets
 
@@ -79,6 +84,98 @@ def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> dict[str, torch.Tenso
     return out
 
 
+@dataclass
+class FlatWeights:
+    """A model's weights moved into one flat buffer per bucket of `plan` (`rehome`). `placed`: the parameters and
+    buffers that are now views of the flat buffers, with their data pointers then (checked by `intact`);
+    `loose`: (bucket view, the model's tensor) of the state-dict entries that are not, copied one by one;
+    `num_names`: the state-dict entries a sync sets."""
+
+    plan: list[list[TensorMeta]]
+    flats: list[torch.Tensor]
+    placed: list[tuple[torch.Tensor, int]]
+    loose: list[tuple[torch.Tensor, torch.Tensor]]
+    num_names: int
+
+    def fits(self, buckets: list[list[TensorMeta]]) -> bool:
+        """Whether these buffers serve `buckets`: the same plan, and every placed tensor still lives where it
+        was put (nothing has replaced its storage since)."""
+        return self.plan == buckets and all(t.data_ptr() == ptr for t, ptr in self.placed)
+
+
+@torch.no_grad()
+def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.Tensor] | None = None) -> FlatWeights:
+    """Move `model`'s parameters and buffers into flat buffers laid out as `buckets` (values kept): new ones,
+    or `into` (one flat tensor per bucket, e.g. the shared buckets themselves).
+
+    A parameter or buffer moves when its state-dict entries (itself, or the per-expert slices of a
+    stacked tensor) fill one run of one bucket in their own order, with the bucket's dtype and the
+    planned shapes; it then becomes a view of that run (`.data` is re-pointed, so the object, its
+    gradient and optimizer state stay). Every other entry named in the buckets (an alias of a tensor
+    already placed, a dtype the bucket does not have) is loose. Names the model lacks are skipped."""
+    state = model.state_dict(keep_vars=True)
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    sizes = [(sum(m.numel for m in bucket), bucket[0].torch_dtype) for bucket in buckets]
+    if into is not None and [(t.numel(), t.dtype) for t in into] != sizes:
+        raise ValueError("rehome: the given buffers do not match the buckets' sizes and dtypes")
+    flats = into if into is not None else [torch.empty(n, dtype=dtype, device=device) for n, dtype in sizes]
+    where: dict[str, tuple[int, int, TensorMeta]] = {}
+    for i, bucket in enumerate(buckets):
+        offset = 0
+        for m in bucket:
+            where[m.name] = (i, offset, m)
+            offset += m.numel
+    owners: dict[int, list[torch.Tensor]] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        owners.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    entries: dict[int, list[str]] = {}
+    for name, t in state.items():
+        if name in where:
+            entries.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    placed, done = [], set()
+    for key, names in entries.items():
+        if len(owners.get(key, [])) != 1:
+            continue
+        owner = owners[key][0]
+        run = _run(owner, sorted(names, key=lambda n: state[n].storage_offset()), state, where)
+        if run is None:
+            continue
+        i, offset, names = run
+        view = flats[i][offset:offset + owner.numel()].view(owner.shape)
+        view.copy_(owner)
+        owner.data = view
+        placed.append((owner, owner.data_ptr()))
+        done.update(names)
+    loose = []
+    for name, (i, offset, m) in where.items():
+        if name not in done and name in state:
+            loose.append((flats[i][offset:offset + m.numel].view(m.shape), state[name].detach()))
+            loose[-1][0].copy_(loose[-1][1])  # the buffers hold every entry's value from the start
+    return FlatWeights(buckets, flats, placed, loose, len(done) + len(loose))
+
+
+def _run(owner: torch.Tensor, names: list[str], state: dict[str, torch.Tensor],
+         where: dict[str, tuple[int, int, TensorMeta]]) -> tuple[int, int, list[str]] | None:
+    """(bucket, offset, names) when the entries `names` (sorted by storage offset; exact repeats, i.e.
+    aliases, dropped) tile `owner` in order and lie in that order in one run of one bucket; else None."""
+    if not owner.is_contiguous():
+        return None
+    i, start, _ = where[names[0]]
+    covered, kept = 0, []
+    for name in names:
+        t = state[name]
+        j, offset, meta = where[name]
+        if kept and t.storage_offset() == state[kept[-1]].storage_offset() and t.numel() == state[kept[-1]].numel():
+            continue  # an alias of the entry before
+        if (j != i or offset != start + covered or t.storage_offset() != owner.storage_offset() + covered
+                or not t.is_contiguous() or tuple(t.shape) != meta.shape or t.dtype != meta.torch_dtype
+                or owner.dtype != meta.torch_dtype):
+            return None
+        covered += t.numel()
+        kept.append(name)
+    return (i, start, kept) if covered == owner.numel() else None
+
+
 class SyncGroup:
     """This process's membership of the trainer -> engines group (rank 0 sends)."""
 
@@ -96,8 +193,8 @@ class SyncGroup:
         self.group.broadcast(buffer, 0).wait()
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], buckets: list[list[TensorMeta]]) -> None:
-        """Rank 0: broadcast `named` (in bucket order) bucket by bucket; with shared buckets, write them and
-        broadcast the ready signal."""
+        """Rank 0, a model gathered tensor by tensor (sharded): broadcast `named` (in bucket order) bucket by
+        bucket; with shared buckets, write them, signal that they are ready and wait for every engine's copy."""
         it = iter(named)
         for i, bucket in enumerate(buckets):
             tensors = []
@@ -112,19 +209,44 @@ class SyncGroup:
                 pack(tensors, out=self.shared.tensors[i])
         if self.shared is not None:
             self.broadcast(torch.ones(1))
+            self.all_copied()
 
-    def receive(self, buckets: list[list[TensorMeta]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Ranks 1..R: each bucket as name -> tensor (views of one received buffer, or of the shared bucket
-        once the sender's signal has come)."""
+    def send_flat(self, weights: FlatWeights) -> None:
+        """Rank 0, a rehomed model: fill in the loose entries, then each bucket goes out in one piece. With
+        shared buckets (which may be the model's own buffers: nothing to copy then) it signals that they are
+        ready and returns once every engine has taken its copy, so the trainer cannot change them under a
+        reader."""
+        for view, t in weights.loose:
+            view.copy_(t)
+        for i, flat in enumerate(weights.flats):
+            if self.shared is None:
+                self.broadcast(flat)
+            elif flat.data_ptr() != self.shared.tensors[i].data_ptr():
+                self.shared.tensors[i].copy_(flat)
+        if self.shared is not None:
+            self.broadcast(torch.ones(1))
+            self.all_copied()
+
+    def all_copied(self) -> None:
+        """Every member has read the shared buckets (a collective all join)."""
+        self.group.allreduce([torch.zeros(1)]).wait()
+
+    def receive_flat(self, weights: FlatWeights) -> int:
+        """Ranks 1..R, a rehomed model: each bucket arrives in one piece into the model's flat buffers (or is
+        copied from the shared bucket once the sender's signal has come), then the loose entries are copied
+        out. Returns how many tensors were set."""
         if self.shared is not None:
             self.broadcast(torch.zeros(1))
-            for bucket, flat in zip(buckets, self.shared.tensors):
-                yield unpack(flat, bucket)
-            return
-        for bucket in buckets:
-            flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=self.device)
-            self.broadcast(flat)
-            yield unpack(flat, bucket)
+        for i, flat in enumerate(weights.flats):
+            if self.shared is None:
+                self.broadcast(flat)
+            else:
+                flat.copy_(self.shared.tensors[i])
+        for view, t in weights.loose:
+            t.copy_(view)
+        if self.shared is not None:
+            self.all_copied()
+        return weights.num_names
 
 
 def free_port() -> int:

@@ -176,6 +176,12 @@ def test_token_logprobs_and_entropy_by_hand():
     s = math.sqrt(3.0)
     logp_t, _ = token_logprobs_and_entropy(logits, torch.tensor([[0]]), temperature=2.0)
     assert logp_t.item() == pytest.approx(math.log(1 / (1 + s)))
+    # the log-prob carries the gradient d log p_1 / d logits = onehot(1) - p; the entropy is a statistic only
+    leaf = logits.clone().requires_grad_()
+    logp, ent = token_logprobs_and_entropy(leaf, torch.tensor([[1]]))
+    logp.sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.tensor([[[-0.25, 0.25]]]))
+    assert not ent.requires_grad
 
 
 def test_tis_weights_by_hand():

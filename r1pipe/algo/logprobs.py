@@ -11,8 +11,12 @@ from torch import Tensor
 
 
 def tempered_log_softmax(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
-    """log_softmax(logits / T) in float32. logits [..., V]; T a float or a tensor broadcastable to [..., 1]."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    """log_softmax(logits / T) in float32. logits [..., V]; T a float or a tensor broadcastable to [..., 1]
+    (a float 1.0 divides nothing: x / 1.0 == x exactly, and the division would cost a pass and its backward)."""
+    scaled = logits.float()
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
@@ -23,9 +27,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float | Tensor =
 def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """logits [B,T,V] predicting tokens [B,T] -> (log-prob of each token [B,T], entropy [B,T]).
 
-    Entropy is of the tempered distribution, the one that was sampled.
+    Entropy is of the tempered distribution, the one that was sampled; it is a statistic, computed without a
+    gradient (no loss here differentiates it, and the graph would keep its [B,T,V] terms alive).
     """
     log_probs = tempered_log_softmax(logits, temperature)
     token_logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     return token_logp, entropy

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from r1pipe.algo import draft_loss, grpo_loss, tis_weights, token_logprobs_and_entropy
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
+from r1pipe.workers.allocator import retain_freed_memory
 from r1pipe.workers.batch import TrainBatch, by_length
 from r1pipe.workers.packing import by_prompt, pack_shared_prompts
 from r1pipe.workers.sharding import (
@@ -82,6 +83,8 @@ class PolicyWorker:
         torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":  # activations live in host memory: reuse them, do not page-fault them in
+            retain_freed_memory()
         torch.manual_seed(cfg.seed + rank)  # this rank's RNG stream (saved in checkpoints)
         self.model = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))  # fp32 masters
         if cfg.precision is not None:  # bf16 compute (autocast), FP8 projections

@@ -75,6 +75,7 @@ from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch  # noqa: E402
 from r1pipe.workers.rollout import RolloutWorker  # noqa: E402
 
 _REWARD = build_reward_fn({"accuracy": 1.0, "format": 0.1})  # the R1-Zero recipe's reward
+R1_ZERO_MICRO_BATCH = int(OmegaConf.load(Path(__file__).resolve().parent.parent / "recipes" / "r1-zero.yaml").rl.micro_batch_size)
 REWARD_SECONDS = [0.0]
 
 
@@ -310,9 +311,9 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: both trainers on the one GPU (r1pipe's policy and rollout workers take half of it each)")
     p.add_argument("--shape", choices=tuple(RANDOM_SHAPES), default="tiny", help="the random model's shape (without --base)")
-    p.add_argument("--micro-batch", type=int, default=GRPOConfig.micro_batch_size,
-                   help="r1pipe's training micro-batch rows (default: its rl.micro_batch_size default; TRL trains "
-                        "each batch in one pass)")
+    p.add_argument("--micro-batch", type=int, default=R1_ZERO_MICRO_BATCH,
+                   help=f"r1pipe's training micro-batch rows (default: the r1-zero recipe's rl.micro_batch_size, "
+                        f"{R1_ZERO_MICRO_BATCH}; TRL trains each batch in one pass)")
     p.add_argument("--keep-zero-advantage", action="store_true",
                    help="r1pipe runs rows with zero advantage through forward and backward as TRL does (rl.skip_zero_advantage"
                         "=false); by default it leaves them out: same gradient, less work")

@@ -42,5 +42,5 @@ def faults(tmp_path: Path, mode: str) -> int:
 @pytest.mark.skipif(not retain_freed_memory(), reason="the C library is not glibc")
 def test_a_cpu_policy_worker_reuses_freed_memory(tmp_path):
     default, retained = faults(tmp_path, "default"), faults(tmp_path, "retained")
-    assert default > 1000  # the default thresholds fault a step's large blocks in again
-    assert retained < default / 4
+    assert default > 1000, default  # the default thresholds fault a step's large blocks in again
+    assert retained < default / 4, (retained, default)

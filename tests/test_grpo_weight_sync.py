@@ -105,19 +105,56 @@ def test_sync_delivers_the_trained_weights_through_the_process_group(pair):
 
 
 def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
+    """The engine ends up with two tensors in each other's places (what a wrong offset in the layout, a wrong dtype
+    or a stale shard would do, on either transport; with shared memory the engine reads the trainer's buckets in
+    place, so only its mapping can go wrong): the probe sees it."""
     policy, engine, buckets = pair
-    real_send = weight_sync.SyncGroup.send_flat
+    real_receive = weight_sync.SyncGroup.receive_flat
 
-    def corrupt(self, weights):  # the large buckets arrive scaled: what a wrong dtype/offset/stale shard would do
-        for view, t in weights.loose:
-            view.copy_(t)
-        flats = [flat * 1.5 if flat.numel() > 1000 else flat for flat in weights.flats]
-        real_send(self, dataclasses.replace(weights, flats=flats, loose=[]))
+    def misplaced(self, weights):
+        count = real_receive(self, weights)
+        model = engine.llm.model
+        a, b = (model.get_submodule(f"model.layers.{i}.self_attn.o_proj").weight for i in (0, 1))
+        a.data, b.data = b.data, a.data
+        return count
 
-    monkeypatch.setattr(weight_sync.SyncGroup, "send_flat", corrupt)
+    monkeypatch.setattr(weight_sync.SyncGroup, "receive_flat", misplaced)
     run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
     with pytest.raises(SyncMismatch, match="sync_check_tol"):
         probe(policy, engine, tol=1e-3)
+
+
+def test_engines_on_the_machine_read_the_trainers_weights_in_place(tmp_path):
+    """With shared buckets an fp32 engine's weights are the trainer's (same memory): a sync moves no tensor, and the
+    next train step is what the engine generates with after the next sync. An engine told to take other weights
+    first takes its own copy: the trainer's stay as they were."""
+    model = tiny_model(tmp_path / "model")
+    policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
+    engine = RolloutWorker(model, {"max_model_len": 64})
+    port = free_port()
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2), lambda: engine.join_sync("127.0.0.1", port, 1, 2))
+    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=1 << 30)
+    directory = policy.share_buckets(buckets)
+    engine.attach_shared_buckets(directory, buckets)
+    policy.unlink_shared(directory)
+    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    name = "model.layers.1.self_attn.q_a_proj.weight"
+    ours, theirs = policy.model.get_parameter(name), engine.llm.model.get_parameter(name)
+    bucket = engine.sync_group.shared.tensors[0]  # the engine's own mapping of the shared pages
+    assert bucket.data_ptr() <= theirs.data_ptr() < bucket.data_ptr() + bucket.numel() * bucket.element_size()
+    assert engine.flat_weights.adopted and engine.flat_weights.loose == []
+    g = torch.Generator().manual_seed(2)
+    batch = build_batch([torch.randint(3, 32, (5,), generator=g).tolist() for _ in range(4)],
+                        [torch.randint(3, 32, (6,), generator=g).tolist() for _ in range(4)], pad_id=0)
+    trained_from = ours.detach().clone()
+    policy.train_step(batch, None, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, float(batch.response_mask.sum()), 4.0)
+    assert torch.equal(theirs, ours) and not torch.equal(ours, trained_from)  # the same pages
+    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    assert probe(policy, engine, tol=1e-3) <= 1e-4
+    before = ours.detach().clone()
+    engine.update_weights({name: torch.zeros_like(before)})
+    assert torch.equal(ours, before) and not engine.flat_weights.adopted
+    assert engine.llm.model.get_parameter(name).abs().sum() == 0
 
 
 def test_shared_memory_is_declined_without_room(monkeypatch):

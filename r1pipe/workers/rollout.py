@@ -77,6 +77,10 @@ class RolloutWorker:
         return now - seen
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy these weights into the engine (an engine reading the trainer's shared weights first takes its own
+        copy, so the trainer's stay as they are)."""
+        if self.flat_weights is not None and self.flat_weights.adopted:
+            self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
         self.llm.update_weights(state_dict)
 
     def join_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
@@ -94,9 +98,11 @@ class RolloutWorker:
     def receive_weights(self, buckets: list) -> int:
         """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. The
         engine's weights are laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
-        lands in one piece."""
+        lands in one piece; with shared buckets they are the buckets, which hold the trainer's weights."""
         if self.flat_weights is None or not self.flat_weights.fits(buckets):
-            self.flat_weights = rehome(self.llm.model, buckets)
+            shared = self.sync_group.shared
+            self.flat_weights = (rehome(self.llm.model, buckets) if shared is None  # read in place when shared
+                                 else rehome(self.llm.model, buckets, into=shared.tensors, adopt=True))
         return self.sync_group.receive_flat(self.flat_weights)
 
     def pad_token_id(self) -> int:

@@ -12,7 +12,12 @@ from them, so the group carries a one-element ready signal rather than the weigh
 engines take weights through CUDA IPC handles.
 
 A whole (unsharded) model on either end keeps its weights in flat buffers laid out as the buckets
-(`rehome`): a sync is then one copy or one broadcast per bucket, not one per tensor.
+(`rehome`): a sync is then one copy or one broadcast per bucket, not one per tensor. With shared buckets
+the trainer's weights live in them, and engines of the same dtype read them in place (colocated, as a
+hybrid engine shares the actor's memory on a GPU): a sync is the ready signal and the reply, and the
+engines' L3 holds one copy of the weights instead of one each. That is sound because the GRPO loop never
+trains while the engines generate; an engine that is to take weights any other way (update_weights) first
+moves to a private copy.
 
 After a sync the stage compares a fixed probe's log-probs from the engine with the trainer's
 (`check_probe`) and stops the run when they disagree: a sync that silently shipped wrong weights
@@ -20,6 +25,7 @@ would otherwise train on samples from a policy nobody trains.
 """
 from __future__ import annotations
 
+import bisect
 import datetime
 import itertools
 import socket
@@ -87,15 +93,16 @@ def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> dict[str, torch.Tenso
 @dataclass
 class FlatWeights:
     """A model's weights moved into one flat buffer per bucket of `plan` (`rehome`). `placed`: the parameters and
-    buffers that are now views of the flat buffers, with their data pointers then (checked by `intact`);
+    buffers that are now views of the flat buffers, with their data pointers then (checked by `fits`);
     `loose`: (bucket view, the model's tensor) of the state-dict entries that are not, copied one by one;
-    `num_names`: the state-dict entries a sync sets."""
+    `num_names`: the state-dict entries a sync sets; `adopted`: the buffers hold another process's weights."""
 
     plan: list[list[TensorMeta]]
     flats: list[torch.Tensor]
     placed: list[tuple[torch.Tensor, int]]
     loose: list[tuple[torch.Tensor, torch.Tensor]]
     num_names: int
+    adopted: bool = False
 
     def fits(self, buckets: list[list[TensorMeta]]) -> bool:
         """Whether these buffers serve `buckets`: the same plan, and every placed tensor still lives where it
@@ -104,9 +111,11 @@ class FlatWeights:
 
 
 @torch.no_grad()
-def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.Tensor] | None = None) -> FlatWeights:
-    """Move `model`'s parameters and buffers into flat buffers laid out as `buckets` (values kept): new ones,
-    or `into` (one flat tensor per bucket, e.g. the shared buckets themselves).
+def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.Tensor] | None = None,
+           adopt: bool = False) -> FlatWeights:
+    """Move `model`'s parameters and buffers into flat buffers laid out as `buckets`: new ones, or `into` (one
+    flat tensor per bucket, e.g. the shared buckets themselves). The model's values are kept, unless `adopt`:
+    then `into` already holds the weights (another process's, which it writes) and nothing is written to it.
 
     A parameter or buffer moves when its state-dict entries (itself, or the per-expert slices of a
     stacked tensor) fill one run of one bucket in their own order, with the bucket's dtype and the
@@ -116,6 +125,8 @@ def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.T
     state = model.state_dict(keep_vars=True)
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     sizes = [(sum(m.numel for m in bucket), bucket[0].torch_dtype) for bucket in buckets]
+    if adopt and into is None:
+        raise ValueError("rehome: adopt needs the buffers that hold the weights (into)")
     if into is not None and [(t.numel(), t.dtype) for t in into] != sizes:
         raise ValueError("rehome: the given buffers do not match the buckets' sizes and dtypes")
     flats = into if into is not None else [torch.empty(n, dtype=dtype, device=device) for n, dtype in sizes]
@@ -125,24 +136,23 @@ def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.T
         for m in bucket:
             where[m.name] = (i, offset, m)
             offset += m.numel
-    owners: dict[int, list[torch.Tensor]] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        owners.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    entries: dict[int, list[str]] = {}
+    owners = _owners(model)
+    entries: dict[int, list[str]] = {}  # owner index -> the state-dict entries inside it
     for name, t in state.items():
-        if name in where:
-            entries.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+        if name in where and t.numel():
+            k = _owner_of(owners, t.data_ptr())
+            if k is not None:
+                entries.setdefault(k, []).append(name)
     placed, done = [], set()
-    for key, names in entries.items():
-        if len(owners.get(key, [])) != 1:
-            continue
-        owner = owners[key][0]
-        run = _run(owner, sorted(names, key=lambda n: state[n].storage_offset()), state, where)
+    for k, names in entries.items():
+        owner = owners[k][2]
+        run = _run(owner, sorted(names, key=lambda n: state[n].data_ptr()), state, where)
         if run is None:
             continue
         i, offset, names = run
         view = flats[i][offset:offset + owner.numel()].view(owner.shape)
-        view.copy_(owner)
+        if not adopt:
+            view.copy_(owner)
         owner.data = view
         placed.append((owner, owner.data_ptr()))
         done.update(names)
@@ -150,24 +160,41 @@ def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.T
     for name, (i, offset, m) in where.items():
         if name not in done and name in state:
             loose.append((flats[i][offset:offset + m.numel].view(m.shape), state[name].detach()))
-            loose[-1][0].copy_(loose[-1][1])  # the buffers hold every entry's value from the start
-    return FlatWeights(buckets, flats, placed, loose, len(done) + len(loose))
+            if not adopt:
+                loose[-1][0].copy_(loose[-1][1])  # the buffers hold every entry's value from the start
+    return FlatWeights(buckets, flats, placed, loose, len(done) + len(loose), adopt)
+
+
+def _owners(model: nn.Module) -> list[tuple[int, int, torch.Tensor]]:
+    """(first byte, end byte, tensor) of every parameter and buffer with elements, by address; tensors whose
+    bytes overlap another's (a view of one) are left out, as their entries cannot move alone."""
+    spans = sorted(((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), t)
+                    for t in itertools.chain(model.parameters(), model.buffers()) if t.numel()), key=lambda x: x[0])
+    clash = {i for i in range(1, len(spans)) if spans[i][0] < spans[i - 1][1]}
+    clash |= {i - 1 for i in clash}
+    return [span for i, span in enumerate(spans) if i not in clash]
+
+
+def _owner_of(owners: list[tuple[int, int, torch.Tensor]], ptr: int) -> int | None:
+    """The index of the owner whose bytes hold address `ptr`."""
+    k = bisect.bisect_right([start for start, _, _ in owners], ptr) - 1
+    return k if k >= 0 and ptr < owners[k][1] else None
 
 
 def _run(owner: torch.Tensor, names: list[str], state: dict[str, torch.Tensor],
          where: dict[str, tuple[int, int, TensorMeta]]) -> tuple[int, int, list[str]] | None:
-    """(bucket, offset, names) when the entries `names` (sorted by storage offset; exact repeats, i.e.
-    aliases, dropped) tile `owner` in order and lie in that order in one run of one bucket; else None."""
+    """(bucket, offset, names) when the entries `names` (sorted by address; exact repeats, i.e. aliases,
+    dropped) tile `owner` in order and lie in that order in one run of one bucket; else None."""
     if not owner.is_contiguous():
         return None
     i, start, _ = where[names[0]]
-    covered, kept = 0, []
+    covered, kept, size = 0, [], owner.element_size()
     for name in names:
         t = state[name]
         j, offset, meta = where[name]
-        if kept and t.storage_offset() == state[kept[-1]].storage_offset() and t.numel() == state[kept[-1]].numel():
+        if kept and t.data_ptr() == state[kept[-1]].data_ptr() and t.numel() == state[kept[-1]].numel():
             continue  # an alias of the entry before
-        if (j != i or offset != start + covered or t.storage_offset() != owner.storage_offset() + covered
+        if (j != i or offset != start + covered or t.data_ptr() != owner.data_ptr() + covered * size
                 or not t.is_contiguous() or tuple(t.shape) != meta.shape or t.dtype != meta.torch_dtype
                 or owner.dtype != meta.torch_dtype):
             return None
@@ -232,15 +259,15 @@ class SyncGroup:
         self.group.allreduce([torch.zeros(1)]).wait()
 
     def receive_flat(self, weights: FlatWeights) -> int:
-        """Ranks 1..R, a rehomed model: each bucket arrives in one piece into the model's flat buffers (or is
-        copied from the shared bucket once the sender's signal has come), then the loose entries are copied
-        out. Returns how many tensors were set."""
+        """Ranks 1..R, a rehomed model: each bucket arrives in one piece into the model's flat buffers (or, once
+        the sender's signal has come, is copied from the shared bucket, unless the model reads that bucket in
+        place), then the loose entries are copied out. Returns how many tensors were set."""
         if self.shared is not None:
             self.broadcast(torch.zeros(1))
         for i, flat in enumerate(weights.flats):
             if self.shared is None:
                 self.broadcast(flat)
-            else:
+            elif flat.data_ptr() != self.shared.tensors[i].data_ptr():
                 flat.copy_(self.shared.tensors[i])
         for view, t in weights.loose:
             t.copy_(view)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.rope import apply_rope
+from r1pipe.model.rope import apply_rope
 
 
 def pairwise(x, cos, sin):

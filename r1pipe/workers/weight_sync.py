@@ -2,22 +2,20 @@
 
 Policy rank 0 (rank 0 here) and every rollout worker (ranks 1..R) form their own process group,
 made from a TCPStore hosted by the trainer (gloo on CPU, NCCL on GPU), independent of the policy
-workers' FSDP group. Each step the trainer broadcasts the weights as flat buffers of at most
-`bucket_bytes` (one dtype per bucket); the engines unpack each bucket into views and copy them in
-place. Only the tensor names, shapes and dtypes travel through Ray, once, as plain Python.
-
-On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory instead
-(r1pipe.workers.shared_memory.SharedBuckets): the trainer writes them in place and the engines copy
-from them, so the group carries a one-element ready signal rather than the weights, as colocated GPU
-engines take weights through CUDA IPC handles.
+workers' FSDP group. The weights travel as flat buffers of at most `bucket_bytes` (one dtype per
+bucket). Only the tensor names, shapes and dtypes travel through Ray, once, as plain Python.
 
 A whole (unsharded) model on either end keeps its weights in flat buffers laid out as the buckets
-(`rehome`): a sync is then one copy or one broadcast per bucket, not one per tensor. With shared buckets
-the trainer's weights live in them, and engines of the same dtype read them in place (colocated, as a
-hybrid engine shares the actor's memory on a GPU): a sync is the ready signal and the reply, and the
-engines' L3 holds one copy of the weights instead of one each. That is sound because the GRPO loop never
-trains while the engines generate; an engine that is to take weights any other way (update_weights) first
-moves to a private copy.
+(`rehome`), so a bucket moves in one broadcast or copy, not one per tensor; a sharded trainer gathers
+and packs its weights tensor by tensor.
+
+On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory
+(r1pipe.workers.shared_memory.SharedBuckets) and the group carries a ready signal and a reply instead of
+the weights. A whole trainer's weights live in the buckets, and engines of the same dtype read them in
+place (as a hybrid engine shares the actor's memory on a GPU): one copy of the weights serves all. That
+is sound because the GRPO loop never trains while the engines generate, and a sync returns only once
+every engine has its weights; an engine that is to take weights any other way (update_weights) first
+moves to a private copy. Engines of another dtype copy from the buckets.
 
 After a sync the stage compares a fixed probe's log-probs from the engine with the trainer's
 (`check_probe`) and stops the run when they disagree: a sync that silently shipped wrong weights
@@ -81,13 +79,14 @@ def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.
     return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
 
+def offsets(metas: list[TensorMeta]) -> list[int]:
+    """Where each tensor of a bucket starts in its flat buffer (elements)."""
+    return list(itertools.accumulate((m.numel for m in metas[:-1]), initial=0))
+
+
 def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
     """Name -> view of `flat` shaped as its meta."""
-    out, offset = {}, 0
-    for m in metas:
-        out[m.name] = flat[offset : offset + m.numel].view(m.shape)
-        offset += m.numel
-    return out
+    return {m.name: flat[o:o + m.numel].view(m.shape) for m, o in zip(metas, offsets(metas))}
 
 
 @dataclass
@@ -130,18 +129,14 @@ def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.T
     if into is not None and [(t.numel(), t.dtype) for t in into] != sizes:
         raise ValueError("rehome: the given buffers do not match the buckets' sizes and dtypes")
     flats = into if into is not None else [torch.empty(n, dtype=dtype, device=device) for n, dtype in sizes]
-    where: dict[str, tuple[int, int, TensorMeta]] = {}
-    for i, bucket in enumerate(buckets):
-        offset = 0
-        for m in bucket:
-            where[m.name] = (i, offset, m)
-            offset += m.numel
+    where = {m.name: (i, o, m) for i, bucket in enumerate(buckets) for m, o in zip(bucket, offsets(bucket))}
     owners = _owners(model)
+    starts = [start for start, _, _ in owners]
     entries: dict[int, list[str]] = {}  # owner index -> the state-dict entries inside it
     for name, t in state.items():
         if name in where and t.numel():
-            k = _owner_of(owners, t.data_ptr())
-            if k is not None:
+            k = bisect.bisect_right(starts, t.data_ptr()) - 1  # the owner whose bytes hold the entry
+            if k >= 0 and t.data_ptr() < owners[k][1]:
                 entries.setdefault(k, []).append(name)
     placed, done = [], set()
     for k, names in entries.items():
@@ -173,12 +168,6 @@ def _owners(model: nn.Module) -> list[tuple[int, int, torch.Tensor]]:
     clash = {i for i in range(1, len(spans)) if spans[i][0] < spans[i - 1][1]}
     clash |= {i - 1 for i in clash}
     return [span for i, span in enumerate(spans) if i not in clash]
-
-
-def _owner_of(owners: list[tuple[int, int, torch.Tensor]], ptr: int) -> int | None:
-    """The index of the owner whose bytes hold address `ptr`."""
-    k = bisect.bisect_right([start for start, _, _ in owners], ptr) - 1
-    return k if k >= 0 and ptr < owners[k][1] else None
 
 
 def _run(owner: torch.Tensor, names: list[str], state: dict[str, torch.Tensor],

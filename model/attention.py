@@ -153,13 +153,21 @@ class SharedPrefix:
 def absorbed_attention(q_latent: Tensor, q_rope: Tensor, latents: Tensor, k_ropes: Tensor, mask: Tensor,
                        scale: float) -> Tensor:
     """Attention in latent space: q_latent [B,S,H,C] against latents [B,T,C] plus q_rope [B,S,H,R] against the
-    shared rope keys k_ropes [B,T,R]; mask [B,S,T] (True: may attend) -> out_latent [B,S,H,C]. A query that may
-    attend to no key (padding) gets zeros, not NaN."""
+    shared rope keys k_ropes [B,T,R] -> out_latent [B,S,H,C]. mask: [B,S,T] bool (True: may attend), or its
+    `attention_bias` when many layers share one mask. A query that may attend to no key (padding) gets a
+    finite, meaningless output."""
     B, S, H, C = q_latent.shape
     T = latents.shape[1]
+    bias = mask if mask.is_floating_point() else attention_bias(mask)
     scores = torch.baddbmm(torch.bmm(q_latent.reshape(B, S * H, C), latents.to(q_latent.dtype).transpose(1, 2)),
                            q_rope.reshape(B, S * H, -1), k_ropes.to(q_rope.dtype).transpose(1, 2))  # [B, S*H, T]
-    scores = scores.view(B, S, H, T).float() * scale
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).to(q_latent.dtype)
+    scores = torch.add(bias, scores.view(B, S, H, T).float(), alpha=scale)  # bias + scale * scores, in float32
+    probs = scores.softmax(dim=-1).to(q_latent.dtype)
     return torch.bmm(probs.view(B, S * H, T), latents.to(probs.dtype)).view(B, S, H, C)
+
+
+def attention_bias(mask: Tensor) -> Tensor:
+    """mask [B,S,T] bool (True: may attend) -> the float32 bias added to the scores, [B,S,1,T]: 0 where a query
+    may attend and the lowest float where it may not (its exp is exactly 0, and a row of no keys stays finite)."""
+    bias = torch.zeros(mask.shape[0], mask.shape[1], 1, mask.shape[2], dtype=torch.float32, device=mask.device)
+    return bias.masked_fill_(~mask[:, :, None], torch.finfo(torch.float32).min)

@@ -232,3 +232,10 @@ def test_engine_sampler_and_trainer_share_the_tempered_logprob_function():
     # rows at their own temperature (greedy rows report T = 1), identical bits on both sides
     assert engine_logprobs(logits, tokens, st)[0] == trainer[0, 0]
     assert torch.equal(engine_logprobs(logits, tokens, st), token_logprobs(logits, tokens, torch.tensor([[0.7], [1.3], [1.0]])))
+    # one temperature for the whole batch (the engine's common case): the float the trainer divides by
+    for temperature in (0.7, 1.0):
+        shared = SamplingTensors.uniform(3, temperature, 1.0, -1, vocab_size=11)
+        assert shared.divisor == temperature
+        expected, _ = token_logprobs_and_entropy(logits.unsqueeze(0), tokens.unsqueeze(0), temperature=temperature)
+        assert torch.equal(engine_logprobs(logits, tokens, shared), expected[0])
+    assert SamplingTensors.uniform(3, 0.0, 1.0, -1, vocab_size=11).divisor == 1.0  # greedy: log-probs at T = 1

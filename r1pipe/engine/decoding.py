@@ -19,6 +19,7 @@ class PlainDecoding:
     def __init__(self, runner: ModelRunner, stopper: StopChecker, vocab_size: int, stats: dict[str, int]) -> None:
         self.runner, self.stopper, self.vocab_size, self.stats = runner, stopper, vocab_size, stats
         self.device = runner.device
+        self._uniform: dict[tuple, SamplingTensors] = {}  # (rows, temperature, top_p, top_k) -> tensors (read only)
 
     def after_prefill(self, batch: Batch, out, lens: list[int]) -> None:
         """Called right after a prefill forward over rows of lens[r] tokens, before the prompts' blocks are
@@ -54,9 +55,13 @@ class PlainDecoding:
                 s.awaiting_final_feed = False
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        settings = {(p.temperature, p.top_p, p.top_k) for p in (s.params for s in seqs)}
-        if len(settings) == 1:  # the common case: one setting for the whole batch
-            return SamplingTensors.uniform(len(seqs), *settings.pop(), self.vocab_size, self.device)
+        groups = {id(s.group): s.group for s in seqs}  # a group's samples share one SamplingParams
+        settings = {(g.params.temperature, g.params.top_p, g.params.top_k) for g in groups.values()}
+        if len(settings) == 1:  # the common case: one setting for the whole batch, its tensors made once
+            key = (len(seqs), *settings.pop())
+            if key not in self._uniform:
+                self._uniform[key] = SamplingTensors.uniform(*key, self.vocab_size, self.device)
+            return self._uniform[key]
         return SamplingTensors.build([s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
                                      [s.params.top_k for s in seqs], self.vocab_size, self.device)
 

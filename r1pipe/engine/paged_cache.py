@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from r1pipe.engine.paged_attention import paged_kernel, resolve_backend
-from r1pipe.model.attention import absorbed_attention
+from r1pipe.model.attention import absorbed_attention, attention_bias
 
 SCRATCH_BLOCK = 0
 
@@ -85,6 +85,7 @@ class PagedLatentCache:
         self._query_pos: torch.Tensor | None = None  # [B, S] position of each fed token, -1 for padding
         self._write: torch.Tensor | None = None  # [B*S] slot per fed token (scratch for padding)
         self._mask: torch.Tensor | None = None  # [B, S, T]
+        self._bias: torch.Tensor | None = None  # attention_bias(_mask), made by the forward's first attend
         self._positions: torch.Tensor | None = None
         self._shape: tuple[int, int, int] = (0, 0, 0)
 
@@ -117,6 +118,7 @@ class PagedLatentCache:
         key_pos = torch.arange(T, device=self.device)
         query_pos = torch.where(valid, positions, torch.zeros_like(positions))
         self._mask = key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1)
+        self._bias = None
         self._table = table
         self._query_pos = torch.where(valid, positions, torch.full_like(positions, -1))
         self._positions = positions
@@ -136,8 +138,10 @@ class PagedLatentCache:
         absorbed attention of q_latent [B, S, H, C] / q_rope [B, S, H, R] over each row's keys up to the
         query's position: out_latent [B, S, H, C] (padding queries' rows are meaningless)."""
         if self.attention_backend == "torch":
-            latents, k_ropes, mask = self.update(layer, kv_latent, k_rope, self._positions)
-            return absorbed_attention(q_latent, q_rope, latents, k_ropes, mask, scale)
+            latents, k_ropes, _ = self.update(layer, kv_latent, k_rope, self._positions)
+            if self._bias is None:  # made once per forward, for every layer
+                self._bias = attention_bias(self._mask)
+            return absorbed_attention(q_latent, q_rope, latents, k_ropes, self._bias, scale)
         self._store(layer, kv_latent, k_rope)
         return paged_kernel(q_latent, q_rope, self.kv[layer], self.pe[layer], self._table, self._query_pos,
                             self.block_size, scale)

@@ -53,6 +53,14 @@ class SamplingTensors:
     any_greedy: bool
     any_top_p: bool
     any_top_k: bool
+    shared_temperature: float | None = None  # the temperature logits are divided by, when one for every row
+
+    @property
+    def divisor(self) -> float | torch.Tensor:
+        """What logits are divided by: T per row [B, 1] (1 for greedy rows), or one float for all rows."""
+        if self.shared_temperature is not None:
+            return self.shared_temperature
+        return torch.where(self.greedy, torch.ones_like(self.temperature), self.temperature).unsqueeze(-1)
 
     @staticmethod
     def build(temperature: list[float], top_p: list[float], top_k: list[int], vocab_size: int,
@@ -76,24 +84,26 @@ class SamplingTensors:
             top_p=torch.full((n,), top_p, dtype=torch.float32, device=device),
             top_k=torch.full((n,), k, dtype=torch.long, device=device),
             greedy=torch.full((n,), greedy, dtype=torch.bool, device=device), all_greedy=greedy or n == 0,
-            any_greedy=greedy and n > 0, any_top_p=top_p < 1.0 and n > 0, any_top_k=0 < top_k < vocab_size and n > 0)
+            any_greedy=greedy and n > 0, any_top_p=top_p < 1.0 and n > 0, any_top_k=0 < top_k < vocab_size and n > 0,
+            shared_temperature=1.0 if greedy else float(temperature))
 
     def select(self, rows: torch.Tensor) -> "SamplingTensors":
         """The parameters of the given rows (e.g. one row per draft position)."""
-        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows],
-                               self.greedy[rows], self.all_greedy, self.any_greedy, self.any_top_p, self.any_top_k)
+        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.greedy[rows],
+                               self.all_greedy, self.any_greedy, self.any_top_p, self.any_top_k, self.shared_temperature)
 
 
 def scaled_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """logits / T per row, T = 1 for greedy rows (the temperature the log-probs are taken at)."""
-    t = torch.where(st.greedy, torch.ones_like(st.temperature), st.temperature)
-    return logits.float() / t.unsqueeze(-1)
+    """logits / T per row, T = 1 for greedy rows (the temperature the log-probs are taken at); float32."""
+    divisor = st.divisor
+    if isinstance(divisor, float) and divisor == 1.0:  # x / 1.0 == x: no pass over the logits
+        return logits.float()
+    return logits.float() / divisor
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """log_softmax(logits / T)[token] per row: [B, V], [B] -> [B]."""
-    t = torch.where(st.greedy, torch.ones_like(st.temperature), st.temperature)
-    return tempered_token_logprobs(logits, tokens, t.unsqueeze(-1))
+    return tempered_token_logprobs(logits, tokens, st.divisor)
 
 
 def sampling_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -74,19 +74,20 @@ def pair(tmp_path, monkeypatch, request):
     model = tiny_model(tmp_path / "model")
     policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
     engine = RolloutWorker(model, {"max_model_len": 64})
+    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
+    assert len(buckets) > 3
     port = free_port()
-    run_both(lambda: policy.join_sync("127.0.0.1", port, 2), lambda: engine.join_sync("127.0.0.1", port, 1, 2))
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
+             lambda: engine.join_sync("127.0.0.1", port, 1, 2, buckets))
     # train the policy a step, so the engine's weights are stale until the sync
     g = torch.Generator().manual_seed(0)
     batch = build_batch([torch.randint(3, 32, (5,), generator=g).tolist() for _ in range(4)],
                         [torch.randint(3, 32, (6,), generator=g).tolist() for _ in range(4)], pad_id=0)
     old = policy.logprobs(batch)
     policy.train_step(batch, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, float(batch.response_mask.sum()), 4.0)
-    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
-    assert len(buckets) > 3
     if request.param == "shared-memory":
-        directory = policy.share_buckets(buckets)
-        engine.attach_shared_buckets(directory, buckets)
+        directory = policy.share_buckets()
+        engine.attach_shared_buckets(directory)
         policy.unlink_shared(directory)
         assert not os.path.exists(directory)  # mapped, and nothing left on disk
     return policy, engine, buckets
@@ -96,7 +97,7 @@ def test_sync_delivers_the_trained_weights_through_the_process_group(pair):
     policy, engine, buckets = pair
     with pytest.raises(SyncMismatch):  # stale engine: the probe sees it
         probe(policy, engine, tol=1e-3)
-    _, received = run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    _, received = run_both(policy.send_weights, engine.receive_weights)
     assert received == sum(len(b) for b in buckets)
     ours = policy.model.state_dict()
     for name, t in engine.llm.model.state_dict().items():
@@ -119,7 +120,7 @@ def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
         return count
 
     monkeypatch.setattr(weight_sync.SyncGroup, "receive_flat", misplaced)
-    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    run_both(policy.send_weights, engine.receive_weights)
     with pytest.raises(SyncMismatch, match="sync_check_tol"):
         probe(policy, engine, tol=1e-3)
 
@@ -131,13 +132,14 @@ def test_engines_on_the_machine_read_the_trainers_weights_in_place(tmp_path):
     model = tiny_model(tmp_path / "model")
     policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
     engine = RolloutWorker(model, {"max_model_len": 64})
-    port = free_port()
-    run_both(lambda: policy.join_sync("127.0.0.1", port, 2), lambda: engine.join_sync("127.0.0.1", port, 1, 2))
     buckets = plan_buckets(policy.weight_metas(), bucket_bytes=1 << 30)
-    directory = policy.share_buckets(buckets)
-    engine.attach_shared_buckets(directory, buckets)
+    port = free_port()
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
+             lambda: engine.join_sync("127.0.0.1", port, 1, 2, buckets))
+    directory = policy.share_buckets()
+    engine.attach_shared_buckets(directory)
     policy.unlink_shared(directory)
-    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    run_both(policy.send_weights, engine.receive_weights)
     name = "model.layers.1.self_attn.q_a_proj.weight"
     ours, theirs = policy.model.get_parameter(name), engine.llm.model.get_parameter(name)
     bucket = engine.sync_group.shared.tensors[0]  # the engine's own mapping of the shared pages
@@ -149,7 +151,7 @@ def test_engines_on_the_machine_read_the_trainers_weights_in_place(tmp_path):
     trained_from = ours.detach().clone()
     policy.train_step(batch, None, torch.tensor([1.0, -1.0, 0.5, -0.5]), None, float(batch.response_mask.sum()), 4.0)
     assert torch.equal(theirs, ours) and not torch.equal(ours, trained_from)  # the same pages
-    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    run_both(policy.send_weights, engine.receive_weights)
     assert probe(policy, engine, tol=1e-3) <= 1e-4
     before = ours.detach().clone()
     engine.update_weights({name: torch.zeros_like(before)})
@@ -235,13 +237,14 @@ def test_sync_into_a_bfloat16_engine(tmp_path):
     model = tiny_model(tmp_path / "model")
     policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
     engine = RolloutWorker(model, {"max_model_len": 64, "dtype": "bfloat16"})
+    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
     port = free_port()
-    run_both(lambda: policy.join_sync("127.0.0.1", port, 2), lambda: engine.join_sync("127.0.0.1", port, 1, 2))
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
+             lambda: engine.join_sync("127.0.0.1", port, 1, 2, buckets))
     with torch.no_grad():
         for p in policy.model.parameters():
             p.add_(0.01)
-    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
-    run_both(lambda: policy.send_weights(buckets), lambda: engine.receive_weights(buckets))
+    run_both(policy.send_weights, engine.receive_weights)
     assert all(t.dtype == torch.float32 for t, _ in engine.flat_weights.placed)
     ours, dtypes = policy.model.state_dict(), set()
     for name, t in engine.llm.model.state_dict().items():

@@ -115,18 +115,18 @@ class PolicyGroup:
         shared memory (r1pipe.workers.shared_memory.SharedBuckets); self.shared_memory says whether they do."""
         host, port = ray.get(self.workers[0].sync_address.remote())
         world = 1 + len(engines)
-        ray.get([self.workers[0].join_sync.remote(host, port, world)]
-                + [e.join_sync.remote(host, port, i + 1, world) for i, e in enumerate(engines)])
-        self.engines = list(engines)
         self.buckets = plan_buckets(ray.get(self.workers[0].weight_metas.remote()), int(bucket_mb * 2**20))
+        ray.get([self.workers[0].join_sync.remote(host, port, world, self.buckets)]
+                + [e.join_sync.remote(host, port, i + 1, world, self.buckets) for i, e in enumerate(engines)])
+        self.engines = list(engines)
         self.shared_memory = False
         if shared_memory and self.cfg.device == "cpu":
             node = ray.get(self.workers[0].node_id.remote())
             if all(n == node for n in ray.get([e.node_id.remote() for e in engines])):
-                directory = ray.get(self.workers[0].share_buckets.remote(self.buckets))
+                directory = ray.get(self.workers[0].share_buckets.remote())
                 if directory is not None:
                     try:
-                        ray.get([e.attach_shared_buckets.remote(directory, self.buckets) for e in engines])
+                        ray.get([e.attach_shared_buckets.remote(directory) for e in engines])
                     finally:
                         ray.get(self.workers[0].unlink_shared.remote(directory))
                     self.shared_memory = True
@@ -136,8 +136,7 @@ class PolicyGroup:
         on one machine; never through Ray's object store)."""
         if self.buckets is None:
             raise RuntimeError("sync_weights before connect_engines")
-        ray.get([w.send_weights.remote(self.buckets) for w in self.workers]
-                + [e.receive_weights.remote(self.buckets) for e in self.engines])
+        ray.get([w.send_weights.remote() for w in self.workers] + [e.receive_weights.remote() for e in self.engines])
 
     def save_checkpoint(self, path: str, tokenizer_dir: str | None) -> None:
         ray.get([w.save_checkpoint.remote(path, tokenizer_dir) for w in self.workers])

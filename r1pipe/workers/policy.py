@@ -430,14 +430,15 @@ class PolicyWorker:
         """(host, free port) for the weight-sync group's store, on this (rank 0's) node."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def join_sync(self, host: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the trainer -> engines group as its sender (rank 0 there)."""
+    def join_sync(self, host: str, port: int, world_size: int, buckets: list) -> None:
+        """Rank 0 joins the trainer -> engines group as its sender (rank 0 there); syncs follow `buckets`."""
         if self.rank == 0:
-            self.sync_group = SyncGroup(host, port, 0, world_size, str(self.device))
+            self.sync_group = SyncGroup(host, port, 0, world_size, buckets, str(self.device))
 
-    def share_buckets(self, buckets: list) -> str | None:
+    def share_buckets(self) -> str | None:
         """Rank 0: put the sync buckets in shared memory for engines on this machine; returns their directory
         (None without /dev/shm or room in it: the broadcast carries the weights)."""
+        buckets = self.sync_group.buckets
         directory = make_directory(sum(m.numel * m.torch_dtype.itemsize for bucket in buckets for m in bucket))
         if directory is not None:
             self.sync_group.shared = SharedBuckets(directory, buckets)
@@ -446,7 +447,7 @@ class PolicyWorker:
     def unlink_shared(self, directory: str) -> None:
         unlink(directory)
 
-    def send_weights(self, buckets: list) -> None:
+    def send_weights(self) -> None:
         """Rank 0 sends the weights to the engines bucket by bucket. A whole model keeps them laid out as the
         buckets (weight_sync.rehome, done once); a sharded one is gathered one tensor at a time, which
         every rank joins."""
@@ -454,11 +455,11 @@ class PolicyWorker:
             raise RuntimeError("send_weights before join_sync")
         if not self.sharded:
             if self.rank == 0:
-                self.sync_group.send_flat(self._flat_weights(buckets))
+                self.sync_group.send_flat(self._flat_weights(self.sync_group.buckets))
             return
         named = full_tensors(self.model)
         if self.rank == 0:
-            self.sync_group.send(named, buckets)
+            self.sync_group.send(named)
         else:
             for _ in named:
                 pass

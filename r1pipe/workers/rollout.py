@@ -83,22 +83,24 @@ class RolloutWorker:
             self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
         self.llm.update_weights(state_dict)
 
-    def join_sync(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync)."""
-        self.sync_group = SyncGroup(host, port, rank, world_size, str(getattr(self.llm, "device", "cpu")))
+    def join_sync(self, host: str, port: int, rank: int, world_size: int, buckets: list) -> None:
+        """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync); syncs
+        follow `buckets`."""
+        self.sync_group = SyncGroup(host, port, rank, world_size, buckets, str(getattr(self.llm, "device", "cpu")))
 
-    def attach_shared_buckets(self, directory: str, buckets: list) -> None:
+    def attach_shared_buckets(self, directory: str) -> None:
         """Map the trainer's shared-memory buckets (same machine, CPU): later syncs read them in place."""
-        self.sync_group.shared = SharedBuckets(directory, buckets)
+        self.sync_group.shared = SharedBuckets(directory, self.sync_group.buckets)
 
     def node_id(self) -> str:
         """The Ray node this worker runs on."""
         return node_id()
 
-    def receive_weights(self, buckets: list) -> int:
+    def receive_weights(self) -> int:
         """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. The
         engine's weights are laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
         lands in one piece; with shared buckets they are the buckets, which hold the trainer's weights."""
+        buckets = self.sync_group.buckets
         if self.flat_weights is None or not self.flat_weights.fits(buckets):
             shared = self.sync_group.shared
             self.flat_weights = (rehome(self.llm.model, buckets) if shared is None  # read in place when shared

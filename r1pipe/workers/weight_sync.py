@@ -193,11 +193,14 @@ def _run(owner: torch.Tensor, names: list[str], state: dict[str, torch.Tensor],
 
 
 class SyncGroup:
-    """This process's membership of the trainer -> engines group (rank 0 sends)."""
+    """This process's membership of the trainer -> engines group (rank 0 sends), and the bucket plan every sync
+    follows (fixed when the group forms, so a sync's calls carry no plan)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, device: str = "cpu", timeout_s: float = 600.0):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, buckets: list[list[TensorMeta]],
+                 device: str = "cpu", timeout_s: float = 600.0):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.buckets = buckets
         self.shared: SharedBuckets | None = None  # set when every member maps the same shared buckets
         self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
         if self.device.type == "cuda":  # pragma: no cover - needs GPUs
@@ -208,11 +211,11 @@ class SyncGroup:
     def broadcast(self, buffer: torch.Tensor) -> None:
         self.group.broadcast(buffer, 0).wait()
 
-    def send(self, named: Iterable[tuple[str, torch.Tensor]], buckets: list[list[TensorMeta]]) -> None:
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Rank 0, a model gathered tensor by tensor (sharded): broadcast `named` (in bucket order) bucket by
         bucket; with shared buckets, write them, signal that they are ready and wait for every engine's copy."""
         it = iter(named)
-        for i, bucket in enumerate(buckets):
+        for i, bucket in enumerate(self.buckets):
             tensors = []
             for m in bucket:
                 name, t = next(it)

@@ -10,13 +10,18 @@ import torch
 from torch import Tensor
 
 
-def tempered_log_softmax(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
-    """log_softmax(logits / T) in float32. logits [..., V]; T a float or a tensor broadcastable to [..., 1]
-    (a float 1.0 divides nothing: x / 1.0 == x exactly, and the division would cost a pass and its backward)."""
+def tempered_logits(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """logits / T in float32. logits [..., V]; T a float or a tensor broadcastable to [..., 1] (a float 1.0
+    divides nothing: x / 1.0 == x exactly, and the division would cost a pass and its backward)."""
     scaled = logits.float()
-    if not (isinstance(temperature, (int, float)) and temperature == 1):
-        scaled = scaled / temperature
-    return torch.log_softmax(scaled, dim=-1)
+    if isinstance(temperature, (int, float)) and temperature == 1:
+        return scaled
+    return scaled / temperature
+
+
+def tempered_log_softmax(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """log_softmax(logits / T) in float32 (see tempered_logits)."""
+    return torch.log_softmax(tempered_logits(logits, temperature), dim=-1)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float | Tensor = 1.0) -> Tensor:

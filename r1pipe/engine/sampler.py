@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1pipe.algo.logprobs import token_logprobs as tempered_token_logprobs
+from r1pipe.algo.logprobs import tempered_logits, token_logprobs as tempered_token_logprobs
 
 _CHUNK = 64  # uniforms drawn per generator call; fixed, so a stream never depends on batching
 
@@ -95,10 +95,7 @@ class SamplingTensors:
 
 def scaled_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """logits / T per row, T = 1 for greedy rows (the temperature the log-probs are taken at); float32."""
-    divisor = st.divisor
-    if isinstance(divisor, float) and divisor == 1.0:  # x / 1.0 == x: no pass over the logits
-        return logits.float()
-    return logits.float() / divisor
+    return tempered_logits(logits, st.divisor)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

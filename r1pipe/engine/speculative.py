@@ -15,7 +15,7 @@ import torch
 
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.runner import Batch, ModelRunner
-from r1pipe.engine.sampler import draw, sampling_probs, scaled_logits, uniforms
+from r1pipe.engine.sampler import draw, sampling_probs, token_logprobs, uniforms
 from r1pipe.engine.scheduler import Sequence
 from r1pipe.engine.stopping import StopChecker
 
@@ -158,8 +158,7 @@ class SpeculativeDecoding(PlainDecoding):
             new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
             new[torch.arange(B, device=logits.device), accepted] = bonus
         want_lp = any(s.params.logprobs for s in seqs)
-        lps = (torch.log_softmax(scaled_logits(flat, st_pos), -1).gather(-1, new.reshape(-1, 1)).view(B, K1).tolist()
-               if want_lp else None)
+        lps = token_logprobs(flat, new.reshape(-1), st_pos).view(B, K1).tolist() if want_lp else None
         self.stats["draft_tokens"] += B * K
         self.stats["accepted_tokens"] += int(accepted.sum())
         self.stats["first_drafts"] += B

@@ -103,16 +103,40 @@ def last_number(text: str) -> str | None:
     return n.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", n) else n.rstrip(",")
 
 
+def _last_statement(text: str) -> re.Match | None:
+    found = None
+    for found in _STATED.finditer(text):
+        pass
+    return found
+
+
+def _statement_value(m: re.Match) -> str | None:
+    """The stated answer: its one math span, or the statement with every span unwrapped (`$4$ or $5$`
+    -> `4 or 5`, which stays the two alternatives it is)."""
+    stated = m.group(1).strip()
+    spans = [next(g for g in x.groups() if g is not None) for x in _MATH_SPAN.finditer(stated)]
+    if len(spans) == 1 and _MATH_SPAN.fullmatch(stated.rstrip(".")):
+        return spans[0].strip() or None
+    unwrapped = _MATH_SPAN.sub(lambda x: next(g for g in x.groups() if g is not None).strip(), stated)
+    return unwrapped.strip("$ ") or None
+
+
 def stated_answer(text: str) -> str | None:
     """What follows the last "the answer is" / "Answer:"; its math span when it has one."""
-    m = list(_STATED.finditer(text))
-    if not m:
-        return None
-    stated = m[-1].group(1).strip()
-    spans = [next(g for g in x.groups() if g is not None) for x in _MATH_SPAN.finditer(stated)]
-    if len(spans) == 1:
-        return spans[0].strip() or None
-    return stated.strip("$ ") or None
+    m = _last_statement(text)
+    return _statement_value(m) if m else None
+
+
+def boxed_or_stated(text: str) -> str | None:
+    """The last box (with the boxes listed right before it), unless an explicit final-answer statement
+    ("The final answer is $10,455$") comes after every box: then that statement is the answer."""
+    boxes = _boxes(text)
+    m = _last_statement(text)
+    if m and (not boxes or m.start() >= boxes[-1][1]):
+        value = _statement_value(m)
+        if value:
+            return value
+    return _last_group(text, boxes)
 
 
 def last_math(text: str) -> str | None:
@@ -156,7 +180,8 @@ def extract_answer(text: str, mode: str = "auto", fallback: str | None = None) -
 
     mode "auto": the `<answer>` content (its last `\\boxed{}` if it has one), else the last
     `\\boxed{}` (with the boxes listed right before it), else a GSM8K `#### n` line, else a stated
-    "the answer is X" / "Answer: X"; then `fallback`: "last_number" (the last number in the
+    "the answer is X" / "Answer: X"; a stated answer that comes after every box wins over the boxes
+    (in the `<answer>` content too); then `fallback`: "last_number" (the last number in the
     text), "last_math" (the last `$...$` span, else the last number) or None. The other modes use
     one rule only. An empty answer (`<answer> </answer>`) is None: nothing was answered.
     """
@@ -174,12 +199,12 @@ def extract_answer(text: str, mode: str = "auto", fallback: str | None = None) -
     if mode in ("auto", "answer_tag"):
         tagged = answer_tag(text)
         if tagged is not None:
-            result = last_boxed(tagged) or tagged
-    if not result and mode in ("auto", "boxed"):
+            result = (boxed_or_stated(tagged) if mode == "auto" else last_boxed(tagged)) or tagged
+    if not result and mode == "boxed":
         result = last_boxed(text)
     if not result and mode == "auto":
-        result = extract_gsm8k_gold(text) if "####" in text else None
-        result = result or stated_answer(text)
+        result = boxed_or_stated(text)
+        result = result or (extract_gsm8k_gold(text) if "####" in text else None)
     if not result and fallback == "last_math":
         result = last_math(text)
     if not result and fallback in ("last_number", "last_math"):

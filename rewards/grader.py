@@ -1,7 +1,8 @@
 """Math answer equivalence: normalisation and exact fast paths first, math-verify (sympy) last.
 
 Order: (1) each side's answer (`final_answer`: a bare answer as is, a whole response or sentence
-through `extract_answer`), (2) surface normalisation and text equality ("equal" only), (3) the exact
+through `extract_answer`), (2) surface normalisation and text equality ("equal" only), then the
+answer's shape ("unequal" when one side is a single value and the other a list of several), (3) the exact
 evaluator (`fastmath`: "equal", or "unequal" only for fully parsed values of the same kind), (4)
 math-verify on the cleaned pair, then, if that says unequal, on the texts as given (its default
 parse; a bare answer wrapped in `$...$`). A fast path never says "unequal" where math-verify would be asked.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from .cache import LRUCache
 from .extract import final_answer, is_bare_answer
 from .fastmath import Undecided, fast_equal
-from .normalize import canonical_text, clean_answer
+from .normalize import answer_items, canonical_text, clean_answer, is_prose
 from .verifier import VerifierPool, default_pool
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -28,7 +29,7 @@ _MAX_TEXT_CHARS = 50_000  # longer texts are not handed to math-verify whole
 @dataclass(frozen=True)
 class Verdict:
     equal: bool
-    method: str  # "empty" | "text" | "fast" | "math_verify" | "cache" | "too_long"
+    method: str  # "empty" | "text" | "shape" | "fast" | "math_verify" | "cache" | "too_long" | "error"
     timed_out: bool = False
     error: str | None = None
 
@@ -50,6 +51,11 @@ def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -
     kp, kg = canonical_text(p.latex), canonical_text(g.latex)
     if kp == kg or (kp.replace(" ", "").isalpha() and kp.casefold() == kg.casefold()):
         return Verdict(True, "text")
+    ip, ig = answer_items(p.latex), answer_items(g.latex)
+    if ip != ig and 1 in (ip, ig):
+        # a list or set of alternatives never equals one value it contains (`21, 36, and 82` vs `82`):
+        # final, so no later reading (math-verify takes a bare list's last number) can let a hedge score
+        return Verdict(False, "shape")
     try:
         return Verdict(fast_equal(p.latex, g.latex, percent=p.percent or g.percent), "fast")
     except (Undecided, RecursionError):
@@ -69,9 +75,12 @@ def _decide(pred: str, gold: str, timeout_s: float, pool: VerifierPool | None) -
 
 
 def _as_given(text: str) -> str:
-    """The text for math-verify's own parse: a bare answer inside `$...$`, anything else as it is."""
+    """The text for math-verify's own parse: a bare math answer inside `$...$`; prose (`so the sum is
+    10`) and anything else as it is, so math-verify reads it as text."""
     t = text.strip()
-    return t if not is_bare_answer(t) or t.startswith(("$", "\\(", "\\[")) else f"${t}$"
+    if not is_bare_answer(t) or t.startswith(("$", "\\(", "\\[")) or is_prose(t):
+        return t
+    return f"${t}$"
 
 
 def verify_math(pred: str | None, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S,

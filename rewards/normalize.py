@@ -28,7 +28,10 @@ _TRAILING_UNIT_WORD = re.compile(rf"(?<=\d)\s+(?:square\s+|sq\.?\s+|cubic\s+)?(?
 _WHOLE_TEXT = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox|textnormal)\s*\{([^{}]*)\}$")
 _LEADING_VAR = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=(?!=)\s*")
 _CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?$")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# `1,000`, `10,455.5`: groups of three after a first group of 1-3 digits that does not start with 0
+_THOUSANDS = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
+# `0,111`, `1000,99`: one comma that no thousands grouping explains, after a 0 or 4+ digits, is a decimal comma
+_DECIMAL_COMMA = re.compile(r"^(-?(?:0|[1-9]\d{3,})),(\d+)$")
 # `12,\!345`, `12{,}345`, `12\,345`: a separator inside a number (three digits follow)
 _DIGIT_GROUP = re.compile(r"(?<=\d)(?:\s*,\s*\\!\s*|\s*\\!\s*,\s*|\s*\{,\}\s*|\\,\s*|\\!\s*)(?=\d{3}(?!\d))")
 _RELATIONS = (  # (pattern, one spelling); \geq before \ge so the longer name wins
@@ -72,11 +75,12 @@ def _chained_to_interval(s: str) -> str:
 
 
 def _join_alternatives(s: str) -> str:
-    """`2 and -3`, `x=2 \\text{ or } x=-3` -> `2, -3` / `x=2, x=-3`, when every piece is math."""
-    parts = _JOINER.split(s)
+    """`2 and -3`, `x=2 \\text{ or } x=-3`, `21, 36, and 82` -> `2, -3` / `x=2, x=-3` / `21, 36, 82`, when
+    every piece is math: an enumeration stays one list of all its items, however it is joined."""
+    parts = [p.strip().strip(",;").strip() for p in _JOINER.split(s)]
     if len(parts) < 2 or any(not p or re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", "", p)) for p in parts):
         return s
-    return ", ".join(p.strip() for p in parts)
+    return ", ".join(parts)
 
 
 def clean_answer(raw: str) -> CleanAnswer:
@@ -115,6 +119,7 @@ def clean_answer(raw: str) -> CleanAnswer:
         s = m.group(1).upper()
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
+    s = _DECIMAL_COMMA.sub(r"\1.\2", s)
     return CleanAnswer(s.strip(), percent)
 
 
@@ -123,3 +128,46 @@ def canonical_text(latex: str) -> str:
     s = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", latex)
     s = re.sub(r"\s+", "", s).replace("\0", " ")
     return re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+
+
+_PROSE_WORD = re.compile(r"(?:^|\s)[a-zA-Z]{2,}(?=$|\s|[.,;:!?])")
+_NUM = r"-?(?:\d+(?:\.\d+)?|\.\d+|\\frac\{[^{}]*\}\{[^{}]*\})"
+# numbers joined as a list or as alternatives, up to the text's last number: `4 or 5`, `7, 8, and 2`
+_ITEM = rf"(?:[a-zA-Z]\s*=\s*)?{_NUM}"  # `4` or `x = 4`
+_TRAILING_ENUMERATION = re.compile(
+    rf"{_ITEM}(?:\s*(?:,\s*(?:(?:and|or)(?![a-zA-Z]))?|;|(?<![a-zA-Z])(?:and|or)(?![a-zA-Z]))\s*{_ITEM})+(?=\D*$)")
+_MEMBER_OF = re.compile(r"^[a-zA-Z]\s*(?:\\in|=)\s*")
+
+
+def is_prose(text: str) -> bool:
+    """Words, not only math: `so the sum is 10`, `He ran 5`; not `2ab`, `\\frac{a}{b}` or `x = 2`."""
+    return bool(_PROSE_WORD.search(re.sub(r"\\[a-zA-Z]+", " ", text))) and bool(re.search(r"\s", text.strip()))
+
+
+def answer_items(latex: str) -> int:
+    """How many values a cleaned answer gives: 1 for a single value (number, expression, relation,
+    matrix, union), the item count for a list, set, tuple or interval (`2, 3`, `\\{2, 3\\}`, `(2, 3]`,
+    `x \\in [2, 3]`). In prose, the numbers joined as a list or as alternatives at its end (`x is 4 or
+    5`: 2). A list never equals a single value it contains, so the grader compares these counts first."""
+    s = latex.strip()
+    if is_prose(s):
+        m = None
+        for m in _TRAILING_ENUMERATION.finditer(s):
+            pass
+        return len(re.findall(_NUM, m.group(0))) if m else 1
+    s = _MEMBER_OF.sub("", s).replace("\\{", "{").replace("\\}", "}")
+    depth, outer = 0, False
+    for i, c in enumerate(s):  # one bracket pair around the whole answer is its set/tuple/interval
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if depth == 0:
+            outer = i == len(s) - 1 and s[:1] in "([{" and len(s) > 1
+            break
+    if outer:
+        s = s[1:-1]
+    depth, items = 0, 1
+    for c in s:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        items += depth == 0 and c in ",;"
+    return items

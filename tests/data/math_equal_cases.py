@@ -5,13 +5,17 @@ sentences or whole responses; golds are bare, `$`-wrapped or whole solutions end
 texts go through `final_answer` -> `extract_answer` (the extractor the accuracy reward uses).
 Conventions: a decimal equals a fraction when written to at least 6 decimal places and equal to
 it after rounding to 6 places (math-verify's rule), never when shorter (`0.33` is not 1/3); `%`,
-"percent", "pct" accept x and x/100; "and"/"or" between answers list them (order free).
+"percent", "pct" accept x and x/100; "and"/"or" between answers list them (order free), and a list never
+equals one value it contains; a comma between digits is a thousands separator in `1,000`, a decimal
+comma after a lone 0 or 4+ digits (`0,111`, `1000,99`), and a list separator otherwise (`1,22`, `-2,1`);
+a sentence's answer is read as math-verify reads it; a final-answer statement after every box wins.
 `KNOWN_MISSES` lists the cases math_equal gets wrong today, each with its reason.
 """
 
 RESPONSE, SOLUTION, RELATION, MATRIX, SEPARATOR, REPEATING, DECIMAL, PERCENT, MULTI, GSM8K, UNITS, GENERAL = (
     "response", "solution_gold", "relation", "matrix", "separator", "repeating", "decimal", "percent",
     "multi", "gsm8k", "units", "general")
+HEDGE, DECIMAL_COMMA, PROSE, STATEMENT = "hedge", "decimal_comma", "prose", "statement"
 
 CASES = [
     # -- whole responses / sentences on the pred side, answer not boxed
@@ -192,6 +196,78 @@ CASES = [
     (GENERAL, r"(1, 2)", r"(2, 1)", False),
     (GENERAL, r"\{1, 2, 3\}", r"\{3, 2, 1\}", True),
     (GENERAL, r"\{1, 2, 3\}", r"\{1, 2\}", False),
+    # -- enumerations compare as wholes: a hedge never equals one value it contains
+    (HEDGE, r"$21, 36, and 82$", r"$19, 46, and 82$", False),
+    (HEDGE, r"$1, 2, or 3$", r"$7, 8, or 3$", False),
+    (HEDGE, r"\boxed{1, 2, and 3}", r"7, 8, and 3", False),
+    (HEDGE, r"$2$", r"$7, 8, and 2$", False),
+    (HEDGE, r"$21, 36, and 82$", r"82", False),
+    (HEDGE, r"82, 36, and 21", r"$21, 36, and 82$", True),
+    (HEDGE, r"21, 36 and 82", r"21, 36, 82", True),
+    (HEDGE, r"\boxed{21, 36, 82}", r"$21, 36, and 82$", True),
+    (HEDGE, r"\boxed{2} and \boxed{7} and \boxed{8}", r"$7, 8, and 2$", True),
+    (HEDGE, r"3 or 4", r"4", False),
+    (HEDGE, r"4 \text{ or } 5", r"5", False),
+    (HEDGE, r"x = 4 \text{ or } x = 5", r"5", False),
+    (HEDGE, r"\boxed{4} or \boxed{5}", r"5", False),
+    (HEDGE, r"The answer is $4$ or $5$.", r"5", False),
+    (HEDGE, r"<think>try</think> <answer>4, 5, or 6</answer>", r"5", False),
+    (HEDGE, r"<think>try</think> <answer>\boxed{4}, \boxed{5}, \boxed{6}</answer>", r"6", False),
+    (HEDGE, r"\{4, 5, 6\}", r"5", False),
+    (HEDGE, r"5", r"\{4, 5\}", False),
+    (HEDGE, r"x is 4 or 5", r"4", False),
+    (HEDGE, r"it is 7, 8, or 2", r"2", False),
+    (HEDGE, r"\frac{1}{2}, \frac{1}{3}, \text{ and } \frac{1}{4}", r"\frac14", False),
+    (HEDGE, r"-2 and 1", r"-2,1", True),
+    (HEDGE, r"1 and -2", r"-2,1", True),
+    (HEDGE, r"-2, 1, and 5", r"-2,1", False),
+    (HEDGE, r"1", r"-2,1", False),
+    (HEDGE, r"(3, 4]", r"4", False),
+    (HEDGE, r"2; 3", r"3", False),
+    (HEDGE, r"$7$, $8$, or $2$", r"2", False),
+    # -- commas between digits: thousands groups, decimal commas, lists
+    (DECIMAL_COMMA, r"1000,99", r"1000.99", True),
+    (DECIMAL_COMMA, r"0,111", r"0.111", True),
+    (DECIMAL_COMMA, r"$0,5$", r"\frac12", True),
+    (DECIMAL_COMMA, r"0,111", r"111", False),
+    (DECIMAL_COMMA, r"1000,99", r"100099", False),
+    (DECIMAL_COMMA, r"1000,99", r"1000", False),
+    (DECIMAL_COMMA, r"-0,25", r"-\frac{1}{4}", True),
+    (DECIMAL_COMMA, r"2500,5", r"2500.5", True),
+    (DECIMAL_COMMA, r"1000,5", r"1000.5", True),
+    (DECIMAL_COMMA, r"10,455", r"10455", True),
+    (DECIMAL_COMMA, r"1,22", r"1, 22", True),
+    (DECIMAL_COMMA, r"1,22", r"\{1, 22\}", True),
+    (DECIMAL_COMMA, r"1,22", r"1.22", False),
+    (DECIMAL_COMMA, r"1,22", r"22", False),
+    (DECIMAL_COMMA, r"0,1", r"0.1", True),
+    (DECIMAL_COMMA, r"12,5", r"12.5", False),
+    # -- final answers stated in a sentence
+    (PROSE, r"so the sum is 10", r"10", True),
+    (PROSE, r"x is 4", r"4", True),
+    (PROSE, r"He ran 5 miles", r"5", True),
+    (PROSE, r"so the sum is 10", r"11", False),
+    (PROSE, r"x is 4", r"5", False),
+    (PROSE, r"He ran 5 miles", r"6", False),
+    (PROSE, r"The total comes to 42 dollars", r"42", True),
+    (PROSE, r"the remaining area is 12", r"12", True),
+    (PROSE, r"so the sum is 10 or 12", r"12", False),
+    (PROSE, r"She has 3 apples left", r"3", True),
+    (PROSE, r"She has 3 apples left", r"4", False),
+    (PROSE, r"the probability is 1/6", r"\frac16", True),
+    (PROSE, r"the probability is 1/6", r"\frac{1}{5}", False),
+    # -- an explicit final-answer statement after the boxes wins
+    (STATEMENT, r"\boxed{200} then \boxed{255}, adding up. The final answer is $10,455$", r"10455", True),
+    (STATEMENT, r"\boxed{200} then \boxed{255}, adding up. The final answer is $10,455$", r"255", False),
+    (STATEMENT, r"We get \boxed{3} for the first part. The final answer is $7$.", r"7", True),
+    (STATEMENT, r"We get \boxed{3} for the first part. The final answer is $7$.", r"3", False),
+    (STATEMENT, "First \\boxed{12}.\nAnswer: 15", r"15", True),
+    (STATEMENT, r"The final answer is $\boxed{9}$.", r"9", True),
+    (STATEMENT, r"The answer is 4. Checking again gives \boxed{6}.", r"6", True),
+    (STATEMENT, r"The answer is 4. Checking again gives \boxed{6}.", r"4", False),
+    (STATEMENT, r"<think>add</think> <answer>\boxed{2}, so the final answer is 3</answer>", r"3", True),
+    (STATEMENT, r"<think>add</think> <answer>\boxed{2}, so the final answer is 3</answer>", r"2", False),
+    (STATEMENT, "\\boxed{5}\nFinal answer: 5", r"5", True),
 ]
 
 # (pred, gold): why math_equal is still wrong on it. Empty when every case passes.

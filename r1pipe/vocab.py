@@ -3,7 +3,8 @@
 Recipes are validated (`r1pipe.config.load_recipe`, `r1pipe run --dry-run`) without importing torch,
 transformers or Ray, so every closed vocabulary a config checks lives here, and the module that gives
 each name its meaning imports it from here: model presets (`r1pipe.model.config`, `r1pipe.causal_lm`),
-compute dtypes (`r1pipe.model.precision`) and GRPO loss aggregations (`r1pipe.algo.losses`).
+compute dtypes (`r1pipe.model.precision`), GRPO loss aggregations and surrogates (`r1pipe.algo.losses`) and
+advantage estimators (`r1pipe.algo.advantages`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ DTYPE_NAMES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat1
 
 # How the GRPO loss averages token terms (r1pipe.algo.losses.aggregate).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# The policy-gradient surrogate (`rl.loss`, r1pipe.algo.losses.policy_surrogate).
+POLICY_LOSSES = ("grpo", "gspo", "cispo")
+# How rewards become advantages (`rl.advantage`, r1pipe.algo.advantages.compute_advantages).
+ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++")
 
 
 def dtype_name(name: str, key: str = "model.dtype") -> str:

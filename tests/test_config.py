@@ -87,6 +87,8 @@ def test_overrides_are_typed_and_applied():
     ("eval.kind=nope", "eval.kind"),
     ("stages=[pretrain,train]", "train"),
     ("pretrain.steps", "pretrain.steps"),
+    ("rl.loss=ppo", "loss='ppo'"),
+    ("rl.advantage=gae", "advantage='gae'"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError) as info:

@@ -118,3 +118,36 @@ def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
     assert metrics["advantage/zero_share"] == 1.0 and metrics["grad_norm"] == 0.0
     moved = [float((p.detach() - b).abs().max()) for p, b in zip(t.policy.model.parameters(), before)]
     assert max(moved) > 0
+
+
+def test_the_recipes_surrogate_and_advantage_reach_the_update(tmp_path):
+    """`rl.loss` and `rl.advantage` change the step: on-policy (one update, ratio 1) the three surrogates
+    give one gradient; against older log-probs they differ. RLOO's advantages are GRPO's without the std."""
+    path = tiny_model(tmp_path / "model")
+    batch = RolloutBatch(problems=[{}] * 2, completions=[completion(t) for t in ("aab", "b", "ab", "bbb")])
+    for c in batch.completions:
+        c.reward = count_a(c.text, {})
+    norms = {}
+    for loss in ("grpo", "gspo", "cispo"):
+        for advantage in ("grpo", "rloo"):
+            t = trainer(tmp_path / f"{loss}-{advantage}", prompts_per_step=2, loss=loss, advantage=advantage)
+            t.pad_id = 0
+            t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, loss=loss, freeze_router_bias=True))
+            metrics = t.train(batch)
+            rows = batch.train_batch(0)
+            every_other = (torch.arange(rows.response_mask.shape[1]) % 2).float()
+            older = t.policy.logprobs(rows) - 0.4 * every_other * rows.response_mask  # ratios e^0.4 and 1
+            stale = t.policy.train_step(rows, older, torch.tensor([1.0, -1.0, 1.0, -1.0]), None,
+                                        num_tokens=float(rows.response_mask.sum()), num_seqs=4.0)
+            norms[loss, advantage] = (metrics["grad_norm"], stale["grad_norm"], metrics["advantage/abs_mean"])
+    # on-policy: one gradient whatever the surrogate
+    for advantage in ("grpo", "rloo"):
+        on = [norms[loss, advantage][0] for loss in ("grpo", "gspo", "cispo")]
+        assert max(on) - min(on) <= 1e-5 * max(on) and max(on) > 0
+    # off-policy, token ratios e^0.4 = 1.49 and 1: GRPO drops the tokens above 1.28 with A > 0, GSPO clips
+    # on each sequence's mean ratio (about e^0.2, inside), CISPO keeps every token at weight min(r, 1.28)
+    stale = sorted(norms[loss, "grpo"][1] for loss in ("grpo", "gspo", "cispo"))
+    assert stale[1] > stale[0] * 1.001 and stale[2] > stale[1] * 1.001  # float noise is ~1e-7
+    # groups [2, 0] and [1, 0]: GRPO's |A| is 1/sqrt(1/2)... = 0.7071 each; RLOO's 2/1 * |r - mean| = 2 and 1
+    assert norms["grpo", "grpo"][2] == pytest.approx(0.70710, abs=1e-4)
+    assert norms["grpo", "rloo"][2] == pytest.approx(1.5, abs=1e-6)

@@ -1,10 +1,17 @@
-"""The GRPO policy loss: clipped surrogate, k3 KL to a reference, and loss aggregation.
+"""The GRPO-family policy loss: a policy-gradient surrogate, k3 KL to a reference, and loss aggregation.
 
-Per token t of completion i with ratio r = exp(logp - old_logp) and advantage A_i:
+Per token t of completion i with ratio r = exp(logp - old_logp) and advantage A_i, the surrogate
+(`rl.loss`) is one of:
 
-    pg = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)      (DAPO: clip_high > clip_low)
-    kl = exp(ref - logp) - (ref - logp) - 1                          (Schulman's k3, >= 0)
-    loss_token = pg + kl_coef * kl
+    grpo:  pg = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)        (DAPO: clip_high > clip_low)
+    gspo:  the same with the sequence's ratio s_i = exp(mean_t(logp - old_logp)) in place of r, as
+           s_i,t = sg(s_i) * exp(logp - sg(logp)) (GSPO-token, Zheng et al. 2025): its value is s_i, so
+           a whole sequence is clipped or not; its gradient is s_i * grad logp. With the aggregation
+           "seq-mean-token-mean" this is GSPO's sequence objective exactly.
+    cispo: pg = -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp          (MiniMax-M1): the weight is
+           clipped, never the gradient, so every token keeps one (PPO's clip zeroes clipped tokens).
+
+and  kl = exp(ref - logp) - (ref - logp) - 1 (Schulman's k3, >= 0),  loss_token = pg + kl_coef * kl.
 
 and the per-token losses are reduced over the batch by one of:
 
@@ -21,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from r1pipe.vocab import LOSS_AGGREGATIONS
+from r1pipe.vocab import LOSS_AGGREGATIONS, POLICY_LOSSES
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, max_log_ratio: float = 20.0) -> Tensor:
@@ -46,6 +53,46 @@ def clipped_surrogate(
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def gspo_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """GSPO-token loss [B,T] and the bool mask of tokens whose sequence ratio was clipped.
+
+    `advantages` [B]; `mask` [B,T] picks the tokens whose log-ratios the sequence ratio averages.
+    """
+    on = (mask > 0).to(logp.dtype)
+    seq_log_ratio = ((logp - old_logp) * on).sum(-1) / on.sum(-1).clamp(min=1.0)
+    ratio = torch.exp(seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach())  # value s_i, gradient s_i * dlogp
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).expand_as(logp)
+
+
+def cispo_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """CISPO loss [B,T] (gradient -clip(r) * A * dlogp on every token) and the bool mask of tokens
+    whose importance weight was clipped."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logp.detach() - old_logp)
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return -weight * adv * logp, weight != ratio
+
+
+def policy_surrogate(
+    kind: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """The per-token policy-gradient loss [B,T] of surrogate `kind` (POLICY_LOSSES) and its clipped mask."""
+    if kind == "grpo":
+        return clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    if kind == "gspo":
+        return gspo_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    if kind == "cispo":
+        return cispo_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    raise ValueError(f"unknown policy loss {kind!r}; choose one of {POLICY_LOSSES}")
 
 
 def aggregate(
@@ -90,8 +137,10 @@ def grpo_loss(
     num_seqs: float | None = None,
     norm_constant: float | None = None,
     tis_weight: Tensor | None = None,
+    surrogate: str = "grpo",
 ) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO loss (scalar, differentiable in logp) and token-summed statistics.
+    """The GRPO-family loss (scalar, differentiable in logp) and token-summed statistics; `surrogate`
+    picks the policy-gradient term (grpo | gspo | cispo, see the module docstring).
 
     `tis_weight` [B,T] (truncated importance sampling, r1pipe.algo.tis) multiplies the
     policy-gradient term of each token, not the KL term.
@@ -100,7 +149,7 @@ def grpo_loss(
     them across micro-batches and ranks before dividing: clipped (clip fraction), clipped_low /
     clipped_high (which side), kl, ratio, pg_loss.
     """
-    token_pg, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    token_pg, clipped = policy_surrogate(surrogate, logp, old_logp, advantages, mask, clip_low, clip_high)
     token_loss = token_pg if tis_weight is None else token_pg * tis_weight.detach()
     kl = None
     if kl_coef > 0.0:

@@ -16,7 +16,7 @@ from r1pipe.data.templates import TEMPLATES
 from r1pipe.rewards import GRADERS, build_reward_fn
 from r1pipe.rewards.readability import build_filters
 from r1pipe.stages.base import StageConfig
-from r1pipe.vocab import LOSS_AGGREGATIONS, check_preset
+from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset
 
 
 # ---------------------------------------------------------------- synthetic base
@@ -145,7 +145,8 @@ class GRPOConfig(StageConfig):
     accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
     reward_options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
     # algorithm
-    normalize_std: bool = True  # False: Dr. GRPO advantages
+    advantage: str = "grpo"  # grpo | dr-grpo (no std division) | rloo (leave-one-out) | reinforce++ (global batch norm)
+    loss: str = "grpo"  # grpo (token ratio clip) | gspo (sequence ratio clip) | cispo (clipped IS weight, every token's gradient)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -215,6 +216,10 @@ class GRPOConfig(StageConfig):
             raise ValueError(f"draft_lr_scale must be > 0, got {self.draft_lr_scale}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
+        if self.loss not in POLICY_LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {POLICY_LOSSES}")
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage={self.advantage!r}: choose one of {ADVANTAGE_ESTIMATORS}")
         if self.overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
         for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "updates_per_step", "micro_batch_size",

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import ray
 import torch
 
-from r1pipe.algo import dynamic_sampling_keep, group_advantages, overlong_filter_mask, overlong_soft_penalty
+from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filter_mask, overlong_soft_penalty
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.tokenizer import load_tokenizer
@@ -200,7 +200,7 @@ class GRPOTrainer:
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
         policy_cfg = PolicyConfig(
             lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
+            clip_high=cfg.clip_high, loss=cfg.loss, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
             temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
             freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=cfg.draft_lr_scale,
             draft_depth=max(self.speculative_k, 1),
@@ -340,7 +340,7 @@ class GRPOTrainer:
         batch the old log-probs are the update's own forward, detached: no separate forward."""
         cfg = self.cfg
         rewards = torch.tensor([c.reward for c in batch.completions])
-        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.normalize_std)
+        advantages = compute_advantages(cfg.advantage, rewards, cfg.group_size)
         train_batch = batch.train_batch(self.pad_id, with_routing=cfg.routing_replay)
         truncated = torch.tensor([c.truncated for c in batch.completions])
         if cfg.overlong == "filter":

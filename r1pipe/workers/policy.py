@@ -47,6 +47,7 @@ class PolicyConfig:
     grad_clip: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.28
+    loss: str = "grpo"  # the policy-gradient surrogate: grpo | gspo | cispo
     loss_agg: str = "token-mean"
     kl_coef: float = 0.0
     norm_constant: float | None = None  # Dr. GRPO's constant; the generation budget
@@ -350,6 +351,7 @@ class PolicyWorker:
                 num_seqs=num_seqs,
                 norm_constant=cfg.norm_constant,
                 tis_weight=tis,
+                surrogate=cfg.loss,
             )
             if self.draft_params:  # the draft loss reaches only the MTP module's own parameters
                 d_loss = self._draft_loss(micro, out, num_draft_positions)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 import secrets
+import textwrap
 import warnings
 from dataclasses import dataclass
 
 from .sandbox import SandboxConfig, SandboxResult, run_python
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# a fenced block, closed or cut off at the end of the text (the token budget ran out inside it)
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
 
 
 @dataclass
@@ -28,8 +31,14 @@ class CodeResult:
     timed_out: bool
 
 
-def extract_code(text: str) -> str:
-    """The last fenced code block (```python ... ```), else the text itself."""
+def extract_code(completion: str) -> str:
+    """The program a completion gives, the one code extractor of the project (the code reward, eval and
+    rejection sampling all grade through it): the text after the chain of thought (the last `</think>`),
+    the content of its `<answer>` block when it has one (dedented: the R1-Zero template puts the program
+    there), then the last fenced block (```python ... ```), else that text itself."""
+    text = completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
+    if tagged := _ANSWER_BLOCK.search(text):
+        text = textwrap.dedent(tagged.group(1).strip("\n"))
     blocks = _FENCE.findall(text)
     return blocks[-1] if blocks else text
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import textwrap
 import traceback
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
 
 from .cache import LRUCache
-from .code import CodeResult, check_humaneval, check_mbpp, check_stdio
+from .code import CodeResult, check_humaneval, check_mbpp, check_stdio, extract_code
 from .extract import extract_answer, extract_gsm8k_gold
 from .format import chain_of_thought, closing_summary, format_lenient, format_strict
 from .grader import verify_math
@@ -68,9 +66,6 @@ def accuracy_reward(completion: str, reference: dict, opt: RewardOptions) -> tup
     return float(v.equal), info
 
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
-
-
 _code_cache: LRUCache[tuple[str, str, float, int], CodeResult] = LRUCache(50_000)
 _TEST_CONTEXT = ("prompt", "test_imports")  # what the harnesses read beside the tests themselves
 
@@ -88,13 +83,10 @@ def run_tests(program: str, reference: dict, opt: RewardOptions) -> CodeResult:
 
 
 def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
-    """The program after `</think>` (inside `<answer>` tags when the R1-Zero template put it there),
+    """The completion's program (`extract_code`: after `</think>`, inside `<answer>` tags when there are some),
     run against the row's tests; with `code_cache` a verdict already reached for the same program
     and tests is reused (samples of a confident policy repeat), a timeout is always run again."""
-    text = completion.split("</think>", 1)[1] if "</think>" in completion else completion
-    tagged = _ANSWER_BLOCK.search(text)
-    if tagged:
-        text = textwrap.dedent(tagged.group(1).strip("\n"))
+    text = extract_code(completion)
     key = None
     if opt.code_cache:
         keys = [k for group in CODE_TEST_FIELDS for k in group] + list(_TEST_CONTEXT)

@@ -6,7 +6,8 @@ import pytest
 
 from r1pipe.eval.report import SuiteResult, markdown
 from r1pipe.eval.runner import read_responses
-from r1pipe.eval.suites import REGISTRY, data_path, gsm8k_gold, integer_gold, load_suite, load_suite_file, resolve_suites
+from r1pipe.eval.suites import REGISTRY, data_path, integer_gold, load_suite, load_suite_file, resolve_suites
+from r1pipe.rewards import extract_gsm8k_gold
 from r1pipe.eval.templates import render, resolve_template
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "humaneval": 164, "mbpp": 427}
@@ -34,7 +35,7 @@ def test_golds_and_ids_follow_the_sources():
     gsm8k = load_suite("gsm8k")
     assert gsm8k.problems[0].id == "0" and gsm8k.problems[0].reference == {"answer": "18"}
     assert all("," not in p.reference["answer"] for p in gsm8k.problems)
-    assert gsm8k_gold("so 1,000 + 234\n#### 1,234") == "1234"
+    assert extract_gsm8k_gold("so 1,000 + 234\n#### 1,234") == "1234"
     aime = load_suite("aime24")
     assert {p.reference["answer"] for p in aime.problems} >= {"25", "204"}  # '025' read as 25
     amc = load_suite("amc23")

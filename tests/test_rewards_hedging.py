@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from r1pipe.eval.suites import gsm8k_gold, integer_gold
+from r1pipe.eval.suites import integer_gold
+from r1pipe.rewards import extract_gsm8k_gold
 from r1pipe.rewards import build_reward_fn, math_equal
 from r1pipe.rewards.normalize import answer_items, clean_answer
 
@@ -24,7 +25,7 @@ SUITES = Path(__file__).resolve().parent.parent / "r1pipe" / "eval" / "suites_da
 def single_value_golds() -> list[str]:
     """Every 10th MATH-500 gold that is one value, every 40th GSM8K gold, every AIME 24 and 5th AMC 23 gold."""
     math500 = [str(json.loads(line)["answer"]).strip() for line in (SUITES / "math500" / "test.jsonl").open()]
-    gsm8k = [gsm8k_gold(json.loads(line)["answer"]) for line in (SUITES / "gsm8k" / "test.jsonl").open()]
+    gsm8k = [extract_gsm8k_gold(json.loads(line)["answer"]) for line in (SUITES / "gsm8k" / "test.jsonl").open()]
     aime = [integer_gold(json.loads(line)["answer"]) for line in (SUITES / "aime24" / "test.jsonl").open()]
     amc = [integer_gold(json.loads(line)["answer"]) for line in (SUITES / "amc23" / "test.jsonl").open()]
     golds = math500[::10] + gsm8k[::40] + aime + amc[::5]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from r1pipe.eval.suites import gsm8k_gold, integer_gold
+from r1pipe.eval.suites import integer_gold
+from r1pipe.rewards import extract_gsm8k_gold
 from r1pipe.rewards import build_reward_fn, math_equal
 from r1pipe.rewards.extract import is_bare_answer
 
@@ -59,7 +60,7 @@ def test_whole_responses_score_the_same_through_the_accuracy_reward(kind, pred, 
 
 def suite_golds() -> list[str]:
     golds = [str(json.loads(line)["answer"]).strip() for line in (SUITES / "math500" / "test.jsonl").open()]
-    golds += [gsm8k_gold(json.loads(line)["answer"]) for line in (SUITES / "gsm8k" / "test.jsonl").open()]
+    golds += [extract_gsm8k_gold(json.loads(line)["answer"]) for line in (SUITES / "gsm8k" / "test.jsonl").open()]
     for suite in ("aime24", "amc23"):
         golds += [integer_gold(json.loads(line)["answer"]) for line in (SUITES / suite / "test.jsonl").open()]
     return golds

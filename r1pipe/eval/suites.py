@@ -16,6 +16,7 @@ from typing import Any, Callable
 from r1pipe.data.fields import CANDIDATES, FieldMap, pick_fields
 from r1pipe.data.rows import gold_text, row_id
 from r1pipe.data.sources import Records, read_records
+from r1pipe.rewards import extract_gsm8k_gold
 
 # How a suite is graded; "stdio" are programs read from stdin, judged on stdout (`inputs`/`outputs`).
 KINDS = ("math", "humaneval", "mbpp", "stdio")
@@ -52,13 +53,6 @@ class Suite:
         return self.kind in CODE_KINDS
 
 
-def gsm8k_gold(solution: str) -> str:
-    """GSM8K's gold is the text after the last '####', thousands commas stripped."""
-    if "####" not in solution:
-        raise ValueError("no '####' in GSM8K answer")
-    return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
 def integer_gold(value: Any) -> str:
     """AIME/AMC golds: '025' -> '25', 27.0 -> '27'; non-integral numbers keep their text."""
     if isinstance(value, float):
@@ -79,7 +73,7 @@ class SuiteSpec:
 
 
 REGISTRY: dict[str, SuiteSpec] = {
-    "gsm8k": SuiteSpec("gsm8k/test.jsonl", "math", "question", None, lambda r: gsm8k_gold(r["answer"])),
+    "gsm8k": SuiteSpec("gsm8k/test.jsonl", "math", "question", None, lambda r: extract_gsm8k_gold(r["answer"])),
     "math500": SuiteSpec("math500/test.jsonl", "math", "problem", "id", lambda r: str(r["answer"]).strip()),
     "aime24": SuiteSpec("aime24/test.jsonl", "math", "problem", "id", lambda r: integer_gold(r["answer"])),
     "amc23": SuiteSpec("amc23/test.jsonl", "math", "problem", "id", lambda r: integer_gold(r["answer"])),
@@ -179,7 +173,7 @@ def load_suite_file(
 
     def gold(row: dict) -> str | None:
         text = gold_text(row.get(fields.answer)) if fields.answer else None
-        return gsm8k_gold(text) if text is not None and "####" in text else text
+        return (extract_gsm8k_gold(text) or text) if text is not None and "####" in text else text
 
     stem = Path(str(path)).name.split(".")[0] or str(path)
     return build_suite(name or stem, records, kind, fields, gold if kind == "math" else None)

@@ -158,6 +158,7 @@ class GRPOConfig(StageConfig):
     overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
     overlong_cache: int = 16
     overlong_penalty: float = 1.0
+    max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
     updates_per_step: int = 1  # optimizer steps (mini-batches) per rollout batch
     micro_batch_size: int = 32
     # optimizer
@@ -178,7 +179,7 @@ class GRPOConfig(StageConfig):
     keep_checkpoints: int = 2
     # trainer/engine agreement and the drafter
     freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
-    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32
+    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32 or max_staleness > 0
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
     draft_lr_scale: float = 10.0  # the MTP module's learning rate is lr x this: it chases a moving policy, and its chained
@@ -228,6 +229,12 @@ class GRPOConfig(StageConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"max_staleness must be 0 (synchronous) or 1 (one batch generated while the trainer "
+                             f"trains), got {self.max_staleness}")
+        if self.max_staleness and self.tis is False:
+            raise ValueError("max_staleness: 1 trains on rollouts of the previous policy, corrected by truncated "
+                             "importance sampling: tis cannot be false")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:

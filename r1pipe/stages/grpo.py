@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +46,9 @@ from r1pipe.workers.batch import Completion
 from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve
 from r1pipe.workers.weight_sync import check_probe
+
+PREFETCH_FILE = "prefetched_rollouts.pt"  # in a checkpoint of an asynchronous run
+
 
 def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
     """Per-role Ray resources: rl.{policy,rollout}_{cpus,gpus} (default: rl.cpus_per_worker /
@@ -88,6 +92,35 @@ class PromptStream:
 
 
 # ---------------------------------------------------------------- rewards
+
+
+@dataclass
+class Prefetch:
+    """The first round of a step's rollouts, started before the previous step trains (max_staleness 1):
+    its prompts, the policy version the engines sampled it with, and the engines' pending results."""
+
+    problems: list[dict]
+    version: int
+    refs: list[Any] | None = None  # Ray references to each worker's part while it runs
+    done: list[list[Completion]] | None = None
+
+    def groups(self) -> list[list[Completion]]:
+        """The completions of each prompt (waiting for the engines if they are still at it)."""
+        if self.done is None:
+            self.done = [g for part in ray.get(self.refs) for g in part]
+            for c in (c for g in self.done for c in g):
+                c.version = self.version
+            self.refs = None
+        return self.done
+
+    def save(self, path: Path) -> None:
+        """Into a checkpoint, so a resumed run trains on exactly these rollouts (they are not regenerated)."""
+        torch.save({"problems": self.problems, "version": self.version, "groups": self.groups()}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Prefetch":
+        saved = torch.load(path, weights_only=False)  # r1pipe's own file: dataclasses of lists and ints
+        return cls(saved["problems"], saved["version"], done=saved["groups"])
 
 
 class Scorer:
@@ -160,6 +193,8 @@ class GRPOTrainer:
         self.timings: dict[str, float] = {}
         self.base_model = ""
         self.heldout_by_domain: dict[str, float] = {}  # the latest held-out accuracy per domain (mixed held-out sets)
+        self.version = 0  # weight syncs so far: the engines' policy version
+        self.pending: Prefetch | None = None  # the next step's rollouts, running while this step trains
 
     # ---- setup
 
@@ -217,7 +252,8 @@ class GRPOTrainer:
                             rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
                         for i in range(cfg.num_rollout_workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb, cfg.shared_memory)
+        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb, cfg.shared_memory,
+                                    engines_read_in_place=cfg.max_staleness == 0)
         self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options),
                              num_cpus=cfg.reward_cpus)
 
@@ -245,26 +281,49 @@ class GRPOTrainer:
     def tis(self) -> bool:
         """Truncated importance sampling: on by default when the engine runs in another precision
         than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
-        trainer's autocast over fp32 masters exactly), off on the exact float32 path."""
+        trainer's autocast over fp32 masters exactly) and when rollouts are one version old
+        (max_staleness 1), off on the exact synchronous float32 path."""
         if self.cfg.tis is not None:
             return bool(self.cfg.tis)
+        if self.cfg.max_staleness > 0:  # rollouts of the previous policy: decoupled PPO's behaviour correction
+            return True
         model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
         return parse_dtype(dict(self.cfg.engine).get("dtype") or model_dtype, key="rl.engine.dtype") != torch.float32
 
     # ---- rollout
 
-    def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[list[Completion]]:
-        """The n completions of each prompt, prompts split over the rollout workers; prompt order.
-        Workers get the token ids made once on the driver when loading the problems."""
+    def _launch(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[ray.ObjectRef]:
+        """Start sampling n completions of each prompt, prompts split over the rollout workers; one
+        reference per worker's part, in prompt order. Workers get the token ids made once on the
+        driver when loading the problems."""
         prompts = [self.prompt_ids.get(p, p) for p in prompts]
         k = len(self.rollout)
         chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
-        refs = [
+        return [
             w.generate.remote(prompts[a:b], n, temperature, self.cfg.max_tokens, seeds[a:b], list(self.cfg.stop) or None,
                               self.cfg.routing_replay and temperature > 0)
             for w, (a, b) in zip(self.rollout, chunks) if b > a
         ]
-        return [r for part in ray.get(refs) for r in part]
+
+    def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[list[Completion]]:
+        """The n completions of each prompt, sampled by the engines' current weights (`self.version`)."""
+        groups = [r for part in ray.get(self._launch(prompts, n, temperature, seeds)) for r in part]
+        for c in (c for g in groups for c in g):
+            c.version = self.version
+        return groups
+
+    def prefetch(self, stream: PromptStream) -> Prefetch:
+        """Start the next step's first round of rollouts on the engines' current weights, to run while the
+        trainer trains (max_staleness 1)."""
+        first = stream.position
+        problems = stream.take(self.cfg.prompts_per_step)
+        refs = self._launch([p["prompt"] for p in problems], self.cfg.group_size, self.cfg.temperature,
+                            self._seeds(first, len(problems)))
+        return Prefetch(problems, self.version, refs=refs)
+
+    def _seeds(self, first: int, n: int) -> list[int]:
+        """The sampling seed of each prompt, from its position in the prompt stream."""
+        return [hash((self.ctx.seed, first + i)) % (2**31) for i in range(n)]
 
     def heldout_accuracy(self, rows: list[dict]) -> float:
         """Greedy pass@1 on the held-out problems, by the accuracy reward (as r1pipe.stages.base_eval);
@@ -283,20 +342,23 @@ class GRPOTrainer:
             raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
         return share_solved(acc)
 
-    def collect(self, stream: PromptStream) -> RolloutBatch:
+    def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
-        groups whose rewards are all equal and refills up to max_refill_rounds times)."""
+        groups whose rewards are all equal and refills up to max_refill_rounds times). `prefetched`: the
+        first round, sampled while the previous step trained (its wait counts as rollout time)."""
         cfg, G = self.cfg, self.cfg.group_size
         batch = RolloutBatch(problems=[], completions=[])
         for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
             need = cfg.prompts_per_step - len(batch.problems)
             if need <= 0:
                 break
-            first = stream.position
-            problems = stream.take(need if round_ else cfg.prompts_per_step)
-            seeds = [hash((self.ctx.seed, first + i)) % (2**31) for i in range(len(problems))]
             ta = time.perf_counter()
-            groups = self._generate([p["prompt"] for p in problems], G, cfg.temperature, seeds)
+            if round_ == 0 and prefetched is not None:
+                problems, groups = prefetched.problems, prefetched.groups()
+            else:
+                first = stream.position
+                problems = stream.take(need if round_ else cfg.prompts_per_step)
+                groups = self._generate([p["prompt"] for p in problems], G, cfg.temperature, self._seeds(first, len(problems)))
             self.timings["rollout"] += time.perf_counter() - ta
             rewards = self.score(problems, groups, batch)
             keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
@@ -405,6 +467,7 @@ class GRPOTrainer:
         |trainer - engine| log-prob, or None when not checked."""
         ta = time.perf_counter()
         self.policy.sync_weights()
+        self.version += 1
         every = self.cfg.sync_check_every
         first = not getattr(self, "_synced", False)
         self._synced = True
@@ -433,10 +496,14 @@ class GRPOTrainer:
         return sum(ray.get([w.take_draft_stats.remote() for w in self.rollout]), DraftStats())
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
-        """Model, optimizer, RNG and data position, committed atomically; older ones pruned."""
-        state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
+        """Model, optimizer, RNG, data position and policy version (and the next step's prefetched rollouts),
+        committed atomically; older ones pruned."""
+        state.update(step=step, data_position=stream.position, version=self.version,
+                     wall_seconds=time.perf_counter() - t_start)
         staging = staging_dir(self.ckpt_root, step)
         self.policy.save_checkpoint(str(staging), tokenizer_dir=self.base_model)
+        if self.pending is not None:
+            self.pending.save(staging / PREFETCH_FILE)
         commit_checkpoint(self.ckpt_root, staging, step, state, keep=self.cfg.keep_checkpoints)
 
     # ---- one step, top to bottom
@@ -447,8 +514,10 @@ class GRPOTrainer:
         self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0, "heldout": 0.0}
         if self.speculative_k:
             self.draft_stats()  # drop what held-out evaluation proposed
-        batch = self.collect(stream)
+        batch = self.collect(stream, self.pending)
+        self.pending = None
         metrics = rollout_metrics(batch, cfg.accuracy_reward)
+        metrics.update(staleness_metrics(batch, self.version))
         metrics["data_position"] = stream.position
         metrics["tokens_per_second/rollout"] = batch.generated_tokens / max(self.timings["rollout"], 1e-9)
         if self.speculative_k:
@@ -458,7 +527,13 @@ class GRPOTrainer:
             if self.speculative_k > 1:
                 metrics["mtp/acceptance_chained"] = drafts.chained_acceptance
         if len(batch):
+            if cfg.max_staleness and step < cfg.steps:
+                self.pending = self.prefetch(stream)  # the engines sample the next step while the trainer trains
             metrics.update(self.train(batch))
+            if self.pending is not None:  # a sync waits for the engines to finish: wait here, as rollout time
+                ta = time.perf_counter()
+                self.pending.groups()
+                self.timings["rollout"] += time.perf_counter() - ta
             probe = self.sync(step)
             if probe is not None:
                 metrics["sync/probe_logprob_diff"] = probe
@@ -470,6 +545,9 @@ class GRPOTrainer:
         step_time = time.perf_counter() - t0
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         metrics["time/step"] = step_time
+        # what each side waited for: the trainer for rollouts (and scoring), the engines for weights
+        metrics["time/trainer_idle"] = step_time - self.timings["train"]
+        metrics["time/engine_idle"] = step_time - _mean(ray.get([w.take_busy_seconds.remote() for w in self.rollout]))
         metrics["tokens_per_second"] = batch.generated_tokens / max(step_time, 1e-9)
         return metrics
 
@@ -494,6 +572,9 @@ class GRPOTrainer:
         rollout_model = self.base_model
         if resume is not None:
             rollout_model, state = str(resume[0]), resume[1]
+            self.version = state.get("version", state["step"])
+            if (resume[0] / PREFETCH_FILE).exists():  # the next step's rollouts, as the interrupted run had them
+                self.pending = Prefetch.load(resume[0] / PREFETCH_FILE)
             print(f"grpo: resuming after step {state['step']} from {resume[0]}")
         # the policy and its KL reference start from the base; a resumed policy then loads its checkpoint
         self._start_workers(self.base_model, rollout_model)
@@ -512,6 +593,7 @@ class GRPOTrainer:
             logger.log(0, {"heldout_accuracy": state["base_accuracy"],
                            **{f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()}})
 
+        ray.get([w.take_busy_seconds.remote() for w in self.rollout])  # the base check is not a step's work
         with StepProgress(cfg.steps, step, "grpo", show=("reward/mean", "accuracy", "response_length/mean")) as progress:
             while step < cfg.steps:
                 step += 1
@@ -530,8 +612,12 @@ class GRPOTrainer:
         final = latest_checkpoint(self.ckpt_root)
         assert final is not None
         by_domain = ["accuracy/math", "accuracy/code", "heldout_accuracy/math", "heldout_accuracy/code"]
-        plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots",
-                             {**DEFAULT_PLOTS, "accuracy_by_domain": ("accuracy by domain", by_domain)})
+        plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots", {
+            **DEFAULT_PLOTS, "accuracy_by_domain": ("accuracy by domain", by_domain),
+            "staleness": ("policy versions behind the trainer", ["staleness/mean", "staleness/max"]),
+            "idle": ("seconds of a step spent waiting", ["time/trainer_idle", "time/engine_idle"]),
+            "importance": ("share of tokens clipped", ["clip_fraction", "tis/clipped_share"]),
+        })
         summary = {
             "base_model": self.base_model,
             "base_accuracy": state["base_accuracy"],
@@ -561,6 +647,13 @@ class GRPOTrainer:
             "steps": summary["steps"],
             "wall_seconds": round(summary["wall_seconds"], 1),
         }
+
+
+def staleness_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
+    """How many policy versions behind the trainer's weights (`version`) the batch was sampled."""
+    lags = [version - c.version for c in batch.completions] or [0]
+    return {"staleness/min": float(min(lags)), "staleness/mean": _mean([float(x) for x in lags]),
+            "staleness/max": float(max(lags))}
 
 
 def rollout_metrics(batch: RolloutBatch, accuracy_reward: str) -> dict[str, Any]:

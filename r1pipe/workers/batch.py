@@ -131,6 +131,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     routing: Tensor | None = None  # LongTensor[num_moe_layers, P + C, top_k] for routing replay, or None
     reward: float = 0.0
+    version: int = 0  # the policy version (weight syncs so far) the engine sampled it with
 
     @property
     def truncated(self) -> bool:

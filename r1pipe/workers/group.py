@@ -108,11 +108,14 @@ class PolicyGroup:
         """Per rank: bytes of parameters and optimizer state held."""
         return ray.get([w.memory.remote() for w in self.workers])
 
-    def connect_engines(self, engines: list[Any], bucket_mb: float, shared_memory: bool = True) -> None:
+    def connect_engines(self, engines: list[Any], bucket_mb: float, shared_memory: bool = True,
+                        engines_read_in_place: bool = True) -> None:
         """Form the trainer -> engines process group (policy rank 0 and every rollout actor, which must
         have `join_sync` and `receive_weights`) and plan the buckets; only names and shapes cross Ray.
         With `shared_memory`, CPU workers and engines all on rank 0's machine exchange the buckets through
-        shared memory (r1pipe.workers.shared_memory.SharedBuckets); self.shared_memory says whether they do."""
+        shared memory (r1pipe.workers.shared_memory.SharedBuckets); self.shared_memory says whether they do.
+        The engines then read the trainer's weights in place, unless `engines_read_in_place` is False (the
+        trainer trains while they generate): then each sync copies them."""
         host, port = ray.get(self.workers[0].sync_address.remote())
         world = 1 + len(engines)
         self.buckets = plan_buckets(ray.get(self.workers[0].weight_metas.remote()), int(bucket_mb * 2**20))
@@ -126,7 +129,7 @@ class PolicyGroup:
                 directory = ray.get(self.workers[0].share_buckets.remote())
                 if directory is not None:
                     try:
-                        ray.get([e.attach_shared_buckets.remote(directory) for e in engines])
+                        ray.get([e.attach_shared_buckets.remote(directory, engines_read_in_place) for e in engines])
                     finally:
                         ray.get(self.workers[0].unlink_shared.remote(directory))
                     self.shared_memory = True

@@ -6,6 +6,7 @@ Results travel as `Completion` dataclasses, so the controller needs no engine ty
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 import torch
@@ -26,6 +27,8 @@ class RolloutWorker:
         self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
         self._draft_seen = DraftStats()
         self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
+        self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
+        self.busy_seconds = 0.0  # time in `generate` since `take_busy_seconds` last asked
 
     def generate_stream(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
@@ -49,8 +52,15 @@ class RolloutWorker:
         """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
         reproducible. GRPO trains on untruncated log-probs, so there is no top-p / top-k here."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing)
+        started = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.busy_seconds += time.perf_counter() - started
         return [[self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    def take_busy_seconds(self) -> float:
+        """Seconds spent in `generate` since the last call (the rest of a step, the engine waited)."""
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        return busy
 
     @staticmethod
     def _params(num_prompts: int, n: int, temperature: float, max_tokens: int, seeds: list[int] | None,
@@ -88,9 +98,11 @@ class RolloutWorker:
         follow `buckets`."""
         self.sync_group = SyncGroup(host, port, rank, world_size, buckets, str(getattr(self.llm, "device", "cpu")))
 
-    def attach_shared_buckets(self, directory: str) -> None:
-        """Map the trainer's shared-memory buckets (same machine, CPU): later syncs read them in place."""
+    def attach_shared_buckets(self, directory: str, read_in_place: bool = True) -> None:
+        """Map the trainer's shared-memory buckets (same machine, CPU): later syncs read them in place, or, with
+        `read_in_place` False (the trainer trains while this engine generates: asynchronous GRPO), copy them."""
         self.sync_group.shared = SharedBuckets(directory, self.sync_group.buckets)
+        self.read_in_place = read_in_place
 
     def node_id(self) -> str:
         """The Ray node this worker runs on."""
@@ -103,8 +115,9 @@ class RolloutWorker:
         buckets = self.sync_group.buckets
         if self.flat_weights is None or not self.flat_weights.fits(buckets):
             shared = self.sync_group.shared
-            self.flat_weights = (rehome(self.llm.model, buckets) if shared is None  # read in place when shared
-                                 else rehome(self.llm.model, buckets, into=shared.tensors, adopt=True))
+            in_place = shared is not None and self.read_in_place
+            self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
+                                 else rehome(self.llm.model, buckets))
         return self.sync_group.receive_flat(self.flat_weights)
 
     def pad_token_id(self) -> int:

@@ -86,22 +86,25 @@ def describe_plan(args: argparse.Namespace, shipped: list[Suite]) -> str:
 
     if args.model is not None:
         source = f"generate with {where(args.model)}, backend {args.backend}, {args.dtype}, device {args.device or 'auto'}"
-        sampling = "greedy, 1 sample" if args.greedy else f"{args.samples} samples, temperature {args.temperature}, top-p {args.top_p}"
+        sampling = ("greedy, 1 sample" if args.greedy else
+                    f"{args.samples} sample{'s' * (args.samples > 1)} at temperature {args.temperature}, top-p {args.top_p}")
         protocol = f"{sampling} per problem, at most {args.max_tokens} new tokens, template {args.template}, seed {args.seed}"
     else:
-        source = f"score the saved generations in {where(args.responses)} (no model)"
-        protocol = "as saved"
+        source = f"no model: score the saved generations in {where(args.responses)}"
+        protocol = "the saved generations"
     suites = [f"{s.name} ({s.kind}, {len(s) if args.limit is None else min(args.limit, len(s))} problems)" for s in shipped]
     fields = ", ".join(f"{role} field {name}" for role, name in (("question", args.prompt_field), ("answer", args.answer_field),
                                                                   ("id", args.id_field)) if name) or "fields auto-detected"
     suites += [f"{where(path)} ({args.suite_kind}, {fields})" for path in args.suite_file]
+    math = any(s.kind == "math" for s in shipped) or (args.suite_file and args.suite_kind == "math")
     extra = "".join(f", pass@{j}" for j in sorted(set(args.pass_at)) if 1 < j < args.samples)
     return "\n".join([
         "r1pipe eval --dry-run: nothing is generated, graded or written",
         f"  source    {source}",
         f"  suites    {'; '.join(suites)}",
         f"  protocol  {protocol}",
-        f"  metrics   pass@1, cons@k (math), pass@k{extra}; answers checked with a {args.timeout:g} s limit each",
+        f"  metrics   pass@1{', cons@k (math)' if math else ''}, pass@k{extra}; each answer check or program run "
+        f"limited to {args.timeout:g} s",
         f"  output    {args.out}/report.json, {args.out}/report.md, {args.out}/generations.jsonl",
     ])
 
@@ -136,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
             show=not args.quiet, backend_options=engine_options(args),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"r1pipe eval: {e}", file=sys.stderr)
+        print(f"r1pipe eval: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
     return 0

@@ -76,6 +76,27 @@ def test_every_readme_command_parses_and_passes_its_checks(line, tmp_path, monke
     assert not any(tmp_path.iterdir()), f"README: {line!r} --dry-run wrote {sorted(p.name for p in tmp_path.iterdir())}"
 
 
+def docs_commands() -> list[tuple[str, str]]:
+    return [(page.name, line) for page in DOCS for line in code_lines(page.read_text(), "r1pipe")]
+
+
+@pytest.mark.parametrize("page, line", docs_commands())
+def test_every_docs_command_parses(page, line, tmp_path, monkeypatch, capsys):
+    """The docs pages' commands parse; those with a dry run pass it (others, e.g. `sandbox check`, are
+    only parsed: they do real work)."""
+    argv = shlex.split(line)[1:]
+    command = command_for(argv)
+    assert command is not None, f"{page}: {line!r} is not an r1pipe command"
+    parser, _, rest = command
+    monkeypatch.chdir(tmp_path)
+    if has_dry_run(parser):
+        rc = main(argv if "--dry-run" in argv else [*argv, "--dry-run"])
+        out = capsys.readouterr()
+        assert rc == 0, f"{page}: {line!r} fails its dry run:\n{out.out[-2000:]}{out.err[-2000:]}"
+    else:
+        parser.parse_intermixed_args(rest)
+
+
 def test_ci_runs_the_readme_set_up_and_test_commands():
     text = README.read_text()
     ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 import r1pipe
 
@@ -29,15 +30,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def command_for(argv: list[str]) -> tuple[argparse.ArgumentParser, ModuleType, list[str]] | None:
+    """The parser and module of the command `argv` starts with, and the arguments after its words;
+    None when it names no command."""
     for words, module_name, help_text in COMMANDS:
         if tuple(argv[: len(words)]) == words:
             parser = argparse.ArgumentParser(prog="r1pipe " + " ".join(words), description=help_text)
             module = importlib.import_module(module_name)
             module.add_arguments(parser)
-            # options and positionals in any order (`r1pipe run r1-zero --dry-run key=value`)
-            return int(module.main(parser.parse_intermixed_args(argv[len(words):])) or 0)
+            return parser, module, argv[len(words):]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = command_for(argv)
+    if command is not None:
+        parser, module, rest = command
+        # options and positionals in any order (`r1pipe run r1-zero --dry-run key=value`)
+        return int(module.main(parser.parse_intermixed_args(rest)) or 0)
     if argv in ([], ["-h"], ["--help"]):
         print(usage())
         return 0

@@ -125,3 +125,25 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert r1pipe_main(["eval", "--suite", "gsm8k", "--responses", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "absent.jsonl" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_dry_run_checks_the_arguments_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    """`r1pipe eval --dry-run`: the checks a real run makes before loading anything (one of --model /
+    --responses, suite names, k with --greedy, the output directory), then the plan; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    ok = ["eval", "--model", "ckpt", "--suite", "math500,humaneval", "-k", "4", "--pass-at", "1,2", "--limit", "10", "--dry-run"]
+    assert r1pipe_main(ok) == 0
+    out = capsys.readouterr().out
+    assert "math500 (math, 10 problems); humaneval (humaneval, 10 problems)" in out
+    assert "4 samples at temperature 0.6" in out and "pass@2" in out and "ckpt (not found here)" in out
+    assert not any(tmp_path.iterdir())
+    for bad, named in ([["eval", "--model", "ckpt", "--suite", "gsm9k", "--dry-run"], "gsm9k"],
+                       [["eval", "--model", "ckpt", "--suite", "gsm8k", "-k", "4", "--greedy", "--dry-run"], "greedy"],
+                       [["eval", "--suite", "gsm8k", "--dry-run"], "--model"],
+                       [["eval", "--model", "ckpt", "--suite", "gsm8k", "--max-tokens", "0", "--dry-run"], "max_tokens"]):
+        assert r1pipe_main(bad) == 2, bad
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "taken").write_text("")
+    assert r1pipe_main(["eval", "--model", "ckpt", "--suite", "gsm8k", "--out", "taken", "--dry-run"]) == 2
+    assert "taken" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def _examples(text: str) -> list[tuple[int, list[str]]]:
     return out
 
 
-@pytest.mark.parametrize("doc", ["cluster/README.md", "cluster/slurm.sbatch"])
+@pytest.mark.parametrize("doc", ["docs/cluster.md", "cluster/slurm.sbatch"])
 def test_cluster_examples_fit_the_gpus_they_run_on(doc):
     examples = _examples((ROOT / doc).read_text())
     assert examples, f"no GPU example found in {doc}"
@@ -80,7 +80,7 @@ def test_the_tiny_recipes_fit_a_two_core_laptop(recipe):
 
 def test_readme_error_example_is_the_real_message():
     plan = resource_plan(GRPOConfig(num_policy_workers=8, policy_gpus=1, rollout_gpus=1))
-    text = (ROOT / "cluster/README.md").read_text()
+    text = (ROOT / "docs/cluster.md").read_text()
     for line in plan.arithmetic({"CPU": 64, "GPU": 8}, {"CPU": 64, "GPU": 8}):
         assert line in text
 

@@ -1,20 +1,22 @@
 """`r1pipe eval`: evaluate a model, or re-score saved generations, on math and code suites.
 
-    r1pipe eval --model runs/r1-zero/rl/final --suite gsm8k,math500 -k 4 --out eval_out
+    r1pipe eval --model runs/r1-zero/rl/checkpoints/step_000100 --suite gsm8k,math500 -k 4 --out eval_out
     r1pipe eval --model Qwen2.5-Math-1.5B/ --suite aime24 -k 64 --max-tokens 32768
     r1pipe eval --suite-file heldout.jsonl --model ckpt/ --greedy
     r1pipe eval --suite gsm8k --responses eval_out/generations.jsonl --out rescored
+    r1pipe eval ... --dry-run      # check the arguments and print the plan; no model or file is read
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from r1pipe.eval.backends import BACKENDS
-from r1pipe.eval.runner import evaluate
-from r1pipe.eval.suites import KINDS, REGISTRY, load_suite_file, resolve_suites
+from r1pipe.eval.runner import check_request, evaluate
+from r1pipe.eval.suites import KINDS, REGISTRY, Suite, load_suite_file, resolve_suites
 from r1pipe.eval.templates import TEMPLATES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--timeout", type=float, default=10.0, help="seconds per answer check or program run")
     runtime.add_argument("--out", default="eval_out", help="output directory for report.json, report.md, generations.jsonl")
     runtime.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    runtime.add_argument("--dry-run", action="store_true",
+                         help="check the arguments and print what would run; no model, suite file or responses file is read")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, int]:
@@ -75,15 +79,47 @@ def engine_options(args: argparse.Namespace) -> dict[str, int]:
     return {key: value for key, value in options.items() if value is not None}
 
 
+def describe_plan(args: argparse.Namespace, shipped: list[Suite]) -> str:
+    """What `r1pipe eval` would do with these arguments, in a few lines (`--dry-run`)."""
+    def where(path: str) -> str:
+        return path if Path(path).expanduser().exists() else f"{path} (not found here)"
+
+    if args.model is not None:
+        source = f"generate with {where(args.model)}, backend {args.backend}, {args.dtype}, device {args.device or 'auto'}"
+        sampling = ("greedy, 1 sample" if args.greedy else
+                    f"{args.samples} sample{'s' * (args.samples > 1)} at temperature {args.temperature}, top-p {args.top_p}")
+        protocol = f"{sampling} per problem, at most {args.max_tokens} new tokens, template {args.template}, seed {args.seed}"
+    else:
+        source = f"no model: score the saved generations in {where(args.responses)}"
+        protocol = "the saved generations"
+    suites = [f"{s.name} ({s.kind}, {len(s) if args.limit is None else min(args.limit, len(s))} problems)" for s in shipped]
+    fields = ", ".join(f"{role} field {name}" for role, name in (("question", args.prompt_field), ("answer", args.answer_field),
+                                                                  ("id", args.id_field)) if name) or "fields auto-detected"
+    suites += [f"{where(path)} ({args.suite_kind}, {fields})" for path in args.suite_file]
+    math = any(s.kind == "math" for s in shipped) or (args.suite_file and args.suite_kind == "math")
+    extra = "".join(f", pass@{j}" for j in sorted(set(args.pass_at)) if 1 < j < args.samples)
+    return "\n".join([
+        "r1pipe eval --dry-run: nothing is generated, graded or written",
+        f"  source    {source}",
+        f"  suites    {'; '.join(suites)}",
+        f"  protocol  {protocol}",
+        f"  metrics   pass@1{', cons@k (math)' if math else ''}, pass@k{extra}; each answer check or program run "
+        f"limited to {args.timeout:g} s",
+        f"  output    {args.out}/report.json, {args.out}/report.md, {args.out}/generations.jsonl",
+    ])
+
+
 def main(args: argparse.Namespace) -> int:
-    if (args.model is None) == (args.responses is None):
-        print("r1pipe eval: give --model to generate or --responses to score saved generations (one of them)", file=sys.stderr)
-        return 2
     if not args.suite and not args.suite_file:
         print("r1pipe eval: name at least one --suite or --suite-file", file=sys.stderr)
         return 2
     try:
+        check_request(args.model, args.responses, args.out, k=args.samples, greedy=args.greedy,
+                      max_tokens=args.max_tokens, limit=args.limit)
         suites = resolve_suites(args.suite) if args.suite else []
+        if args.dry_run:
+            print(describe_plan(args, suites))
+            return 0
         for path in args.suite_file:
             name = args.suite_name if args.suite_name and len(args.suite_file) == 1 else None
             suite = load_suite_file(path, name=name, kind=args.suite_kind, prompt_field=args.prompt_field,
@@ -103,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
             show=not args.quiet, backend_options=engine_options(args),
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"r1pipe eval: {e}", file=sys.stderr)
+        print(f"r1pipe eval: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
     return 0

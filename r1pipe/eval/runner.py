@@ -61,6 +61,24 @@ def suite_metrics(suite: Suite, graded: list[list[Graded]], pass_at: Sequence[in
     return k, metrics
 
 
+def check_request(model: Any, responses: str | Path | None, out_dir: str | Path, *, k: int, greedy: bool,
+                  max_tokens: int, limit: int | None) -> None:
+    """The settings `evaluate` checks before it loads a model or reads a file (`r1pipe eval --dry-run`
+    runs exactly these): a ValueError naming the first one it cannot run with."""
+    if (model is None) == (responses is None):
+        raise ValueError("give exactly one of a model to generate with (--model) or saved responses to score (--responses)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if greedy and k != 1:
+        raise ValueError("greedy decoding gives one sample per problem: use k=1 with greedy")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"output directory {out_dir}: exists and is not a directory")
+
+
 def evaluate(
     model: Any = None,
     suites: str | Sequence[str | Suite] = "gsm8k",
@@ -89,12 +107,7 @@ def evaluate(
     """Evaluate `model` (checkpoint dir, live r1pipe model, or Backend) on `suites`, or re-score
     saved `responses` (JSONL of {"id", "response"[, "suite"]}) with no model at all. Returns the
     report dict also written to out_dir/report.json."""
-    if (model is None) == (responses is None):
-        raise ValueError("give exactly one of a model to generate with or saved responses to score")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if greedy and k != 1:
-        raise ValueError("greedy decoding gives one sample per problem: use k=1 with greedy")
+    check_request(model, responses, out_dir, k=k, greedy=greedy, max_tokens=max_tokens, limit=limit)
     if isinstance(suites, str):
         suites = resolve_suites(suites)
     suite_list = [s if isinstance(s, Suite) else resolve_suites(s)[0] for s in suites]

@@ -89,14 +89,16 @@ def reward(text: str, reference: dict) -> float:
 
 
 PHASES = ("rollout", "reward", "train", "sync", "step")
+IDLE = ("trainer_idle", "engine_idle")  # seconds of a step each side waited for the other
 STOP = "</answer>"  # completions end there (the R1-Zero recipe's rl.stop) or at EOS
 Curve = list[tuple[float, float]]  # (training seconds so far, greedy held-out accuracy)
 
 
 def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool = False,
-               heldout: Path | None = None) -> tuple[dict[str, float], Curve]:
-    """r1pipe's grpo stage: median phase seconds after step 1 and, with `heldout`, its held-out curve (its own
-    greedy evaluation every --heldout-every steps; evaluation time is not training time)."""
+               heldout: Path | None = None, max_staleness: int = 0) -> tuple[dict[str, float], Curve]:
+    """r1pipe's grpo stage: median phase seconds after step 1 (and the trainer's and engines' idle seconds)
+    and, with `heldout`, its held-out curve (its own greedy evaluation every --heldout-every steps;
+    evaluation time is not training time)."""
     cfg = GRPOConfig(train_path=str(data), heldout_path=str(heldout or data), heldout_size=args.heldout if heldout else 2,
                      eval_every=args.heldout_every if heldout else 10**6, template="raw", steps=args.steps,
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
@@ -107,7 +109,7 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
                      num_policy_workers=args.workers, num_rollout_workers=args.workers,
                      fsdp=args.sharding != "replicas", fsdp_keep_gathered=args.sharding == "fsdp-keep-gathered",
                      cpus_per_worker=0.5 / args.workers,  # the roles take turns on the same cores
-                     checkpoint_every=10**6, lr=1e-4, device=args.device,
+                     checkpoint_every=10**6, lr=1e-4, device=args.device, max_staleness=max_staleness,
                      gpus_per_worker=0.5 / args.workers if args.device == "cuda" else 0.0)  # all share one GPU
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
                                "model": {"path": str(model), "dtype": args.dtype}})
@@ -115,7 +117,7 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
         r["time/step"] -= r.get("time/heldout", 0.0)
-    phases = {k: statistics.median(r[f"time/{k}"] for r in rows[2:]) for k in PHASES}  # after step 1
+    phases = {k: statistics.median(r[f"time/{k}"] for r in rows[2:]) for k in PHASES + IDLE}  # after step 1
     curve, seconds = [], 0.0
     for r in rows:
         seconds += r["time/step"] if r["step"] > 0 else 0.0
@@ -326,6 +328,9 @@ def main() -> None:
                         "with dynamic sampling (its R1-Zero setting); prints the training seconds to 50%%, 80%% and 90%%")
     p.add_argument("--heldout", type=int, default=256, help="held-out problems evaluated (from the base's heldout.jsonl)")
     p.add_argument("--png", type=Path, default=Path("runs/bench/grpo_vs_trl_heldout.png"), help="the held-out curves' plot")
+    p.add_argument("--max-staleness", type=int, choices=(0, 1), default=0,
+                   help="1: also run r1pipe asynchronously (rl.max_staleness=1) at the same work, against its synchronous "
+                        "run and TRL in the same run, with each side's idle share")
     args = p.parse_args()
     if args.heldout_every and args.base is None:
         p.error("--heldout-every needs --base (a base whose held-out problems it can learn)")
@@ -341,6 +346,8 @@ def main() -> None:
         ours, our_curve = r1pipe_run(model, data, args, root / "r1pipe", heldout=heldout)
         if heldout:
             dyn, dyn_curve = r1pipe_run(model, data, args, root / "r1pipe-dynamic", dynamic_sampling=True, heldout=heldout)
+        if args.max_staleness:
+            late, late_curve = r1pipe_run(model, data, args, root / "r1pipe-async", heldout=heldout, max_staleness=1)
         theirs, their_curve = trl_run(model, data, args, root / "trl", heldout=heldout)
         effect = None if heldout else old_logprob_forward_effect(model, args)
     print(f"{'phase':8s} {'r1pipe s':>10s} {'TRL s':>10s}")
@@ -355,12 +362,22 @@ def main() -> None:
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,
               "r1pipe_s": {k: round(v, 4) for k, v in ours.items()}, "trl_s": {k: round(v, 4) for k, v in theirs.items()},
               "speed_ratio_vs_trl": round(ratio, 2)}
+    for name, run in (("synchronous", ours), *((("max_staleness 1", late),) if args.max_staleness else ())):
+        print(f"r1pipe {name}: {run['step']:.3f} s/step, trainer idle {run['trainer_idle'] / run['step']:.0%}, "
+              f"engines idle {run['engine_idle'] / run['step']:.0%} of a step")
+    if args.max_staleness:
+        print(f"r1pipe max_staleness 1: {ours['step'] / late['step']:.2f}x its synchronous step, "
+              f"{theirs['step'] / late['step']:.2f}x TRL's")
+        result.update(r1pipe_async_s={k: round(v, 4) for k, v in late.items()},
+                      async_vs_sync=round(ours["step"] / late["step"], 2), async_vs_trl=round(theirs["step"] / late["step"], 2))
     if effect is not None:
         print(f"train phase, separate old-log-prob forward {effect['separate']:.3f}s vs the update's own {effect['fused']:.3f}s "
               f"({effect['separate'] / effect['fused']:.2f}x)")
         result.update(train_separate_old_forward_s=round(effect["separate"], 4), train_own_forward_s=round(effect["fused"], 4))
     if heldout:
         curves = {"r1pipe, dynamic sampling": dyn_curve, "r1pipe, same work as TRL": our_curve, "TRL GRPOTrainer": their_curve}
+        if args.max_staleness:
+            curves["r1pipe, same work, max_staleness 1"] = late_curve
         print(f"r1pipe with dynamic sampling: {dyn['step']:.3f} s/step")
         shares = (0.5, 0.8, 0.9)
         print(f"{'held-out':26s} {'final':>6s} {'best':>6s}" + "".join(f" {f's to {100 * x:.0f}%':>9s}" for x in shares))

@@ -48,3 +48,27 @@ def test_greedy_on_gpu_equals_cpu_fp32():
     cpu = LLM(model, block_size=4, num_blocks=128).generate(prompts, sp, use_tqdm=False)
     gpu = LLM(model.to("cuda"), device="cuda", block_size=4, num_blocks=128).generate(prompts, sp, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in gpu] == [[c.token_ids for c in o.outputs] for o in cpu]
+
+
+def test_cuda_graph_decode_equals_uncaptured():
+    """engine.cuda_graphs (on by default on CUDA): decode steps replayed from per-bucket graphs give the greedy
+    tokens of the uncaptured engine, and log-probs to fp32 rounding, while the batch shrinks through several
+    buckets (completions of different lengths) and after an in-place weight update."""
+    model = Transformer(dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=3), seed=7).eval().cuda()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [42], [7, 7, 7, 7]]
+    params = [SamplingParams(n=3, temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 9, 4, 14)]
+    eager = LLM(model, device="cuda", block_size=4, num_blocks=256, cuda_graphs=False)
+    graphed = LLM(model, device="cuda", block_size=4, num_blocks=256)
+    assert graphed.cuda_graphs and graphed.runner.graphs is not None
+    for update in (False, True):
+        if update:  # new weights in place: the captured graphs must read them
+            new = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+            eager.update_weights(new)
+            graphed.update_weights(new)
+        a = eager.generate(prompts, params, use_tqdm=False)
+        b = graphed.generate(prompts, params, use_tqdm=False)
+        for x, y in zip(a, b):
+            for cx, cy in zip(x.outputs, y.outputs):
+                assert cx.token_ids == cy.token_ids
+                assert max(abs(p - q) for p, q in zip(cx.logprobs, cy.logprobs)) < 1e-4
+    assert graphed.runner.graphs.captures >= 3  # 12 rows -> buckets 16, 8, 4 ... as completions end

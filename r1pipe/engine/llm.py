@@ -45,13 +45,16 @@ class LLM:
     place, moved to device/dtype). tokenizer: a directory or tokenizer object (default: the checkpoint
     dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
     block_size tokens (default: enough for max_num_seqs sequences of max_model_len tokens, capped by
-    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off).
+    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off). cuda_graphs: replay
+    plain decode steps from one CUDA graph per batch-size bucket (None: on exactly on CUDA devices; see
+    r1pipe.engine.cuda_graphs).
     """
 
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
-                 max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
+                 max_model_len: int | None = None, cache_memory_gb: float = 0.5, cuda_graphs: bool | None = None
+                 ) -> None:
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
@@ -80,7 +83,13 @@ class LLM:
             num_blocks = max(2, min(wanted, affordable))
         self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
                                       dtype=dtype, device=self.device)
-        self.runner = ModelRunner(self.model, self.cache, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        elif cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.max_model_len, max_num_seqs,
+                                  cuda_graphs=self.cuda_graphs)
         self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "first_drafts": 0, "first_accepted": 0}
         stopper = StopChecker(self.eos_token_ids, self.tokenizer)
         self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k)

@@ -9,11 +9,14 @@ import dataclasses
 
 import torch
 
+from r1pipe.config import load_recipe, stage_config
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.cache import DenseLatentCache
 from r1pipe.model.fp8 import FP8_DTYPE, FP8Linear, weight_quant
 from r1pipe.model.precision import hold_fp8_weights
+from r1pipe.stages.base import StageContext
+from r1pipe.stages.grpo import GRPOTrainer
 
 PROMPTS = [[5, 17, 3, 99, 41, 8], [200, 7], [64, 65, 66, 67]]
 # |log-prob| of the FP8 engine's sampled tokens against the bf16 engine's on the same tokens, on this random model
@@ -101,3 +104,14 @@ def test_fp8_engine_weight_updates_quantize_on_the_way_in():
     fresh = LLM(model, num_blocks=64, fp8=True).generate(PROMPTS, sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)] == \
         [o.outputs[0].token_ids for o in fresh]
+
+
+def test_fp8_rollouts_switch_tis_on(tmp_path):
+    """rl.engine.fp8 turns token-level TIS on by default, also over a float32 engine and model."""
+    def tis(overrides: list[str]) -> bool:
+        recipe = load_recipe("r1-zero-tiny", overrides)
+        ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path, recipe=recipe, seed=0)
+        return GRPOTrainer(stage_config(recipe, "rl"), ctx).tis
+
+    assert tis(["model.dtype=float32"]) is False
+    assert tis(["model.dtype=float32", "rl.engine.fp8=true"]) is True

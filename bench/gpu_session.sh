@@ -72,7 +72,7 @@ else  # the plumbing at tiny sizes: every command that runs on a CPU, with the f
     echo "cpu" >"$OUT/gpu.txt"
     run gpu_tests 60 "$PY" -m pytest -q -o addopts= -m gpu -p no:cacheprovider tests/test_fp8_gpu.py \
         tests/test_model_gpu.py tests/test_engine_gpu.py
-    run fp8_training 60 "$PY" bench/bench_fp8_training.py --device cpu --steps 25 --batch 4 --seq 32 \
+    run fp8_training 60 "$PY" bench/bench_fp8_training.py --device cpu --steps 3 --batch 2 --seq 16 \
         --json "$OUT/fp8_training.json"
     run train 90 "$PY" bench/bench_train.py --device cpu --precisions fp32,bf16 --steps 2 --warmup 1 --seq 32
     run engine 120 "$PY" bench/bench_engine.py --device cpu --prompt-len 8 --new-tokens 8 --batches 1,4 \

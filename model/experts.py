@@ -106,20 +106,22 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, offsets:
     from .fp8 import FP8_DTYPE, gemm
     from .fp8.quant import fp8_grouped_gemm_ref
 
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    if weight.dtype != FP8_DTYPE:
-        quantized = [gemm.weight_quant(weight[e], backend=backend) for e in range(weight.shape[0])]
-        weight, scale = torch.stack([q for q, _ in quantized]), torch.stack([s for _, s in quantized])
-    T, K = x.shape
-    qx, sx = gemm.act_quant(x, backend=backend)
-    where, tile_expert, n_tiles = tile_layout(offsets, T, tile)
-    # float8 has no index_copy kernel everywhere: move the bytes (0x00 is +0.0 in E4M3)
-    qp = qx.new_zeros(n_tiles * tile, K, dtype=torch.uint8).index_copy(0, where, qx.view(torch.uint8))
-    sp = sx.new_zeros(n_tiles * tile, sx.shape[1]).index_copy(0, where, sx)
-    y = fp8_grouped_gemm_ref(qp.view(FP8_DTYPE).view(n_tiles, tile, K), sp.view(n_tiles, tile, -1), weight, scale,
-                             tile_expert, x.dtype)
-    return y.view(n_tiles * tile, -1).index_select(0, where)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):  # float8 tensors take no part in autocast's casts
+        if weight.dtype != FP8_DTYPE:
+            quantized = [gemm.weight_quant(weight[e], backend=backend) for e in range(weight.shape[0])]
+            weight, scale = torch.stack([q for q, _ in quantized]), torch.stack([s for _, s in quantized])
+        T, K = x.shape
+        qx, sx = gemm.act_quant(x, backend=backend)
+        where, tile_expert, n_tiles = tile_layout(offsets, T, tile)
+        # float8 has no index_copy kernel everywhere: move the bytes (0x00 is +0.0 in E4M3)
+        qp = qx.new_zeros(n_tiles * tile, K, dtype=torch.uint8).index_copy(0, where, qx.view(torch.uint8))
+        sp = sx.new_zeros(n_tiles * tile, sx.shape[1]).index_copy(0, where, sx)
+        y = fp8_grouped_gemm_ref(qp.view(FP8_DTYPE).view(n_tiles, tile, K), sp.view(n_tiles, tile, -1), weight,
+                                 scale, tile_expert, x.dtype)
+        return y.view(n_tiles * tile, -1).index_select(0, where)
 
 
 def bucket_rows(n: Tensor, per_octave: int = 4, minimum: int = 16) -> Tensor:

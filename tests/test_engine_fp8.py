@@ -5,51 +5,24 @@ way in."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
+from fp8_reference import PROMPTS, cached_decode, fp8_test_model
 
 from r1pipe.config import load_recipe, stage_config
 from r1pipe.engine import LLM, SamplingParams
-from r1pipe.model import ModelConfig, Transformer
-from r1pipe.model.cache import DenseLatentCache
 from r1pipe.model.fp8 import FP8_DTYPE, FP8Linear, weight_quant
 from r1pipe.model.precision import hold_fp8_weights
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.grpo import GRPOTrainer
 
-PROMPTS = [[5, 17, 3, 99, 41, 8], [200, 7], [64, 65, 66, 67]]
 # |log-prob| of the FP8 engine's sampled tokens against the bf16 engine's on the same tokens, on this random model
 # (initializer_range 0.06: log-probs spread with std ~0.66): measured mean 0.069, max 0.50
 FP8_VS_BF16_MEAN, FP8_VS_BF16_MAX = 0.1, 1.0
 
 
-def _model(**overrides) -> Transformer:
-    config = dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=2, initializer_range=0.06, **overrides)
-    return Transformer(config, seed=11).eval()
-
-
-@torch.no_grad()
-def _cached_decode(model: Transformer, prompt: list[int], steps: int, forced: list[int] | None = None
-                   ) -> tuple[list[int], list[float]]:
-    """The model's own latent-cache decoding, one token per forward (no engine code): greedy, or fed the
-    `forced` tokens (teacher forcing). -> (tokens, log_softmax(logits)[token] of each)."""
-    steps = len(forced) if forced is not None else steps
-    dtype = next(p for p in model.parameters() if p.is_floating_point() and p.dtype != FP8_DTYPE).dtype
-    cache = DenseLatentCache(model.config, 1, len(prompt) + steps, dtype=dtype)
-    ids, tokens, logps = torch.tensor([prompt]), [], []
-    pos = torch.arange(len(prompt))[None]
-    for i in range(steps):
-        logits = model(ids, positions=pos, cache=cache).logits[0, -1].float()
-        tok = int(logits.argmax()) if forced is None else forced[i]
-        tokens.append(tok)
-        logps.append(float(logits.log_softmax(-1)[tok]))
-        ids, pos = torch.tensor([[tok]]), pos[:, -1:] + 1
-    return tokens, logps
-
-
 def test_fp8_engine_holds_fp8_projections_and_leaves_the_given_model_alone():
-    model = _model()
+    model = fp8_test_model()
     llm = LLM(model, num_blocks=64, fp8=True)
     fp8 = [m for m in llm.model.modules() if isinstance(m, FP8Linear)]
     assert fp8 and all(m.holds_fp8_weight for m in fp8)
@@ -58,14 +31,14 @@ def test_fp8_engine_holds_fp8_projections_and_leaves_the_given_model_alone():
     assert not any(isinstance(m, FP8Linear) for m in model.modules())  # the caller's model is untouched
 
 
-def test_fp8_engine_greedy_equals_the_reference_fp8_model():
-    model = _model()
+def test_fp8_engine_greedy_equals_the_reference_fp8fp8_test_model():
+    model = fp8_test_model()
     reference = copy.deepcopy(model)
     hold_fp8_weights(reference)
     outs = LLM(model, num_blocks=64, block_size=4, fp8=True).generate(
         PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
-        tokens, logps = _cached_decode(reference, prompt, 12)
+        tokens, logps = cached_decode(reference, prompt, 12)
         assert out.outputs[0].token_ids == tokens
         assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, logps)) < 1e-4
 
@@ -73,14 +46,14 @@ def test_fp8_engine_greedy_equals_the_reference_fp8_model():
 def test_fp8_engine_logprobs_stay_close_to_the_bf16_engine():
     """The FP8 engine's sampled tokens scored by the bf16 engine's computation (the bf16 model's cached decode
     path, fed the same tokens): mean and max |log-prob difference| within FP8_VS_BF16_*."""
-    model = _model()
+    model = fp8_test_model()
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     sp = SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=3, ignore_eos=True)
     outs = LLM(model, dtype="bfloat16", num_blocks=128, fp8=True).generate(PROMPTS, sp, use_tqdm=False)
     diffs = []
     for prompt, out in zip(PROMPTS, outs):
         for c in out.outputs:
-            _, logps = _cached_decode(bf16, prompt, 0, forced=c.token_ids)
+            _, logps = cached_decode(bf16, prompt, 0, forced=c.token_ids)
             diffs += [abs(a - b) for a, b in zip(c.logprobs, logps)]
     diffs = torch.tensor(diffs)
     assert len(diffs) == 12 * 16
@@ -89,7 +62,7 @@ def test_fp8_engine_logprobs_stay_close_to_the_bf16_engine():
 
 
 def test_fp8_engine_weight_updates_quantize_on_the_way_in():
-    model = _model()
+    model = fp8_test_model()
     llm = LLM(model, num_blocks=64, fp8=True)
     new = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
     assert llm.update_weights(new) == len(new)

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from fp8_reference import PROMPTS, cached_decode, fp8_test_model
 
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.engine.paged_cache import PagedLatentCache
 from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.precision import hold_fp8_weights
-from test_engine_fp8 import PROMPTS, _cached_decode, _model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -81,13 +81,13 @@ def test_cuda_graph_decode_equals_uncaptured():
 def test_fp8_engine_on_gpu_matches_cpu_reference():
     """The FP8 engine on CUDA (block-scaled GEMMs on cuBLAS/Triton, grouped FP8 experts, CUDA graphs) against the
     torch reference FP8 model on the CPU: the same greedy tokens, log-probs to 1e-3 (fp32 summation order)."""
-    model = _model()
+    model = fp8_test_model()
     reference = copy.deepcopy(model)
     hold_fp8_weights(reference)
     llm = LLM(copy.deepcopy(model).cuda(), device="cuda", num_blocks=64, block_size=4, fp8=True)
     assert llm.cuda_graphs
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
-        tokens, logps = _cached_decode(reference, prompt, 12)
+        tokens, logps = cached_decode(reference, prompt, 12)
         assert out.outputs[0].token_ids == tokens
         assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, logps)) < 1e-3

@@ -12,6 +12,7 @@ The last line is all figures as JSON.
   python bench/bench_engine.py                      # full: tiny model, batches 1,64,256 x 128 new tokens
   python bench/bench_engine.py --batches 1,8 --new-tokens 32 --mtp-steps 100   # quick
   python bench/bench_engine.py --device cuda --shape 1.7b --prompt-len 64 --skip cache   # the GPU shape
+  python bench/bench_engine.py --device cuda --shape 1.7b --cuda-graphs both             # with and without graphs
 """
 from __future__ import annotations
 
@@ -100,34 +101,39 @@ def timed(fn, device: torch.device = torch.device("cpu")):
 
 
 def throughput(model: Transformer, hf, batches: list[int], prompt_len: int, new_tokens: int, seed: int,
-               device: torch.device, dtype: torch.dtype) -> list[dict]:
+               device: torch.device, dtype: torch.dtype, graph_settings: list[bool] = (False,)) -> list[dict]:
+    """One row per batch size and engine.cuda_graphs setting (transformers timed once per batch size)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     rows = []
     bandwidth = memory_bandwidth(device)
     print(f"memory bandwidth (device copy): {bandwidth / 1e9:.0f} GB/s", flush=True)
-    llm = LLM(model, max_num_seqs=max(batches), block_size=16, seed=seed, device=device, dtype=dtype,
-              max_model_len=prompt_len + new_tokens + 8, cache_memory_gb=8.0 if device.type == "cuda" else 0.5)
+    engines = {}
+    for graphs in graph_settings:
+        engines[graphs] = LLM(model, max_num_seqs=max(batches), block_size=16, seed=seed, device=device, dtype=dtype,
+                              max_model_len=prompt_len + new_tokens + 8,
+                              cache_memory_gb=8.0 if device.type == "cuda" else 0.5, cuda_graphs=graphs)
+        engines[graphs].generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=True)
-    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
     for batch in batches:
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g)
-        outs, t_engine = timed(lambda: llm.generate(prompts.tolist(), sp, use_tqdm=False), device)
         ids = prompts.to(device)
         mask = torch.ones_like(ids)
         with torch.inference_mode():
             hf_out, t_hf = timed(lambda: hf.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None), device)
-        same = sum(o.outputs[0].token_ids == hf_out[i, prompt_len:].tolist() for i, o in enumerate(outs))
         made = batch * new_tokens
         limit = batch * bandwidth / step_weight_bytes(model, batch)
-        rows.append(dict(batch=batch, engine_tok_s=made / t_engine, hf_tok_s=made / t_hf,
-                         speedup=t_hf / t_engine, identical_greedy=f"{same}/{batch}",
-                         weight_bandwidth_limit_tok_s=limit, engine_fraction_of_limit=made / t_engine / limit))
-        print(f"batch {batch:4d}: engine {made / t_engine:9.1f} tok/s   transformers {made / t_hf:9.1f} tok/s   "
-              f"ratio {t_hf / t_engine:5.2f}x   identical greedy outputs {same}/{batch}   weight-bandwidth limit "
-              f"{limit:10.0f} tok/s (engine at {made / t_engine / limit:.2%})", flush=True)
+        for graphs, llm in engines.items():
+            outs, t_engine = timed(lambda: llm.generate(prompts.tolist(), sp, use_tqdm=False), device)
+            same = sum(o.outputs[0].token_ids == hf_out[i, prompt_len:].tolist() for i, o in enumerate(outs))
+            rows.append(dict(batch=batch, cuda_graphs=graphs, engine_tok_s=made / t_engine, hf_tok_s=made / t_hf,
+                             speedup=t_hf / t_engine, identical_greedy=f"{same}/{batch}",
+                             weight_bandwidth_limit_tok_s=limit, engine_fraction_of_limit=made / t_engine / limit))
+            print(f"batch {batch:4d} graphs {str(graphs):5s}: engine {made / t_engine:9.1f} tok/s   transformers "
+                  f"{made / t_hf:9.1f} tok/s   ratio {t_hf / t_engine:5.2f}x   identical greedy outputs {same}/{batch}   "
+                  f"weight-bandwidth limit {limit:10.0f} tok/s (engine at {made / t_engine / limit:.2%})", flush=True)
     return rows
 
 
@@ -238,6 +244,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: throughput,cache,spec")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off", "both"), default="auto",
+                    help="engine.cuda_graphs for the throughput part (auto: on on CUDA; both: a row for each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -245,6 +253,9 @@ def main() -> None:
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype {dtype_name!r}: expected float32, bfloat16 or float16")
     dtype = getattr(torch, dtype_name)
+    graph_settings = {"auto": [device.type == "cuda"], "on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+    if any(graph_settings) and device.type != "cuda":
+        raise SystemExit(f"--cuda-graphs {args.cuda_graphs}: CUDA graphs need --device cuda")
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {"threads": args.threads, "device": str(device), "shape": args.shape, "dtype": dtype_name}
     model = build_model(args.shape, device, dtype, args.seed)
@@ -257,7 +268,7 @@ def main() -> None:
           f"{device}, {args.threads} thread(s)", flush=True)
     if "throughput" not in skip:
         results["throughput"] = throughput(model, hf, [int(b) for b in args.batches.split(",")], args.prompt_len,
-                                           args.new_tokens, args.seed, device, dtype)
+                                           args.new_tokens, args.seed, device, dtype, graph_settings)
     if "cache" not in skip:
         results["cache"] = cache_bytes(model, hf, device, dtype)
     del model, hf

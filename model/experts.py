@@ -6,15 +6,21 @@ Memory layout: gate_proj / up_proj [E, I, D] and down_proj [E, D, I], each exper
 stack the pieces on load, so checkpoints, `load_state_dict` and in-place engine updates see no change.
 
 Compute: the (token, expert) pairs arrive sorted by expert with `offsets` (cumulative counts, int32, on the
-device); each projection is one `torch._grouped_mm` over all experts, with no host synchronisation. Where
-that op is missing (older torch) or cannot take the operands (CUDA with non-16-byte-aligned shapes, or a dtype
-it lacks), `grouped_linear` falls back to one matmul per expert segment, which reads the counts on the host.
-FP8 experts run each segment through the block-scaled FP8 GEMM (see fp8/linear.py), also per segment.
+device); no path of the forward reads the counts on the host, so a decode step can be captured in a CUDA
+graph or compiled whole. Each projection is one `torch._grouped_mm` over all experts where that op takes the
+operands (bf16 on Hopper-class CUDA, fp32/bf16 on CPU; not under torch.compile in fp32, whose shape rules
+for the op know bf16 only). Elsewhere (fp32 on CUDA, compiled fp32) `padded_grouped_linear` runs it: each
+expert's rows padded to a multiple of GROUP_TILE rows, so every tile of rows belongs to one expert, and one
+batched matmul over the tiles; the number of tiles, ceil(T / GROUP_TILE) + E, depends on shapes only.
+FP8 experts at inference (no gradient wanted) take the same padded layout through the block-scaled FP8
+reference GEMM (`fp8_grouped_linear`); FP8 training still runs each expert segment through FP8Linear's
+differentiable GEMMs (`fp8_segment_linear`), which reads the counts on the host.
 
 bf16 on CPU: oneDNN compiles a kernel for every new matmul shape (~1-4 ms each, then cached), and the expert
 segment lengths change with every batch, so each GEMM would pay a compile. There the segments are padded with
 zero rows to a few bucketed lengths (`bucket_rows`: at most 4 per doubling), which repeat from batch to batch;
-zero rows change neither the outputs nor the weight gradients.
+zero rows change neither the outputs nor the weight gradients. That padding reads the padded total on the
+host, so it is skipped under torch.compile.
 """
 from __future__ import annotations
 
@@ -24,10 +30,13 @@ from torch import Tensor, nn
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SCALE_SUFFIX = "_scale_inv"
+GROUP_TILE = 16  # rows per tile of the padded grouped path (every tile belongs to one expert)
 
 
 def _grouped_mm_usable(x: Tensor, weight: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # the op's shape rules accept bf16 only
         return False
     if x.is_cuda:  # CUTLASS grouped GEMM (Hopper and newer here): bf16, 16-byte aligned rows
         return (x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0
@@ -51,14 +60,68 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     x, weight = x.to(dtype), weight.to(dtype)  # e.g. fp32 master weights under bf16 autocast
     if _grouped_mm_usable(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    return segment_linear(x, weight, offsets)
+    return padded_grouped_linear(x, weight, offsets)
 
 
-def segment_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """The fallback of grouped_linear: one matmul per expert segment (reads the counts on the host)."""
-    bounds = [0] + offsets.tolist()
-    parts = [x[a:b] @ weight[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+def tile_layout(offsets: Tensor, rows: int, tile: int = GROUP_TILE) -> tuple[Tensor, Tensor, int]:
+    """Rows sorted by expert laid out with each expert's segment padded to a multiple of `tile` rows, computed
+    on the device. offsets [E] int32 cumulative counts ending at `rows` -> (each row's position [rows] in the
+    padded layout, each tile's expert [n_tiles], n_tiles). n_tiles = ceil(rows / tile) + E bounds the padded
+    segments (sum_e ceil(c_e / tile) <= ceil(rows / tile) + E) and depends on shapes only; tiles past the last
+    segment hold zero rows and name the last expert."""
+    E = offsets.shape[0]
+    ends = offsets.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + tile - 1) // tile * tile
+    padded_ends = torch.cumsum(padded, 0)
+    index = torch.arange(rows, device=offsets.device)
+    shift = (padded_ends - padded) - (ends - counts)  # padded start - real start, per expert
+    where = index + shift[torch.searchsorted(ends, index, right=True).clamp_(max=E - 1)]
+    n_tiles = -(-rows // tile) + E
+    starts = torch.arange(n_tiles, device=offsets.device) * tile
+    tile_expert = torch.searchsorted(padded_ends, starts, right=True).clamp_(max=E - 1)
+    return where, tile_expert, n_tiles
+
+
+def padded_grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, tile: int = GROUP_TILE) -> Tensor:
+    """grouped_linear without torch._grouped_mm and without a host synchronisation: the rows in `tile_layout`,
+    one bmm of every tile against its expert's weight (gathered per tile: n_tiles x N x K values), the rows
+    read back. Differentiable in x and weight."""
+    T, K = x.shape
+    where, tile_expert, n_tiles = tile_layout(offsets, T, tile)
+    padded = x.new_zeros(n_tiles * tile, K).index_copy(0, where, x)
+    y = torch.bmm(padded.view(n_tiles, tile, K), weight.index_select(0, tile_expert).transpose(1, 2))
+    return y.view(n_tiles * tile, -1).index_select(0, where)
+
+
+def fp8_grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, offsets: Tensor, backend: str = "auto",
+                       tile: int = GROUP_TILE) -> Tensor:
+    """fp8_segment_linear's result without a host synchronisation (inference: not differentiable).
+
+    The rows are quantized in 1x128 tiles at once (a row's tiles do not depend on its segment), laid out as in
+    `tile_layout` (padding rows quantize to 0 with scale 0), and every tile of rows is multiplied with its
+    expert's 128x128-block FP8 weight by the block-scaled reference GEMM (fp32 accumulation per 128-chunk).
+    weight as in fp8_segment_linear: masters [E, N, K] (quantized per expert here) or float8_e4m3fn with
+    `scale` [E, ceil(N/128), ceil(K/128)]."""
+    from .fp8 import FP8_DTYPE, gemm
+    from .fp8.quant import fp8_grouped_gemm_ref
+
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):  # float8 tensors take no part in autocast's casts
+        if weight.dtype != FP8_DTYPE:
+            quantized = [gemm.weight_quant(weight[e], backend=backend) for e in range(weight.shape[0])]
+            weight, scale = torch.stack([q for q, _ in quantized]), torch.stack([s for _, s in quantized])
+        T, K = x.shape
+        qx, sx = gemm.act_quant(x, backend=backend)
+        where, tile_expert, n_tiles = tile_layout(offsets, T, tile)
+        # float8 has no index_copy kernel everywhere: move the bytes (0x00 is +0.0 in E4M3)
+        qp = qx.new_zeros(n_tiles * tile, K, dtype=torch.uint8).index_copy(0, where, qx.view(torch.uint8))
+        sp = sx.new_zeros(n_tiles * tile, sx.shape[1]).index_copy(0, where, sx)
+        y = fp8_grouped_gemm_ref(qp.view(FP8_DTYPE).view(n_tiles, tile, K), sp.view(n_tiles, tile, -1), weight,
+                                 scale, tile_expert, x.dtype)
+        return y.view(n_tiles * tile, -1).index_select(0, where)
 
 
 def bucket_rows(n: Tensor, per_octave: int = 4, minimum: int = 16) -> Tensor:
@@ -88,7 +151,8 @@ def padded_segments(offsets: Tensor) -> tuple[Tensor, Tensor, int]:
 
 def fp8_segment_linear(x: Tensor, weight: Tensor, scale: Tensor | None, offsets: Tensor, backend: str = "auto"
                        ) -> Tensor:
-    """grouped_linear through FP8Linear's block-scaled GEMMs, one per expert segment.
+    """grouped_linear through FP8Linear's block-scaled GEMMs, one per expert segment (differentiable; reads the
+    counts on the host: the training path).
 
     weight: fp32/bf16 masters [E, N, K] (quantized per expert in 128x128 blocks on the fly) or float8_e4m3fn
     with `scale` [E, ceil(N/128), ceil(K/128)] dequantization multipliers.
@@ -131,7 +195,8 @@ class GroupedExperts(nn.Module):
         """xs [T, D] sorted by expert, offsets [E] int32 cumulative counts -> [T, D]; scale [T] (each row's gate
         weight) multiplies a row before the down projection, where it is narrower than the output."""
         fp8 = self.fp8 or self.holds_fp8_weight
-        if not fp8 and xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16:  # repeat shapes (docstring)
+        if (not fp8 and xs.device.type == "cpu" and compute_dtype(xs) == torch.bfloat16
+                and not torch.compiler.is_compiling()):  # repeat shapes (docstring)
             where, padded_offsets, total = padded_segments(offsets)
             padded = xs.new_zeros(total, xs.shape[1]).index_copy(0, where, xs)
             if scale is not None:
@@ -142,7 +207,10 @@ class GroupedExperts(nn.Module):
     def _swiglu(self, xs: Tensor, offsets: Tensor, fp8: bool, scale: Tensor | None = None) -> Tensor:
         def proj(x: Tensor, name: str) -> Tensor:
             if fp8:
-                return fp8_segment_linear(x, getattr(self, name), getattr(self, name + SCALE_SUFFIX), offsets)
+                weight, weight_scale = getattr(self, name), getattr(self, name + SCALE_SUFFIX)
+                if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    return fp8_segment_linear(x, weight, weight_scale, offsets)
+                return fp8_grouped_linear(x, weight, weight_scale, offsets)
             return grouped_linear(x, getattr(self, name), offsets)
 
         hidden = F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj")
@@ -233,5 +301,6 @@ def _stack_experts(module: GroupedExperts, state_dict: dict, prefix: str, local_
             state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
 
-__all__ = ["GroupedExperts", "grouped_linear", "segment_linear", "fp8_segment_linear", "expert_key", "bucket_rows",
+__all__ = ["GroupedExperts", "grouped_linear", "padded_grouped_linear", "tile_layout", "fp8_grouped_linear",
+           "fp8_segment_linear", "expert_key", "bucket_rows",
            "padded_segments"]

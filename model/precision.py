@@ -100,4 +100,23 @@ def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
     return model
 
 
-__all__ = ["DTYPES", "parse_dtype", "Precision", "apply_precision"]
+def hold_fp8_weights(model: nn.Module) -> int:
+    """Inference in FP8 (the rollout engine's `fp8`): every projection `apply_precision` would make FP8 (config.fp8
+    on, `fp8_exclude` kept) holds its weight as float8_e4m3fn in 128x128 blocks with fp32 block scales, the
+    routed experts per expert; activations are quantized in 1x128 tiles in each GEMM. Embeddings, the output
+    head, the router and the norms keep their dtype. The master weights are dropped (no training after this).
+    Returns how many projection modules (an experts module counts once) now hold FP8 weights."""
+    from .fp8 import FP8Linear
+
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    apply_precision(model, Precision(dtype=getattr(model, "compute_dtype", torch.float32), fp8=True,
+                                     fp8_exclude=list(config.fp8_exclude)))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FP8Linear) or (isinstance(module, GroupedExperts) and module.fp8):
+            module.quantize_weight_()
+            count += 1
+    return count
+
+
+__all__ = ["DTYPES", "parse_dtype", "Precision", "apply_precision", "hold_fp8_weights"]

@@ -51,8 +51,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate x [B,S,H,d] by per-token angles cos/sin [B,S,d/2]; pairs are (2i, 2i+1) if interleave else (i, i+d/2).
 
     Interleaved fp32 pairs rotate as complex numbers, (x_2i + i x_2i+1) * (cos + i sin): one kernel on the
-    pairs in place of six on strided halves (the same products and sums; 2-3x faster forward and backward)."""
-    if interleave and x.dtype == torch.float32 and _pairs_viewable(x):
+    pairs in place of six on strided halves (the same products and sums; 2-3x faster forward and backward). Not
+    under torch.compile: the viewability check reads the storage offset, which tracing cannot (a graph break)."""
+    if interleave and x.dtype == torch.float32 and not torch.compiler.is_compiling() and _pairs_viewable(x):
         pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(pairs * torch.complex(cos, sin)[:, :, None]).flatten(-2)
     cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import importlib
 import json
 import subprocess
@@ -13,8 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from r1pipe.config import ConfigError, find_recipe, load_recipe, recipe_names, stage_config
+from r1pipe.engine import LLM
 from r1pipe.stages import BUILTIN_STAGES, StageConfig, StageContext, get_stage, register_stage
 from r1pipe.stages.base import load_object
+from r1pipe.stages.configs import ENGINE_OPTIONS
 
 CALLS: list[str] = []
 
@@ -89,11 +92,23 @@ def test_overrides_are_typed_and_applied():
     ("pretrain.steps", "pretrain.steps"),
     ("rl.loss=ppo", "loss='ppo'"),
     ("rl.advantage=gae", "advantage='gae'"),
+    ("rl.engine.cuda_graphz=true", "engine.cuda_graphz"),
+    ("rl.engine.cuda_graphs=3", "engine.cuda_graphs"),
+    ("rl.engine.fp8=fast", "engine.fp8"),
+    ("rl.engine.dtype=bf17", "engine.dtype"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError) as info:
         load_recipe("r1-zero-tiny", [override])
     assert names in str(info.value)
+
+
+def test_engine_options_are_llm_keywords_and_fp8_keeps_tis_on():
+    assert set(ENGINE_OPTIONS) <= set(inspect.signature(LLM).parameters)  # every option reaches the engine
+    rl = stage_config(load_recipe("r1-zero-tiny", ["rl.engine.fp8=true", "rl.engine.cuda_graphs=false"]), "rl")
+    assert rl.engine == {"fp8": True, "cuda_graphs": False}
+    with pytest.raises(ConfigError, match="tis: false with engine.fp8"):
+        load_recipe("r1-zero-tiny", ["rl.engine.fp8=true", "rl.tis=false"])
 
 
 def test_misspelt_key_in_the_file_is_named(tmp_path):

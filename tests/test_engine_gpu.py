@@ -1,13 +1,17 @@
 """The engine on a CUDA GPU (run with `pytest -m gpu`): the Triton paged MLA kernel in bf16/fp32 against the
-torch path, and greedy generation on the GPU against the fp32 CPU engine."""
+torch path, greedy generation on the GPU against the fp32 CPU engine, CUDA-graph decode against uncaptured
+decode, and the FP8 engine on the GPU against the torch reference FP8 model."""
+import copy
 import dataclasses
 
 import pytest
 import torch
+from fp8_reference import PROMPTS, cached_decode, fp8_test_model
 
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.engine.paged_cache import PagedLatentCache
 from r1pipe.model import ModelConfig, Transformer
+from r1pipe.model.precision import hold_fp8_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -48,3 +52,42 @@ def test_greedy_on_gpu_equals_cpu_fp32():
     cpu = LLM(model, block_size=4, num_blocks=128).generate(prompts, sp, use_tqdm=False)
     gpu = LLM(model.to("cuda"), device="cuda", block_size=4, num_blocks=128).generate(prompts, sp, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in gpu] == [[c.token_ids for c in o.outputs] for o in cpu]
+
+
+def test_cuda_graph_decode_equals_uncaptured():
+    """engine.cuda_graphs (on by default on CUDA): decode steps replayed from per-bucket graphs give the greedy
+    tokens of the uncaptured engine, and log-probs to fp32 rounding, while the batch shrinks through several
+    buckets (completions of different lengths) and after an in-place weight update."""
+    model = Transformer(dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=3), seed=7).eval().cuda()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [42], [7, 7, 7, 7]]
+    params = [SamplingParams(n=3, temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 9, 4, 14)]
+    eager = LLM(model, device="cuda", block_size=4, num_blocks=256, cuda_graphs=False)
+    graphed = LLM(model, device="cuda", block_size=4, num_blocks=256)
+    assert graphed.cuda_graphs and graphed.runner.graphs is not None
+    for update in (False, True):
+        if update:  # new weights in place: the captured graphs must read them
+            new = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+            eager.update_weights(new)
+            graphed.update_weights(new)
+        a = eager.generate(prompts, params, use_tqdm=False)
+        b = graphed.generate(prompts, params, use_tqdm=False)
+        for x, y in zip(a, b):
+            for cx, cy in zip(x.outputs, y.outputs):
+                assert cx.token_ids == cy.token_ids
+                assert max(abs(p - q) for p, q in zip(cx.logprobs, cy.logprobs)) < 1e-4
+    assert graphed.runner.graphs.captures >= 3  # 12 rows -> buckets 16, 8, 4 ... as completions end
+
+
+def test_fp8_engine_on_gpu_matches_cpu_reference():
+    """The FP8 engine on CUDA (block-scaled GEMMs on cuBLAS/Triton, grouped FP8 experts, CUDA graphs) against the
+    torch reference FP8 model on the CPU: the same greedy tokens, log-probs to 1e-3 (fp32 summation order)."""
+    model = fp8_test_model()
+    reference = copy.deepcopy(model)
+    hold_fp8_weights(reference)
+    llm = LLM(copy.deepcopy(model).cuda(), device="cuda", num_blocks=64, block_size=4, fp8=True)
+    assert llm.cuda_graphs
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        tokens, logps = cached_decode(reference, prompt, 12)
+        assert out.outputs[0].token_ids == tokens
+        assert max(abs(a - b) for a, b in zip(out.outputs[0].logprobs, logps)) < 1e-3

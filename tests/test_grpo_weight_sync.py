@@ -251,3 +251,33 @@ def test_sync_into_a_bfloat16_engine(tmp_path):
         assert torch.equal(t, ours[name].to(t.dtype)), name
         dtypes.add(t.dtype)
     assert torch.bfloat16 in dtypes
+
+
+def test_sync_into_an_fp8_engine_quantizes_on_the_way_in(tmp_path):
+    """An FP8 engine (rl.engine.fp8) takes its projections loose from the trainer's buckets and quantizes each
+    into its held FP8 weight and block scales: exactly weight_quant of the trainer's weight; the rest as is."""
+    from r1pipe.model.fp8 import FP8_DTYPE, weight_quant
+
+    model = tiny_model(tmp_path / "model")
+    policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
+    engine = RolloutWorker(model, {"max_model_len": 64, "fp8": True})
+    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
+    port = free_port()
+    run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
+             lambda: engine.join_sync("127.0.0.1", port, 1, 2, buckets))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.01)
+    run_both(policy.send_weights, engine.receive_weights)
+    ours, engine_state, quantized = policy.model.state_dict(), engine.llm.model.state_dict(), 0
+    for name, t in engine_state.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == FP8_DTYPE:
+            q, s = weight_quant(ours[name])
+            assert torch.equal(t.view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(engine_state[name + "_scale_inv"], s), name
+            quantized += 1
+        else:
+            assert torch.equal(t, ours[name]), name
+    assert quantized >= 8 + 3 * 8  # attention and MLP projections, every expert's three

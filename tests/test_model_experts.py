@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from r1pipe.model import ModelConfig, Transformer
-from r1pipe.model.experts import GroupedExperts, bucket_rows, grouped_linear, padded_segments, segment_linear
+from r1pipe.model import experts as experts_module
+from r1pipe.model.experts import (GroupedExperts, bucket_rows, fp8_segment_linear, grouped_linear, padded_grouped_linear,
+                                  padded_segments, tile_layout)
 from r1pipe.model.moe import MoE
 
 
@@ -34,8 +36,9 @@ def test_grouped_linear_matches_per_expert_matmuls_with_empty_experts(dtype):
     assert torch.allclose(x.grad.float(), x2.grad.float(), atol=tol, rtol=tol)
     assert torch.allclose(w.grad.float(), w2.grad.float(), atol=tol, rtol=tol)
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # an expert with no tokens gets no gradient
-    assert torch.allclose(segment_linear(x.detach(), w.detach(), _offsets(counts)).float(), ref.float(),
-                          atol=tol, rtol=tol)
+    padded_tol = max(tol, 1e-5)  # a batched matmul may sum in another order
+    assert torch.allclose(padded_grouped_linear(x.detach(), w.detach(), _offsets(counts)).float(), ref.float(),
+                          atol=padded_tol, rtol=padded_tol)
 
 
 def test_bucket_rows_by_hand():
@@ -49,6 +52,76 @@ def test_bucket_rows_by_hand():
 def test_padded_segments_by_hand():
     where, offsets, total = padded_segments(_offsets([3, 0, 20]))
     assert where.tolist() == [0, 1, 2] + list(range(16, 36)) and offsets.tolist() == [16, 16, 36] and total == 36
+
+
+def test_tile_layout_by_hand():
+    where, tile_expert, n_tiles = tile_layout(_offsets([3, 0, 20, 1]), 24, tile=8)
+    # expert 0: rows 0-2 at 0-2 (tile 0); expert 2: 20 rows at 8-27 (tiles 1-3); expert 3: 1 row at 32 (tile 4)
+    assert where.tolist() == [0, 1, 2] + list(range(8, 28)) + [32]
+    assert n_tiles == 3 + 4 and tile_expert.tolist() == [0, 2, 2, 2, 3, 3, 3]
+
+
+def _forbid_host_reads(monkeypatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation in the experts")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__int__", forbidden)
+    monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
+
+
+def test_padded_grouped_linear_equals_per_expert_matmuls_without_host_reads(monkeypatch):
+    """The fp32 path where torch._grouped_mm cannot run (CUDA fp32, torch.compile): outputs and gradients
+    equal one matmul per expert segment, with empty experts and segments longer than a tile."""
+    g = torch.Generator().manual_seed(1)
+    counts = [0, 17, 1, 0, 40, 3]
+    x = torch.randn(sum(counts), 24, generator=g, requires_grad=True)
+    w = torch.randn(len(counts), 20, 24, generator=g, requires_grad=True)
+    dy = torch.randn(sum(counts), 20, generator=g)
+    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.cat([x2[a:b] @ w2[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    ref.backward(dy)
+    offsets = _offsets(counts)
+    _forbid_host_reads(monkeypatch)
+    y = padded_grouped_linear(x, w, offsets)
+    y.backward(dy)
+    monkeypatch.undo()
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5, rtol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8 compute", "fp8 weights"])
+def test_experts_in_every_precision_never_read_counts_on_the_host(monkeypatch, precision):
+    """fp32 experts where torch._grouped_mm is unusable (as on CUDA in fp32) and FP8 experts (master weights
+    quantized on the fly, or held FP8 weights) at inference: no tolist/item/int/bool of a tensor, and the
+    outputs of the reference paths (one matmul or one FP8Linear GEMM per expert segment)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(5, 256, 160, fp8=precision != "fp32")
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.05)
+    if precision == "fp8 weights":
+        experts.quantize_weight_()
+    counts = [6, 0, 21, 1, 12]
+    offsets = _offsets(counts)
+    xs, scale = torch.randn(sum(counts), 256), torch.rand(sum(counts))
+    with torch.no_grad():
+        if precision == "fp32":
+            bounds = [0] + offsets.tolist()
+            seg = lambda x, n: torch.cat([x[a:b] @ getattr(experts, n)[e].t()  # noqa: E731
+                                          for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        else:
+            seg = lambda x, n: fp8_segment_linear(x, getattr(experts, n), getattr(experts, n + "_scale_inv"),  # noqa: E731
+                                                  offsets)
+        hidden = torch.nn.functional.silu(seg(xs, "gate_proj")) * seg(xs, "up_proj") * scale[:, None]
+        ref = seg(hidden, "down_proj")
+        monkeypatch.setattr(experts_module, "_grouped_mm_usable", lambda x, w: False)
+        _forbid_host_reads(monkeypatch)
+        got = experts(xs, offsets, scale)
+    monkeypatch.undo()
+    assert got.shape == ref.shape and float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_bf16_experts_on_cpu_run_padded_segments_with_the_same_result():

@@ -134,4 +134,16 @@ class FP8Linear(nn.Linear):
         return f"{super().extra_repr()}, {mode}"
 
 
-__all__ = ["FP8Linear", "fp8_linear"]
+@torch.no_grad()
+def set_fp8_weight(weight: Tensor, scale: Tensor, value: Tensor, backend: str = "auto") -> None:
+    """Write a high-precision weight `value` [out, in] into a held FP8 weight in place: quantized in 128x128
+    blocks into `weight` (float8_e4m3fn [out, in]) and its dequantization scales `scale` (how engine weight
+    updates and weight syncs reach FP8 weights: quantized on the way in)."""
+    if tuple(value.shape) != tuple(weight.shape):
+        raise ValueError(f"FP8 weight update: shape {tuple(value.shape)} vs {tuple(weight.shape)}")
+    q, s = gemm.weight_quant(value.to(weight.device), backend=backend)
+    weight.copy_(q)
+    scale.copy_(s)
+
+
+__all__ = ["FP8Linear", "fp8_linear", "set_fp8_weight"]

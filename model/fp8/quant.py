@@ -116,3 +116,21 @@ def fp8_gemm_ref(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
         partial = a[:, chunk].float() @ b[:, chunk].float().t()  # products of E4M3 values are exact in fp32
         acc += partial * a_scale[:, c : c + 1].float() * b_scale_per_row[:, c][None, :]
     return acc.to(out_dtype)
+
+
+def fp8_grouped_gemm_ref(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, group: Tensor,
+                         out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """C[g] = A[g] @ B[group[g]]^T for G groups of rows, each against one of E weights, as fp8_gemm_ref does it.
+
+    a [G, M, K] fp8 with 1x128 tile scales a_scale [G, M, ceil(K/128)]; b [E, N, K] fp8 with 128x128 block
+    scales b_scale [E, ceil(N/128), ceil(K/128)]; group [G] (on the device) -> [G, M, N] `out_dtype`."""
+    (G, m, k), n = a.shape, b.shape[1]
+    if b.shape[2] != k:
+        raise ValueError(f"inner dimensions differ: A {tuple(a.shape)} vs B {tuple(b.shape)}")
+    b_scale_per_row = b_scale.float().repeat_interleave(BLOCK, 1)[:, :n].index_select(0, group)  # [G, N, chunks]
+    acc = torch.zeros(G, m, n, dtype=torch.float32, device=a.device)
+    for c in range(cdiv(k, BLOCK)):
+        chunk = slice(c * BLOCK, min(k, (c + 1) * BLOCK))
+        partial = torch.bmm(a[:, :, chunk].float(), b[:, :, chunk].float().index_select(0, group).transpose(1, 2))
+        acc += partial * a_scale[:, :, c : c + 1].float() * b_scale_per_row[:, None, :, c]
+    return acc.to(out_dtype)

@@ -30,18 +30,17 @@ class PlainDecoding:
         sampled: (r, seq) for each new sample and each recomputed (resumed) sequence."""
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Feed every running sequence's newest token in one forward and sample the next for each; returns
-        the sequences now finished."""
+        """Feed every running sequence's newest token in one forward (`ModelRunner.decode`: eager, or a CUDA
+        graph replay) and sample the next for each; returns the sequences now finished."""
         batch = Batch.decode([s.last_token() for s in seqs], [s.length - 1 for s in seqs], [s.blocks for s in seqs])
         want_routing = any(s.params.return_routing for s in seqs)
-        out = self.runner.forward(batch, want_routing)
+        logits, routing = self.runner.decode(batch, want_routing)
         for s in seqs:
             s.num_cached += 1
-        if want_routing:
-            self._record_routing(seqs, torch.stack(out.routing)[:, :, 0].cpu())  # [layers, B, k]
+        if routing is not None:
+            self._record_routing(seqs, routing.cpu())  # [layers, B, k]
         live = [i for i, s in enumerate(seqs) if not s.finished]
         if live:
-            logits = out.logits[:, -1]
             if len(live) < len(seqs):
                 logits = logits[torch.tensor(live, device=self.device)]
             self.sample_and_append([seqs[i] for i in live], logits)

@@ -8,6 +8,7 @@ drafts verified in one forward). The model runner (r1pipe.engine.runner) plans a
 """
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterable, Iterator, Sequence as Seq
 from pathlib import Path
@@ -26,6 +27,8 @@ from r1pipe.engine.speculative import SpeculativeDecoding
 from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
 from r1pipe.model import ModelConfig, load_pretrained, parse_dtype
+from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight
+from r1pipe.model.precision import hold_fp8_weights
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
 
@@ -38,6 +41,16 @@ def prompt_token_budget(model_path: str | Path, engine_options: dict[str, Any], 
     context = engine_options.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings
     return int(context) - max_tokens - int(engine_options.get("speculative_k", 0) or 0)
 
+def set_weight(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Write `value` into the model tensor state[name] in place (state: a state_dict(keep_vars=True)): cast to its
+    dtype, or, for an FP8 weight, quantized in 128x128 blocks into it and its `{name}_scale_inv` scales."""
+    target = state[name]
+    if target.dtype == FP8_DTYPE:
+        set_fp8_weight(target.data, state[name + "_scale_inv"], value)
+    else:
+        target.data.copy_(value.to(target.device, target.dtype))
+
+
 class LLM:
     """Offline batched generation, shaped like vllm.LLM.
 
@@ -45,20 +58,29 @@ class LLM:
     place, moved to device/dtype). tokenizer: a directory or tokenizer object (default: the checkpoint
     dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
     block_size tokens (default: enough for max_num_seqs sequences of max_model_len tokens, capped by
-    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off).
+    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off). cuda_graphs: replay
+    plain decode steps from one CUDA graph per batch-size bucket (None: on exactly on CUDA devices; see
+    r1pipe.engine.cuda_graphs). fp8: hold the projections (attention, MLPs, routed and shared experts; not
+    fp8_exclude) as FP8 weights in 128x128 blocks computing on 1x128 activation tiles (r1pipe.model.fp8), the
+    rest in `dtype`; a model object is then copied first (its own weights stay as they are), and
+    `update_weights` quantizes what it is given.
     """
 
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
-                 max_model_len: int | None = None, cache_memory_gb: float = 0.5) -> None:
+                 max_model_len: int | None = None, cache_memory_gb: float = 0.5, cuda_graphs: bool | None = None,
+                 fp8: bool = False) -> None:
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
             self.model = load_pretrained(model, dtype=dtype, device=self.device)
             tokenizer = model if tokenizer is None else tokenizer
         else:
-            self.model = model.to(device=self.device, dtype=dtype)
+            self.model = (copy.deepcopy(model) if fp8 else model).to(device=self.device, dtype=dtype)
+        self.fp8 = bool(fp8)
+        if self.fp8:
+            hold_fp8_weights(self.model)
         self.config = self.model.config
         c = self.config
         self.tokenizer = TokenizerAdapter.load(tokenizer, eos_token_id=c.eos_token_id)
@@ -80,7 +102,13 @@ class LLM:
             num_blocks = max(2, min(wanted, affordable))
         self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
                                       dtype=dtype, device=self.device)
-        self.runner = ModelRunner(self.model, self.cache, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        elif cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.max_model_len, max_num_seqs,
+                                  cuda_graphs=self.cuda_graphs)
         self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "first_drafts": 0, "first_accepted": 0}
         stopper = StopChecker(self.eos_token_ids, self.tokenizer)
         self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k)
@@ -144,7 +172,8 @@ class LLM:
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy new weights into the model in place (names as in its state dict); returns how many were set.
-        Unknown names or wrong shapes are an error naming them; nothing is half-applied on error."""
+        FP8 weights (fp8=True) are quantized on the way in. Unknown names or wrong shapes are an error naming
+        them; nothing is half-applied on error."""
         items = list(weights.items()) if isinstance(weights, dict) else list(weights)
         own = self.model.state_dict(keep_vars=True)
         unknown = [n for n, _ in items if n not in own and not n.endswith(_SHARED_ALIASES)]
@@ -157,7 +186,7 @@ class LLM:
         count = 0
         for name, tensor in items:
             if name in own:
-                own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
+                set_weight(own, name, tensor)
                 count += 1
         return count
 

@@ -88,6 +88,7 @@ class PagedLatentCache:
         self._bias: torch.Tensor | None = None  # attention_bias(_mask), made by the forward's first attend
         self._positions: torch.Tensor | None = None
         self._shape: tuple[int, int, int] = (0, 0, 0)
+        self._pinned: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}  # (B, S, T) -> plan buffers
 
     @property
     def bytes_per_token(self) -> int:
@@ -96,33 +97,51 @@ class PagedLatentCache:
         return per_layer * self.num_layers
 
     def plan(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
-             context_lens: list[int] | None = None) -> None:
+             context_lens: list[int] | None = None, width: int | None = None) -> None:
         """Set up the next forward. block_tables[b] are row b's blocks in order; positions [B, S] are
         the positions fed (padding entries may hold anything); valid [B, S] marks real tokens. A query
         at position p attends keys 0..p of its row; a padding query attends key 0 only.
-        context_lens[b] (default: max position + 1) bounds the keys gathered."""
+        context_lens[b] (default: max position + 1) bounds the keys gathered. width: a fixed number of
+        table blocks per row (static shapes for a captured or compiled forward), else the fewest that hold
+        the context. When `pin_plan` has made buffers for this plan's shapes, the plan is written into them."""
         B, S = positions.shape
         bs = self.block_size
-        if context_lens is None:
-            context_lens = (positions.masked_fill(~valid, 0).amax(dim=1) + 1).tolist()
-        max_blocks = max(1, max(-(-n // bs) for n in context_lens))
-        rows = [blocks[:max_blocks] + [SCRATCH_BLOCK] * (max_blocks - len(blocks)) for blocks in block_tables]
+        if width is None:
+            if context_lens is None:
+                context_lens = (positions.masked_fill(~valid, 0).amax(dim=1) + 1).tolist()
+            width = max(1, max(-(-n // bs) for n in context_lens))
+        elif any(len(blocks) > width for blocks in block_tables):
+            raise ValueError(f"a block table is longer than the plan's width {width}")
+        rows = [blocks[:width] + [SCRATCH_BLOCK] * (width - len(blocks)) for blocks in block_tables]
         table = torch.tensor(rows, dtype=torch.long, device=self.device)
         positions = positions.to(self.device)
         valid = valid.to(self.device)
-        T = max_blocks * bs
+        T = width * bs
         slot_of_position = (table.unsqueeze(-1) * bs + torch.arange(bs, device=self.device)).view(B, T)
         safe_pos = torch.where(valid, positions, torch.zeros_like(positions)).clamp_(max=T - 1)
         write = slot_of_position.gather(1, safe_pos)
-        self._write = torch.where(valid, write, torch.full_like(write, SCRATCH_BLOCK * bs)).reshape(-1)
         key_pos = torch.arange(T, device=self.device)
         query_pos = torch.where(valid, positions, torch.zeros_like(positions))
-        self._mask = key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1)
+        plan = {"write": torch.where(valid, write, torch.full_like(write, SCRATCH_BLOCK * bs)).reshape(-1),
+                "mask": key_pos.view(1, 1, T) <= query_pos.unsqueeze(-1), "table": table,
+                "query_pos": torch.where(valid, positions, torch.full_like(positions, -1)), "positions": positions}
+        pinned = self._pinned.get((B, S, T))
+        if pinned is not None:
+            for name, tensor in plan.items():
+                pinned[name].copy_(tensor)
+            plan = pinned
+        self._write, self._mask, self._table = plan["write"], plan["mask"], plan["table"]
+        self._query_pos, self._positions = plan["query_pos"], plan["positions"]
         self._bias = None
-        self._table = table
-        self._query_pos = torch.where(valid, positions, torch.full_like(positions, -1))
-        self._positions = positions
         self._shape = (B, S, T)
+
+    def pin_plan(self) -> None:
+        """Keep the current plan's tensors as the buffers every later plan of the same shapes is copied into, so
+        a forward captured in a CUDA graph reads each new plan where it read the first."""
+        if self._write is None:
+            raise RuntimeError("pin_plan before any plan()")
+        self._pinned.setdefault(self._shape, {"write": self._write, "mask": self._mask, "table": self._table,
+                                              "query_pos": self._query_pos, "positions": self._positions})
 
     def update(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

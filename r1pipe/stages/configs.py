@@ -16,7 +16,31 @@ from r1pipe.data.templates import TEMPLATES
 from r1pipe.rewards import GRADERS, build_reward_fn
 from r1pipe.rewards.readability import build_filters
 from r1pipe.stages.base import StageConfig
-from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset
+from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset, dtype_name
+
+
+# ---------------------------------------------------------------- the rollout engine's options
+
+# What a recipe's `engine:` section may set: r1pipe.engine.LLM keyword arguments (the stage sets device and seed),
+# with the types each takes. cuda_graphs None: on exactly on CUDA; fp8: FP8 projections (docs/fp8.md).
+ENGINE_OPTIONS: dict[str, tuple[type, ...]] = {
+    "dtype": (str,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "block_size": (int,),
+    "num_blocks": (int, type(None)), "speculative_k": (int,), "max_model_len": (int, type(None)),
+    "cache_memory_gb": (int, float), "cuda_graphs": (bool, type(None)), "fp8": (bool,),
+}
+
+
+def check_engine_options(options: Any, key: str = "engine") -> None:
+    """A ValueError naming `key`.<option> for an option the engine does not take or a value of the wrong type."""
+    for name, value in dict(options).items():
+        if name not in ENGINE_OPTIONS:
+            raise ValueError(f"{key}.{name}: not an engine option; expected one of {sorted(ENGINE_OPTIONS)}")
+        types = ENGINE_OPTIONS[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{key}.{name}: expected {names}, got {value!r}")
+        if name == "dtype":
+            dtype_name(value, f"{key}.dtype")
 
 
 # ---------------------------------------------------------------- synthetic base
@@ -138,7 +162,7 @@ class GRPOConfig(StageConfig):
     top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
-    engine: dict[str, Any] = field(default_factory=dict)  # extra r1pipe.engine.LLM arguments
+    engine: dict[str, Any] = field(default_factory=dict)  # r1pipe.engine.LLM options (ENGINE_OPTIONS)
     # rewards
     reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
@@ -179,7 +203,7 @@ class GRPOConfig(StageConfig):
     keep_checkpoints: int = 2
     # trainer/engine agreement and the drafter
     freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
-    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32 or max_staleness > 0
+    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32, engine.fp8 or max_staleness > 0
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
     draft_lr_scale: float = 10.0  # the MTP module's learning rate is lr x this: it chases a moving policy, and its chained
@@ -206,6 +230,10 @@ class GRPOConfig(StageConfig):
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        check_engine_options(self.engine)
+        if self.tis is False and dict(self.engine).get("fp8"):
+            raise ValueError("tis: false with engine.fp8: true: FP8 rollouts keep accuracy only with token-level "
+                             "TIS correcting the trainer/engine mismatch; leave tis unset (on) or true")
         if self.top_p != 1.0:
             raise ValueError(
                 f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
@@ -378,6 +406,7 @@ class RejectionSampleConfig(StageConfig):
             raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
         if self.select not in SELECT_MODES:
             raise ValueError(f"select={self.select!r}: choose one of {SELECT_MODES}")
+        check_engine_options(self.engine)
         for name in ("k", "max_tokens", "max_per_prompt", "shard_size", "num_rollout_workers", "num_reward_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

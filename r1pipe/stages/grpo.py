@@ -281,11 +281,12 @@ class GRPOTrainer:
     def tis(self) -> bool:
         """Truncated importance sampling: on by default when the engine runs in another precision
         than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
-        trainer's autocast over fp32 masters exactly) and when rollouts are one version old
-        (max_staleness 1), off on the exact synchronous float32 path."""
+        trainer's autocast over fp32 masters exactly) or holds FP8 projections (rl.engine.fp8), and when
+        rollouts are one version old (max_staleness 1); off on the exact synchronous float32 path (the config
+        refuses tis: false with fp8 or max_staleness 1)."""
         if self.cfg.tis is not None:
             return bool(self.cfg.tis)
-        if self.cfg.max_staleness > 0:  # rollouts of the previous policy: decoupled PPO's behaviour correction
+        if dict(self.cfg.engine).get("fp8") or self.cfg.max_staleness > 0:
             return True
         model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
         return parse_dtype(dict(self.cfg.engine).get("dtype") or model_dtype, key="rl.engine.dtype") != torch.float32

@@ -8,7 +8,7 @@ one flat all-reduce. Either way the loss is normalised with the *global* token /
 so N workers step exactly like one worker on the whole batch. Every rank runs the same number of
 micro-batches (`num_micro`), as the sharded forward and backward are collectives; a micro-batch holds
 rows of similar length (sorted) and is padded only to its own longest row.
-The class is plain Python; the controller wraps it with ray.remote.
+The class is plain Python; the controller wraps it with ray.remote, and it runs in-process without Ray.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -33,7 +32,7 @@ from r1pipe.workers.sharding import (
     accumulate, checkpoint_activations, full_tensors, gathered_model, load_sharded, local_bytes, reshard, save_sharded,
     shard, undo_gradient_average,
 )
-from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, unlink
+from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, node_ip, unlink
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, tensor_meta
 
 
@@ -190,7 +189,7 @@ class PolicyWorker:
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        return f"tcp://{node_ip()}:{port}"
 
     def _draft_parameters(self) -> list[torch.nn.Parameter]:
         """The MTP module's own parameters (not the embedding and output head it shares)."""
@@ -430,7 +429,7 @@ class PolicyWorker:
 
     def sync_address(self) -> tuple[str, int]:
         """(host, free port) for the weight-sync group's store, on this (rank 0's) node."""
-        return ray.util.get_node_ip_address(), free_port()
+        return node_ip(), free_port()
 
     def join_sync(self, host: str, port: int, world_size: int, buckets: list) -> None:
         """Rank 0 joins the trainer -> engines group as its sender (rank 0 there); syncs follow `buckets`."""

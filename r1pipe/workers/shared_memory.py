@@ -12,16 +12,25 @@ import shutil
 import socket
 import tempfile
 
-import ray
 import torch
 import torch.distributed as dist
+
+try:
+    import ray
+except ImportError:  # one process without Ray (a device image without it): the workers run in-process
+    ray = None
 
 SHARED_MEMORY = "/dev/shm"
 
 
 def node_id() -> str:
     """The Ray node this process runs on (the host name outside Ray): processes that share it share /dev/shm."""
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else socket.gethostname()
+
+
+def node_ip() -> str:
+    """This node's address for the other workers' process groups (Ray's view of it; loopback without Ray)."""
+    return ray.util.get_node_ip_address() if ray is not None else "127.0.0.1"
 
 
 def make_directory(nbytes: int) -> str | None:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight, weight_dequant
 from r1pipe.workers.shared_memory import SharedBuckets
 
 
@@ -93,13 +94,14 @@ def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> dict[str, torch.Tenso
 class FlatWeights:
     """A model's weights moved into one flat buffer per bucket of `plan` (`rehome`). `placed`: the parameters and
     buffers that are now views of the flat buffers, with their data pointers then (checked by `fits`);
-    `loose`: (bucket view, the model's tensor) of the state-dict entries that are not, copied one by one;
+    `loose`: (bucket view, the model's tensor, its FP8 block scales or None) of the state-dict entries that are
+    not, copied one by one (into an FP8 weight of an `fp8` engine: quantized on the way in);
     `num_names`: the state-dict entries a sync sets; `adopted`: the buffers hold another process's weights."""
 
     plan: list[list[TensorMeta]]
     flats: list[torch.Tensor]
     placed: list[tuple[torch.Tensor, int]]
-    loose: list[tuple[torch.Tensor, torch.Tensor]]
+    loose: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     num_names: int
     adopted: bool = False
 
@@ -154,9 +156,12 @@ def rehome(model: nn.Module, buckets: list[list[TensorMeta]], into: list[torch.T
     loose = []
     for name, (i, offset, m) in where.items():
         if name not in done and name in state:
-            loose.append((flats[i][offset:offset + m.numel].view(m.shape), state[name].detach()))
-            if not adopt:
-                loose[-1][0].copy_(loose[-1][1])  # the buffers hold every entry's value from the start
+            t = state[name].detach()
+            scale = state[name + "_scale_inv"] if t.dtype == FP8_DTYPE else None  # an FP8 engine's weight
+            view = flats[i][offset:offset + m.numel].view(m.shape)
+            loose.append((view, t, scale))
+            if not adopt:  # the buffers hold every entry's value from the start
+                view.copy_(t if scale is None else weight_dequant(t, scale, view.dtype))
     return FlatWeights(buckets, flats, placed, loose, len(done) + len(loose), adopt)
 
 
@@ -235,8 +240,8 @@ class SyncGroup:
         shared buckets (which may be the model's own buffers: nothing to copy then) it signals that they are
         ready and returns once every engine has taken its copy, so the trainer cannot change them under a
         reader."""
-        for view, t in weights.loose:
-            view.copy_(t)
+        for view, t, scale in weights.loose:
+            view.copy_(t if scale is None else weight_dequant(t, scale, view.dtype))
         for i, flat in enumerate(weights.flats):
             if self.shared is None:
                 self.broadcast(flat)
@@ -261,8 +266,11 @@ class SyncGroup:
                 self.broadcast(flat)
             elif flat.data_ptr() != self.shared.tensors[i].data_ptr():
                 flat.copy_(self.shared.tensors[i])
-        for view, t in weights.loose:
-            t.copy_(view)
+        for view, t, scale in weights.loose:
+            if scale is None:
+                t.copy_(view)
+            else:
+                set_fp8_weight(t, scale, view)
         if self.shared is not None:
             self.all_copied()
         return weights.num_names

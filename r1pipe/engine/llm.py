@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.paged_cache import PagedLatentCache
@@ -26,6 +25,7 @@ from r1pipe.engine.speculative import SpeculativeDecoding
 from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
 from r1pipe.model import ModelConfig, load_pretrained, parse_dtype
+from r1pipe.tracking.progress import StepProgress
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
 
@@ -114,7 +114,7 @@ class LLM:
             self.scheduler.add(group)
         index = {id(g): i for i, g in enumerate(groups)}
         pending = set(range(len(groups)))
-        progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False) if use_tqdm else None
+        progress = StepProgress(len(groups), 0, "generate", unit="prompt", transient=True).start() if use_tqdm else None
         was_training = self.model.training
         self.model.eval()
         self.scheduler.take_retired()
@@ -129,7 +129,7 @@ class LLM:
                     continue
                 pending.difference_update(finished)
                 if progress is not None:
-                    progress.update(len(finished))
+                    progress.advance(n=len(finished))
                 yield [(i, self._request_output(groups[i])) for i in finished]
             if pending:  # prompts that needed no decode step
                 yield [(i, self._request_output(groups[i])) for i in sorted(pending)]
@@ -138,6 +138,8 @@ class LLM:
             raise
         finally:
             self.model.train(was_training)
+            if progress is not None:
+                progress.stop()
             if progress is not None:
                 progress.close()
 

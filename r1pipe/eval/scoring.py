@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from r1pipe.rewards import extract_answer, verify_math
 from r1pipe.rewards.code import check_humaneval, check_mbpp, check_stdio
+from r1pipe.tracking.progress import StepProgress
 
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 # Below this many samples a pool is not worth its threads.
@@ -109,9 +109,9 @@ def grade_all(
         raise ValueError("one reference per response")
     jobs = [(kind, r, ref, timeout_s, extract_mode) for r, ref in zip(responses, references)]
     results: list[Graded] = []
-    with tqdm(total=len(jobs), desc=description, disable=not progress, leave=False) as bar:
+    with StepProgress(len(jobs), 0, description, unit="response", transient=True, enabled=progress) as bar:
         mapped = map(grade_one, jobs) if pool is None or len(jobs) < MIN_POOL_JOBS else pool.map(grade_one, jobs)
         for graded in mapped:
             results.append(graded)
-            bar.update()
+            bar.advance()
     return results

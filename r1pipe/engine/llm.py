@@ -98,7 +98,8 @@ class LLM:
 
     def generate(self, prompts: Seq[str] | Seq[Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt; results in prompt order."""
+        """Complete every prompt; results in prompt order. use_tqdm (vLLM's name for it): show progress
+        (a bar on a terminal, plain lines otherwise: r1pipe.tracking.progress)."""
         done = dict(pair for finished in self.iter_generate(prompts, params, use_tqdm) for pair in finished)
         return [done[i] for i in range(len(done))]
 
@@ -132,6 +133,8 @@ class LLM:
                     progress.advance(n=len(finished))
                 yield [(i, self._request_output(groups[i])) for i in finished]
             if pending:  # prompts that needed no decode step
+                if progress is not None:
+                    progress.advance(n=len(pending))
                 yield [(i, self._request_output(groups[i])) for i in sorted(pending)]
         except BaseException:  # an error, or the caller closed the iterator: nothing stays allocated
             self._abort()
@@ -140,8 +143,6 @@ class LLM:
             self.model.train(was_training)
             if progress is not None:
                 progress.stop()
-            if progress is not None:
-                progress.close()
 
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:

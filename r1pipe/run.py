@@ -141,12 +141,17 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[s
 
 
 def model_path_error(cfg: DictConfig) -> str | None:
-    """One line naming model.path when it is set but is not a loadable checkpoint directory with its
-    tokenizer (every stage reads the tokenizer from the model's directory), else None."""
-    path = (cfg.get("model") or {}).get("path")
-    if not path:
-        return None
-    return checkpoint_dir_error(str(path), "model.path") or tokenizer_dir_error(str(path), "model.path")
+    """One line naming the key when model.path, or a listed stage's own model_path / teacher_path (a
+    path, not a `stage:` reference), is set but is not a loadable checkpoint directory with its tokenizer
+    (stages read the tokenizer from the model's directory); else None."""
+    paths = [("model.path", (cfg.get("model") or {}).get("path"))]
+    paths += [(f"{name}.{key}", cfg[name].get(key)) for name in cfg.stages for key in ("model_path", "teacher_path")]
+    for key, path in paths:
+        if path and not STAGE_REF.match(str(path)):
+            error = checkpoint_dir_error(str(path), key) or tokenizer_dir_error(str(path), key)
+            if error:
+                return error
+    return None
 
 
 def main(args: argparse.Namespace) -> int:

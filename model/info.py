@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from r1pipe.errors import ModelError
+
 from .config import PRESETS, ModelConfig
 from .fp8.memory import fp8_weight_memory
 
@@ -76,7 +78,7 @@ def resolve(name_or_path: str) -> ModelConfig:
         return ModelConfig.from_pretrained(path)
     if path.is_file():
         return ModelConfig.from_dict(json.loads(path.read_text()), strict=False)
-    raise SystemExit(f"{name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint dir")
+    raise ModelError(f"{name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint dir")
 
 
 def _human(n: float, unit: str = "") -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.errors import ConfigError, ModelError
 from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
 from r1pipe.model.precision import Precision, apply_precision
+from r1pipe.model_dir import tokenizer_dir_error
 from r1pipe.vocab import DENSE_PRESETS, PRESETS
 
 V3 = "deepseek_v3"
@@ -31,10 +32,10 @@ def model_type_of(path: str | Path) -> str:
     """config.json's model_type; a directory without one is a clear error."""
     config = Path(path).expanduser() / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
+        raise ModelError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
     model_type = json.loads(config.read_text()).get("model_type")
     if not model_type:
-        raise ValueError(f"{config}: no model_type")
+        raise ModelError(f"{config}: no model_type")
     return model_type
 
 
@@ -91,7 +92,7 @@ def load_causal_lm(path: str | Path, precision: Precision | None = None, device:
         module: nn.Module = apply_precision(load_pretrained(path, dtype=torch.float32, device=device), precision)
     else:
         if precision.fp8:
-            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
+            raise ConfigError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
                              "(train it in model.dtype float32 or bfloat16)")
         module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
     return CausalLM(module, family, path, precision.dtype)
@@ -148,8 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """`r1pipe model init PRESET --tokenizer DIR --out DIR`: a fresh model to fine-tune (no download)."""
     if args.preset not in DENSE_PRESETS and args.preset not in PRESETS:
-        print(f"r1pipe model init: unknown preset {args.preset!r}; known: {', '.join([*DENSE_PRESETS, *PRESETS])}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown preset {args.preset!r}; known: {', '.join([*DENSE_PRESETS, *PRESETS])}")
+    error = tokenizer_dir_error(args.tokenizer, "--tokenizer")
+    if error:
+        raise ModelError(error)
     out = init_model(args.preset, args.tokenizer, args.out, args.seed)
     model = load_causal_lm(out)
     print(f"{out}: {model.family}, {sum(p.numel() for p in model.module.parameters()):,} parameters")

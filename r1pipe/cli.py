@@ -3,15 +3,23 @@
 Each command lives in the module that owns it; this file only maps command words to modules
 and imports a module when its command runs, so `r1pipe model info` never pays for Ray.
 A command module provides `add_arguments(parser)` and `main(args) -> int | None`.
+
+Every command takes `--debug`. Errors end the same way for all of them (r1pipe.errors.explain): a
+user error (r1pipe.errors.UserError, also when raised inside a Ray actor) is one or two lines on
+stderr and exit status 2; any other exception is one line and status 1; Ctrl-C is status 130 and
+SIGTERM 143, after the same clean-up. `--debug` prints the traceback as well.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import traceback
 from types import ModuleType
 
 import r1pipe
+from r1pipe.errors import Terminated, explain
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -35,7 +43,9 @@ def command_for(argv: list[str]) -> tuple[argparse.ArgumentParser, ModuleType, l
     None when it names no command."""
     for words, module_name, help_text in COMMANDS:
         if tuple(argv[: len(words)]) == words:
-            parser = argparse.ArgumentParser(prog="r1pipe " + " ".join(words), description=help_text)
+            prog = "r1pipe " + " ".join(words)
+            parser = argparse.ArgumentParser(prog=prog, description=help_text)
+            parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
             module = importlib.import_module(module_name)
             module.add_arguments(parser)
             return parser, module, argv[len(words):]
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None:
         parser, module, rest = command
         # options and positionals in any order (`r1pipe run r1-zero --dry-run key=value`)
-        return int(module.main(parser.parse_intermixed_args(rest)) or 0)
+        return run_command(parser.prog, module.main, parser.parse_intermixed_args(rest))
     if argv in ([], ["-h"], ["--help"]):
         print(usage())
         return 0
@@ -57,6 +67,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"r1pipe: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
     return 2
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray instance this process started or joined, if any (Ray is never imported here)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except (Exception, KeyboardInterrupt):  # a second Ctrl-C during shutdown: the report still follows
+            pass
+
+
+def run_command(prog: str, command, args: argparse.Namespace) -> int:
+    """`command(args)`, with any exception it raises reported as r1pipe.errors.explain says (and its
+    traceback under args.debug); SIGTERM is turned into r1pipe.errors.Terminated meanwhile."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(command(args) or 0)
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        _stop_ray()  # before the report, so that nothing Ray's workers still print comes after it
+        explained = explain(e, prog)
+        for line in explained.lines:
+            print(line, file=sys.stderr)
+        return explained.status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

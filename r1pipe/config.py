@@ -4,11 +4,15 @@ A recipe has top-level sections `run`, `cluster`, `model`, `stages` (the order t
 section per stage, whose `kind` picks that stage's config dataclass (see r1pipe.stages). Users
 override any value with dot-lists (`rl.group_size=16 model.path=/ckpt`). Loading merges the YAML
 and the overrides onto the structured schema, so a misspelt key or a value of the wrong type is
-a ConfigError naming the key before anything runs.
+a ConfigError naming the key before anything runs. So are values no stage could use (an lr that is
+not > 0, a NaN anywhere, an unknown model.dtype) and `stage:NAME.KEY` references to a stage that is
+not listed before the one that refers to it: `r1pipe run --dry-run` catches all of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -16,14 +20,16 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1pipe.errors import ConfigError
 from r1pipe.stages import get_stage
 from r1pipe.vocab import dtype_name
 
 TOP_LEVEL = ("run", "cluster", "model", "stages")
 
+# a stage config string `stage:NAME.KEY`: output KEY of the earlier stage NAME (r1pipe.run.resolve_stage_refs)
+STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
 
-class ConfigError(ValueError):
-    """A recipe or override that cannot run; the message names the key or value."""
+__all__ = ["ConfigError", "STAGE_REF", "find_recipe", "load_recipe", "recipe_names", "stage_config", "to_yaml", "validate"]
 
 
 @dataclass
@@ -100,6 +106,8 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got a {type(raw).__name__}")
+    if not raw:
+        raise ConfigError(f"{path}: the recipe is empty (it needs `stages` and a section for each stage)")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -152,15 +160,56 @@ def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConf
             raise ConfigError(f"stages[{i}]: stage {name!r} has no section with a `kind` in the recipe")
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"stages: a stage is listed twice: {list(cfg.stages)}")
-    for name in stage_sections:
+    if not cfg.stages:
+        raise ConfigError("stages: no stage to run (list the recipe's stage sections in the order to run them)")
+    typed: dict[str, Any] = {}
+    for name in ("run", "cluster", "model", *stage_sections):
         try:  # the dataclass's own checks (__post_init__) run on the typed values
-            OmegaConf.to_object(cfg[name])
+            typed[name] = OmegaConf.to_object(cfg[name])
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{name}: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith(f"{name}.") else f"{name}: {e}") from None
         except OmegaConfBaseException as e:
             raise _error(e) from None
+        _check_finite(typed[name], name)
+    _check_stage_refs(list(cfg.stages), {name: typed[name] for name in stage_sections})
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """NaN is never a setting: a ConfigError naming the first key that holds one (dataclass fields,
+    dicts and lists are walked)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{key}: NaN is not a usable value")
+    if is_dataclass(value):
+        for f in fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def _check_stage_refs(stages: list[str], sections: dict[str, Any]) -> None:
+    """Every `stage:NAME.KEY` string field of a listed stage names a stage listed before it (which
+    outputs the stage has is only known when it has run: r1pipe.run.resolve_stage_refs checks that)."""
+    for i, name in enumerate(stages):
+        for f in fields(sections[name]):
+            value = getattr(sections[name], f.name)
+            m = STAGE_REF.match(value) if isinstance(value, str) else None
+            if m is None or m.group(1) in stages[:i]:
+                continue
+            ref = m.group(1)
+            if ref in stages:
+                why = f"stage {ref!r} runs after {name!r}"
+            elif ref in sections or ref in TOP_LEVEL:
+                why = f"{ref!r} is not a stage listed before {name!r}"
+            else:
+                why = f"the recipe has no stage {ref!r}"
+            earlier = ", ".join(stages[:i]) or "none"
+            raise ConfigError(f"{name}.{f.name}={value!r}: {why} (stages before it: {earlier})")
 
 
 def _open_dict_fields(node: DictConfig) -> None:

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,10 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from r1pipe.config import ConfigError, load_recipe, recipe_names, stage_config, to_yaml
+from r1pipe.cluster import check_cluster
+from r1pipe.config import STAGE_REF, ConfigError, load_recipe, recipe_names, stage_config, to_yaml
+from r1pipe.errors import ModelError
+from r1pipe.model_dir import checkpoint_dir_error, tokenizer_dir_error
 from r1pipe.stages import StageContext, get_stage
 
 
@@ -72,10 +74,11 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
             continue
         console.rule(f"[bold]{name}[/bold] ({section.kind})")
         spec = get_stage(section.kind)
+        stage_cfg = resolve_stage_refs(stage_config(cfg, name), outputs, name)  # before the stage leaves a trace
         stage_dir.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=cfg, seed=int(cfg.run.seed), outputs=dict(outputs))
         t0 = time.time()
-        result = spec.fn(resolve_stage_refs(stage_config(cfg, name), outputs, name), ctx)
+        result = spec.fn(stage_cfg, ctx)
         if not isinstance(result, dict):
             raise TypeError(f"stage {name!r} ({section.kind}) returned {type(result).__name__}, not a dict of outputs")
         json.dumps(result)  # outputs must be JSON-serialisable; fail here, not on re-run
@@ -92,9 +95,6 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
         table.add_row(*row)
     console.print(table)
     return outputs
-
-
-STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
 
 
 def resolve_stage_refs(stage_cfg: Any, outputs: dict[str, dict], name: str) -> Any:
@@ -141,34 +141,33 @@ def run_summary(cfg: DictConfig, outputs: dict[str, dict], stage_seconds: dict[s
 
 
 def model_path_error(cfg: DictConfig) -> str | None:
-    """One line naming model.path when it is set but is not a checkpoint directory, else None."""
-    path = (cfg.get("model") or {}).get("path")
-    if not path:
-        return None
-    p = Path(str(path)).expanduser()
-    if not p.is_dir():
-        return f"model.path={path}: no such directory"
-    if not (p / "config.json").is_file():
-        return f"model.path={path}: not a Hugging Face layout checkpoint (no config.json)"
-    if not any(p.glob("*.safetensors")):
-        return f"model.path={path}: no *.safetensors weights"
+    """One line naming the key when model.path, or a listed stage's own model_path / teacher_path (a
+    path, not a `stage:` reference), is set but is not a loadable checkpoint directory with its tokenizer
+    (stages read the tokenizer from the model's directory); else None."""
+    paths = [("model.path", (cfg.get("model") or {}).get("path"))]
+    paths += [(f"{name}.{key}", cfg[name].get(key)) for name in cfg.stages for key in ("model_path", "teacher_path")]
+    for key, path in paths:
+        if path and not STAGE_REF.match(str(path)):
+            error = checkpoint_dir_error(str(path), key) or tokenizer_dir_error(str(path), key)
+            if error:
+                return error
     return None
 
 
 def main(args: argparse.Namespace) -> int:
+    """Errors propagate to the CLI (r1pipe.cli.run_command), which prints them as one or two lines."""
     console = Console()
     try:
         cfg = load_recipe(args.recipe, args.overrides)
     except ConfigError as e:
-        console.print(f"[red]r1pipe run: bad recipe: {e}[/red]")
-        return 2
+        raise ConfigError(f"bad recipe: {e}") from None
     if args.dry_run:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
         console.print(f"[dim]run directory: {run_dir_for(cfg, args.run_dir)}[/dim]")
         return 0
     error = model_path_error(cfg)
     if error:  # on the driver, before any stage or Ray actor starts
-        console.print(f"[red]r1pipe run: {error}[/red]", soft_wrap=True)
-        return 2
+        raise ModelError(error)
+    check_cluster(cfg.cluster)  # a cluster that does not answer fails now, not after the stages before Ray's
     run_recipe(cfg, run_dir_for(cfg, args.run_dir), console)
     return 0

@@ -216,4 +216,4 @@ def test_cli_dry_run_and_bad_key(tmp_path, capsys, monkeypatch):
     assert "steps: 11" in out and "runs/r1-zero" in out
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
     assert main(["run", "r1-zero", "rl.grup_size=16"]) == 2
-    assert "rl.grup_size" in capsys.readouterr().out
+    assert "rl.grup_size" in capsys.readouterr().err  # errors go to stderr

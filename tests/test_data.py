@@ -117,7 +117,7 @@ def test_jsonl_skips_and_counts_malformed_rows(tmp_path):
     report = SkipReport()
     rows, lines = read_jsonl_rows(path, report)
     assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"] and lines == [0, 4, 5]
-    assert report.skipped == 2 and dict(report.reasons) == {"not JSON": 1, "not a JSON object": 1}
+    assert report.skipped == 3 and dict(report.reasons) == {"not JSON": 1, "blank line": 1, "not a JSON object": 1}
     assert report.examples["not JSON"][0].startswith("line 2")
     out = tmp_path / "sub" / "w.jsonl"
     assert write_jsonl(out, rows) == 3

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from r1pipe.data import DataError, load_prompt_rows, pick_fields, read_records, sft_examples
+from r1pipe.data import DataError, load_prompt_rows, pick_fields, prompt_rows, read_records, sft_examples
 from r1pipe.data.rows import tokenize_segments
 from r1pipe.data.templates import R1_ZERO_HEAD, render_conversation
 from r1pipe.data.tokenizer import save_tokenizer, train_tokenizer
@@ -106,6 +106,27 @@ def test_bad_prompt_rows_are_skipped_and_counted(tmp_path, tokenizer):
     assert dict(report.reasons) == {"not JSON": 1, "empty prompt": 1, "a list prompt": 1, "prompt too long": 1,
                                     "no answer (the accuracy reward needs one)": 1}
     assert "line 4" in report.examples["prompt too long"][0]
+
+
+def test_blank_lines_are_counted_and_a_source_without_rows_is_an_error(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps({"prompt": "a"}) + "\n\n   \n" + json.dumps({"prompt": "b"}) + "\n")
+    records = read_records(path)
+    assert [r["prompt"] for r in records.rows] == ["a", "b"] and records.indices == [0, 3]
+    assert dict(records.report.reasons) == {"blank line": 2} and records.report.examples["blank line"] == ["line 2", "line 3"]
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: no rows \(the file is empty\)"):
+        read_records(tmp_path / "empty.jsonl")
+    (tmp_path / "text.jsonl").write_text("first line\nsecond line\n")
+    with pytest.raises(DataError, match=r"text.jsonl: no usable rows: kept 0, skipped 2: 2 not JSON \(line 1: Expecting value; line 2"):
+        read_records(tmp_path / "text.jsonl")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty.csv: the file is empty"):
+        read_records(tmp_path / "empty.csv")
+    (tmp_path / "objects.jsonl").write_text("{}\n{}\n")
+    with pytest.raises(DataError, match=r"no prompt field \(looked for prompt, problem, question, instruction, input, query\); "
+                                        r"its fields: \(none\)"):
+        prompt_rows(read_records(tmp_path / "objects.jsonl"), pick_fields([], ("prompt",)), None)
 
 
 def test_rows_needed_follow_the_rewards():

@@ -105,7 +105,8 @@ def test_read_responses_groups_samples_by_id(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     grouped, skipped = read_responses(path, suites)
     assert grouped == {"aime24": {"60": ["a", "b"]}, "amc23": {"0": ["c"]}}
-    assert skipped == 2
+    assert skipped.skipped == 2 and skipped.kept == 4
+    assert dict(skipped.reasons) == {"not JSON": 1, "no 'id' and string 'response'": 1}
     (tmp_path / "s.jsonl").write_text(json.dumps({"id": 0, "response": "x"}) + "\n")
     with pytest.raises(ValueError, match="suite"):  # which of the two suites is ambiguous
         read_responses(tmp_path / "s.jsonl", suites)

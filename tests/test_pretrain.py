@@ -157,16 +157,21 @@ def test_stage_reuses_a_cached_base(straight_run, tmp_path, monkeypatch):
     assert len(trained) == 2 and third["base_key"] != first["base_key"]
 
 
-def test_tiny_recipe_pretrain_then_eval(tmp_path):
+def test_tiny_recipe_pretrain_then_eval(tmp_path, capsys):
     """`r1pipe run r1-zero-tiny` through pretrain and eval: the eval stage scores the base the
     pretrain stage wrote, on its held-out file, and the eval stage's greedy completions agree with
-    the pretrain stage's base check (both through the engine)."""
+    the pretrain stage's base check (both through the engine). With output not on a terminal (as
+    here), pre-training and generation print plain progress lines."""
     from r1pipe.config import load_recipe
     from r1pipe.run import run_recipe
     from r1pipe.stages.base_eval import measure_accuracy
 
     cfg = load_recipe("r1-zero-tiny", ["stages=[pretrain,eval]", "pretrain.steps=6"])
     outputs = run_recipe(cfg, tmp_path)
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("pretrain: step 1/6 (17%)  loss=") and "elapsed" in line for line in printed)
+    assert any(line.startswith("pretrain: step 6/6 (100%)  loss=") for line in printed)
+    assert any(line.startswith("generate: prompt 8/8 (100%)") for line in printed)
     assert outputs["eval"]["model_path"] == outputs["pretrain"]["model_path"]
     heldout = outputs["eval"]["suites"]["heldout"]
     assert heldout["n_problems"] == 8 and heldout["skipped_rows"] == 0

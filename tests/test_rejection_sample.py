@@ -227,13 +227,14 @@ def test_scored_sampler_streams_scored_chunks_in_order(base) -> None:
     from r1pipe.data.rows import PromptRow
     from r1pipe.data.tokenizer import load_tokenizer
     from r1pipe.engine import LLM, SamplingParams
-    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
+    from r1pipe.workers.cluster import ray_init
 
     tok = load_tokenizer(base["model_path"])
     raw = read_jsonl(base["mixed_train_path"])[:14]
     rows = [PromptRow(r["id"], r["problem"], r["prompt"], tok(r["prompt"], add_special_tokens=False).input_ids, r) for r in raw]
     sampling = Sampling(k=2, temperature=1.0, max_tokens=24, seed=3)
-    ray_init(load_recipe(write_recipe(Path(base["cache_dir"]).parent / "ray.yaml", [])))
+    ray_init({"cluster": {"num_cpus": 2}})
     sampler = ScoredSampler(base["model_path"], sampling, {"accuracy": 1.0, "code": 1.0}, num_workers=2)
     try:
         chunks = list(sampler.run(rows, 4, chunks=[3, 0, 2]))

@@ -31,6 +31,18 @@ def test_bad_refs_name_the_key() -> None:
         resolve_stage_refs(Cfg(train_path="stage:pretrain.code_path"), {"pretrain": {"model_path": "/m"}}, "rl")
 
 
+def test_refs_to_stages_not_listed_before_fail_at_load(tmp_path) -> None:
+    """The runner would only meet these after the earlier stages ran; load_recipe (and --dry-run) refuses them."""
+    with pytest.raises(ConfigError, match=r"rl.train_path='stage:eval.report_path': stage 'eval' runs after 'rl' \(stages before it: pretrain\)"):
+        load_recipe("r1-zero", ["rl.train_path=stage:eval.report_path"])
+    with pytest.raises(ConfigError, match=r"rl.model_path='stage:sft.model_path': the recipe has no stage 'sft'"):
+        load_recipe("r1-zero", ["rl.model_path=stage:sft.model_path"])
+    with pytest.raises(ConfigError, match=r"eval.model_path='stage:rl.model_path': 'rl' is not a stage listed before 'eval'"):
+        load_recipe("r1-zero", ["stages=[pretrain,eval]", "eval.model_path=stage:rl.model_path"])
+    ok = load_recipe("r1-zero", ["rl.train_path=stage:pretrain.train_path"])
+    assert ok.rl.train_path == "stage:pretrain.train_path"  # resolved by the runner, once pretrain has run
+
+
 def test_tiny_recipe_applies_without_a_model(tmp_path) -> None:
     tiny = load_recipe("r1", ["all_rl.steps=3"])
     assert "pretrain" in tiny.stages and tiny.all_rl.steps == 3 and tiny.model.path is None

@@ -1,5 +1,5 @@
-"""JSON-lines files: tolerant reading (a malformed line is skipped and counted, never fatal) and
-atomic writing."""
+"""JSON-lines files: tolerant reading (a malformed or blank line is skipped and counted, never fatal)
+and atomic writing."""
 from __future__ import annotations
 
 import gzip
@@ -42,8 +42,8 @@ class SkipReport:
 
 
 def read_jsonl_rows(path: str | Path, report: SkipReport) -> tuple[list[dict[str, Any]], list[int]]:
-    """(rows, each row's 0-based line number) of a JSONL file (gzip by suffix). Blank lines are
-    ignored; a line that is not a JSON object is skipped and counted in `report`."""
+    """(rows, each row's 0-based line number) of a JSONL file (gzip by suffix). A blank line or a
+    line that is not a JSON object is skipped and counted in `report`."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -51,6 +51,7 @@ def read_jsonl_rows(path: str | Path, report: SkipReport) -> tuple[list[dict[str
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f):
             if not line.strip():
+                report.skip(f"line {line_no + 1}", "blank line")
                 continue
             try:
                 row = json.loads(line)

@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from r1pipe.data.fields import FieldMap, pick_fields
+from r1pipe.data.fields import CANDIDATES, FieldMap, pick_fields
 from r1pipe.data.jsonl import SkipReport
 from r1pipe.data.sources import Records, read_records
 from r1pipe.data.templates import (
     check_messages, has_chat_template, r1_math_prompt, render_conversation, render_prompt, resolve_template,
 )
+from r1pipe.errors import DataError
 
 ReferenceCheck = Callable[[dict], "str | None"]  # why a reference cannot be scored, or None
 
@@ -80,8 +81,8 @@ def prompt_rows(records: Records, fields: FieldMap, tokenizer: Any, *, template:
     whether a row carries what they need (a gold answer, tests).
     """
     if fields.prompt is None:
-        raise ValueError(f"{records.source}: no prompt field (looked for {', '.join(('prompt', 'problem', 'question', 'instruction'))}); "
-                         f"its fields: {', '.join(records.columns)}")
+        raise DataError(f"{records.source}: no prompt field (looked for {', '.join(CANDIDATES['prompt'])}); "
+                         f"its fields: {', '.join(records.columns) or '(none)'}")
     report = records.report
     kwargs = {"instruction": instruction} if instruction else {}
     # a chat template writes the special tokens (BOS) into the text; plain text gets the tokenizer's own

@@ -10,7 +10,8 @@ A source is
 
 JSON lines are read line by line so that one broken line is skipped and counted instead of failing
 the whole file; every other format goes through `datasets`. The result is plain rows plus a
-`SkipReport` that later validation steps keep adding to.
+`SkipReport` that later validation steps keep adding to. A source without a single row (an empty
+file, or one whose every line is blank or not a JSON object) is a DataError saying so.
 """
 from __future__ import annotations
 
@@ -19,12 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
+from r1pipe.errors import DataError
 
 DATASETS_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
-
-
-class DataError(ValueError):
-    """A source that cannot be read at all (missing file, unknown format, unreachable hub)."""
 
 
 @dataclass
@@ -56,18 +54,29 @@ def read_records(source: str | Path, split: str = "train") -> Records:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _from_dataset(text, _load_from_disk(path, split))
+        return _nonempty(_from_dataset(text, _load_from_disk(path, split)))
     if path.is_file():
         suffixes = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
         if suffixes in (".jsonl", ".jsonl.gz"):
-            return _read_jsonl(path)
+            return _nonempty(_read_jsonl(path))
         if path.suffix in DATASETS_FORMATS:
-            return _from_dataset(text, _load_file(path, DATASETS_FORMATS[path.suffix]))
+            if path.stat().st_size == 0:
+                raise DataError(f"{text}: the file is empty")
+            return _nonempty(_from_dataset(text, _load_file(path, DATASETS_FORMATS[path.suffix])))
         raise DataError(f"{text}: unknown data format {path.suffix!r} (expected .jsonl, .json, .parquet, .csv or a save_to_disk directory)")
     if path.suffix in (*DATASETS_FORMATS, ".jsonl", ".gz") or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{text}: no such file or directory")
     name, _, name_split = text.partition(":")
-    return _from_dataset(text, _load_hub(name, name_split or split))
+    return _nonempty(_from_dataset(text, _load_hub(name, name_split or split)))
+
+
+def _nonempty(records: Records) -> Records:
+    """The records, or a DataError when the source has no row at all."""
+    if records.rows:
+        return records
+    if not records.report.skipped:
+        raise DataError(f"{records.source}: no rows (the {'file' if Path(records.source).is_file() else 'dataset'} is empty)")
+    raise DataError(f"{records.source}: no usable rows: {records.report.summary()}")
 
 
 def _read_jsonl(path: Path) -> Records:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from r1pipe.errors import ConfigError, ModelError
+
 TEMPLATES = ("auto", "r1-zero", "r1", "chat", "raw")
 
 R1_ZERO_TEMPLATE = (
@@ -54,7 +56,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 def resolve_template(template: str, tokenizer: Any) -> str:
     """A template name with `auto` decided for this tokenizer; an unknown name is a ValueError."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
     if template != "auto":
         return template
     return "r1" if has_chat_template(tokenizer) else "r1-zero"
@@ -71,7 +73,7 @@ def render_prompt(question: str, template: str, tokenizer: Any = None, instructi
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
     if template == "chat":
-        raise ValueError("template 'chat' needs a tokenizer with a chat template (use r1-zero, r1 or raw)")
+        raise ConfigError("template 'chat' needs a tokenizer with a chat template (use r1-zero, r1 or raw)")
     return user + "\n"
 
 
@@ -121,12 +123,12 @@ def _chat_segments(messages: Sequence[dict], tokenizer: Any) -> list[tuple[str, 
         if m["role"] == "assistant":
             prompt = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
             if not prompt.startswith(done):
-                raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix")
+                raise ModelError("the tokenizer's chat template does not render conversations prefix by prefix")
             segments.append((prompt[len(done):], False))
             done = prompt
         text = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
         if not text.startswith(done):
-            raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix")
+            raise ModelError("the tokenizer's chat template does not render conversations prefix by prefix")
         segments.append((text[len(done):], m["role"] == "assistant"))
         done = text
     return [(t, a) for t, a in segments if t]

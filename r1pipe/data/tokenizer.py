@@ -15,6 +15,9 @@ from typing import Any, Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from r1pipe.errors import ModelError
+from r1pipe.model_dir import tokenizer_dir_error
+
 PAD, EOS, BOS = "<|pad|>", "<|eos|>", "<|bos|>"
 SPECIAL_TOKENS = [PAD, EOS, BOS]
 
@@ -50,7 +53,7 @@ def save_tokenizer(tok: Tokenizer, path: str | Path, model_max_length: int = 409
 VERBATIM_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, key: str = "tokenizer") -> Any:
     """A checkpoint's tokenizer through transformers, tokenizing exactly as it was saved; one without
     a pad token pads with end-of-sequence.
 
@@ -59,12 +62,22 @@ def load_tokenizer(path: str | Path) -> Any:
     config.json's model_type names (Qwen2Tokenizer beside a qwen2 student), whose own pre-tokenizer
     splits text differently from the tokenizer that was trained: the corpus template is 10 tokens
     one way and 217 the other. Every other checkpoint (a real Qwen, Llama or DeepSeek tokenizer)
-    goes through AutoTokenizer."""
+    goes through AutoTokenizer.
+
+    A path that is not a directory with tokenizer files, or files transformers cannot load, is a
+    ModelError naming `key` (nothing is looked up on a hub)."""
+    error = tokenizer_dir_error(path, key)
+    if error:
+        raise ModelError(error)
     path = Path(path).expanduser()
     config = path / "tokenizer_config.json"
-    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    loader = PreTrainedTokenizerFast if named in VERBATIM_CLASSES else AutoTokenizer
-    tokenizer = loader.from_pretrained(str(path))
+    try:
+        named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+        loader = PreTrainedTokenizerFast if named in VERBATIM_CLASSES else AutoTokenizer
+        tokenizer = loader.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"{key}={path}: cannot load the tokenizer ({type(e).__name__}: {first})") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.paged_cache import PagedLatentCache
@@ -29,6 +28,7 @@ from r1pipe.engine.tokenizer import TokenizerAdapter
 from r1pipe.model import ModelConfig, load_pretrained, parse_dtype
 from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight
 from r1pipe.model.precision import hold_fp8_weights
+from r1pipe.tracking.progress import StepProgress
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
 
@@ -126,7 +126,8 @@ class LLM:
 
     def generate(self, prompts: Seq[str] | Seq[Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt; results in prompt order."""
+        """Complete every prompt; results in prompt order. use_tqdm (vLLM's name for it): show progress
+        (a bar on a terminal, plain lines otherwise: r1pipe.tracking.progress)."""
         done = dict(pair for finished in self.iter_generate(prompts, params, use_tqdm) for pair in finished)
         return [done[i] for i in range(len(done))]
 
@@ -142,7 +143,7 @@ class LLM:
             self.scheduler.add(group)
         index = {id(g): i for i, g in enumerate(groups)}
         pending = set(range(len(groups)))
-        progress = tqdm(total=len(groups), desc="generate", unit="prompt", leave=False) if use_tqdm else None
+        progress = StepProgress(len(groups), 0, "generate", unit="prompt", transient=True).start() if use_tqdm else None
         was_training = self.model.training
         self.model.eval()
         self.scheduler.take_retired()
@@ -157,9 +158,11 @@ class LLM:
                     continue
                 pending.difference_update(finished)
                 if progress is not None:
-                    progress.update(len(finished))
+                    progress.advance(n=len(finished))
                 yield [(i, self._request_output(groups[i])) for i in finished]
             if pending:  # prompts that needed no decode step
+                if progress is not None:
+                    progress.advance(n=len(pending))
                 yield [(i, self._request_output(groups[i])) for i in sorted(pending)]
         except BaseException:  # an error, or the caller closed the iterator: nothing stays allocated
             self._abort()
@@ -167,7 +170,7 @@ class LLM:
         finally:
             self.model.train(was_training)
             if progress is not None:
-                progress.close()
+                progress.stop()
 
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:

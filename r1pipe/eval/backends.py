@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.engine.vllm_backend import VLLMEngine
+from r1pipe.tracking.progress import StepProgress
 
 BACKENDS = ("auto", "engine", "hf", "vllm")
 ENGINE_ONLY = {"max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "num_blocks", "speculative_k", "cache_memory_gb"}
@@ -112,7 +112,8 @@ class HFBackend:
         # transformers samples from torch's global generator: seed a forked copy, restore after.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            for start in tqdm(range(0, len(prompts), self.batch_size), desc="generating (hf)"):
+            progress = StepProgress(len(prompts), 0, "generating (hf)", unit="prompt", transient=True).start()
+            for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 encoded = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 generated = self.model.generate(**encoded, **options)
@@ -120,6 +121,8 @@ class HFBackend:
                 texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for i in range(len(batch)):
                     results.append([cut_at_stop(t, stop) for t in texts[i * config.n : (i + 1) * config.n]])
+                progress.advance(n=len(batch))
+            progress.stop()
         return results
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from r1pipe.errors import UserError
 from r1pipe.eval.backends import BACKENDS
 from r1pipe.eval.runner import check_request, evaluate
 from r1pipe.eval.suites import KINDS, REGISTRY, Suite, load_suite_file, resolve_suites
@@ -113,6 +114,10 @@ def main(args: argparse.Namespace) -> int:
     if not args.suite and not args.suite_file:
         print("r1pipe eval: name at least one --suite or --suite-file", file=sys.stderr)
         return 2
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        print(f"r1pipe eval: --temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}",
+              file=sys.stderr)
+        return 2
     try:
         check_request(args.model, args.responses, args.out, k=args.samples, greedy=args.greedy,
                       max_tokens=args.max_tokens, limit=args.limit)
@@ -138,8 +143,9 @@ def main(args: argparse.Namespace) -> int:
             pass_at=args.pass_at, num_workers=args.workers, timeout_s=args.timeout, extract_mode=args.extract,
             show=not args.quiet, backend_options=engine_options(args),
         )
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"r1pipe eval: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:  # the eval library's complaints about its input
+        if isinstance(e, UserError):
+            raise
+        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
     print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
     return 0

@@ -3,6 +3,7 @@ protocol's metrics and write report.json, report.md and generations.jsonl into `
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,35 +16,39 @@ from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
 from r1pipe.eval.report import SuiteResult, append_generations, print_table, write_report
 from r1pipe.eval.scoring import Graded, grade_all, make_pool
 from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
+from r1pipe.errors import DataError
 from r1pipe.eval.suites import Problem, Suite, resolve_suites
 from r1pipe.eval.templates import render, resolve_template
 
 
-def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str, dict[str, list[str]]], int]:
+def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str, dict[str, list[str]]], SkipReport]:
     """Saved responses grouped as {suite name: {problem id: [response, ...]}}, in file order.
     Rows may name their `suite`; rows without one belong to the only suite given. Returns the
-    groups and the number of malformed rows skipped."""
+    groups and the report of rows kept and skipped (blank, not JSON, no `id` or no string `response`).
+    A file without a single usable row is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"responses file not found: {path}")
     names = {s.name for s in suites}
     grouped: dict[str, dict[str, list[str]]] = {s.name: {} for s in suites}
     report = SkipReport()
-    rows, _ = read_jsonl_rows(path, report)
-    skipped = report.skipped
-    for row in rows:
+    rows, lines = read_jsonl_rows(path, report)
+    for row, line in zip(rows, lines):
         if "id" not in row or not isinstance(row.get("response"), str):
-            skipped += 1
+            report.skip(f"line {line + 1}", "no 'id' and string 'response'")
             continue
+        report.kept += 1
         suite_name = row.get("suite")
         if suite_name is None:
             if len(suites) != 1:
-                raise ValueError(f"{path}: rows need a 'suite' field when scoring several suites")
+                raise DataError(f"{path}: rows need a 'suite' field when scoring several suites")
             suite_name = suites[0].name
         if suite_name not in names:
             continue  # another suite's samples in a shared file
         grouped[suite_name].setdefault(str(row["id"]), []).append(row["response"])
-    return grouped, skipped
+    if not report.kept:
+        raise DataError(f"{path}: no responses: " + (report.summary() if report.skipped else "the file is empty"))
+    return grouped, report
 
 
 def suite_metrics(suite: Suite, graded: list[list[Graded]], pass_at: Sequence[int]) -> tuple[int, dict[str, float]]:
@@ -125,8 +130,11 @@ def evaluate(
     saved: dict[str, dict[str, list[str]]] = {}
     runner: Backend | None = None
     if responses is not None:
-        saved, bad_rows = read_responses(responses, suite_list)
-        meta.update(responses=str(responses), malformed_response_rows=bad_rows)
+        saved, read = read_responses(responses, suite_list)
+        meta.update(responses=str(responses), malformed_response_rows=read.skipped,
+                    malformed_response_reasons=dict(read.reasons))
+        if read.skipped:
+            print(f"r1pipe eval: {responses}: skipped {read.skipped} malformed rows ({read.summary()})", file=sys.stderr)
     else:
         runner = load_backend(model, backend, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed, **(backend_options or {}))
         template = resolve_template(template, runner.tokenizer)
@@ -169,6 +177,9 @@ def evaluate_suite(suite: Suite, runner: Backend | None, saved: dict[str, dict[s
         result.unknown_ids = sum(len(v) for i, v in by_id.items() if i not in known)
         result.missing = sum(1 for p in problems if p.id not in by_id)
         problems = [p for p in problems if p.id in by_id]
+        if not problems:
+            raise DataError(f"no saved response has the id of a problem of suite {suite.name!r} "
+                            f"({sum(len(v) for v in by_id.values())} responses for it, with other ids)")
         texts = [by_id[p.id] for p in problems]
         prompt_texts = [None] * len(problems)
     result.generate_s = time.perf_counter() - started

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from r1pipe.rewards import RewardFn, build_reward_fn
 from r1pipe.rewards.code import extract_code
+from r1pipe.tracking.progress import StepProgress
 
 # Below this many samples a pool is not worth its threads.
 MIN_POOL_JOBS = 8
@@ -83,9 +82,9 @@ def grade_all(
     name, reward = grader(kind, timeout_s, extract_mode)
     jobs = [(name, r, ref, reward) for r, ref in zip(responses, references)]
     results: list[Graded] = []
-    with tqdm(total=len(jobs), desc=description, disable=not progress, leave=False) as bar:
+    with StepProgress(len(jobs), 0, description, unit="response", transient=True, enabled=progress) as bar:
         mapped = map(grade_one, jobs) if pool is None or len(jobs) < MIN_POOL_JOBS else pool.map(grade_one, jobs)
         for graded in mapped:
             results.append(graded)
-            bar.update()
+            bar.advance()
     return results

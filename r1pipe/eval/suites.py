@@ -16,6 +16,7 @@ from typing import Any, Callable
 from r1pipe.data.fields import CANDIDATES, FieldMap, pick_fields
 from r1pipe.data.rows import gold_text, row_id
 from r1pipe.data.sources import Records, read_records
+from r1pipe.errors import DataError
 from r1pipe.rewards import extract_gsm8k_gold
 
 # How a suite is graded; "stdio" are programs read from stdin, judged on stdout (`inputs`/`outputs`).
@@ -95,8 +96,8 @@ def build_suite(name: str, records: Records, kind: str, fields: FieldMap, gold: 
     if kind not in KINDS:
         raise ValueError(f"unknown suite kind {kind!r}; expected one of {', '.join(KINDS)}")
     if fields.prompt is None:
-        raise ValueError(f"{records.source}: no question field (looked for {', '.join(CANDIDATES['prompt'])}); "
-                         f"its fields: {', '.join(records.columns)}")
+        raise DataError(f"{records.source}: no question field (looked for {', '.join(CANDIDATES['prompt'])}); "
+                         f"its fields: {', '.join(records.columns) or '(none)'}")
     report = records.report
     suite = Suite(name=name, kind=kind, problems=[], source=records.source)
     seen: set[str] = set()

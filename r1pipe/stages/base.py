@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from omegaconf import MISSING, DictConfig
 
+from r1pipe.errors import ConfigError
+
 
 @dataclass
 class StageConfig:
@@ -38,7 +40,7 @@ class StageContext:
                 return Path(outputs["model_path"])
         path = self.recipe.get("model", {}).get("path")
         if not path:
-            raise ValueError("no model: no earlier stage produced a model_path and model.path is not set")
+            raise ConfigError("no model: no earlier stage produced a model_path and model.path is not set")
         return Path(path).expanduser()
 
     def output(self, key: str) -> Any:
@@ -67,11 +69,11 @@ def load_object(spec: str, what: str) -> Any:
     """The object a "module:name" string names (a stage function, an extra reward); `what` names it in errors."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"{what}: {spec!r} is not 'module:name'")
+        raise ConfigError(f"{what}: {spec!r} is not 'module:name'")
     try:
         return getattr(importlib.import_module(module), name)
     except AttributeError:
-        raise ValueError(f"{what}: module {module} has no {name!r}") from None
+        raise ConfigError(f"{what}: module {module} has no {name!r}") from None
 
 
 _REGISTRY: dict[str, StageSpec] = {}

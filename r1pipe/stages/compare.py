@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from r1pipe.errors import ConfigError
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import CompareConfig
 
@@ -28,10 +29,10 @@ def comparison_table(cfg: CompareConfig, outputs: dict[str, dict]) -> dict[str, 
     for label, stage in cfg.rows.items():
         out = outputs.get(stage)
         if out is None or "suites" not in out:
-            raise ValueError(f"compare.rows.{label}={stage!r}: not an earlier eval stage (earlier stages: {', '.join(outputs)})")
+            raise ConfigError(f"compare.rows.{label}={stage!r}: not an earlier eval stage (earlier stages: {', '.join(outputs)})")
         report = out["suites"].get(cfg.suite)
         if report is None:
-            raise ValueError(f"compare.rows.{label}={stage!r}: no suite {cfg.suite!r} (it scored {', '.join(out['suites'])})")
+            raise ConfigError(f"compare.rows.{label}={stage!r}: no suite {cfg.suite!r} (it scored {', '.join(out['suites'])})")
         source, steps = trained_by(outputs, out["model_path"])
         table[label] = {"eval_stage": stage, "model_path": out["model_path"], "trained_by": source, "steps": steps,
                         "pass@1": report["pass@1"], "n_problems": report.get("n_problems")}

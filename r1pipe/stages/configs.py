@@ -43,6 +43,12 @@ def check_engine_options(options: Any, key: str = "engine") -> None:
             dtype_name(value, f"{key}.dtype")
 
 
+def check_lr(lr: float, name: str = "lr") -> None:
+    """A learning rate is a finite number > 0 (NaN fails `> 0` too)."""
+    if not (lr > 0 and lr != float("inf")):
+        raise ValueError(f"{name} must be a number > 0, got {lr}")
+
+
 # ---------------------------------------------------------------- synthetic base
 
 
@@ -109,6 +115,7 @@ class PretrainConfig(StageConfig):
         for name in ("steps", "batch_size", "checkpoint_every", "heldout_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        check_lr(self.lr)
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
         if self.world not in WORLDS:
@@ -263,6 +270,16 @@ class GRPOConfig(StageConfig):
         if self.max_staleness and self.tis is False:
             raise ValueError("max_staleness: 1 trains on rollouts of the previous policy, corrected by truncated "
                              "importance sampling: tis cannot be false")
+        if self.heldout_size < 1:
+            raise ValueError(f"heldout_size must be >= 1 (the held-out accuracy is measured at the start and the end), "
+                             f"got {self.heldout_size}")
+        check_lr(self.lr)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples a group per prompt), got {self.temperature}")
+        draft = self.draft_loss if self.draft_loss is not None else int(self.engine.get("speculative_k", 0) or 0) > 0
+        if draft and self.num_policy_workers > 1 and self.fsdp:
+            raise ValueError("draft_loss (on by default with engine.speculative_k > 0) with num_policy_workers > 1 needs "
+                             "fsdp=false: the draft loss differentiates the MTP module's own parameters, which FSDP shards")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
@@ -339,13 +356,12 @@ class SFTConfig(StageConfig):
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_lr(self.lr)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
         if self.loss != "ce" and not self.teacher_path:
             raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
-        if self.kl_temperature <= 0:
+        if not self.kl_temperature > 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
 
 
@@ -412,6 +428,8 @@ class RejectionSampleConfig(StageConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not any(g in self.reward_weights for g in GRADERS):
             raise ValueError(f"reward_weights={dict(self.reward_weights)}: needs a grader ({' or '.join(GRADERS)})")
         build_filters({k: dict(v or {}) for k, v in self.filters.items()})
@@ -474,6 +492,10 @@ class EvalConfig(StageConfig):
             raise ValueError(f"k={self.k}: must be >= 1")
         if self.greedy and self.k != 1:
             raise ValueError(f"k={self.k}: greedy decoding gives one sample per problem, use k=1 or greedy=false")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 # ---------------------------------------------------------------- distillation: teacher and comparison

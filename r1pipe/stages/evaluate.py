@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from r1pipe.errors import ConfigError
 from r1pipe.eval import evaluate
 from r1pipe.eval.suites import GROUPS, REGISTRY, load_suite_file, resolve_suites
 from r1pipe.stages.base import StageContext
@@ -25,7 +26,7 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
         if name == "heldout":
             path = ctx.output("heldout_path")
             if path is None:
-                raise ValueError("eval suite 'heldout': no earlier stage of this run wrote a heldout_path")
+                raise ConfigError("eval suite 'heldout': no earlier stage of this run wrote a heldout_path")
             # rows carry the bare question in "problem" and the template is applied by eval
             suites.append(load_suite_file(path, name="heldout", prompt_field="problem"))
         elif name in REGISTRY or name in GROUPS:

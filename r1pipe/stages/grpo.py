@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +32,19 @@ from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
-from r1pipe.model import Precision, parse_dtype
+from r1pipe.errors import ConfigError, DataError
+from r1pipe.model import ModelConfig, Precision, parse_dtype
 from r1pipe.rewards import build_reward_fn, domain_of, missing_reference, solved
 from r1pipe.rewards.worker import RewardPool
 from r1pipe.stages.base import StageContext, load_object
 from r1pipe.stages.base_eval import share_solved
 from r1pipe.stages.configs import GRPOConfig
-from r1pipe.stages.scored_sampling import ray_init
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
 from r1pipe.tracking.plots import DEFAULT_PLOTS
 from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
+from r1pipe.workers.cluster import ray_init
 from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve
 from r1pipe.workers.weight_sync import check_probe
@@ -208,7 +210,7 @@ class GRPOTrainer:
         cfg = self.cfg
         source = explicit or self.ctx.output(key)
         if not source:
-            raise ValueError(f"grpo: no {key} (set it in the recipe or run a stage that outputs it)")
+            raise ConfigError(f"grpo: no {key} (set it in the recipe or run a stage that outputs it)")
         fields = {"prompt": cfg.prompt_field, "answer": cfg.answer_field, "id": cfg.id_field}
         rows, report = load_prompt_rows(
             str(source), load_tokenizer(model_path), split=cfg.split, fields=fields, template=cfg.template,
@@ -219,14 +221,24 @@ class GRPOTrainer:
         self.data_reports[key] = report.to_dict()
         self.prompt_ids.update((r.prompt, r.prompt_ids) for r in rows)
         if not rows:
-            raise ValueError(f"grpo: {source}: no usable problems ({report.summary()})")
+            raise DataError(f"grpo: {source}: no usable problems ({report.summary()})")
         return [{**r.reference, "id": r.id, "prompt": r.prompt} for r in rows]
 
     def _check_reward_options(self) -> None:
         try:
             build_reward_fn(dict(self.cfg.reward_weights), **dict(self.cfg.reward_options))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"rl.reward_options / rl.reward_weights: {e}") from None
+            raise ConfigError(f"rl.reward_options / rl.reward_weights: {e}") from None
+
+    def _check_model(self) -> None:
+        """What the workers would find out only when they start, checked on the driver: the drafter (MTP
+        speculation, the draft loss) needs a model with an MTP module."""
+        if not (self.speculative_k or self.draft_loss):
+            return
+        if ModelConfig.from_pretrained(self.base_model).num_nextn_predict_layers < 1:
+            what = "rl.engine.speculative_k > 0" if self.speculative_k else "rl.draft_loss"
+            raise ConfigError(f"{what} needs a model with an MTP module; {self.base_model} has none "
+                              "(num_nextn_predict_layers = 0)")
 
     def _start_workers(self, policy_path: str, rollout_path: str) -> None:
         """Policy workers (and the KL reference) from the stage's initial policy `policy_path`;
@@ -340,7 +352,7 @@ class GRPOTrainer:
             return share_solved(ok)
         acc = components.get(self.cfg.accuracy_reward)
         if acc is None:
-            raise ValueError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
+            raise ConfigError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
         return share_solved(acc)
 
     def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
@@ -559,7 +571,12 @@ class GRPOTrainer:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.base_model = str(Path(cfg.model_path).expanduser() if cfg.model_path else self.ctx.model_path())
         self._check_reward_options()
+        self._check_model()
         train_rows = self._problems("train_path", cfg.train_path, self.base_model)
+        if len(train_rows) < cfg.prompts_per_step:
+            print(f"grpo: warning: {len(train_rows)} usable training problem{'s' if len(train_rows) != 1 else ''} for "
+                  f"rl.prompts_per_step={cfg.prompts_per_step}: every step repeats each problem about "
+                  f"{cfg.prompts_per_step / len(train_rows):.1f}x", file=sys.stderr)
         all_heldout = self._problems("heldout_path", cfg.heldout_path, self.base_model)
         heldout_rows = all_heldout[: cfg.heldout_size]
         # the held-out problems for a later eval stage (`suites: [heldout]` reads the bare question

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM
 
 from r1pipe.algo.schedule import warmup_cosine
@@ -37,10 +36,12 @@ from r1pipe.data.synthetic import (
     CodeTask, code_row, cold_start_rows, corpus_texts, make_splits, math_row, problem_row, r1_corpus_texts,
 )
 from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from r1pipe.errors import ConfigError
 from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
+from r1pipe.tracking.progress import StepProgress
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
@@ -197,9 +198,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
 
     model.train()
     tokens_seen, t_train, loss_ema = 0, time.time(), None
-    with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-        task = progress.add_task("pretrain", total=cfg.steps, completed=start, info="")
+    with StepProgress(cfg.steps, start, "pretrain", show=("loss", "grad_norm", "tokens_per_second")) as progress:
         for step in range(start, cfg.steps):
             batch = [examples[i] for i in _batches(len(examples), cfg.batch_size, step, seed)]
             width = max(len(p) + len(c) for p, c in batch)
@@ -220,7 +219,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             loss_value = loss.item()
             loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
-            progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
+            progress.advance({"loss": loss_ema, "grad_norm": float(grad_norm), "tokens_per_second": round(rate)})
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                                     "torch_rng": torch.get_rng_state()}, ckpt_path)
@@ -253,13 +252,13 @@ def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, 
     torch.manual_seed(seed)  # the model initialises from torch's default generator
     if preset in DENSE_PRESETS:
         if precision.fp8:
-            raise ValueError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3, not the dense preset {preset!r}")
+            raise ConfigError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3, not the dense preset {preset!r}")
         config = dense_config(preset, tokenizer, **overrides)
         return CausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config.model_type, model_dir, precision.dtype)
     config = ModelConfig.preset(preset)
     for name, value in overrides.items():
         if not hasattr(config, name):
-            raise ValueError(f"model.overrides.{name}: not a ModelConfig field")
+            raise ConfigError(f"model.overrides.{name}: not a ModelConfig field")
         setattr(config, name, value)
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -32,12 +32,14 @@ from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import read_jsonl, write_jsonl
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
+from r1pipe.errors import ConfigError, DataError
 from r1pipe.rewards import domain_of, graders_of, missing_reference, solved
 from r1pipe.rewards.readability import build_filters
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import RejectionSampleConfig
-from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
 from r1pipe.tracking.plots import plot_histograms
+from r1pipe.workers.cluster import ray_init
 
 # ---------------------------------------------------------------- selection (pure functions)
 
@@ -118,7 +120,7 @@ class RejectionSampler:
         cfg = self.cfg
         source = cfg.prompts_path or self.ctx.output(cfg.prompts_from)
         if not source:
-            raise ValueError(f"rejection_sample: no prompts (set prompts_path, or run a stage that outputs {cfg.prompts_from!r})")
+            raise ConfigError(f"rejection_sample: no prompts (set prompts_path, or run a stage that outputs {cfg.prompts_from!r})")
 
         def check(ref: dict) -> str | None:
             if not graders_of(self.reward_names, ref):
@@ -131,7 +133,7 @@ class RejectionSampler:
                                         check_reference=check, option_prefix="rejection_sample.",
                                         log=lambda line: print(f"rejection_sample: {line}"))
         if not rows:
-            raise ValueError(f"rejection_sample: {source}: no usable prompts ({report.summary()})")
+            raise DataError(f"rejection_sample: {source}: no usable prompts ({report.summary()})")
         return (rows[: cfg.limit] if cfg.limit else rows), report.to_dict()
 
     def judge(self, row, samples) -> tuple[list[dict], dict]:
@@ -194,7 +196,7 @@ class RejectionSampler:
         """samples.jsonl, the save_to_disk dataset, stats.json and the length histogram."""
         kept = [r for line in per_prompt for r in line["kept"]]
         if not kept:
-            raise ValueError("rejection_sample: no sample passed the grader and the filters; "
+            raise DataError("rejection_sample: no sample passed the grader and the filters; "
                              "sample more (k), loosen the filters, or check the checkpoint")
         jsonl_path = self.stage_dir / "samples.jsonl"
         write_jsonl(jsonl_path, kept)

@@ -18,11 +18,13 @@ from typing import Any
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.errors import ConfigError
 from r1pipe.rewards import domain_of, missing_reference, solved
 from r1pipe.rewards.readability import readability
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import ScorecardConfig
-from r1pipe.stages.scored_sampling import Sampling, ScoredSampler, ray_init
+from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
+from r1pipe.workers.cluster import ray_init
 
 
 def domain_scores(rows: list, samples: list, reward_names: list[str]) -> dict[str, Any]:
@@ -39,11 +41,11 @@ def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
     names = list(cfg.models) or [n for n, out in ctx.outputs.items() if out.get("model_path")]
     missing = [n for n in names if not (ctx.outputs.get(n) or {}).get("model_path")]
     if missing or not names:
-        raise ValueError(f"scorecard.models: {missing or 'none'}: no earlier stage model (stages with one: "
+        raise ConfigError(f"scorecard.models: {missing or 'none'}: no earlier stage model (stages with one: "
                          f"{[n for n, o in ctx.outputs.items() if o.get('model_path')]})")
     source = cfg.heldout_path or ctx.output(cfg.heldout_from)
     if not source:
-        raise ValueError(f"scorecard: no held-out set (set heldout_path or run a stage that outputs {cfg.heldout_from!r})")
+        raise ConfigError(f"scorecard: no held-out set (set heldout_path or run a stage that outputs {cfg.heldout_from!r})")
     weights = dict(cfg.reward_weights)
     first_model = ctx.outputs[names[0]]["model_path"]
     rows, report = load_prompt_rows(str(source), load_tokenizer(first_model), template=cfg.template,

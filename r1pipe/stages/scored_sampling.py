@@ -21,16 +21,6 @@ from r1pipe.rewards.worker import RewardPool
 from r1pipe.workers import RolloutWorker
 
 
-def ray_init(recipe: Any) -> None:
-    """Start (or join) Ray as the recipe's `cluster` section says; a no-op when already up."""
-    if ray.is_initialized():
-        return
-    cluster = recipe.get("cluster", {}) or {}
-    local = not cluster.get("address")
-    ray.init(address=cluster.get("address"), num_cpus=cluster.get("num_cpus") if local else None,
-             num_gpus=cluster.get("num_gpus") if local else None, include_dashboard=False, log_to_driver=True)
-
-
 @dataclass(frozen=True)
 class Sampling:
     """Sampling settings (recorded with every sample they produced)."""
@@ -66,7 +56,7 @@ class ScoredChunk:
 
 class ScoredSampler:
     """Rollout workers for one checkpoint plus a RewardPool; `run(rows, chunk_size)` yields each
-    chunk's scored samples in order. Ray must be initialised (ray_init)."""
+    chunk's scored samples in order. Ray must be initialised (r1pipe.workers.cluster.ray_init)."""
 
     def __init__(self, model_path: str, sampling: Sampling, reward_weights: dict[str, float],
                  reward_options: dict[str, Any] | None = None, *, num_workers: int = 1, num_reward_workers: int = 1,

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import CausalLM, load_causal_lm
 from r1pipe.data import SFTExample, load_sft_examples
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.errors import ConfigError, DataError, ModelError
 from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import SFTConfig
@@ -121,14 +123,14 @@ class SFTTrainer:
     def start_model(self) -> Path:
         path = Path(self.cfg.model_path).expanduser() if self.cfg.model_path else self.ctx.model_path()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"sft: model {path} has no config.json (a Hugging Face layout checkpoint is expected)")
+            raise ModelError(f"sft: model {path} has no config.json (a Hugging Face layout checkpoint is expected)")
         return path
 
     def load_data(self, tokenizer, max_length: int) -> tuple[list[SFTExample], list[SFTExample], dict]:
         cfg = self.cfg
         source = cfg.train_path or self.ctx.output("sft_path")
         if not source:
-            raise ValueError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
+            raise ConfigError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
                              "or run a stage that outputs sft_path")
         fields = {"prompt": cfg.prompt_field, "response": cfg.response_field, "messages": cfg.messages_field, "id": cfg.id_field}
         options = dict(fields=fields, template=cfg.template, max_length=max_length, option_prefix="sft.")
@@ -141,7 +143,7 @@ class SFTTrainer:
         else:
             train, heldout = split_heldout(train, cfg.heldout_fraction, cfg.heldout_max, self.ctx.seed)
         if not train:
-            raise ValueError(f"sft: no usable training examples in {source} ({report.summary()})")
+            raise DataError(f"sft: no usable training examples in {source} ({report.summary()})")
         return train, heldout, reports
 
     # ---- steps
@@ -228,6 +230,10 @@ class SFTTrainer:
         train, heldout, data_report = self.load_data(tokenizer, max_length)
         teacher = self.load_teacher(tokenizer, precision)
         plan = StepPlan(train, cfg.batch_size, cfg.micro_batch_size, self.ctx.seed)
+        if len(train) < cfg.batch_size:
+            print(f"sft: warning: {len(train)} training example{'s' if len(train) != 1 else ''} for "
+                  f"sft.batch_size={cfg.batch_size}: every step trains on the whole set (an epoch per step, "
+                  f"repeated {cfg.steps or cfg.epochs}x)", file=sys.stderr)
         total_steps = cfg.steps or cfg.epochs * plan.steps_per_epoch
         optimizer = self.new_optimizer(lm)
         state = {"step": 0, "tokens": 0, "wall_seconds": 0.0, "val_loss_start": None}
@@ -277,7 +283,7 @@ class SFTTrainer:
             return None
         path = Path(self.cfg.teacher_path).expanduser()
         if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"sft.teacher_path={str(path)!r}: the teacher's tokenizer differs from the student's; "
+            raise ConfigError(f"sft.teacher_path={str(path)!r}: the teacher's tokenizer differs from the student's; "
                              "logit distillation needs one vocabulary (use loss: ce on the teacher's text instead)")
         teacher = load_causal_lm(path, Precision(dtype=precision.dtype), device=self.cfg.device)
         teacher.module.eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from r1pipe.config import load_recipe
+from r1pipe.errors import ModelError
 from r1pipe.run import run_recipe
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import TeacherConfig
@@ -40,7 +41,7 @@ def run_teacher(cfg: TeacherConfig, ctx: StageContext) -> dict:
     if cfg.model_path:
         path = Path(cfg.model_path).expanduser()
         if not (path / "config.json").is_file():
-            raise ValueError(f"teacher.model_path={cfg.model_path}: not a Hugging Face layout checkpoint (no config.json)")
+            raise ModelError(f"teacher.model_path={cfg.model_path}: not a Hugging Face layout checkpoint (no config.json)")
         return {"model_path": str(path), "teacher_source": "model_path"}
     for run in cfg.runs:
         model = final_model(run)

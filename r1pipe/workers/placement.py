@@ -15,6 +15,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from r1pipe.errors import ResourceError
+
 
 @dataclass
 class RoleResources:
@@ -35,8 +37,9 @@ class RoleResources:
         return {k: v for k, v in out.items() if v > 0}
 
 
-class InsufficientResources(RuntimeError):
-    """The workers cannot be placed; the message holds the arithmetic."""
+class InsufficientResources(ResourceError):
+    """The workers cannot be placed; the message says what to change, then holds the arithmetic (the
+    short resources first)."""
 
 
 @dataclass
@@ -122,10 +125,11 @@ def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK")
     per node when the totals fit but the bundles do not)."""
     total = ray.cluster_resources()
     if plan.shortfall(total):  # can never fit: fail now (what is merely busy gets the timeout below)
+        lines = plan.arithmetic(total)
         raise InsufficientResources(
-            "the GRPO workers ask for more than the Ray cluster has:\n" + "\n".join(plan.arithmetic(total))
-            + "\nlower rl.num_*_workers or rl.{policy,rollout,reward}_{cpus,gpus}, or give the cluster more "
-              "(cluster.num_cpus / num_gpus, more nodes)")
+            "the GRPO workers ask for more than the Ray cluster has (lower rl.num_*_workers or "
+            "rl.{policy,rollout,reward}_{cpus,gpus}, or give the cluster more: cluster.num_cpus / num_gpus, more nodes):\n"
+            + "\n".join([line for line in lines if "<- short by" in line] + [line for line in lines if "<- short by" not in line]))
     group = placement_group(plan.bundles(), strategy=strategy, name="")
     try:
         ray.get(group.ready(), timeout=timeout_s)

@@ -75,8 +75,9 @@ def main() -> None:
         print(f"{name}: {' '.join(SETTINGS[name]) or '(the recipe)'}", flush=True)
         results.append(run(name, SETTINGS[name], args.steps, args.out))
         r = results[-1]
-        print(f"  held-out {' / '.join(f'{100 * r['heldout'].get(s, float('nan')):.1f}%' for s in CHECKPOINTS)} at steps "
-              f"{' / '.join(map(str, CHECKPOINTS))}, {r['s_per_step']:.3f} s/step, {r['wall_s']:.0f} s in all", flush=True)
+        shares = " / ".join(f"{100 * r['heldout'].get(s, float('nan')):.1f}%" for s in CHECKPOINTS)
+        print(f"  held-out {shares} at steps {' / '.join(map(str, CHECKPOINTS))}, {r['s_per_step']:.3f} s/step, "
+              f"{r['wall_s']:.0f} s in all", flush=True)
     print("\n| setting | held-out at step 0 | 20 | 50 | 100 | s/step |\n|---|---|---|---|---|---|")
     for r in results:
         cells = " | ".join(f"{100 * r['heldout'][s]:.1f}%" if s in r["heldout"] else "-" for s in (0, *CHECKPOINTS))

@@ -6,6 +6,7 @@ and 100 and the median seconds per step, the plot the held-out curves. Runs go o
 in its own process (its own Ray instance).
 
     python bench/bench_algorithms.py                           # all settings, ~2 minutes each on 2 cores
+    python bench/bench_algorithms.py --only grpo-x4 gspo-x4 cispo-x4   # the surrogates off-policy
     python bench/bench_algorithms.py --only grpo async --steps 100
 """
 from __future__ import annotations
@@ -29,6 +30,12 @@ SETTINGS: dict[str, list[str]] = {
     "rloo": ["rl.advantage=rloo"],
     "reinforce++": ["rl.advantage=reinforce++"],
     "async": ["rl.max_staleness=1"],
+    # one update per batch is on-policy (ratio 1): there grpo, gspo and cispo give one gradient; four mini-batch
+    # updates per batch take the later ones off-policy, where the surrogates differ
+    "grpo-x4": ["rl.updates_per_step=4"],
+    "gspo-x4": ["rl.updates_per_step=4", "rl.loss=gspo", "rl.loss_agg=seq-mean-token-mean", "rl.clip_low=0.0003",
+                "rl.clip_high=0.0004"],
+    "cispo-x4": ["rl.updates_per_step=4", "rl.loss=cispo", "rl.clip_low=1.0", "rl.clip_high=0.28"],
 }
 CHECKPOINTS = (20, 50, 100)
 

@@ -38,7 +38,7 @@ from r1pipe.stages.base_eval import share_solved
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.stages.scored_sampling import ray_init
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
+from r1pipe.tracking.checkpoints import check_free_space, checkpoint_need, latest_checkpoint, write_checkpoint
 from r1pipe.tracking.plots import DEFAULT_PLOTS
 from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
@@ -159,6 +159,7 @@ class GRPOTrainer:
         self.prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> its token ids (tokenized once, here)
         self.timings: dict[str, float] = {}
         self.base_model = ""
+        self.checkpoint_bytes = 0  # a checkpoint's size, from the policy workers once they start
         self.heldout_by_domain: dict[str, float] = {}  # the latest held-out accuracy per domain (mixed held-out sets)
 
     # ---- setup
@@ -433,11 +434,11 @@ class GRPOTrainer:
         return sum(ray.get([w.take_draft_stats.remote() for w in self.rollout]), DraftStats())
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
-        """Model, optimizer, RNG and data position, committed atomically; older ones pruned."""
+        """Model, optimizer, RNG and data position, written atomically after a free-space check
+        (DiskFullError); older ones pruned."""
         state.update(step=step, data_position=stream.position, wall_seconds=time.perf_counter() - t_start)
-        staging = staging_dir(self.ckpt_root, step)
-        self.policy.save_checkpoint(str(staging), tokenizer_dir=self.base_model)
-        commit_checkpoint(self.ckpt_root, staging, step, state, keep=self.cfg.keep_checkpoints)
+        write_checkpoint(self.ckpt_root, step, lambda staging: self.policy.save_checkpoint(str(staging), self.base_model),
+                         state, keep=self.cfg.keep_checkpoints, need_bytes=self.checkpoint_bytes)
 
     # ---- one step, top to bottom
 
@@ -499,6 +500,9 @@ class GRPOTrainer:
         self._start_workers(self.base_model, rollout_model)
         if resume is not None:
             self.policy.load_checkpoint(rollout_model)
+        # a run that cannot write its checkpoints stops before it trains, not at its first save
+        self.checkpoint_bytes = self.policy.checkpoint_bytes()
+        check_free_space(self.ckpt_root, checkpoint_need(self.ckpt_root, self.checkpoint_bytes))
 
         t_start = time.perf_counter() - state["wall_seconds"]
         if state["base_accuracy"] is None:

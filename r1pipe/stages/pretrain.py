@@ -41,6 +41,8 @@ from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, l
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
+from r1pipe.tracking.checkpoints import atomic_write, check_free_space
+from r1pipe.workers.sharding import checkpoint_bytes, tensor_bytes
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
@@ -88,12 +90,6 @@ def _batches(n_examples: int, batch_size: int, step: int, seed: int) -> list[int
     return order[i * batch_size:(i + 1) * batch_size]
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _copy_outputs(src: Path, dst: Path) -> None:
     for name in ("model", "base_eval.json", *OUTPUT_FILES.values()):
         s, d = src / name, dst / name
@@ -138,7 +134,8 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
             if not cached.exists():
                 os.replace(tmp, cached)
             shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as e:  # a read-only home must not fail the run
+        except OSError as e:  # a read-only home or a full disk must not fail the run
+            shutil.rmtree(tmp, ignore_errors=True)
             print(f"pretrain: could not cache the base in {cached}: {e}")
     return _outputs(stage_dir, key)
 
@@ -195,6 +192,8 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
         start = state["step"]
         print(f"pretrain: resuming from step {start}/{cfg.steps}")
 
+    # the checkpoints and the final model must fit: stop before training, not at the first save
+    check_free_space(stage_dir, checkpoint_bytes(model) + tensor_bytes(model.state_dict().values()))
     model.train()
     tokens_seen, t_train, loss_ema = 0, time.time(), None
     with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -222,11 +221,14 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                    "torch_rng": torch.get_rng_state()}, ckpt_path)
+                with atomic_write(ckpt_path, checkpoint_bytes(model)) as tmp:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                "torch_rng": torch.get_rng_state()}, tmp)
     train_seconds = time.time() - t_train
 
-    lm.save(model_dir)
+    with atomic_write(model_dir, tensor_bytes(model.state_dict().values())) as tmp:
+        shutil.copytree(model_dir, tmp)  # the tokenizer, saved before training
+        lm.save(tmp)
     report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
                               "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:

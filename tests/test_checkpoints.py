@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from r1pipe.tracking.checkpoints import (
-    DiskFullError, atomic_write, check_free_space, free_bytes, latest_checkpoint, ran_out_of_space, write_checkpoint,
+    DiskFullError, atomic_write, check_free_space, check_room_for_checkpoints, free_bytes, latest_checkpoint,
+    ran_out_of_space, write_checkpoint,
 )
 from r1pipe.workers.sharding import save_sharded
 
@@ -23,6 +24,21 @@ def test_free_space_check_names_the_directory_and_what_it_needs(tmp_path):
     m = re.fullmatch(r"no space left on (.+): need (\d+) MB \((\d+) MB free\)", str(info.value))
     assert m and m[1] == str(tmp_path / "not" / "yet") and int(m[2]) == math.ceil(need / MB), str(info.value)
     assert info.value.need_bytes == need
+
+
+def test_room_for_the_checkpoints_to_come_counts_their_peak(tmp_path):
+    """keep=2: a new checkpoint is written beside the two kept ones, so a run's checkpoints need up to three
+    at once; those on disk count as written."""
+    size = free_bytes(tmp_path) // 5 * 2  # two fit, three do not
+    check_room_for_checkpoints(tmp_path, size, saves=2, keep=2)
+    with pytest.raises(DiskFullError) as info:
+        check_room_for_checkpoints(tmp_path, size, saves=3, keep=2)
+    assert info.value.need_bytes == 3 * size
+    for step in (1, 2):  # two already written (tiny: the estimate, not their size, is the larger)
+        write_checkpoint(tmp_path, step, lambda d: None, {})
+    check_room_for_checkpoints(tmp_path, size, saves=10, keep=2)  # one more at a time
+    with pytest.raises(DiskFullError):
+        check_room_for_checkpoints(tmp_path, size, saves=3, keep=0)  # keep all: three more
 
 
 def test_atomic_write_replaces_the_target_only_once_complete(tmp_path):

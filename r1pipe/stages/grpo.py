@@ -38,7 +38,7 @@ from r1pipe.stages.base_eval import share_solved
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.stages.scored_sampling import ray_init
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-from r1pipe.tracking.checkpoints import check_free_space, checkpoint_need, latest_checkpoint, write_checkpoint
+from r1pipe.tracking.checkpoints import check_room_for_checkpoints, latest_checkpoint, write_checkpoint
 from r1pipe.tracking.plots import DEFAULT_PLOTS
 from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
@@ -500,9 +500,10 @@ class GRPOTrainer:
         self._start_workers(self.base_model, rollout_model)
         if resume is not None:
             self.policy.load_checkpoint(rollout_model)
-        # a run that cannot write its checkpoints stops before it trains, not at its first save
+        # a run that cannot write its checkpoints stops before it trains, not at a later save
         self.checkpoint_bytes = self.policy.checkpoint_bytes()
-        check_free_space(self.ckpt_root, checkpoint_need(self.ckpt_root, self.checkpoint_bytes))
+        saves = [s for s in range(state["step"] + 1, cfg.steps + 1) if s % cfg.checkpoint_every == 0 or s == cfg.steps]
+        check_room_for_checkpoints(self.ckpt_root, self.checkpoint_bytes, len(saves), cfg.keep_checkpoints)
 
         t_start = time.perf_counter() - state["wall_seconds"]
         if state["base_accuracy"] is None:

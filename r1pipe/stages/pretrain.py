@@ -192,8 +192,13 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
         start = state["step"]
         print(f"pretrain: resuming from step {start}/{cfg.steps}")
 
-    # the checkpoints and the final model must fit: stop before training, not at the first save
-    check_free_space(stage_dir, checkpoint_bytes(model) + tensor_bytes(model.state_dict().values()))
+    # stop before training, not at a save: checkpoint.pt is replaced by a new one written beside it, and
+    # the final model is written beside the last one
+    saves = len([s for s in range(start + 1, cfg.steps) if s % cfg.checkpoint_every == 0])
+    on_disk, ckpt_bytes = int(ckpt_path.exists()), checkpoint_bytes(model)
+    model_bytes = tensor_bytes(model.state_dict().values())
+    check_free_space(stage_dir, max((min(2, on_disk + saves) - on_disk) * ckpt_bytes,
+                                    (min(1, on_disk + saves) - on_disk) * ckpt_bytes + model_bytes))
     model.train()
     tokens_seen, t_train, loss_ema = 0, time.time(), None
     with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -221,12 +226,12 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.update(task, advance=1, info=f"loss {loss_ema:.3f} gnorm {float(grad_norm):.2f} {rate:.0f} tok/s")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                with atomic_write(ckpt_path, checkpoint_bytes(model)) as tmp:
+                with atomic_write(ckpt_path, ckpt_bytes) as tmp:
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                                 "torch_rng": torch.get_rng_state()}, tmp)
     train_seconds = time.time() - t_train
 
-    with atomic_write(model_dir, tensor_bytes(model.state_dict().values())) as tmp:
+    with atomic_write(model_dir, model_bytes) as tmp:
         shutil.copytree(model_dir, tmp)  # the tokenizer, saved before training
         lm.save(tmp)
     report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),

@@ -39,7 +39,7 @@ from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import SFTConfig
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import (
-    atomic_write, check_free_space, checkpoint_need, latest_checkpoint, tree_bytes, write_checkpoint,
+    atomic_write, check_room_for_checkpoints, latest_checkpoint, tree_bytes, write_checkpoint,
 )
 from r1pipe.workers.sharding import checkpoint_bytes
 
@@ -247,8 +247,9 @@ class SFTTrainer:
         print(f"sft: {lm.family} model from {base}; {len(train)} train / {len(heldout)} held-out examples; "
               f"{total_steps} steps of {cfg.batch_size} sequences ({plan.steps_per_epoch} steps per epoch)")
 
-        # a run that cannot write its checkpoints stops before it trains, not at its first save
-        check_free_space(self.ckpt_root, checkpoint_need(self.ckpt_root, checkpoint_bytes(lm.module)))
+        # a run that cannot write its checkpoints stops before it trains, not at a later save
+        saves = [s for s in range(state["step"] + 1, total_steps + 1) if s % cfg.checkpoint_every == 0 or s == total_steps]
+        check_room_for_checkpoints(self.ckpt_root, checkpoint_bytes(lm.module), len(saves), cfg.keep_checkpoints)
         lm.module.train()
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)

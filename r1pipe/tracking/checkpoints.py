@@ -132,6 +132,16 @@ def checkpoint_need(root: str | Path, estimate: int) -> int:
     return max(int(estimate), tree_bytes(newest[0]) if newest else 0)
 
 
+def check_room_for_checkpoints(root: str | Path, estimate: int, saves: int, keep: int) -> None:
+    """Before training: DiskFullError unless the file system holding `root` has room for the `saves`
+    checkpoints still to come at their peak. Each is written beside the `keep` kept ones before the
+    oldest is dropped, so up to keep + 1 exist at once (every one, with keep <= 0); those already on
+    disk count as written."""
+    on_disk = len([p for p in Path(root).glob("step_*") if (p / STATE_FILE).exists()])
+    peak = on_disk + saves if keep <= 0 else min(keep + 1, on_disk + saves)
+    check_free_space(root, max(0, peak - on_disk) * checkpoint_need(root, estimate))
+
+
 def write_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict[str, Any],
                     keep: int = 2, need_bytes: int = 0) -> Path:
     """Checkpoint `step` under `root` through atomic_write: `write(dir)` fills a new directory, the trainer

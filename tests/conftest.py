@@ -1,8 +1,33 @@
-"""Shared test setup: one torch thread per process.
+"""Shared test setup: one torch thread per process, and small real file systems for full-disk tests.
 
 The suite runs on 2-core machines where Ray workers, sandboxed programs and torch share the
 cores; tiny models gain nothing from intra-op threads and oversubscription makes them slower.
 """
+import subprocess
+from pathlib import Path
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(megabytes) mounts a tmpfs of that size under tmp_path and returns its path (unmounted after
+    the test): a real file system that fills up. Skips the test where mounting is not permitted (not root)."""
+    mounts = []
+
+    def mount(megabytes: int) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

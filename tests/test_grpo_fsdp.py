@@ -2,14 +2,19 @@
 holds about half the parameter and optimizer bytes, a checkpoint written by 2 workers resumes on 1
 and continues identically, and the exported model is a Hugging Face checkpoint transformers loads;
 with fsdp_keep_gathered they still step like 1 and gather each unit once per step; the whole model is
-gathered exactly (two processes, no Ray)."""
+gathered exactly (two processes, no Ray). In every layout the workers know a checkpoint's size before
+writing it, one that fills the disk is removed, and fresh workers loading one get back exactly the
+optimizer state written."""
 import dataclasses
+import math
+import re
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
+from r1pipe.tracking.checkpoints import DiskFullError, tree_bytes, write_checkpoint  # noqa: E402
 from r1pipe.workers import PolicyConfig, build_batch  # noqa: E402
 from r1pipe.workers.group import PolicyGroup  # noqa: E402
 from test_grpo_weight_sync import tiny_model as weight_sync_tiny_model  # noqa: E402
@@ -191,6 +196,48 @@ def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(ray_cl
     probe, _ = batch_and_advantages(seed=9)
     assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5
     one.shutdown(), two.shutdown()
+
+
+@pytest.mark.parametrize("workers,fsdp", [(1, True), (2, False), (2, True)], ids=["one", "replicas", "sharded"])
+def test_a_checkpoint_is_sized_before_it_is_written_and_resumes_exactly(ray_cluster, tmp_path, small_disk, workers, fsdp):
+    """In each layout:
+    - new workers loading a checkpoint continue exactly as the ones that wrote it. The GRPO loss never reaches
+      the MTP module, so without the draft loss one worker (or FSDP) leaves it unstepped, with no AdamW state,
+      while replicas step every parameter: each layout gets back the state it wrote, no more and no less;
+    - the workers' own estimate of the checkpoint's size is an upper bound within 35% (a parameter never
+      stepped, e.g. that MTP module, is counted with AdamW state it does not have);
+    - a disk that fills while the workers write (inside their Ray actors) ends in DiskFullError, the partial
+      checkpoint removed, and the workers go on (the resume below); with the estimate given, the write is
+      refused before it starts."""
+    model = weight_sync_tiny_model(tmp_path / "model", layers=2, mtp_layers=1)
+    cfg = dataclasses.replace(CFG, fsdp=fsdp, lr=1e-2)
+    writer = PolicyGroup(workers, model, cfg, with_reference=True)
+    for seed in (0, 1):
+        grpo_step(writer, seed)
+    estimate = writer.checkpoint_bytes()
+    ckpt = write_checkpoint(tmp_path / "checkpoints", 2, lambda d: writer.save_checkpoint(str(d), None), {})
+    assert tree_bytes(ckpt) <= estimate <= 1.35 * tree_bytes(ckpt), (estimate, tree_bytes(ckpt))
+
+    root = small_disk(tree_bytes(ckpt) // 2**20 - 1) / "checkpoints"  # a megabyte or more too small
+    with pytest.raises(DiskFullError, match=rf"^no space left on {re.escape(str(root))}: need \d+ MB"):
+        write_checkpoint(root, 2, lambda d: writer.save_checkpoint(str(d), None), {}, need_bytes=0)  # size unknown
+    assert list(root.iterdir()) == []
+    with pytest.raises(DiskFullError, match=rf"need {math.ceil(estimate / 2**20)} MB"):  # known: refused at once
+        write_checkpoint(root, 2, lambda d: writer.save_checkpoint(str(d), None), {}, need_bytes=estimate)
+    tiny = small_disk(1) / "checkpoints"  # not even the whole model fits: rank 0 fails alone, no rank waits for it
+    with pytest.raises(DiskFullError):
+        write_checkpoint(tiny, 2, lambda d: writer.save_checkpoint(str(d), None), {})
+    assert list(tiny.iterdir()) == []
+
+    reader = PolicyGroup(workers, model, cfg, with_reference=True)
+    reader.load_checkpoint(str(ckpt))
+    assert reader.memory() == writer.memory()  # the same optimizer state, byte for byte
+    for seed in (2, 3):
+        a, b = grpo_step(writer, seed), grpo_step(reader, seed)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), seed
+    probe, _ = batch_and_advantages(seed=9)
+    torch.testing.assert_close(reader.logprobs(probe), writer.logprobs(probe), atol=1e-6, rtol=0)
+    writer.shutdown(), reader.shutdown()
 
 
 def test_shards_split_the_rows_by_tokens():

@@ -2,12 +2,15 @@
 
 The task: completions are rewarded by their share of the letter "a" (a dense reward any policy
 can climb). One shared run checks that reward rises, that a reward which raises on some inputs
-only scores 0 and is counted, and what the run directory holds; the resume test SIGKILLs a run
-after its second checkpoint and re-enters it.
+only scores 0 and is counted, and what the run directory holds. The resume tests SIGKILL a run
+after its step-2 checkpoint (one policy worker with a KL reference; and the r1-zero recipe's own
+layout) and re-enter it: every step must equal an uninterrupted run's. A disk without room for a
+checkpoint stops a run before it trains.
 """
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +25,9 @@ ray = pytest.importorskip("ray")
 
 from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
-from r1pipe.stages.grpo import run_grpo  # noqa: E402
+from r1pipe.stages.grpo import GRPOTrainer, run_grpo  # noqa: E402
+from r1pipe.tracking.checkpoints import DiskFullError  # noqa: E402
+from r1pipe.tracking import read_metrics  # noqa: E402
 
 CHARS = list("abcdefgh ?")
 
@@ -50,8 +55,8 @@ def slow_zero(text: str, reference: dict) -> float:
     return 0.0
 
 
-def make_tiny_model(path: Path) -> Path:
-    """A random tiny DeepSeek-V3 (1 dense + 1 MoE layer) with a character-level tokenizer."""
+def make_tiny_model(path: Path, mtp_layers: int = 0) -> Path:
+    """A random tiny DeepSeek-V3 (1 dense + 1 MoE layer, `mtp_layers` MTP modules) with a character-level tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from r1pipe.data.tokenizer import SPECIAL_TOKENS, save_tokenizer
@@ -64,7 +69,7 @@ def make_tiny_model(path: Path) -> Path:
     save_tokenizer(tok, path)
     cfg = dataclasses.replace(ModelConfig.preset("tiny"), **dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                      num_hidden_layers=2, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-                     num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+                     num_nextn_predict_layers=mtp_layers, pad_token_id=0, eos_token_id=1, bos_token_id=2))
     save_pretrained(Transformer(cfg, seed=0), path)
     return path
 
@@ -87,6 +92,8 @@ def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_task")
     return {
         "model": str(make_tiny_model(root / "model")),
+        # with an MTP module, as the tiny preset's bases have: the GRPO loss never reaches it
+        "mtp_model": str(make_tiny_model(root / "mtp_model", mtp_layers=1)),
         "train": str(write_problems(root / "train.jsonl", 32)),
         "heldout": str(write_problems(root / "heldout.jsonl", 8)),
     }
@@ -166,8 +173,25 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_grpo_run as t
 task = json.loads({task!r})
-t.run_grpo(t.resume_config(task), t.context(Path({run_dir!r}), task["model"], {address!r}))
+t.run_grpo(t.{config}(task), t.context(Path({run_dir!r}), task["mtp_model"], {address!r}))
 """
+
+
+def kill_after_checkpoint(config: str, task: dict, run_dir: Path, address: str, step: int) -> None:
+    """Run the stage `config(task)` names in a subprocess and SIGKILL its process group once checkpoint
+    `step` is complete (the next one is not: each step takes about a second, see slow_zero)."""
+    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), task=json.dumps(task), run_dir=str(run_dir),
+                                  address=address, config=config)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = run_dir / "rl" / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(ckpt.read_text())["step"] == step
 
 
 def resume_config(task: dict) -> GRPOConfig:
@@ -177,21 +201,22 @@ def resume_config(task: dict) -> GRPOConfig:
     return cfg
 
 
+def assert_same_steps(resumed: list[dict], uninterrupted: list[dict]) -> None:
+    """Every metric of every step equal (wall-clock ones aside)."""
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        for key, value in b.items():
+            if key.startswith(("time/", "tokens_per_second")):
+                continue
+            assert a[key] == pytest.approx(value, abs=1e-6), (key, a["step"])
+
+
 def test_resume_after_sigkill_loses_and_repeats_no_step(ray_cluster, task, tmp_path, capsys):
-    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), task=json.dumps(task), run_dir=str(tmp_path), address=ray_cluster)
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "rl" / "checkpoints" / "step_000002" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert json.loads(ckpt.read_text())["step"] == 2
+    """One policy worker, a model with an MTP module (never stepped: no optimizer state), a KL reference."""
+    kill_after_checkpoint("resume_config", task, tmp_path, ray_cluster, step=2)
     assert not (tmp_path / "rl" / "checkpoints" / "step_000004").exists()  # killed mid-run, not after it
 
-    outputs = run_grpo(resume_config(task), context(tmp_path, task["model"]))
+    outputs = run_grpo(resume_config(task), context(tmp_path, task["mtp_model"]))
     assert "resuming after step 2" in capsys.readouterr().out
     rows = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
@@ -202,20 +227,58 @@ def test_resume_after_sigkill_loses_and_repeats_no_step(ray_cluster, task, tmp_p
 
     # the same run uninterrupted: identical metrics (KL included) and final weights
     straight = tmp_path / "straight"
-    reference = run_grpo(resume_config(task), context(straight, task["model"]))
+    reference = run_grpo(resume_config(task), context(straight, task["mtp_model"]))
     plain = [json.loads(l) for l in (straight / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] > 0 for r in rows[2:]), rows  # a re-anchored reference would give kl == 0 at step 3
-    for resumed, uninterrupted in zip(rows, plain, strict=True):
-        for key, value in uninterrupted.items():
-            if key.startswith(("time/", "tokens_per_second")):
-                continue
-            assert resumed[key] == pytest.approx(value, abs=1e-6), (key, resumed["step"])
+    assert_same_steps(rows, plain)
     from r1pipe.model import load_pretrained
 
     a = load_pretrained(outputs["model_path"]).state_dict()
     b = load_pretrained(reference["model_path"]).state_dict()
     for name in b:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def recipe_layout_config(task: dict) -> GRPOConfig:
+    """The r1-zero recipe's rl section as shipped (2 replicated policy workers summing gradients in shared
+    memory, 2 rollout engines, dynamic sampling, zero-advantage rows skipped, no KL) on the toy task at toy
+    sizes; lr 1e-2 so that a wrongly restored optimizer shows at once."""
+    from r1pipe.config import load_recipe, stage_config
+
+    cfg = stage_config(load_recipe("r1-zero"), "rl")
+    return dataclasses.replace(
+        cfg, train_path=task["train"], heldout_path=task["heldout"], template="raw", steps=5, checkpoint_every=2,
+        prompts_per_step=4, max_tokens=8, heldout_size=8, stop=[], lr=1e-2, reward_weights={}, accuracy_reward="mostly_a",
+        extra_rewards={f"{__name__}:share_of_a": 1.0, f"{__name__}:mostly_a": 0.0, f"{__name__}:slow_zero": 0.0})
+
+
+def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, task, tmp_path):
+    """A run of the r1-zero recipe's layout SIGKILLed after its step-2 checkpoint and started again takes
+    exactly the steps of an uninterrupted run: the three after the resume compared metric by metric."""
+    layout = recipe_layout_config(task)
+    assert (layout.num_policy_workers, layout.num_rollout_workers, layout.fsdp, layout.shared_memory) == (2, 2, False, True)
+    kill_after_checkpoint("recipe_layout_config", task, tmp_path / "killed", ray_cluster, step=2)
+    run_grpo(recipe_layout_config(task), context(tmp_path / "killed", task["mtp_model"]))
+    run_grpo(recipe_layout_config(task), context(tmp_path / "straight", task["mtp_model"]))
+    resumed, plain = (read_metrics(tmp_path / d / "rl" / "metrics.jsonl") for d in ("killed", "straight"))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
+    assert all(r["grad_norm"] > 0 for r in plain[3:])  # the steps compared train
+    assert_same_steps(resumed, plain)
+
+
+def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_it_trains(ray_cluster, task, small_disk):
+    run_dir = small_disk(2)  # a checkpoint of the toy model takes about 5 MB
+    trainer = GRPOTrainer(grpo_config(task, steps=2, num_policy_workers=1), context(run_dir, task["mtp_model"]))
+    try:
+        checkpoints = re.escape(str(run_dir / "rl" / "checkpoints"))
+        with pytest.raises(DiskFullError, match=rf"^no space left on {checkpoints}: need [4-6] MB"):
+            trainer.run()
+    finally:
+        trainer.policy.shutdown()
+        for w in trainer.rollout:
+            ray.kill(w)
+        trainer.placement.remove()
+    assert not (run_dir / "rl" / "metrics.jsonl").exists() and not (run_dir / "rl" / "checkpoints").exists()
 
 
 def test_truncated_sampling_is_refused_naming_the_key(task):

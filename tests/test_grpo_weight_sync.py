@@ -13,14 +13,14 @@ from r1pipe.workers import weight_sync
 from r1pipe.workers.weight_sync import SyncMismatch, TensorMeta, check_probe, free_port, plan_buckets
 
 
-def tiny_model(path, layers: int = 2):
-    """A random tiny DeepSeek-V3 (dense first block, MoE after) with a 32-token vocabulary."""
+def tiny_model(path, layers: int = 2, mtp_layers: int = 0):
+    """A random tiny DeepSeek-V3 (dense first block, MoE after, `mtp_layers` MTP modules) with a 32-token vocabulary."""
     from r1pipe.model import ModelConfig, Transformer, save_pretrained
 
     cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=32, hidden_size=64, intermediate_size=128,
                               moe_intermediate_size=32, num_hidden_layers=layers, n_routed_experts=8, n_group=2, topk_group=1,
-                              num_experts_per_tok=2, num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1,
-                              bos_token_id=2, max_position_embeddings=64)
+                              num_experts_per_tok=2, num_nextn_predict_layers=mtp_layers, pad_token_id=0,
+                              eos_token_id=1, bos_token_id=2, max_position_embeddings=64)
     save_pretrained(Transformer(cfg, seed=0), path)
     return str(path)
 

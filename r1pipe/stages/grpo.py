@@ -40,7 +40,7 @@ from r1pipe.stages.base import StageContext, load_object
 from r1pipe.stages.base_eval import share_solved
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
+from r1pipe.tracking.checkpoints import check_room_for_checkpoints, latest_checkpoint, write_checkpoint
 from r1pipe.tracking.plots import DEFAULT_PLOTS
 from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
@@ -194,6 +194,7 @@ class GRPOTrainer:
         self.prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> its token ids (tokenized once, here)
         self.timings: dict[str, float] = {}
         self.base_model = ""
+        self.checkpoint_bytes = 0  # a checkpoint's size, from the policy workers once they start
         self.heldout_by_domain: dict[str, float] = {}  # the latest held-out accuracy per domain (mixed held-out sets)
         self.version = 0  # weight syncs so far: the engines' policy version
         self.pending: Prefetch | None = None  # the next step's rollouts, running while this step trains
@@ -510,14 +511,17 @@ class GRPOTrainer:
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
         """Model, optimizer, RNG, data position and policy version (and the next step's prefetched rollouts),
-        committed atomically; older ones pruned."""
+        written atomically after a free-space check (DiskFullError); older ones pruned."""
         state.update(step=step, data_position=stream.position, version=self.version,
                      wall_seconds=time.perf_counter() - t_start)
-        staging = staging_dir(self.ckpt_root, step)
-        self.policy.save_checkpoint(str(staging), tokenizer_dir=self.base_model)
-        if self.pending is not None:
-            self.pending.save(staging / PREFETCH_FILE)
-        commit_checkpoint(self.ckpt_root, staging, step, state, keep=self.cfg.keep_checkpoints)
+
+        def write(staging: Path) -> None:
+            self.policy.save_checkpoint(str(staging), self.base_model)
+            if self.pending is not None:
+                self.pending.save(staging / PREFETCH_FILE)
+
+        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.keep_checkpoints,
+                         need_bytes=self.checkpoint_bytes)
 
     # ---- one step, top to bottom
 
@@ -598,6 +602,10 @@ class GRPOTrainer:
         self._start_workers(self.base_model, rollout_model)
         if resume is not None:
             self.policy.load_checkpoint(rollout_model)
+        # a run that cannot write its checkpoints stops before it trains, not at a later save
+        self.checkpoint_bytes = self.policy.checkpoint_bytes()
+        saves = [s for s in range(state["step"] + 1, cfg.steps + 1) if s % cfg.checkpoint_every == 0 or s == cfg.steps]
+        check_room_for_checkpoints(self.ckpt_root, self.checkpoint_bytes, len(saves), cfg.keep_checkpoints)
 
         t_start = time.perf_counter() - state["wall_seconds"]
         if state["base_accuracy"] is None:

@@ -41,7 +41,9 @@ from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, l
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
+from r1pipe.tracking.checkpoints import atomic_write, check_free_space
 from r1pipe.tracking.progress import StepProgress
+from r1pipe.workers.sharding import checkpoint_bytes, tensor_bytes
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
@@ -89,12 +91,6 @@ def _batches(n_examples: int, batch_size: int, step: int, seed: int) -> list[int
     return order[i * batch_size:(i + 1) * batch_size]
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _copy_outputs(src: Path, dst: Path) -> None:
     for name in ("model", "base_eval.json", *OUTPUT_FILES.values()):
         s, d = src / name, dst / name
@@ -139,7 +135,8 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
             if not cached.exists():
                 os.replace(tmp, cached)
             shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as e:  # a read-only home must not fail the run
+        except OSError as e:  # a read-only home or a full disk must not fail the run
+            shutil.rmtree(tmp, ignore_errors=True)
             print(f"pretrain: could not cache the base in {cached}: {e}")
     return _outputs(stage_dir, key)
 
@@ -196,6 +193,13 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
         start = state["step"]
         print(f"pretrain: resuming from step {start}/{cfg.steps}")
 
+    # stop before training, not at a save: checkpoint.pt is replaced by a new one written beside it, and
+    # the final model is written beside the last one
+    saves = len([s for s in range(start + 1, cfg.steps) if s % cfg.checkpoint_every == 0])
+    on_disk, ckpt_bytes = int(ckpt_path.exists()), checkpoint_bytes(model)
+    model_bytes = tensor_bytes(model.state_dict().values())
+    check_free_space(stage_dir, max((min(2, on_disk + saves) - on_disk) * ckpt_bytes,
+                                    (min(1, on_disk + saves) - on_disk) * ckpt_bytes + model_bytes))
     model.train()
     tokens_seen, t_train, loss_ema = 0, time.time(), None
     with StepProgress(cfg.steps, start, "pretrain", show=("loss", "grad_norm", "tokens_per_second")) as progress:
@@ -221,11 +225,14 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.advance({"loss": loss_ema, "grad_norm": float(grad_norm), "tokens_per_second": round(rate)})
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                    "torch_rng": torch.get_rng_state()}, ckpt_path)
+                with atomic_write(ckpt_path, ckpt_bytes) as tmp:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                "torch_rng": torch.get_rng_state()}, tmp)
     train_seconds = time.time() - t_train
 
-    lm.save(model_dir)
+    with atomic_write(model_dir, model_bytes) as tmp:
+        shutil.copytree(model_dir, tmp)  # the tokenizer, saved before training
+        lm.save(tmp)
     report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
                               "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:

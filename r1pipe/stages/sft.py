@@ -40,7 +40,10 @@ from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import SFTConfig
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
-from r1pipe.tracking.checkpoints import commit_checkpoint, latest_checkpoint, staging_dir
+from r1pipe.tracking.checkpoints import (
+    atomic_write, check_room_for_checkpoints, latest_checkpoint, tree_bytes, write_checkpoint,
+)
+from r1pipe.workers.sharding import checkpoint_bytes
 
 SFT_PLOTS = {
     "loss": ("SFT loss (assistant tokens)", ["loss", "ce", "kl", "val_loss"]),
@@ -207,12 +210,15 @@ class SFTTrainer:
         return total / max(count, 1.0)
 
     def save_checkpoint(self, lm: CausalLM, optimizer: torch.optim.Optimizer, tokenizer, step: int, state: dict) -> None:
-        staging = staging_dir(self.ckpt_root, step)
-        lm.save(staging)
-        tokenizer.save_pretrained(str(staging))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()}, staging / "trainer.pt")
-        commit_checkpoint(self.ckpt_root, staging, step, state, keep=self.cfg.keep_checkpoints)
+        """Model, tokenizer, optimizer and RNG, written atomically after a free-space check (DiskFullError)."""
+        def write(staging: Path) -> None:
+            lm.save(staging)
+            tokenizer.save_pretrained(str(staging))
+            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate()}, staging / "trainer.pt")
+
+        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.keep_checkpoints,
+                         need_bytes=checkpoint_bytes(lm.module))
 
     # ---- the loop
 
@@ -247,6 +253,9 @@ class SFTTrainer:
         print(f"sft: {lm.family} model from {base}; {len(train)} train / {len(heldout)} held-out examples; "
               f"{total_steps} steps of {cfg.batch_size} sequences ({plan.steps_per_epoch} steps per epoch)")
 
+        # a run that cannot write its checkpoints stops before it trains, not at a later save
+        saves = [s for s in range(state["step"] + 1, total_steps + 1) if s % cfg.checkpoint_every == 0 or s == total_steps]
+        check_room_for_checkpoints(self.ckpt_root, checkpoint_bytes(lm.module), len(saves), cfg.keep_checkpoints)
         lm.module.train()
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)
@@ -301,11 +310,8 @@ class SFTTrainer:
         final = latest_checkpoint(self.ckpt_root)
         assert final is not None and final[1]["step"] == total_steps, "sft finished without its last checkpoint"
         model_dir = self.stage_dir / "model"
-        tmp = self.stage_dir / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(final[0], tmp, ignore=shutil.ignore_patterns("trainer.pt", "trainer_state.json"))
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
+        with atomic_write(model_dir, tree_bytes(final[0]) - tree_bytes(final[0] / "trainer.pt")) as tmp:
+            shutil.copytree(final[0], tmp, ignore=shutil.ignore_patterns("trainer.pt", "trainer_state.json"))
         plots = plot_metrics(self.stage_dir / "metrics.jsonl", self.stage_dir / "plots", SFT_PLOTS)
         summary = {
             "base_model": str(base), "family": lm.family, "steps": total_steps,

@@ -1,13 +1,17 @@
 """Append-only metrics log: one JSON object per step in metrics.jsonl, mirrored to TensorBoard.
 
-On resume from a checkpoint at step k, rows for steps after k (logged by the run that was
-killed before its next checkpoint) are dropped, so each step appears exactly once.
+A stage (re)starting at step k (the step of the checkpoint it resumes from; 0 without one) keeps the
+rows of steps up to k only when k > 0: rows a killed run logged after its last checkpoint, or before
+its first one, are dropped, so each step appears exactly once. So are their TensorBoard events (all
+of them without a checkpoint; after step k through TensorBoard's purge_step), and the PNG curves drawn
+from the old log (`plots/`) are removed: the stage draws them again from the log it writes.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +43,27 @@ class MetricsLogger:
     """Writes `metrics.jsonl` (and TensorBoard events under `tensorboard/`) in `log_dir`."""
 
     def __init__(self, log_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        """`resume_step`: the step of the checkpoint the stage resumes from (0: none, a fresh start)."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        kept = [r for r in read_metrics(self.path) if resume_step > 0 and r.get("step", 0) <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
+        for png in (self.log_dir / "plots").glob("*.png"):
+            png.unlink()
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
-            # purge_step hides events a killed run wrote after its last checkpoint
-            self._tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            tb_dir = self.log_dir / "tensorboard"
+            if resume_step > 0:  # purge_step: TensorBoard drops the events a killed run wrote after step k
+                self._tb = SummaryWriter(str(tb_dir), purge_step=resume_step + 1)
+            else:
+                shutil.rmtree(tb_dir, ignore_errors=True)
+                self._tb = SummaryWriter(str(tb_dir))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

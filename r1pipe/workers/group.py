@@ -141,6 +141,10 @@ class PolicyGroup:
             raise RuntimeError("sync_weights before connect_engines")
         ray.get([w.send_weights.remote() for w in self.workers] + [e.receive_weights.remote() for e in self.engines])
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes a checkpoint of the group takes (PolicyWorker.checkpoint_bytes, summed over ranks)."""
+        return sum(ray.get([w.checkpoint_bytes.remote() for w in self.workers]))
+
     def save_checkpoint(self, path: str, tokenizer_dir: str | None) -> None:
         ray.get([w.save_checkpoint.remote(path, tokenizer_dir) for w in self.workers])
 

@@ -17,7 +17,7 @@ import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,8 @@ from r1pipe.workers.allocator import retain_freed_memory
 from r1pipe.workers.batch import TrainBatch, by_length
 from r1pipe.workers.packing import by_prompt, pack_shared_prompts
 from r1pipe.workers.sharding import (
-    accumulate, checkpoint_activations, full_tensors, gathered_model, load_sharded, local_bytes, reshard, save_sharded,
-    shard, undo_gradient_average,
+    accumulate, checkpoint_activations, checkpoint_bytes, full_tensors, gathered_model, load_sharded, local_bytes, reshard,
+    save_sharded, shard, undo_gradient_average,
 )
 from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, node_ip, unlink
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, tensor_meta
@@ -475,30 +475,62 @@ class PolicyWorker:
             self.flat_weights = rehome(self.model, buckets, None if shared is None else shared.tensors)
         return self.flat_weights
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes this rank writes in save_checkpoint, about: on rank 0 the whole model in the Hugging Face
+        layout; its RNG state; its DCP shards of the model and of the AdamW state (sharding.checkpoint_bytes;
+        replicas' identical entries are written once, counted here on rank 0)."""
+        hf = sum(m.numel * m.torch_dtype.itemsize for m in self.metas) if self.rank == 0 else 0
+        rng = 16 * 2**10  # rng_rank{rank}.pt
+        return hf + rng + (checkpoint_bytes(self.model) if self.sharded or self.rank == 0 else 0)
+
     def save_checkpoint(self, path: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0 writes the whole model in the Hugging Face layout (gathered from the shards); every
-        rank writes its shards of model and optimizer (DCP, under sharded/) and its RNG state."""
+        rank writes its shards of model and optimizer (DCP, under sharded/) and its RNG state. A write
+        that fails on one rank (a full disk) raises on every rank, so none is left waiting for it."""
         path_ = Path(path)
         path_.mkdir(parents=True, exist_ok=True)
         whole = gathered_model(self.model) if self.sharded else self.model
-        if self.rank == 0:
-            save_pretrained(whole, path_)
-            if tokenizer_dir is not None:
-                load_tokenizer(tokenizer_dir).save_pretrained(path_)
-        del whole
-        self.barrier()
-        save_sharded(path_ / "sharded", self.model, self.optimizer)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path_ / f"rng_rank{self.rank}.pt")
-        self.barrier()
+
+        def model_files() -> None:
+            if self.rank == 0:
+                save_pretrained(whole, path_)
+                if tokenizer_dir is not None:
+                    load_tokenizer(tokenizer_dir).save_pretrained(path_)
+
+        try:
+            self._on_every_rank(model_files)
+        finally:
+            del whole
+        save_sharded(path_ / "sharded", self.model, self.optimizer)  # DCP raises on every rank itself
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        self._on_every_rank(lambda: torch.save(rng, path_ / f"rng_rank{self.rank}.pt"))
+
+    def _on_every_rank(self, write: Callable[[], None]) -> None:
+        """Run `write()` here, then tell every rank whether all succeeded: a rank whose own write failed
+        raises its error, the others a RuntimeError quoting the first failed rank's."""
+        error = None
+        try:
+            write()
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+        if self.world_size > 1:
+            errors: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+            failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+            if error is None and failed:
+                raise RuntimeError(f"policy rank {failed[0][0]} could not write its part of the checkpoint: {failed[0][1]}")
+        if error is not None:
+            raise error
 
     def load_checkpoint(self, path: str) -> None:
-        """Model and optimizer from the checkpoint's DCP shards, written by any number of workers."""
+        """Model and optimizer from the checkpoint's DCP shards, written by any number of workers: the
+        optimizer's state is exactly the checkpoint's (sharding.load_sharded)."""
         path_ = Path(path)
         load_sharded(path_ / "sharded", self.model, self.optimizer)
         # AdamW steps a parameter once it has a gradient buffer (zero_grad keeps them as zeros): give
         # one to every parameter the optimizer has stepped, as the uninterrupted run has
         for p in self.model.parameters():
-            if self.optimizer.state.get(p):
+            if self.optimizer.state.get(p) and p.grad is None:
                 p.grad = torch.zeros_like(p)
         rng_file = path_ / f"rng_rank{self.rank}.pt"
         if rng_file.exists():

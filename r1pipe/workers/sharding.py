@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from r1pipe.model.transformer import Transformer
@@ -81,14 +81,30 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of these tensors as this rank holds them (a sharded one's local shard)."""
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+
+
 def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes this rank holds: {'parameters': ..., 'optimizer': ...} (local shards only)."""
-    params = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
     state = 0
     if optimizer is not None:
-        for s in optimizer.state.values():
-            state += sum(_local(v).numel() * _local(v).element_size() for v in s.values() if isinstance(v, torch.Tensor))
-    return {"parameters": params, "optimizer": state}
+        state = sum(tensor_bytes(v for v in s.values() if isinstance(v, torch.Tensor)) for s in optimizer.state.values())
+    return {"parameters": tensor_bytes(model.parameters()), "optimizer": state}
+
+
+ENTRY_BYTES = 2560  # what a checkpoint adds per tensor saved: its torch.save record (and its line in DCP's .metadata)
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About the bytes this rank's share of a checkpoint of `model` and its AdamW state takes (save_sharded's
+    DCP shards, or a torch.save of both as the pretrain and sft stages write): parameters and buffers, two
+    moments per trainable parameter (counted before the first step too), and ENTRY_BYTES per tensor saved
+    (each moment and step counter is one)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return tensor_bytes(tensors) + 2 * tensor_bytes(trainable) + ENTRY_BYTES * (len(tensors) + 3 * len(trainable))
 
 
 def _persistent(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -170,9 +186,43 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     dcp.save(dcp_state(model, optimizer), checkpoint_id=str(path))
 
 
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter of `optimizer` its state, by one step at learning rate 0 on zero
+    gradients (the weights do not move); the gradients are left as they were. A parameter stepped
+    before has its state advanced too: call it only to make room for a state that is then loaded."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    grads = [p.grad for p in params]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in optimizer.param_groups:
+            g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+        optimizer.step()
+    finally:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+
+
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read a DCP checkpoint written by any number of ranks into this rank's (sharded or whole) model
-    and optimizer."""
+    and optimizer. The optimizer ends with exactly the checkpoint's state: every parameter that had
+    one when it was written gets it back, one that had none (never stepped: e.g. the MTP module of a
+    run without the draft loss, whose gradient stays None on one worker) has none.
+
+    (DCP loads in place into the entries of the state dict it is given, so the optimizer's must exist
+    first: get_optimizer_state_dict creates them only for an optimizer with no state and no gradient,
+    which a replica's flat gradient buffer rules out; they are made here, for every parameter, and those
+    the checkpoint lacks are left out of the load.)"""
+    init_optimizer_state(optimizer)
     state = dcp_state(model, optimizer)
+    written = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state["optimizer"]["state"] = {
+        fqn: entry for fqn, entry in state["optimizer"]["state"].items()
+        if any(f"optimizer.state.{fqn}.{key}" in written for key in entry)
+    }
     dcp.load(state, checkpoint_id=str(path))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    # strict=False: a parameter without state in the checkpoint is left without one
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))

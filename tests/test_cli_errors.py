@@ -162,6 +162,19 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_ray_left(case, outcomes):
     assert outcome.seconds < 90
 
 
+def test_a_full_disk_is_one_line_exit_2_before_training(files, tmp_path, small_disk):
+    """The run directory on a 2 MB file system: the GRPO stage checks room for its checkpoints before it trains
+    and stops with the one line, leaving no partial checkpoint and no Ray process."""
+    disk, tag = small_disk(2), ray_dir()
+    out = r1pipe(tiny_rl(files, "--run-dir", str(disk / "run")), tmp_path, tag, timeout=100)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert lines and lines[-1].startswith("r1pipe run: no space left on ") and "need" in lines[-1], lines[-3:]
+    assert not list((disk / "run").rglob("step_*")) and not list((disk / "run").rglob(".tmp_*"))
+    assert_no_ray_left(tag)
+
+
 def test_a_stage_reference_error_leaves_no_stage_directory(tmp_path):
     """The reference is refused at load time: nothing of the run exists afterwards."""
     out = r1pipe(["run", "r1-zero", "rl.train_path=stage:eval.report_path"], tmp_path, ray_dir(), timeout=60)

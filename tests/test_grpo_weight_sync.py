@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from r1pipe.model.fp8 import FP8_DTYPE, weight_quant
 from r1pipe.workers import PolicyConfig, PolicyWorker, RolloutBatch, RolloutWorker, build_batch
 from r1pipe.workers import weight_sync
 from r1pipe.workers.weight_sync import SyncMismatch, TensorMeta, check_probe, free_port, plan_buckets
@@ -231,12 +232,12 @@ def test_a_rehomed_trainer_steps_as_before(tmp_path):
         assert torch.equal(ours[name], theirs[name]), name
 
 
-def test_sync_into_a_bfloat16_engine(tmp_path):
-    """An engine in another dtype than the buckets takes its bf16 tensors loose, cast on the copy (the router's fp32
-    bias still lands in place)."""
+def moved_and_synced(tmp_path, engine_kwargs: dict) -> tuple[PolicyWorker, RolloutWorker]:
+    """A policy and an engine of the tiny model joined in a sync group; the policy's weights moved by 0.01, then
+    synced once in 64 KB buckets."""
     model = tiny_model(tmp_path / "model")
     policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
-    engine = RolloutWorker(model, {"max_model_len": 64, "dtype": "bfloat16"})
+    engine = RolloutWorker(model, engine_kwargs)
     buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
     port = free_port()
     run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
@@ -245,6 +246,13 @@ def test_sync_into_a_bfloat16_engine(tmp_path):
         for p in policy.model.parameters():
             p.add_(0.01)
     run_both(policy.send_weights, engine.receive_weights)
+    return policy, engine
+
+
+def test_sync_into_a_bfloat16_engine(tmp_path):
+    """An engine in another dtype than the buckets takes its bf16 tensors loose, cast on the copy (the router's fp32
+    bias still lands in place)."""
+    policy, engine = moved_and_synced(tmp_path, {"max_model_len": 64, "dtype": "bfloat16"})
     assert all(t.dtype == torch.float32 for t, _ in engine.flat_weights.placed)
     ours, dtypes = policy.model.state_dict(), set()
     for name, t in engine.llm.model.state_dict().items():
@@ -256,19 +264,7 @@ def test_sync_into_a_bfloat16_engine(tmp_path):
 def test_sync_into_an_fp8_engine_quantizes_on_the_way_in(tmp_path):
     """An FP8 engine (rl.engine.fp8) takes its projections loose from the trainer's buckets and quantizes each
     into its held FP8 weight and block scales: exactly weight_quant of the trainer's weight; the rest as is."""
-    from r1pipe.model.fp8 import FP8_DTYPE, weight_quant
-
-    model = tiny_model(tmp_path / "model")
-    policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
-    engine = RolloutWorker(model, {"max_model_len": 64, "fp8": True})
-    buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
-    port = free_port()
-    run_both(lambda: policy.join_sync("127.0.0.1", port, 2, buckets),
-             lambda: engine.join_sync("127.0.0.1", port, 1, 2, buckets))
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            p.add_(0.01)
-    run_both(policy.send_weights, engine.receive_weights)
+    policy, engine = moved_and_synced(tmp_path, {"max_model_len": 64, "fp8": True})
     ours, engine_state, quantized = policy.model.state_dict(), engine.llm.model.state_dict(), 0
     for name, t in engine_state.items():
         if name.endswith("_scale_inv"):

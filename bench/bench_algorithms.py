@@ -74,13 +74,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=tuple(SETTINGS), default=list(SETTINGS))
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
+                   help="overrides for every setting, e.g. run.seed=1 (another base)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/algorithms"))
     p.add_argument("--png", type=Path, default=Path("runs/bench/algorithms.png"))
     args = p.parse_args()
     results = []
     for name in args.only:
         print(f"{name}: {' '.join(SETTINGS[name]) or '(the recipe)'}", flush=True)
-        results.append(run(name, SETTINGS[name], args.steps, args.out))
+        results.append(run(name, SETTINGS[name] + args.extra, args.steps, args.out))
         r = results[-1]
         shares = " / ".join(f"{100 * r['heldout'].get(s, float('nan')):.1f}%" for s in CHECKPOINTS)
         print(f"  held-out {shares} at steps {' / '.join(map(str, CHECKPOINTS))}, {r['s_per_step']:.3f} s/step, "

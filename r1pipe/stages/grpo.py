@@ -93,7 +93,7 @@ class PromptStream:
         return out
 
 
-# ---------------------------------------------------------------- rewards
+# ---------------------------------------------------------------- rollouts sampled ahead
 
 
 @dataclass
@@ -123,6 +123,9 @@ class Prefetch:
     def load(cls, path: Path) -> "Prefetch":
         saved = torch.load(path, weights_only=False)  # r1pipe's own file: dataclasses of lists and ints
         return cls(saved["problems"], saved["version"], done=saved["groups"])
+
+
+# ---------------------------------------------------------------- rewards
 
 
 class Scorer:

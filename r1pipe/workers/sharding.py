@@ -1,12 +1,21 @@
 """FSDP2 for the policy workers: sharding, activation checkpointing, memory accounting, checkpoints.
 
-`shard` applies `torch.distributed.fsdp.fully_shard` to every main decoder block and then to the
-whole model (embedding, final norm, head and any MTP module, which share the embedding and head,
-form the root unit), so each rank holds 1/N of every parameter and, through the optimizer built on
-the sharded parameters, 1/N of the AdamW state. Compute precision is the model's own (the recipe's
-model.dtype runs the forward under autocast over the fp32 masters, exactly as on one worker);
-gathered parameters stay fp32 and gradients are reduce-scattered in fp32, so N sharded workers
-step like one. Works with gloo on CPU (torch >= 2.6) and NCCL on GPU.
+Two families of model: r1pipe's DeepSeek-V3 (`Transformer`) and a dense Hugging Face causal LM that
+transformers builds (Qwen2, Llama, ...: decoder layers at `model.model.layers`). `shard` applies
+`torch.distributed.fsdp.fully_shard` to every decoder block (`decoder_blocks`) and then to the whole
+model: the embedding, final norm and head (tied or not) and V3's MTP modules, which share the
+embedding and head, form the root unit. Each rank holds 1/N of every parameter and, through the
+optimizer built on the sharded parameters, 1/N of the AdamW state.
+
+Precision (`precision_policy`): the sharded parameters are the fp32 masters whatever the compute
+dtype. In fp32, parameters are gathered and gradients reduce-scattered in fp32, so N sharded workers
+step like one (within float rounding). In bf16 (V3's `model.compute_dtype`, or the caller's for a
+dense model, whose forward the caller runs under autocast), parameters are gathered in bf16 and
+gradients reduce-scattered in bf16, then added to fp32 sharded gradients that the optimizer steps
+with fp32 state: half the traffic and the gathered model's memory. Every floating-point parameter
+is gathered in bf16 (norm weights and V3's router gate too: the gate upcasts its weight itself);
+buffers (rope tables, the router's bias) are not parameters and keep their dtype.
+Works with gloo on CPU (torch >= 2.6) and NCCL on GPU.
 
 `shard(keep_gathered=True)` with `accumulate` gathers the parameters and reduce-scatters the
 gradients once per step instead of once per micro-batch. `gather_full` hands the whole model to
@@ -28,15 +37,48 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from r1pipe.model.transformer import Transformer
 
 
-def shard(model: nn.Module, keep_gathered: bool = False) -> nn.Module:
-    """fully_shard each decoder block, then the root (in place; parameters become DTensors). With
-    `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
-    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    for block in model.blocks:  # type: ignore[attr-defined]
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers that each become an FSDP unit: r1pipe V3's main blocks (`model.blocks`; its
+    MTP modules share the embedding and head, so they stay in the root unit with them), or a
+    transformers causal LM's decoder layers (`model.model.layers`)."""
+    if isinstance(model, Transformer):
+        return model.blocks
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(model, PreTrainedModel) and isinstance(layers, nn.ModuleList):
+        return list(layers)
+    raise TypeError(f"{type(model).__name__}: FSDP sharding takes r1pipe's DeepSeek-V3 or a transformers causal LM "
+                    "with its decoder layers at .model.layers")
+
+
+def model_compute_dtype(model: nn.Module) -> torch.dtype:
+    """V3's compute dtype (`model.compute_dtype`, set by apply_precision); float32 for a model without one
+    (a transformers model: its caller knows the dtype it runs under autocast)."""
+    return getattr(model, "compute_dtype", torch.float32)
+
+
+def precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """float32: parameters gathered and gradients reduced in fp32 (N workers step like one).
+    bfloat16: gathered in bf16 and reduce-scattered in bf16; the fp32 shards stay the masters (FSDP
+    adds each reduced gradient to their fp32 gradient). Forward inputs pass through uncast: each
+    model keeps its own dtype rules (V3's fp32 rope tables, a transformers model's attention masks)."""
+    if compute_dtype == torch.float32:
+        return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    if compute_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, cast_forward_inputs=False)
+    raise ValueError(f"FSDP compute dtype {compute_dtype}: float32 or bfloat16 expected")
+
+
+def shard(model: nn.Module, keep_gathered: bool = False, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """fully_shard each decoder block (decoder_blocks), then the root (in place; parameters become
+    DTensors), gathering and reducing in `compute_dtype` (precision_policy; None: model_compute_dtype).
+    With `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
+    policy = precision_policy(model_compute_dtype(model) if compute_dtype is None else compute_dtype)
+    for block in decoder_blocks(model):
         fully_shard(block, mp_policy=policy, reshard_after_forward=not keep_gathered)
     fully_shard(model, mp_policy=policy)
     return model
@@ -47,7 +89,8 @@ def accumulate(model: nn.Module, last_micro_batch: bool) -> None:
     keep_gathered: until the step's last micro-batch the parameters stay gathered (no all-gather per
     block and micro-batch, forward or backward) and the gradients accumulate unsharded (no
     reduce-scatter); the last backward reduce-scatters their sum once and reshards. The price: a whole
-    unsharded model and gradient at peak during the step (FSDP1's no_sync)."""
+    unsharded model and gradient at peak during the step (FSDP1's no_sync). In bf16 the unsharded
+    gradients also accumulate in bf16 until that reduce-scatter."""
     model.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
     model.set_reshard_after_backward(last_micro_batch)  # type: ignore[operator]
 
@@ -70,10 +113,17 @@ def undo_gradient_average(model: nn.Module, world_size: int) -> None:
 
 
 def checkpoint_activations(model: nn.Module) -> nn.Module:
-    """Recompute each decoder block's attention in the backward instead of keeping its activations.
-    Only attention: an MoE layer's forward counts expert loads, which a recompute would count twice."""
-    for block in model.blocks:  # type: ignore[attr-defined]
-        checkpoint(block.self_attn)
+    """Recompute activations in the backward instead of keeping them. r1pipe V3: each main block's
+    attention only (an MoE layer's forward counts expert loads, which a recompute would count twice).
+    A transformers model: each whole decoder layer (attention and MLP: nothing in it counts, and the
+    MLP's activations are the larger part), through transformers' own gradient checkpointing, which
+    keeps the layer's KV-cache writes out of the recompute and FSDP's hooks outside the checkpoint."""
+    if isinstance(model, Transformer):
+        for block in model.blocks:
+            checkpoint(block.self_attn)
+        return model
+    decoder_blocks(model)  # a clear error for a model of neither family
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -156,13 +206,45 @@ def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
-def gathered_model(model: nn.Module) -> nn.Module:
-    """A copy of the model built on the meta device and holding the full tensors of gather_full (every
-    rank of the group must call it together); its state dict is the Hugging Face layout (per-expert keys)."""
+def empty_copy(model: nn.Module) -> nn.Module:
+    """A model of the same architecture and config with no storage (its tensors on the meta device):
+    a Transformer, or the transformers causal LM its config names."""
     with torch.device("meta"):
-        shell = Transformer(model.config)  # type: ignore[arg-type]
-    shell.load_state_dict(gather_full(model), assign=True)
-    return shell
+        if isinstance(model, Transformer):
+            return Transformer(model.config)
+        return AutoModelForCausalLM.from_config(model.config)
+
+
+def tie_like(copy: nn.Module, model: nn.Module) -> None:
+    """Make parameters that are one object in `model` (a tied embedding and head, V3's MTP sharing them)
+    one object in `copy` too (load_state_dict(assign=True) gives each name its own Parameter)."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = name
+            continue
+        path, _, attr = name.rpartition(".")
+        setattr(copy.get_submodule(path), attr, copy.get_parameter(first[id(p)]))
+
+
+def copy_non_persistent_buffers(copy: nn.Module, model: nn.Module) -> None:
+    """Give `copy` the buffers no state dict holds (rope tables, expert loads), cloned from `model`, so
+    that it runs as well as it saves."""
+    for path, module in model.named_modules():
+        for name, b in module.named_buffers(recurse=False):
+            if name in module._non_persistent_buffers_set:
+                copy.get_submodule(path).register_buffer(name, b.detach().clone(), persistent=False)
+
+
+def gathered_model(model: nn.Module) -> nn.Module:
+    """A whole, unsharded copy of the model holding the full tensors of gather_full (every rank of the
+    group must call it together), its tied parameters tied: r1pipe's save_pretrained writes a V3 one
+    (Hugging Face layout, per-expert keys), `.save_pretrained()` a transformers one."""
+    copy = empty_copy(model)
+    copy.load_state_dict(gather_full(model), assign=True)
+    tie_like(copy, model)
+    copy_non_persistent_buffers(copy, model)
+    return copy
 
 
 def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

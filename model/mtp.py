@@ -4,6 +4,7 @@ head. Stored like the official checkpoints: model.layers.{L+k}.{enorm,hnorm,eh_p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block import Block
@@ -29,13 +30,22 @@ class MTPModule(Block):
         self.eh_proj = make_linear(2 * D, D, fp8=config.fp8_for(f"model.layers.{layer}.eh_proj"))
         self.shared_head = SharedHead(config, head)
 
-    def combine(self, hidden: Tensor, next_ids: Tensor) -> Tensor:
-        """[B,S,D] hidden of token t and ids of token t+k+1 -> block input [B,S,D]."""
-        e = self.enorm(self.embed_tokens(next_ids))
-        return self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
+    def combine(self, hidden: Tensor, next_ids: Tensor, detach_shared: bool = False) -> Tensor:
+        """[B,S,D] hidden of token t and ids of token t+k+1 -> block input [B,S,D]. `detach_shared`: the
+        shared embedding is read through its detached weight (no gradient reaches it from here)."""
+        if detach_shared:
+            e = F.embedding(next_ids, self.embed_tokens.weight.detach())
+        else:
+            e = self.embed_tokens(next_ids)
+        return self.eh_proj(torch.cat([self.enorm(e), self.hnorm(hidden)], dim=-1))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.shared_head.head(self.shared_head.norm(hidden)).float()
+    def logits(self, hidden: Tensor, detach_shared: bool = False) -> Tensor:
+        """[B,S,D] -> [B,S,V] float32 through the shared head (its weight detached with `detach_shared`)."""
+        x = self.shared_head.norm(hidden)
+        if detach_shared:
+            head = self.shared_head.head
+            return F.linear(x, head.weight.detach(), None if head.bias is None else head.bias.detach()).float()
+        return self.shared_head.head(x).float()
 
 
 def chain_mask(S: int, depth: int, device: torch.device | None = None) -> Tensor:

@@ -159,7 +159,7 @@ class Transformer(nn.Module):
         return h, logits
 
     def mtp_draft_chain(self, hidden: Tensor, input_ids: Tensor, depth: int,
-                        attention_mask: Tensor | None = None) -> list[Tensor]:
+                        attention_mask: Tensor | None = None, detach_shared: bool = False) -> list[Tensor]:
         """MTP module 0 drafting `depth` tokens ahead at every position, exactly as self-speculation does.
 
         hidden [B,S,D] (the main model's final hidden states), input_ids [B,S] -> depth tensors [B,S,V]:
@@ -168,7 +168,9 @@ class Transformer(nn.Module):
         hidden state at position t+j-1 and attends to what the engine's drafter cache holds when it drafts:
         the depth-1 entries at positions <= t and the chain's own entries at t+1..t+j-1 (`chain_mask`).
         Depth j's pass recomputes depths < j as its keys (the block takes one sequence), so the cost grows
-        as depth^2 MTP-block passes: small for the k of 1-3 that speculation uses."""
+        as depth^2 MTP-block passes: small for the k of 1-3 that speculation uses. `detach_shared`: the
+        embedding and head the module shares with the main model enter with detached weights, so a loss on
+        these logits has gradients for the module's own parameters only (GRPO's draft loss)."""
         module = self.mtp_modules[0]
         B, S = input_ids.shape
         index = torch.arange(S, device=input_ids.device).expand(B, S)
@@ -177,7 +179,7 @@ class Transformer(nn.Module):
             prev, logits = hidden, []
             inputs: list[Tensor] = []
             for j in range(1, depth + 1):
-                inputs.append(module.combine(prev, torch.roll(input_ids, shifts=-j, dims=1)))
+                inputs.append(module.combine(prev, torch.roll(input_ids, shifts=-j, dims=1), detach_shared))
                 positions = torch.cat([index + b for b in range(j)], dim=1)
                 cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attention_factor, positions)
                 tokens = valid.repeat(1, j)
@@ -186,7 +188,7 @@ class Transformer(nn.Module):
                 mask = (chain_mask(S, j, input_ids.device) & tokens[:, None, :]) | eye
                 h, _, _ = module(torch.cat(inputs, dim=1), cos, sin, mask, positions, None, None, tokens)
                 prev = h[:, -S:]
-                logits.append(module.logits(prev))
+                logits.append(module.logits(prev, detach_shared))
         return logits
 
     def _mtp_step(self, module: MTPModule, prev: Tensor, next_ids: Tensor, cos: Tensor, sin: Tensor,

@@ -95,7 +95,6 @@ CASES = [
     ("eval temperature", lambda f: ["run", "r1-zero", "eval.temperature=-0.5", "--dry-run"], "eval: temperature must be >= 0"),
     ("float8", lambda f: ["run", "r1-zero", "model.dtype=float8"], "model.dtype: unknown dtype 'float8'"),
     ("engine float8", lambda f: ["run", "r1-zero", "rl.engine.dtype=float8", "--dry-run"], "engine.dtype: unknown dtype 'float8'"),
-    ("draft loss with FSDP", lambda f: ["run", "r1-zero", "rl.draft_loss=true", "rl.fsdp=true", "--dry-run"], "needs fsdp=false"),
     ("heldout_size 0", lambda f: ["run", "r1-zero", "rl.heldout_size=0"], "rl: heldout_size must be >= 1"),
     ("ref to a later stage", lambda f: ["run", "r1-zero", "rl.train_path=stage:eval.report_path"],
      "rl.train_path='stage:eval.report_path': stage 'eval' runs after 'rl'"),

@@ -276,10 +276,6 @@ class GRPOConfig(StageConfig):
         check_lr(self.lr)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (GRPO samples a group per prompt), got {self.temperature}")
-        draft = self.draft_loss if self.draft_loss is not None else int(self.engine.get("speculative_k", 0) or 0) > 0
-        if draft and self.num_policy_workers > 1 and self.fsdp:
-            raise ValueError("draft_loss (on by default with engine.speculative_k > 0) with num_policy_workers > 1 needs "
-                             "fsdp=false: the draft loss differentiates the MTP module's own parameters, which FSDP shards")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:

@@ -100,9 +100,6 @@ class PolicyWorker:
         if cfg.activation_checkpointing:
             checkpoint_activations(self.model)
         self.sharded = cfg.fsdp and world_size > 1
-        if self.sharded and cfg.draft_loss:
-            raise ConfigError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
-                             "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
         self.flat_weights: FlatWeights | None = None  # a whole model's weights laid out as the sync buckets
         self.flat_grad: torch.Tensor | None = None  # replicas: every gradient is a view of it (_flat_gradients)
@@ -220,10 +217,13 @@ class PolicyWorker:
     def _draft_loss(self, batch: TrainBatch, out: Any, num_positions: float) -> torch.Tensor:
         """The drafter chained `draft_depth` deep as the engine drafts (`mtp_draft_chain`): depth j at
         position t reads token t+j and drafts token t+j+1; its target is the policy's distribution at t+j
-        (detached), on positions whose drafted token is a completion token. Mean over the depths."""
+        (detached), on positions whose drafted token is a completion token. Mean over the depths. Its
+        gradient reaches the MTP module's own parameters only (the main model's hidden states, the shared
+        embedding and head enter detached), so it joins the GRPO loss's backward, sharded or not."""
         S = batch.input_ids.shape[1]
         depth = self.cfg.draft_depth
-        chain = self.model.mtp_draft_chain(out.hidden.detach(), batch.input_ids, depth, batch.attention_mask)
+        chain = self.model.mtp_draft_chain(out.hidden.detach(), batch.input_ids, depth, batch.attention_mask,
+                                           detach_shared=True)
         losses = [draft_loss(logits[:, : S - 1 - j], out.logits[:, j : S - 1], batch.response_mask[:, j:],
                              self.cfg.temperature, num_positions)
                   for j, logits in enumerate(chain, start=1)]
@@ -250,14 +250,20 @@ class PolicyWorker:
 
     def _idle_pass(self, model: torch.nn.Module, backward: bool) -> None:
         """A rank with no rows for this micro-batch still joins the sharded collectives: a one-token
-        forward in eval mode (no expert loads counted) and a zero backward."""
+        forward in eval mode (no expert loads counted) and a zero backward (through the drafter too
+        with the draft loss, as the other ranks' backward reaches it)."""
         was_training = model.training
         model.eval()
         try:
             with torch.set_grad_enabled(backward):
-                out = model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+                out = model(ids)
                 if backward:
-                    (out.logits.sum() * 0.0).backward()
+                    zero = out.logits.sum() * 0.0
+                    if self.draft_params:  # FSDP reduces the gradients a backward made: the MTP module's too
+                        chain = model.mtp_draft_chain(out.hidden.detach(), ids, 1, detach_shared=True)
+                        zero = zero + chain[0].sum() * 0.0
+                    zero.backward()
         finally:
             model.train(was_training)
 
@@ -353,13 +359,12 @@ class PolicyWorker:
                 tis_weight=tis,
                 surrogate=cfg.loss,
             )
+            total = loss
             if self.draft_params:  # the draft loss reaches only the MTP module's own parameters
                 d_loss = self._draft_loss(micro, out, num_draft_positions)
-                for p, g in zip(self.draft_params, torch.autograd.grad(d_loss, self.draft_params, allow_unused=True)):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
+                total = loss + d_loss
                 totals["draft_loss"] = totals.get("draft_loss", 0.0) + float(d_loss.detach())
-            loss.backward()
+            total.backward()
             totals["loss"] += float(loss.detach())
             totals["entropy"] += float((entropy.detach() * (mask > 0)).sum())
             for key, value in stats.items():

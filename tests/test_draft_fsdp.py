@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from r1pipe.model import Precision
+from r1pipe.stages.configs import GRPOConfig
 from r1pipe.workers import PolicyConfig, PolicyWorker
 from r1pipe.workers.sharding import full_tensors, shard
 from r1pipe.workers.weight_sync import free_port
@@ -85,7 +86,5 @@ def test_two_sharded_workers_with_the_draft_loss_step_like_one(tmp_path):
 
 
 def test_the_draft_loss_with_sharded_workers_is_a_valid_grpo_config():
-    from r1pipe.stages.configs import GRPOConfig
-
     assert GRPOConfig(draft_loss=True, fsdp=True, num_policy_workers=2).draft_loss
     GRPOConfig(fsdp=True, num_policy_workers=2, engine={"speculative_k": 2})  # the draft loss on by default

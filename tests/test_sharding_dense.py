@@ -5,6 +5,7 @@ parameters within 1e-5); each rank holds about half the parameter and optimizer 
 model saves with transformers' save_pretrained and loads back as the stepped model; a DCP checkpoint
 written by the 2 ranks loads into 1 unsharded model and a fresh AdamW exactly."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from r1pipe.model import ModelConfig, Transformer
 from r1pipe.vocab import DENSE_PRESETS
 from r1pipe.workers.sharding import (
     checkpoint_activations, decoder_blocks, gather_full, gathered_model, load_sharded, local_bytes, save_sharded, shard,
@@ -137,10 +139,6 @@ def test_two_sharded_dense_ranks_step_like_one_hold_half_and_checkpoint_to_one(t
 
 
 def test_decoder_blocks_names_both_families_and_refuses_others():
-    from r1pipe.model import ModelConfig, Transformer
-
-    import dataclasses
-
     v3 = Transformer(dataclasses.replace(ModelConfig.preset("tiny"), num_hidden_layers=2, num_nextn_predict_layers=1))
     assert decoder_blocks(v3) == v3.blocks and len(v3.blocks) == 2  # not the MTP module
     llama = dense_model("tiny-llama")

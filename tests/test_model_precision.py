@@ -95,7 +95,7 @@ def test_fp8_and_bf16_together_train():
 
 
 def _policy_batch(vocab: int):
-    from r1pipe.workers.batch import TrainBatch
+    from r1pipe.data.batch import TrainBatch
 
     ids = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(5))
     response = torch.zeros(4, 11)

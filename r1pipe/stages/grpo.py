@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filter_mask, overlong_soft_penalty
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
+from r1pipe.data.batch import epoch_order
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
 from r1pipe.errors import ConfigError, DataError
@@ -85,8 +85,7 @@ class PromptStream:
         for _ in range(n):
             epoch, index = divmod(self.position, len(self.rows))
             if epoch != self._epoch:
-                self._order = list(range(len(self.rows)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+                self._order = epoch_order(len(self.rows), self.seed, epoch)
                 self._epoch = epoch
             out.append(self.rows[self._order[index]])
             self.position += 1

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 import torch
 
-from r1pipe.workers.batch import TrainBatch
+from r1pipe.data.batch import TrainBatch
 from r1pipe.workers.placement import Placement
 from r1pipe.workers.policy import PolicyConfig, PolicyWorker
 from r1pipe.workers.weight_sync import plan_buckets

@@ -27,7 +27,7 @@ from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.errors import ConfigError
 from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.allocator import retain_freed_memory
-from r1pipe.workers.batch import TrainBatch, by_length
+from r1pipe.data.batch import TrainBatch, by_length
 from r1pipe.workers.packing import by_prompt, pack_shared_prompts
 from r1pipe.workers.sharding import (
     accumulate, checkpoint_activations, checkpoint_bytes, full_tensors, gathered_model, load_sharded, local_bytes, reshard,

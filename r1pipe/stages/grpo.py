@@ -260,7 +260,7 @@ class GRPOTrainer:
             shared_memory=cfg.shared_memory,
         )
         self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
-        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
+        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, policy_path if cfg.kl_coef > 0 else None,
                                   placement=self.placement)
         engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
         self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(

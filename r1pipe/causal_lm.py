@@ -28,15 +28,25 @@ V3 = "deepseek_v3"
 
 
 
-def model_type_of(path: str | Path) -> str:
-    """config.json's model_type; a directory without one is a clear error."""
+def model_config(path: str | Path) -> dict:
+    """The checkpoint's config.json; a directory without one is a clear error."""
     config = Path(path).expanduser() / "config.json"
     if not config.is_file():
         raise ModelError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
-    model_type = json.loads(config.read_text()).get("model_type")
+    return json.loads(config.read_text())
+
+
+def model_type_of(path: str | Path) -> str:
+    """config.json's model_type."""
+    model_type = model_config(path).get("model_type")
     if not model_type:
-        raise ModelError(f"{config}: no model_type")
+        raise ModelError(f"{Path(path) / 'config.json'}: no model_type")
     return model_type
+
+
+def context_length(path: str | Path) -> int:
+    """The longest sequence the checkpoint's model takes (max_position_embeddings; 2048 without one)."""
+    return int(model_config(path).get("max_position_embeddings") or 2048)
 
 
 def is_v3(module: nn.Module) -> bool:
@@ -150,5 +160,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DENSE_PRESETS", "V3", "compute_dtype", "dense_config", "init_dense_student", "init_model", "is_v3", "load_model",
+__all__ = ["DENSE_PRESETS", "V3", "compute_dtype", "context_length", "model_config", "dense_config", "init_dense_student", "init_model", "is_v3", "load_model",
            "load_tokenizer", "model_type_of", "run_model", "save_model"]

@@ -340,6 +340,8 @@ class SFTConfig(StageConfig):
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"
+    num_workers: int = 1  # trainer workers (FSDP2-sharded)
+    cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:

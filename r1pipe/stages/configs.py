@@ -82,7 +82,9 @@ class PretrainConfig(StageConfig):
     grad_clip: float = 1.0
     mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
     checkpoint_every: int = 100
-    num_threads: int = 0  # torch threads for this stage; 0 keeps torch's default
+    num_threads: int = 0  # torch threads per worker; 0: the worker's CPUs
+    num_workers: int = 1  # trainer workers (FSDP2-sharded)
+    cpus_per_worker: float = 2.0
     # the base's own check on held-out problems
     eval_size: int = 256  # 0 skips it
     eval_max_tokens: int = 64

@@ -129,7 +129,7 @@ def trainer_config(cfg: SFTConfig, ctx: StageContext) -> PolicyConfig:
                           kl_temperature=cfg.kl_temperature, mtp=cfg.mtp)
     return PolicyConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, adam_betas=(0.9, 0.95), grad_clip=cfg.grad_clip,
                         supervised=loss, micro_batch_size=cfg.micro_batch_size, device=cfg.device,
-                        num_threads=cfg.num_threads or max(1, int(cfg.cpus_per_worker)), seed=ctx.seed,
+                        num_threads=cfg.num_threads, seed=ctx.seed,
                         precision=Precision.from_section(ctx.recipe.get("model") or {}))
 
 

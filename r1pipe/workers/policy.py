@@ -66,7 +66,7 @@ class PolicyConfig:
     draft_lr_scale: float = 1.0  # with the draft loss, the MTP module's parameters step at lr x this
     draft_depth: int = 1  # drafts chained per position in the draft loss: the engine's speculative_k
     device: str = "cpu"
-    num_threads: int = 1
+    num_threads: int = 1  # torch threads; 0: the worker's CPUs
     seed: int = 0
     precision: Any = None  # r1pipe.model.Precision from the recipe's model section; None: fp32, no FP8
     fsdp: bool = True  # shard policy and reference across the workers (FSDP2); False: replicas + all-reduce
@@ -88,7 +88,8 @@ class PolicyWorker:
         """`model_path` is the stage's initial model; a resumed run then loads its checkpoint into it
         (load_checkpoint). `frozen_path`: a model held without gradients beside it, sharded like it: the
         GRPO KL reference (the initial policy) or the teacher of logit distillation; None: none."""
-        torch.set_num_threads(cfg.num_threads)
+        if cfg.num_threads > 0:  # 0: as many as the worker's CPUs (Ray sets OMP_NUM_THREADS from them)
+            torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse them, do not page-fault them in

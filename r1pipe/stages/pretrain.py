@@ -63,13 +63,15 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written or how it is checked); `model_section`
     is stage_model_section's, so the stage's preset and model_overrides enter through it."""
     shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
-                                                                   "eval_max_tokens", "preset", "model_overrides")
+                                                                   "eval_max_tokens", "preset", "model_overrides",
+                                                                   "num_workers", "cpus_per_worker")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     # version 2 for dense bases: since then their corpus is tokenized by the trained tokenizer as is
     version = 2 if model_section.get("preset") in DENSE_PRESETS else 1
     key = {"pretrain": shaping, "model": model_section, "seed": seed, "version": version}
+    key["trainer"] = "group"  # trained on the trainer group (fused AdamW, the step's sums), not the old in-process loop
     if cfg.world == "r1":  # 2: the cold-start set's code summaries name the function (its files are cached too)
         key["r1_world"] = 2
     blob = json.dumps(key, sort_keys=True)

@@ -50,6 +50,7 @@ class PolicyConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0  # on matrices only (parameters of 2+ dimensions), not norms and biases
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     supervised: SupervisedLoss = SupervisedLoss()  # the terms of supervised_step (pretraining, SFT)
     clip_low: float = 0.2
@@ -134,7 +135,7 @@ class PolicyWorker:
                     groups.append({"params": chosen, "lr": cfg.lr * scale, "lr_scale": scale,
                                    "weight_decay": cfg.weight_decay if decay else 0.0})
         # fused: one kernel over all parameters (CPU and CUDA), ~3x the per-tensor loop on the tiny model
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, fused=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)
 
     def _set_lr(self, lr: float | None) -> None:
         """The step's learning rate (a schedule on the driver); None keeps the current one."""
@@ -297,7 +298,7 @@ class PolicyWorker:
                 out[rows, : logp.shape[1]] = logp * (micro.response_mask > 0)  # 0 off the completion tokens
         finally:
             model.train(was_training)
-            if self.sharded and self.cfg.fsdp_keep_gathered:
+            if self.sharded:  # a forward alone leaves the root unit (and with keep_gathered every block) gathered
                 reshard(model)
         return out
 
@@ -466,7 +467,7 @@ class PolicyWorker:
                 total, count = total + float(ce), count + float(n)
         finally:
             self.model.train(was_training)
-            if self.sharded and self.cfg.fsdp_keep_gathered:
+            if self.sharded:
                 reshard(self.model)
         return total, count
 

@@ -236,3 +236,41 @@ def test_distillation_refuses_a_teacher_with_another_tokenizer(task, tmp_path):
     other = make_tiny_v3(tmp_path / "other", vocab_size=350)
     with pytest.raises(ValueError, match="teacher's tokenizer differs"):
         run_sft(sft_config(task, loss="ce+kl", teacher_path=str(other)), context(tmp_path, task["v3"]))
+
+
+def test_long_examples_are_skipped_or_truncated_and_counted(task, tmp_path):
+    tok = load_tokenizer(task["v3"])
+    ctx = context(tmp_path, task["v3"])
+    kept, _, report = load_data(sft_config(task, heldout_fraction=0.0), ctx, tok, 112)
+    long = report["train"]["reasons"]["longer than max_length"]
+    assert long > 0 and len(kept) + long == 240 and all(len(e) <= 112 for e in kept)
+    cut, _, report = load_data(sft_config(task, heldout_fraction=0.0, truncate=True), ctx, tok, 112)
+    assert report["train"]["truncated"] == long and len(cut) == 240 and all(len(e) <= 112 for e in cut)
+    assert "longer than max_length" not in report["train"]["reasons"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1pipe.cli", "run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_an_empty_dataset_is_one_error_line_before_any_actor_starts(task, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(RECIPE.format(model=task["v3"], data=empty, workers=1))
+    done = run_cli(str(recipe), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 2 and str(empty) in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert "Ray instance" not in done.stderr + done.stdout  # it failed before Ray (and any actor) started
+
+
+def test_a_trainer_the_cluster_cannot_hold_fails_within_a_minute_with_the_numbers(task, tmp_path):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=8))
+    t0 = time.time()
+    done = run_cli(str(recipe), "cluster.num_cpus=2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 2 and time.time() - t0 < 60, done.stderr
+    assert "CPU: asked 8" in done.stderr and "available 2" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

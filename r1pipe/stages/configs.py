@@ -319,6 +319,7 @@ class SFTConfig(StageConfig):
     # model: where to start (default: the newest earlier stage's model, else model.path)
     model_path: Optional[str] = None
     max_length: int = 0  # longest sequence kept; 0: the model's context
+    truncate: bool = False  # a longer example is cut to max_length (and counted) instead of skipped (and counted)
     mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
     # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
     # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer

@@ -73,7 +73,7 @@ def run_sft(cfg: SFTConfig, ctx: StageContext) -> dict:
     run = SupervisedRun(
         name="sft", stage_dir=stage_dir, model_path=str(base), examples=train_set, heldout=heldout,
         batch_size=cfg.batch_size, schedule=Schedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.min_lr_ratio),
-        trainer=trainer_config(cfg, ctx), resources=trainer_resources(cfg), recipe=ctx.recipe, seed=ctx.seed,
+        trainer=trainer_config(cfg, ctx), resources=trainer_resources(cfg, stage_dir.name), recipe=ctx.recipe, seed=ctx.seed,
         pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
         eval_every=cfg.eval_every, teacher_path=teacher,
     )
@@ -98,7 +98,7 @@ def load_data(cfg: SFTConfig, ctx: StageContext, tokenizer, max_length: int) -> 
         raise ConfigError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
                          "or run a stage that outputs sft_path")
     fields = {"prompt": cfg.prompt_field, "response": cfg.response_field, "messages": cfg.messages_field, "id": cfg.id_field}
-    options = dict(fields=fields, template=cfg.template, max_length=max_length, option_prefix="sft.")
+    options = dict(fields=fields, template=cfg.template, max_length=max_length, truncate=cfg.truncate, option_prefix="sft.")
     train_set, report = load_sft_examples(str(source), tokenizer, split=cfg.split, **options)
     reports = {"train": report.to_dict()}
     if cfg.heldout_path:
@@ -133,8 +133,8 @@ def trainer_config(cfg: SFTConfig, ctx: StageContext) -> PolicyConfig:
                         precision=Precision.from_section(ctx.recipe.get("model") or {}))
 
 
-def trainer_resources(cfg: SFTConfig) -> TrainerResources:
-    return TrainerResources(workers=cfg.num_workers, cpus=cfg.cpus_per_worker)
+def trainer_resources(cfg: SFTConfig, stage: str) -> TrainerResources:
+    return TrainerResources(workers=cfg.num_workers, cpus=cfg.cpus_per_worker, key=f"{stage}.resources.trainer")
 
 
 def finish(run: SupervisedRun, final: Path, state: dict, base: Path, data_report: dict, total_steps: int) -> dict:

@@ -90,7 +90,7 @@ def start_group(run: SupervisedRun) -> tuple[PolicyGroup, Placement]:
     ray_init(run.recipe)
     r = run.resources
     plan = ResourcePlan([RoleResources("policy", r.workers, r.cpus, r.gpus, dict(r.custom), r.key)])
-    placement = reserve(plan, r.placement_timeout_s, r.placement_strategy)
+    placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage=run.name)
     group = PolicyGroup(r.workers, run.model_path, run.trainer, run.teacher_path, placement=placement)
     return group, placement
 

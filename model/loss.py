@@ -1,4 +1,9 @@
-"""Training loss: next-token cross-entropy plus lambda * the mean MTP cross-entropy (plus the balance loss)."""
+"""The one next-token cross-entropy (and the MTP modules' loss built from it), summed over target tokens.
+
+Sums, not means: a step's loss is normalised by the step's whole target count, so however a step is split
+into micro-batches (or over data-parallel workers) the gradient is the full batch's. `lm_loss` is the mean
+form for a single batch (the model's own training tests).
+"""
 from __future__ import annotations
 
 import torch
@@ -9,33 +14,47 @@ from .config import DEFAULT_MTP_LAMBDA
 from .transformer import ModelOutput
 
 
-def shifted_ce(logits: Tensor, input_ids: Tensor, shift: int, loss_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean CE of logits at t against token t+shift over the targets loss_mask marks; also (#correct, #targets)."""
+def masked_ce_sum(logits: Tensor, input_ids: Tensor, target_mask: Tensor | None = None, shift: int = 1) -> tuple[Tensor, Tensor]:
+    """(sum of CE over targets, number of targets) for predicting token t + shift from position t.
+
+    logits [B,S,V]; input_ids [B,S]; target_mask [B,S] bool, True where the token is a training target
+    (assistant or completion text; not the prompt, not padding); None: every token. Position t's logits
+    predict input_ids[t + shift] and count iff target_mask[t + shift].
+    """
     S = input_ids.shape[1]
-    pred = logits[:, : S - shift]
+    if S <= shift:
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    pred = logits[:, : S - shift].float()
     target = input_ids[:, shift:]
-    mask = torch.ones_like(target, dtype=torch.bool) if loss_mask is None else loss_mask[:, shift:].bool()
-    ce = F.cross_entropy(pred.flatten(0, 1).float(), target.flatten(), reduction="none").view_as(target)
-    count = mask.sum()
-    loss = (ce * mask).sum() / count.clamp(min=1)
-    correct = ((pred.argmax(-1) == target) & mask).sum()
-    return loss, correct, count
+    mask = torch.ones_like(target, dtype=torch.bool) if target_mask is None else target_mask[:, shift:].bool()
+    ce = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+    return (ce * mask).sum(), mask.sum()
+
+
+def _accuracy(logits: Tensor, input_ids: Tensor, target_mask: Tensor | None, shift: int) -> float:
+    S = input_ids.shape[1]
+    target = input_ids[:, shift:]
+    mask = torch.ones_like(target, dtype=torch.bool) if target_mask is None else target_mask[:, shift:].bool()
+    correct = ((logits[:, : S - shift].argmax(-1) == target) & mask).sum()
+    return float(correct / mask.sum().clamp(min=1))
 
 
 def lm_loss(output: ModelOutput, input_ids: Tensor, loss_mask: Tensor | None = None,
             mtp_lambda: float | None = None) -> tuple[Tensor, dict[str, float]]:
-    """loss_mask [B,S] marks tokens that count as targets (e.g. completion tokens, not the prompt or padding)."""
+    """Mean next-token CE + lambda * the mean over MTP modules of their mean CE (+ the balance loss) on one
+    batch; loss_mask [B,S] marks the target tokens (None: all)."""
     lam = DEFAULT_MTP_LAMBDA if mtp_lambda is None else mtp_lambda
-    main, correct, count = shifted_ce(output.logits, input_ids, 1, loss_mask)
-    metrics = {"main_loss": main.item(), "accuracy": (correct / count.clamp(min=1)).item(), "tokens": count.item()}
-    loss = main
+    total, count = masked_ce_sum(output.logits, input_ids, loss_mask)
+    loss = total / count.clamp(min=1)
+    metrics = {"main_loss": loss.item(), "accuracy": _accuracy(output.logits, input_ids, loss_mask, 1), "tokens": count.item()}
     if output.mtp_logits:
         mtp_losses = []
         for k, logits in enumerate(output.mtp_logits):
-            mtp_loss, mtp_correct, mtp_count = shifted_ce(logits, input_ids, k + 2, loss_mask)
-            mtp_losses.append(mtp_loss)
-            metrics[f"mtp{k}_loss"] = mtp_loss.item()
-            metrics[f"mtp{k}_accuracy"] = (mtp_correct / mtp_count.clamp(min=1)).item()
+            mtp_total, mtp_count = masked_ce_sum(logits, input_ids, loss_mask, shift=k + 2)
+            mtp_losses.append(mtp_total / mtp_count.clamp(min=1))
+            metrics[f"mtp{k}_loss"] = mtp_losses[-1].item()
+            metrics[f"mtp{k}_accuracy"] = _accuracy(logits, input_ids, loss_mask, k + 2)
         mtp_mean = torch.stack(mtp_losses).mean()
         metrics["mtp_loss"] = mtp_mean.item()
         loss = loss + lam * mtp_mean

@@ -29,6 +29,16 @@ class ModelOutput:
     aux_loss: Tensor | None = None  # seq_aux_alpha * sequence-wise balance loss (summed over MoE layers)
 
 
+def _with_next_token(attention_mask: Tensor | None, input_ids: Tensor, ahead: int) -> Tensor:
+    """The token weights [B,S] an MTP module reading token t+ahead counts in its expert loads: a position whose
+    row has no token `ahead` further on (its input is padding, or wraps round) weighs 0, so the loads do not
+    depend on how far a batch is padded."""
+    weight = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    has_next = torch.roll(weight > 0, shifts=-ahead, dims=1)
+    has_next[:, max(0, weight.shape[1] - ahead):] = False
+    return weight * has_next.to(weight.dtype)
+
+
 class Decoder(nn.Module):
     """Holds `model.*` keys: embed_tokens, layers (main blocks, then MTP modules), norm."""
 
@@ -141,7 +151,7 @@ class Transformer(nn.Module):
                 # module k at position t reads token t+k+1; the last k+1 positions have no such token (not meaningful)
                 next_ids = torch.roll(input_ids, shifts=-(k + 1), dims=1)
                 prev, step_logits, balance = self._mtp_step(module, prev, next_ids, cos, sin, mask, cache_positions,
-                                                            cache, attention_mask)
+                                                            cache, _with_next_token(attention_mask, input_ids, k + 1))
                 mtp_logits.append(step_logits)
                 aux = aux + balance
         return ModelOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits,

@@ -1,6 +1,7 @@
-"""One handle on the two kinds of causal LM r1pipe trains with supervised losses: its own
-DeepSeek-V3 (`model_type: deepseek_v3`, r1pipe.model) and any dense Hugging Face causal LM that
-transformers loads (Qwen2, Llama, ...). The checkpoint's config.json says which.
+"""The two kinds of causal LM r1pipe trains, behind one set of functions: its own DeepSeek-V3
+(`model_type: deepseek_v3`, r1pipe.model) and any dense Hugging Face causal LM that transformers
+loads (Qwen2, Llama, ...). The checkpoint's config.json says which; the module is used as it is
+(its state dict keys are the Hugging Face ones), and these functions load, run and save either.
 
 Also the tiny dense students: Qwen2 / Llama configs small enough for a CPU, built locally (no
 download) around a given tokenizer, for tests and the distillation recipe.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.errors import ConfigError, ModelError
-from r1pipe.model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from r1pipe.model import ModelConfig, ModelOutput, Transformer, load_pretrained, save_pretrained
 from r1pipe.model.precision import Precision, apply_precision
 from r1pipe.model_dir import tokenizer_dir_error
 from r1pipe.vocab import DENSE_PRESETS, PRESETS
@@ -28,74 +28,75 @@ V3 = "deepseek_v3"
 
 
 
-def model_type_of(path: str | Path) -> str:
-    """config.json's model_type; a directory without one is a clear error."""
+def model_config(path: str | Path) -> dict:
+    """The checkpoint's config.json; a directory without one is a clear error."""
     config = Path(path).expanduser() / "config.json"
     if not config.is_file():
         raise ModelError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
-    model_type = json.loads(config.read_text()).get("model_type")
+    return json.loads(config.read_text())
+
+
+def model_type_of(path: str | Path) -> str:
+    """config.json's model_type."""
+    model_type = model_config(path).get("model_type")
     if not model_type:
-        raise ModelError(f"{config}: no model_type")
+        raise ModelError(f"{Path(path) / 'config.json'}: no model_type")
     return model_type
 
 
-@dataclass
-class CausalLM:
-    """A trainable causal LM of either family, with what a supervised stage needs of it."""
-
-    module: nn.Module
-    family: str  # "deepseek_v3" (r1pipe.model) or the Hugging Face model_type
-    path: Path
-    compute_dtype: torch.dtype = torch.float32  # bf16: autocast over fp32 master weights (V3 does it inside)
-
-    @property
-    def is_v3(self) -> bool:
-        return self.family == V3
-
-    @property
-    def max_length(self) -> int:
-        config = self.module.config
-        return int(getattr(config, "max_position_embeddings", 0) or 2048)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, mtp: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """(logits [B,S,V], MTP logits per module [B,S,V] (r1pipe V3 with mtp=True only)).
-
-        Batches are right-padded, so causal attention never reads padding for a real token and no
-        mask is needed for the loss; Hugging Face models still get attention_mask (some use it for
-        positions)."""
-        if self.is_v3:
-            out = self.module(input_ids, mtp=mtp)
-            return out.logits, list(out.mtp_logits)
-        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            return self.module(input_ids=input_ids, attention_mask=attention_mask).logits.float(), []
-
-    def after_optimizer_step(self) -> None:
-        """DeepSeekMoE's aux-loss-free balancing nudges its routing bias after each step."""
-        if self.is_v3:
-            self.module.update_router_bias()
-
-    def save(self, path: str | Path) -> None:
-        """Weights and config in the Hugging Face layout (tokenizer files are the caller's)."""
-        if self.is_v3:
-            save_pretrained(self.module, path)
-        else:
-            self.module.save_pretrained(str(path), safe_serialization=True)
+def context_length(path: str | Path) -> int:
+    """The longest sequence the checkpoint's model takes (max_position_embeddings; 2048 without one)."""
+    return int(model_config(path).get("max_position_embeddings") or 2048)
 
 
-def load_causal_lm(path: str | Path, precision: Precision | None = None, device: str = "cpu") -> CausalLM:
-    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise; fp32
-    master weights, computing as `precision` says (the recipe's model.dtype / fp8 / fp8_exclude)."""
+def is_v3(module: nn.Module) -> bool:
+    """Whether `module` is r1pipe's DeepSeek-V3 (else a transformers causal LM)."""
+    return isinstance(module, Transformer)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in over its fp32 masters (the recipe's model.dtype)."""
+    return getattr(module, "compute_dtype", torch.float32)
+
+
+def run_model(module: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, mtp: bool = False,
+              **v3_options: Any) -> ModelOutput:
+    """One forward of either family as r1pipe's ModelOutput (logits [B,S,V] float32; MTP logits for V3 with
+    mtp=True; `v3_options`: positions, prefix, routing for r1pipe's V3). Batches are right-padded, so causal
+    attention never reads padding for a real token; a transformers model computes under autocast in its
+    compute dtype (r1pipe's V3 does that inside)."""
+    if is_v3(module):
+        return module(input_ids, attention_mask=attention_mask, mtp=mtp, **v3_options)
+    if v3_options or mtp:
+        raise ValueError(f"{type(module).__name__}: packed prompts, routing replay and MTP are r1pipe V3 features")
+    dtype = compute_dtype(module)
+    with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
+    return ModelOutput(logits=logits.float(), hidden=None)  # type: ignore[arg-type]
+
+
+def save_model(module: nn.Module, path: str | Path) -> None:
+    """Weights and config in the Hugging Face layout (tokenizer files are the caller's)."""
+    if is_v3(module):
+        save_pretrained(module, path)
+    else:
+        module.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_model(path: str | Path, precision: Precision | None = None, device: str = "cpu") -> nn.Module:
+    """r1pipe's V3 for deepseek_v3 checkpoints, transformers' AutoModelForCausalLM otherwise; fp32 master
+    weights, computing as `precision` says (the recipe's model.dtype / fp8 / fp8_exclude)."""
     path = Path(path).expanduser()
     precision = precision or Precision()
     family = model_type_of(path)
     if family == V3:
-        module: nn.Module = apply_precision(load_pretrained(path, dtype=torch.float32, device=device), precision)
-    else:
-        if precision.fp8:
-            raise ConfigError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
-                             "(train it in model.dtype float32 or bfloat16)")
-        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
-    return CausalLM(module, family, path, precision.dtype)
+        return apply_precision(load_pretrained(path, dtype=torch.float32, device=device), precision)
+    if precision.fp8:
+        raise ConfigError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3; {path} is a {family} model "
+                         "(train it in model.dtype float32 or bfloat16)")
+    module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    module.compute_dtype = precision.dtype
+    return module
 
 
 def init_model(preset: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
@@ -154,9 +155,10 @@ def main(args: argparse.Namespace) -> int:
     if error:
         raise ModelError(error)
     out = init_model(args.preset, args.tokenizer, args.out, args.seed)
-    model = load_causal_lm(out)
-    print(f"{out}: {model.family}, {sum(p.numel() for p in model.module.parameters()):,} parameters")
+    model = load_model(out)
+    print(f"{out}: {model_type_of(out)}, {sum(p.numel() for p in model.parameters()):,} parameters")
     return 0
 
 
-__all__ = ["CausalLM", "DENSE_PRESETS", "dense_config", "init_model", "V3", "init_dense_student", "load_causal_lm", "load_tokenizer", "model_type_of"]
+__all__ = ["DENSE_PRESETS", "V3", "compute_dtype", "context_length", "model_config", "dense_config", "init_dense_student", "init_model", "is_v3", "load_model",
+           "load_tokenizer", "model_type_of", "run_model", "save_model"]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from r1pipe.causal_lm import load_causal_lm
+from r1pipe.causal_lm import is_v3, load_model
 from r1pipe.config import ConfigError, load_recipe, stage_config
 from r1pipe.data import load_sft_examples
 from r1pipe.data.jsonl import write_jsonl
@@ -95,7 +95,7 @@ def test_pretrain_trains_a_dense_student_with_its_own_tokenizer(tmp_path: Path) 
     # the dense student loads back in transformers, the V3 one in r1pipe, each with its own vocabulary
     hf = AutoModelForCausalLM.from_pretrained(dense["model_path"])
     assert hf.config.model_type == "qwen2" and hf.config.vocab_size == dense["vocab_size"] == len(load_tokenizer(dense["model_path"]))
-    assert load_causal_lm(v3["model_path"]).is_v3 and v3["vocab_size"] != dense["vocab_size"]
+    assert is_v3(load_model(v3["model_path"])) and v3["vocab_size"] != dense["vocab_size"]
     # same corpus splits: the students are scored on the same held-out problems
     assert Path(dense["heldout_path"]).read_text() == Path(v3["heldout_path"]).read_text()
     assert 0.0 <= dense["base_accuracy_greedy"] <= 1.0

@@ -54,8 +54,8 @@ CFG = PolicyConfig(lr=1e-4, kl_coef=0.1, micro_batch_size=2, clip_low=0.2, clip_
 
 def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, tmp_path):
     model = tiny_model(tmp_path / "model")
-    one = PolicyGroup(1, model, CFG, with_reference=True)
-    two = PolicyGroup(2, model, CFG, with_reference=True)
+    one = PolicyGroup(1, model, CFG, frozen_path=model)
+    two = PolicyGroup(2, model, CFG, frozen_path=model)
     for seed in (0, 1):
         s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
         assert s1["tokens"] == s2["tokens"]
@@ -75,7 +75,7 @@ def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, 
     # a checkpoint of the 2 sharded workers resumes on 1 worker and continues like the 2
     ckpt = tmp_path / "ckpt"
     two.save_checkpoint(str(ckpt), tokenizer_dir=None)
-    resumed = PolicyGroup(1, model, CFG, with_reference=True)
+    resumed = PolicyGroup(1, model, CFG, frozen_path=model)
     resumed.load_checkpoint(str(ckpt))
     a, b = grpo_step(two, 2), grpo_step(resumed, 2)
     assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"])
@@ -95,8 +95,8 @@ def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, 
 
 def test_activation_checkpointing_gives_the_same_update(ray_cluster, tmp_path):
     model = tiny_model(tmp_path / "model")
-    plain = PolicyGroup(2, model, CFG, with_reference=True)
-    recompute = PolicyGroup(2, model, dataclasses.replace(CFG, activation_checkpointing=True), with_reference=True)
+    plain = PolicyGroup(2, model, CFG, frozen_path=model)
+    recompute = PolicyGroup(2, model, dataclasses.replace(CFG, activation_checkpointing=True), frozen_path=model)
     a, b = grpo_step(plain, 0), grpo_step(recompute, 0)
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * max(1.0, a["grad_norm"])
     probe, _ = batch_and_advantages(seed=9)
@@ -107,8 +107,8 @@ def test_activation_checkpointing_gives_the_same_update(ray_cluster, tmp_path):
 
 def test_sharded_workers_that_keep_parameters_gathered_step_like_one(ray_cluster, tmp_path):
     model = tiny_model(tmp_path / "model")
-    one = PolicyGroup(1, model, CFG, with_reference=True)
-    kept = PolicyGroup(2, model, dataclasses.replace(CFG, fsdp_keep_gathered=True), with_reference=True)
+    one = PolicyGroup(1, model, CFG, frozen_path=model)
+    kept = PolicyGroup(2, model, dataclasses.replace(CFG, fsdp_keep_gathered=True), frozen_path=model)
     for seed in (0, 1):
         s1, s2 = grpo_step(one, seed), grpo_step(kept, seed)
         assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
@@ -183,7 +183,7 @@ def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(ray_cl
     gradients is put back into the buffer."""
     model = tiny_model(tmp_path / "model")
     cfg = dataclasses.replace(CFG, fsdp=False, shared_memory=shared_memory)
-    one, two = PolicyGroup(1, model, cfg, with_reference=True), PolicyGroup(2, model, cfg, with_reference=True)
+    one, two = PolicyGroup(1, model, cfg, frozen_path=model), PolicyGroup(2, model, cfg, frozen_path=model)
     assert ray.get([w.__ray_call__.remote(lambda w: w.shared_grads is not None) for w in two.workers]) == [shared_memory] * 2
     for seed in (0, 1):
         s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
@@ -211,7 +211,7 @@ def test_a_checkpoint_is_sized_before_it_is_written_and_resumes_exactly(ray_clus
       refused before it starts."""
     model = weight_sync_tiny_model(tmp_path / "model", layers=2, mtp_layers=1)
     cfg = dataclasses.replace(CFG, fsdp=fsdp, lr=1e-2)
-    writer = PolicyGroup(workers, model, cfg, with_reference=True)
+    writer = PolicyGroup(workers, model, cfg, frozen_path=model)
     for seed in (0, 1):
         grpo_step(writer, seed)
     estimate = writer.checkpoint_bytes()
@@ -229,7 +229,7 @@ def test_a_checkpoint_is_sized_before_it_is_written_and_resumes_exactly(ray_clus
         write_checkpoint(tiny, 2, lambda d: writer.save_checkpoint(str(d), None), {})
     assert list(tiny.iterdir()) == []
 
-    reader = PolicyGroup(workers, model, cfg, with_reference=True)
+    reader = PolicyGroup(workers, model, cfg, frozen_path=model)
     reader.load_checkpoint(str(ckpt))
     assert reader.memory() == writer.memory()  # the same optimizer state, byte for byte
     for seed in (2, 3):

@@ -90,7 +90,7 @@ def test_draft_lr_scale_steps_only_the_drafter_faster(tmp_path):
     batch, adv = batch_and_inputs()
     base = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-3, draft_loss=True))
     fast = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-3, draft_loss=True, draft_lr_scale=10.0))
-    assert [g["lr"] for g in fast.optimizer.param_groups] == [1e-3, 1e-2]
+    assert [g["lr"] for g in fast.optimizer.param_groups] == [1e-3, 1e-3, 1e-2, 1e-2]  # matrices, then vectors
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     step(base, batch, adv)
     step(fast, batch, adv)

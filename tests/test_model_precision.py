@@ -95,7 +95,7 @@ def test_fp8_and_bf16_together_train():
 
 
 def _policy_batch(vocab: int):
-    from r1pipe.workers.batch import TrainBatch
+    from r1pipe.data.batch import TrainBatch
 
     ids = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(5))
     response = torch.zeros(4, 11)
@@ -108,7 +108,7 @@ def test_policy_worker_holds_fp8_modules_and_trains(tmp_path):
 
     save_pretrained(Transformer(_small(), seed=4), tmp_path)
     worker = PolicyWorker(0, 1, str(tmp_path), PolicyConfig(lr=1e-3, precision=Precision(
-        dtype=torch.bfloat16, fp8=True, fp8_exclude=["*.kv_b_proj"])), with_reference=True)
+        dtype=torch.bfloat16, fp8=True, fp8_exclude=["*.kv_b_proj"])), frozen_path=str(tmp_path))
     for model in (worker.model, worker.reference):
         assert isinstance(model.get_submodule("model.layers.1.self_attn.q_b_proj"), FP8Linear)
         assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), FP8Linear)

@@ -9,7 +9,7 @@ from test_grpo_weight_sync import tiny_model
 from r1pipe.algo import token_logprobs_and_entropy
 from r1pipe.model import Precision, load_pretrained
 from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch
-from r1pipe.workers.batch import by_length
+from r1pipe.data.batch import by_length
 
 
 def mixed_lengths_batch():

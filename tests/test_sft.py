@@ -17,12 +17,22 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
-from r1pipe.causal_lm import load_causal_lm
+from r1pipe.causal_lm import load_model, run_model
+from r1pipe.data.batch import EpochOrder
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.stages import StageContext
 from r1pipe.stages.configs import SFTConfig
-from r1pipe.stages.sft import SFTTrainer, StepPlan, collate, run_sft
+from r1pipe.stages.sft import load_data, run_sft
 from tiny_models import make_tiny_qwen2, make_tiny_v3, write_worked_solutions
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +67,11 @@ def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(task, tmp_path, fami
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([load_tokenizer(out["model_path"])("What is 12 + 30?").input_ids])
-    ours = load_causal_lm(out["model_path"])
+    ours = load_model(out["model_path"]).eval()
     theirs = AutoModelForCausalLM.from_pretrained(out["model_path"], dtype=torch.float32).eval()
-    assert ours.family == ("deepseek_v3" if family == "v3" else "qwen2")
+    assert type(theirs).__name__ == ("DeepseekV3ForCausalLM" if family == "v3" else "Qwen2ForCausalLM")
     with torch.no_grad():
-        diff = (ours.module.eval()(ids).logits if family == "v3" else ours.forward(ids)[0]) - theirs(ids).logits
+        diff = run_model(ours, ids).logits - theirs(ids).logits
     assert diff.abs().max() < 1e-4
 
 
@@ -78,14 +88,14 @@ def test_masked_ce_sum_hand_checked():
 
 
 def test_prompt_targets_do_not_change_the_loss(task):
-    lm = load_causal_lm(task["v3"])
+    lm = load_model(task["v3"])
     tok = load_tokenizer(task["v3"])
     prompt = tok("A question: What is 12 + 30? Assistant:", add_special_tokens=False).input_ids
     answer = tok(" <answer> 42 </answer>", add_special_tokens=False).input_ids
     ids = torch.tensor([prompt + answer])
     mask = torch.tensor([[False] * len(prompt) + [True] * len(answer)])
     with torch.no_grad():
-        logits = lm.forward(ids)[0]
+        logits = run_model(lm, ids).logits
     loss, _ = masked_ce_sum(logits, ids, mask)
     other_prompt = ids.clone()
     other_prompt[0, 1: len(prompt)] = (other_prompt[0, 1: len(prompt)] + 7) % len(tok)  # the prompt's targets changed
@@ -95,33 +105,27 @@ def test_prompt_targets_do_not_change_the_loss(task):
     assert not torch.equal(masked_ce_sum(logits, other_answer, mask)[0], loss)
 
 
-def test_gradient_accumulation_equals_the_full_batch(task, tmp_path):
-    """Micro-batches of 2 and one micro-batch of 8: the same gradient, so the same SGD update (the
-    loss is normalised by the step's target count, not per micro-batch)."""
+def test_micro_batches_give_the_full_batch_update(task, tmp_path):
+    """Micro-batches of 2 and one micro-batch of 8: the same update (the loss is normalised by the step's
+    target count, not per micro-batch)."""
     weights = []
     for micro in (2, 8):
-        trainer = SFTTrainer(sft_config(task, micro_batch_size=micro, batch_size=8), context(tmp_path / str(micro), task["qwen2"]))
-        lm = load_causal_lm(task["qwen2"])
-        tok = load_tokenizer(task["qwen2"])
-        examples, _, _ = trainer.load_data(tok, 512)
-        plan = StepPlan(examples, 8, micro, seed=0)
-        optimizer = torch.optim.SGD(lm.module.parameters(), lr=0.1)
-        trainer.train_step(lm, optimizer, plan.step(0), tok.pad_token_id)
-        weights.append({k: v.clone() for k, v in lm.module.state_dict().items()})
+        # a small lr: AdamW turns a coordinate whose gradient is ~eps (summed in another order) into a step ~lr
+        out = run_sft(sft_config(task, micro_batch_size=micro, batch_size=8, steps=2, checkpoint_every=2, lr=1e-5),
+                      context(tmp_path / str(micro), task["qwen2"]))
+        weights.append(load_weights(Path(out["model_path"])))
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= 1e-6
 
 
-def test_length_grouped_batches_cover_each_epoch_once(task):
+def test_epochs_cover_the_training_split_once_each(task):
     tok = load_tokenizer(task["v3"])
-    trainer = SFTTrainer(sft_config(task), context(Path(task["root"]) / "plan", task["v3"]))
-    examples, heldout, _ = trainer.load_data(tok, 512)
-    plan = StepPlan(examples, 16, 4, seed=0)
-    seen = [e.id for step in range(plan.steps_per_epoch) for micro in plan.step(step) for e in micro]
-    assert sorted(seen) == sorted(e.id for e in examples) and not {e.id for e in heldout} & set(seen)
-    for micro in plan.step(0):  # longest first within a step, so micro-batches hold similar lengths
-        assert [len(e) for e in micro] == sorted((len(e) for e in micro), reverse=True)
-    batch = collate(plan.step(0)[0], tok.pad_token_id)
-    assert batch.target_mask.sum() == sum(e.num_targets for e in plan.step(0)[0])
+    cfg = sft_config(task)
+    examples, heldout, _ = load_data(cfg, context(Path(task["root"]) / "plan", task["v3"]), tok, 512)
+    order = EpochOrder(len(examples), 16, seed=0)
+    for epoch in range(2):
+        seen = [examples[i].id for step in range(order.steps_per_epoch) for i in order.step(epoch * order.steps_per_epoch + step)]
+        assert sorted(seen) == sorted(e.id for e in examples) and not {e.id for e in heldout} & set(seen)
+    assert order.step(0) != order.step(order.steps_per_epoch)  # a fresh permutation each epoch
 
 
 RECIPE = """
@@ -129,7 +133,7 @@ run: {{name: sft-resume, out_dir: runs, seed: 0}}
 model: {{path: {model}}}
 stages: [sft]
 sft: {{kind: sft, train_path: {data}, steps: 12, batch_size: 8, micro_batch_size: 4, lr: 3.0e-3,
-      checkpoint_every: 3, num_threads: 1, eval_every: 4}}
+      checkpoint_every: 3, num_threads: 1, eval_every: 4, num_workers: {workers}}}
 """
 
 
@@ -138,9 +142,12 @@ def run_command(recipe: Path, run_dir: Path) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers):
+    """SIGKILL mid-run, then the same command: it resumes after the newest checkpoint (no step lost or run
+    twice) and ends on the uninterrupted run's weights, in the recipe's own worker layout."""
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"]))
+    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=workers))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_command(recipe, straight).wait(timeout=600) == 0
 
@@ -155,7 +162,9 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_pat
     again = run_command(recipe, killed)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err.decode()[-2000:]
-    assert b"resuming after step" in err or (killed / "sft" / "DONE.json").exists()
+    steps = [json.loads(line)["step"] for line in (killed / "sft" / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if s > 0]
+    assert trained == list(range(1, 13))  # each step logged once: the restart began after step 6, not at 0
 
     a = load_weights(straight / "sft" / "model")
     b = load_weights(killed / "sft" / "model")
@@ -178,8 +187,7 @@ def precision_context(run_dir: Path, model: str, **precision) -> StageContext:
 
 @pytest.mark.parametrize("family", ["v3", "qwen2"])
 def test_bf16_recipe_trains_over_fp32_masters(task, tmp_path, family):
-    trainer = SFTTrainer(sft_config(task, steps=8), precision_context(tmp_path, task[family], dtype="bfloat16"))
-    out = trainer.run()
+    out = run_sft(sft_config(task, steps=8), precision_context(tmp_path, task[family], dtype="bfloat16"))
     assert out["val_loss_end"] < out["val_loss_start"]
     saved = load_weights(Path(out["model_path"]))
     assert all(v.dtype == torch.float32 for v in saved.values())
@@ -189,12 +197,12 @@ def test_fp8_recipe_trains_fp8_projections(task, tmp_path):
     from r1pipe.model.fp8 import FP8Linear
     from r1pipe.model.precision import Precision
 
-    lm = load_causal_lm(task["v3"], Precision(fp8=True))
-    assert sum(isinstance(m, FP8Linear) for m in lm.module.modules()) > 4
-    out = SFTTrainer(sft_config(task, steps=6), precision_context(tmp_path, task["v3"], fp8=True)).run()
+    lm = load_model(task["v3"], Precision(fp8=True))
+    assert sum(isinstance(m, FP8Linear) for m in lm.modules()) > 4
+    out = run_sft(sft_config(task, steps=6), precision_context(tmp_path, task["v3"], fp8=True))
     assert out["val_loss_end"] < out["val_loss_start"]
     with pytest.raises(ValueError, match="model.fp8: FP8 compute is for r1pipe's DeepSeek-V3"):
-        load_causal_lm(task["qwen2"], Precision(fp8=True))
+        load_model(task["qwen2"], Precision(fp8=True))
 
 
 def test_forward_kl_hand_checked():
@@ -214,8 +222,8 @@ def test_forward_kl_hand_checked():
 
 def test_logit_distillation_from_a_teacher(task, tmp_path):
     teacher = run_sft(sft_config(task, steps=16), context(tmp_path / "teacher", task["v3"]))["model_path"]
-    student = SFTTrainer(sft_config(task, steps=12, loss="kl", teacher_path=teacher, mtp=False),
-                         context(tmp_path / "student", task["v3"])).run()
+    student = run_sft(sft_config(task, steps=12, loss="kl", teacher_path=teacher, mtp=False),
+                      context(tmp_path / "student", task["v3"]))
     assert student["val_loss_end"] < 0.7 * student["val_loss_start"]  # held-out CE falls under a KL-only loss
     rows = [json.loads(line) for line in (tmp_path / "student" / "sft" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if "kl" in r]
@@ -226,6 +234,43 @@ def test_logit_distillation_from_a_teacher(task, tmp_path):
 
 def test_distillation_refuses_a_teacher_with_another_tokenizer(task, tmp_path):
     other = make_tiny_v3(tmp_path / "other", vocab_size=350)
-    trainer = SFTTrainer(sft_config(task, loss="ce+kl", teacher_path=str(other)), context(tmp_path, task["v3"]))
     with pytest.raises(ValueError, match="teacher's tokenizer differs"):
-        trainer.run()
+        run_sft(sft_config(task, loss="ce+kl", teacher_path=str(other)), context(tmp_path, task["v3"]))
+
+
+def test_long_examples_are_skipped_or_truncated_and_counted(task, tmp_path):
+    tok = load_tokenizer(task["v3"])
+    ctx = context(tmp_path, task["v3"])
+    kept, _, report = load_data(sft_config(task, heldout_fraction=0.0), ctx, tok, 112)
+    long = report["train"]["reasons"]["longer than max_length"]
+    assert long > 0 and len(kept) + long == 240 and all(len(e) <= 112 for e in kept)
+    cut, _, report = load_data(sft_config(task, heldout_fraction=0.0, truncate=True), ctx, tok, 112)
+    assert report["train"]["truncated"] == long and len(cut) == 240 and all(len(e) <= 112 for e in cut)
+    assert "longer than max_length" not in report["train"]["reasons"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1pipe.cli", "run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_an_empty_dataset_is_one_error_line_before_any_actor_starts(task, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(RECIPE.format(model=task["v3"], data=empty, workers=1))
+    done = run_cli(str(recipe), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 2 and str(empty) in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert "Ray instance" not in done.stderr + done.stdout  # it failed before Ray (and any actor) started
+
+
+def test_a_trainer_the_cluster_cannot_hold_fails_within_a_minute_with_the_numbers(task, tmp_path):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=8))
+    t0 = time.time()
+    done = run_cli(str(recipe), "cluster.num_cpus=2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 2 and time.time() - t0 < 60, done.stderr
+    assert "CPU: asked 8" in done.stderr and "available 2" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -16,6 +16,7 @@ class SkipReport:
     """Rows kept and rows skipped, counted by reason, with the first few places for each reason."""
 
     kept: int = 0
+    truncated: int = 0  # kept rows cut to fit (SFT with truncate)
     reasons: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -31,14 +32,15 @@ class SkipReport:
 
     def summary(self) -> str:
         """'kept 95, skipped 5: 3 not JSON (line 4; ...), 2 empty prompt (row 7; ...)'."""
-        text = f"kept {self.kept}, skipped {self.skipped}"
+        text = f"kept {self.kept}" + (f" ({self.truncated} truncated to fit)" if self.truncated else "")
+        text += f", skipped {self.skipped}"
         if self.skipped:
             parts = [f"{n} {reason} ({'; '.join(self.examples[reason])})" for reason, n in self.reasons.most_common()]
             text += ": " + ", ".join(parts)
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "skipped": self.skipped, "reasons": dict(self.reasons)}
+        return {"kept": self.kept, "truncated": self.truncated, "skipped": self.skipped, "reasons": dict(self.reasons)}
 
 
 def read_jsonl_rows(path: str | Path, report: SkipReport) -> tuple[list[dict[str, Any]], list[int]]:

@@ -160,9 +160,10 @@ def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> t
 
 
 def sft_examples(records: Records, fields: FieldMap, tokenizer: Any, *, template: str = "auto",
-                 max_length: int) -> list[SFTExample]:
-    """Tokenized SFT sequences; rows longer than max_length tokens or without trainable text are
-    skipped and counted in records.report."""
+                 max_length: int, truncate: bool = False) -> list[SFTExample]:
+    """Tokenized SFT sequences; rows without trainable text, or longer than max_length tokens, are skipped
+    and counted by reason in records.report (with `truncate`, a long row is cut to max_length instead and
+    counted as truncated; it is skipped only if no trainable token is left)."""
     report = records.report
     out: list[SFTExample] = []
     for i, row in enumerate(records.rows):
@@ -172,12 +173,16 @@ def sft_examples(records: Records, fields: FieldMap, tokenizer: Any, *, template
             report.skip(place, why)
             continue
         ids, mask = tokenize_segments(segments, tokenizer)
+        cut = False
         if len(ids) > max_length:
-            report.skip(place, "longer than max_length", f"{len(ids)} tokens > {max_length}")
-            continue
+            if not truncate:
+                report.skip(place, "longer than max_length", f"{len(ids)} tokens > {max_length}")
+                continue
+            ids, mask, cut = ids[:max_length], mask[:max_length], True
         if not any(mask[1:]):
-            report.skip(place, "no trainable tokens")
+            report.skip(place, "no trainable tokens" + (" within max_length" if cut else ""))
             continue
+        report.truncated += cut
         out.append(SFTExample(row_id(records, i, fields), ids, mask))
     report.kept = len(out)
     return out
@@ -198,12 +203,12 @@ def load_prompt_rows(source: str, tokenizer: Any, *, split: str = "train", field
 
 
 def load_sft_examples(source: str, tokenizer: Any, *, split: str = "train", fields: dict[str, str | None] | None = None,
-                      template: str = "auto", max_length: int, option_prefix: str = "",
+                      template: str = "auto", max_length: int, truncate: bool = False, option_prefix: str = "",
                       log: Callable[[str], None] = print) -> tuple[list[SFTExample], SkipReport]:
     """read_records -> pick_fields (messages, or prompt + response; id) -> sft_examples, logged."""
     records = read_records(source, split)
     picked = pick_fields(records.columns, ("messages", "prompt", "response", "id"), fields, source, option_prefix)
     log(f"data: {source}: {len(records.rows) + records.report.skipped} rows; fields {picked.describe()}")
-    examples = sft_examples(records, picked, tokenizer, template=template, max_length=max_length)
+    examples = sft_examples(records, picked, tokenizer, template=template, max_length=max_length, truncate=truncate)
     log(f"data: {source}: {records.report.summary()}")
     return examples, records.report

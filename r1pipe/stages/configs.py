@@ -82,7 +82,9 @@ class PretrainConfig(StageConfig):
     grad_clip: float = 1.0
     mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
     checkpoint_every: int = 100
-    num_threads: int = 0  # torch threads for this stage; 0 keeps torch's default
+    num_threads: int = 0  # torch threads per worker; 0: the worker's CPUs
+    num_workers: int = 1  # trainer workers (FSDP2-sharded)
+    cpus_per_worker: float = 2.0
     # the base's own check on held-out problems
     eval_size: int = 256  # 0 skips it
     eval_max_tokens: int = 64
@@ -313,6 +315,7 @@ class SFTConfig(StageConfig):
     # model: where to start (default: the newest earlier stage's model, else model.path)
     model_path: Optional[str] = None
     max_length: int = 0  # longest sequence kept; 0: the model's context
+    truncate: bool = False  # a longer example is cut to max_length (and counted) instead of skipped (and counted)
     mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
     # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
     # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer
@@ -336,6 +339,8 @@ class SFTConfig(StageConfig):
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"
+    num_workers: int = 1  # trainer workers (FSDP2-sharded)
+    cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filter_mask, overlong_soft_penalty
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
+from r1pipe.data.batch import epoch_order
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
 from r1pipe.errors import ConfigError, DataError
@@ -85,8 +85,7 @@ class PromptStream:
         for _ in range(n):
             epoch, index = divmod(self.position, len(self.rows))
             if epoch != self._epoch:
-                self._order = list(range(len(self.rows)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+                self._order = epoch_order(len(self.rows), self.seed, epoch)
                 self._epoch = epoch
             out.append(self.rows[self._order[index]])
             self.position += 1
@@ -261,7 +260,7 @@ class GRPOTrainer:
             shared_memory=cfg.shared_memory,
         )
         self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
-        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, with_reference=cfg.kl_coef > 0,
+        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, policy_path if cfg.kl_coef > 0 else None,
                                   placement=self.placement)
         engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
         self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(

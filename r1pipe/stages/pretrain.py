@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict
@@ -25,36 +24,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from r1pipe.algo.schedule import warmup_cosine
-from r1pipe.algo.sft import masked_ce_sum
-from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
+from r1pipe.algo.sft import SupervisedLoss
+from r1pipe.causal_lm import DENSE_PRESETS, dense_config, load_model, save_model
+from r1pipe.data.rows import SFTExample
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.synthetic import (
     CodeTask, code_row, cold_start_rows, corpus_texts, make_splits, math_row, problem_row, r1_corpus_texts,
 )
 from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from r1pipe.errors import ConfigError
-from r1pipe.model import ModelConfig, Precision, Transformer, apply_precision, lm_loss
+from r1pipe.model import ModelConfig, Precision, Transformer
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
-from r1pipe.tracking.checkpoints import atomic_write, check_free_space
-from r1pipe.tracking.progress import StepProgress
-from r1pipe.workers.sharding import checkpoint_bytes, tensor_bytes
+from r1pipe.stages.supervised import Schedule, SupervisedRun, TrainerResources, export_model, train
+from r1pipe.tracking.checkpoints import atomic_write
+from r1pipe.workers.policy import PolicyConfig
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
 OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "code_train_path": "code_train.jsonl",
                 "code_heldout_path": "code_heldout.jsonl", "mixed_train_path": "mixed_train.jsonl",
                 "mixed_heldout_path": "mixed_heldout.jsonl", "sft_path": "cold_start.jsonl"}
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
 def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
@@ -68,27 +63,19 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written or how it is checked); `model_section`
     is stage_model_section's, so the stage's preset and model_overrides enter through it."""
     shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
-                                                                   "eval_max_tokens", "preset", "model_overrides")
+                                                                   "eval_max_tokens", "preset", "model_overrides",
+                                                                   "num_workers", "cpus_per_worker")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     # version 2 for dense bases: since then their corpus is tokenized by the trained tokenizer as is
     version = 2 if model_section.get("preset") in DENSE_PRESETS else 1
     key = {"pretrain": shaping, "model": model_section, "seed": seed, "version": version}
+    key["trainer"] = "group"  # trained on the trainer group (fused AdamW, the step's sums), not the old in-process loop
     if cfg.world == "r1":  # 2: the cold-start set's code summaries name the function (its files are cached too)
         key["r1_world"] = 2
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _batches(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Example indices of batch `step`: epochs are fresh seeded permutations, so the data position
-    is the step number alone and a resumed run sees exactly the batches it would have."""
-    per_epoch = n_examples // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[i * batch_size:(i + 1) * batch_size]
 
 
 def _copy_outputs(src: Path, dst: Path) -> None:
@@ -123,7 +110,7 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
         print(f"pretrain: reusing the cached base {cached}")
         return _outputs(stage_dir, key)
 
-    train_base(cfg, model_section, ctx.seed, stage_dir)
+    train_base(cfg, model_section, ctx.seed, stage_dir, ctx.recipe)
 
     if cached is not None:  # publish atomically: copy to a temp dir, then rename
         try:
@@ -141,100 +128,58 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
     return _outputs(stage_dir, key)
 
 
-def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: Path) -> None:
+def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: Path, recipe: Any = None) -> None:
     """Write stage_dir/{train,heldout}.jsonl, stage_dir/model (weights + tokenizer), base_eval.json."""
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
-
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     t0 = time.time()
 
     # 1. problems: held-out and RL-train splits, then a corpus that avoids both
-    heldout, train = make_splits(seed, cfg.problem_kinds, cfg.max_digits, cfg.heldout_size, cfg.train_size)
+    heldout, train_problems = make_splits(seed, cfg.problem_kinds, cfg.max_digits, cfg.heldout_size, cfg.train_size)
     write_jsonl(stage_dir / "heldout.jsonl", (problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout)))
-    write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
+    write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train_problems)))
     n_corpus = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
     n_corpus = min(n_corpus, 200_000)
     if cfg.world == "r1":
-        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train, n_corpus)
+        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train_problems, n_corpus)
     else:
         corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
-                              cfg.guess_correct, exclude=set(heldout) | set(train), tutor_fraction=cfg.tutor_fraction)
+                              cfg.guess_correct, exclude=set(heldout) | set(train_problems), tutor_fraction=cfg.tutor_fraction)
 
-    # 2. tokenizer (deterministic given the corpus), saved beside the weights
-    model_dir = stage_dir / "model"
-    if not (model_dir / "tokenizer.json").exists():
-        tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
-        save_tokenizer(tok, model_dir)
-    tokenizer = load_tokenizer(model_dir)  # as SFT, GRPO and eval will load it
+    # 2. tokenizer (deterministic given the corpus) and the initial model, saved together
+    init_dir = stage_dir / "init"
+    if not (init_dir / "config.json").exists():
+        with atomic_write(init_dir) as tmp:
+            tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
+            save_tokenizer(tok, tmp)
+            model = build_model(model_section, load_tokenizer(tmp), precision, seed)
+            save_model(model, tmp)
+    tokenizer = load_tokenizer(init_dir)  # as SFT, GRPO and eval will load it
+    num_params = sum(p.numel() for p in load_model(init_dir).parameters())
 
     # prompt and completion are encoded apart, exactly as generation sees them (a prompt is
     # tokenized alone, then the model continues it), and the loss covers the completion + eos.
     prompts = tokenizer([p for p, _ in corpus], add_special_tokens=False).input_ids
     completions = tokenizer([c for _, c in corpus], add_special_tokens=False).input_ids
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    examples = [(p, c + [eos]) for p, c in zip(prompts, completions)]
+    eos = tokenizer.eos_token_id
+    examples = [SFTExample(str(i), [*p, *c, eos], [False] * len(p) + [True] * (len(c) + 1))
+                for i, (p, c) in enumerate(zip(prompts, completions))]
 
-    # 3. model: the preset with the recipe's (or the stage's) overrides, vocabulary from the tokenizer
-    lm = build_model(model_section, tokenizer, precision, seed, model_dir)
-    model = lm.module
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-    ckpt_path = stage_dir / "checkpoint.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
-        print(f"pretrain: resuming from step {start}/{cfg.steps}")
-
-    # stop before training, not at a save: checkpoint.pt is replaced by a new one written beside it, and
-    # the final model is written beside the last one
-    saves = len([s for s in range(start + 1, cfg.steps) if s % cfg.checkpoint_every == 0])
-    on_disk, ckpt_bytes = int(ckpt_path.exists()), checkpoint_bytes(model)
-    model_bytes = tensor_bytes(model.state_dict().values())
-    check_free_space(stage_dir, max((min(2, on_disk + saves) - on_disk) * ckpt_bytes,
-                                    (min(1, on_disk + saves) - on_disk) * ckpt_bytes + model_bytes))
-    model.train()
-    tokens_seen, t_train, loss_ema = 0, time.time(), None
-    with StepProgress(cfg.steps, start, "pretrain", show=("loss", "grad_norm", "tokens_per_second")) as progress:
-        for step in range(start, cfg.steps):
-            batch = [examples[i] for i in _batches(len(examples), cfg.batch_size, step, seed)]
-            width = max(len(p) + len(c) for p, c in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            loss_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, (p, c) in enumerate(batch):  # right padding: causal attention never looks ahead at it
-                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-                loss_mask[row, len(p): len(p) + len(c)] = True
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss = base_loss(lm, ids, loss_mask, cfg.mtp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            lm.after_optimizer_step()
-            tokens_seen += int(loss_mask.sum())
-            loss_value = loss.item()
-            loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
-            rate = tokens_seen / max(time.time() - t_train, 1e-6)
-            progress.advance({"loss": loss_ema, "grad_norm": float(grad_norm), "tokens_per_second": round(rate)})
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                with atomic_write(ckpt_path, ckpt_bytes) as tmp:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                "torch_rng": torch.get_rng_state()}, tmp)
-    train_seconds = time.time() - t_train
-
-    with atomic_write(model_dir, model_bytes) as tmp:
-        shutil.copytree(model_dir, tmp)  # the tokenizer, saved before training
-        lm.save(tmp)
-    report: dict[str, Any] = {"final_loss": loss_ema, "pretrain_seconds": round(train_seconds, 1),
-                              "num_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+    # 3. the trainer group: CE on the completions (+ the MTP modules' for V3)
+    run = SupervisedRun(
+        name="pretrain", stage_dir=stage_dir, model_path=str(init_dir), examples=examples, heldout=[],
+        batch_size=cfg.batch_size, schedule=Schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio),
+        trainer=PolicyConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, adam_betas=(0.9, 0.95), grad_clip=cfg.grad_clip,
+                             supervised=SupervisedLoss(mtp=cfg.mtp), micro_batch_size=cfg.batch_size,
+                             num_threads=cfg.num_threads, seed=seed, precision=precision),
+        resources=TrainerResources(workers=cfg.num_workers, cpus=cfg.cpus_per_worker), recipe=recipe or {}, seed=seed,
+        pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
+        show=("loss", "grad_norm", "tokens_per_second"),
+    )
+    final, state = train(run)
+    model_dir = stage_dir / "model"
+    export_model(final, model_dir)
+    report: dict[str, Any] = {"final_loss": state.get("train_loss"), "pretrain_seconds": round(state["wall_seconds"], 1),
+                              "num_params": num_params, "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:
         rows = [problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout[: cfg.eval_size])]
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
@@ -248,12 +193,13 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                                                  report["base_worked_accuracy_sampled"]))
     report["seconds"] = round(time.time() - t0, 1)
     (stage_dir / "base_eval.json").write_text(json.dumps(report, indent=2))
-    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(run.ckpt_root, ignore_errors=True)  # the base is model/; its training state is no longer needed
+    shutil.rmtree(init_dir, ignore_errors=True)
 
 
-def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, model_dir: Path) -> Any:
-    """A freshly initialised CausalLM (r1pipe.causal_lm) of the section's preset, sized to the tokenizer:
-    r1pipe's DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
+def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int) -> nn.Module:
+    """A freshly initialised fp32 model of the section's preset, sized to the tokenizer: r1pipe's
+    DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
     preset = model_section.get("preset") or "tiny"
     overrides = dict(model_section.get("overrides") or {})
     torch.manual_seed(seed)  # the model initialises from torch's default generator
@@ -261,7 +207,7 @@ def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, 
         if precision.fp8:
             raise ConfigError(f"model.fp8: FP8 compute is for r1pipe's DeepSeek-V3, not the dense preset {preset!r}")
         config = dense_config(preset, tokenizer, **overrides)
-        return CausalLM(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config.model_type, model_dir, precision.dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     config = ModelConfig.preset(preset)
     for name, value in overrides.items():
         if not hasattr(config, name):
@@ -271,17 +217,7 @@ def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int, 
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     config.torch_dtype = "float32"
     config = ModelConfig.from_dict(config.to_dict())  # re-runs the config's own checks
-    # fp32 masters; bf16 compute under autocast
-    return CausalLM(apply_precision(Transformer(config), precision), V3, model_dir, precision.dtype)
-
-
-def base_loss(lm: Any, ids: Any, loss_mask: Any, mtp: bool) -> Any:
-    """Mean next-token CE over the completion tokens (loss_mask [B,S]); V3 adds its MTP modules' loss."""
-    if lm.is_v3:
-        return lm_loss(lm.module(ids, mtp=mtp), ids, loss_mask=loss_mask)[0]
-    logits, _ = lm.forward(ids)
-    total, count = masked_ce_sum(logits, ids, loss_mask)
-    return total / count.clamp(min=1)
+    return Transformer(config)
 
 
 def interleave(a: list, b: list) -> list:

@@ -1,9 +1,6 @@
-"""The rollout batch as the trainer sees it: right-padded prompt+completion rows and masks.
-
-Row i is prompt_i + completion_i + padding. Position t's logits predict token t+1, so the
-per-token tensors (log-probs, masks) are [B, S-1] and `response_mask[i, t]` is 1 when token t+1
-of row i is a completion token. Right padding keeps positions 0..len-1 for every row, exactly
-what the engine used, and causal attention never lets a real token see the padding after it.
+"""Rollouts as the GRPO stage holds them: completions, their rewards and policy versions, and the step's
+batch, which becomes the trainer's TrainBatch (r1pipe.data.batch: prompt + completion rows, the
+completion tokens as targets).
 """
 from __future__ import annotations
 
@@ -12,70 +9,7 @@ from dataclasses import astuple, dataclass, field
 import torch
 from torch import Tensor
 
-
-@dataclass
-class TrainBatch:
-    input_ids: Tensor  # [B, S] long
-    attention_mask: Tensor  # [B, S] bool, True on real tokens
-    response_mask: Tensor  # [B, S-1] float: 1 where the target token is a completion token
-    routing: list[Tensor] | None = None  # per MoE layer [B, S, top_k] (routing replay) or None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def rows(self, index: Tensor | slice) -> "TrainBatch":
-        routing = None if self.routing is None else [r[index] for r in self.routing]
-        return TrainBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index], routing)
-
-    def trimmed(self, multiple: int = 1) -> "TrainBatch":
-        """The same rows cut to their longest one, rounded up to a multiple of `multiple` (at most the
-        current width): padding columns that every row has are dropped (right padding: the real tokens'
-        positions and results do not change). A multiple > 1 keeps the set of shapes small for backends
-        that compile a kernel per shape (oneDNN bf16 on CPU)."""
-        S = self.input_ids.shape[1]
-        longest = max(2, int(self.attention_mask.sum(1).max())) if len(self) else S
-        width = min(S, -(-longest // multiple) * multiple)
-        if width == S:
-            return self
-        routing = None if self.routing is None else [r[:, :width] for r in self.routing]
-        return TrainBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, : width - 1],
-                          routing)
-
-
-def by_length(batch: TrainBatch) -> Tensor:
-    """Row indices, longest row first (ties in row order): cut into consecutive micro-batches, each
-    holds rows of similar length and pads only to its own longest (TrainBatch.trimmed)."""
-    return torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
-
-
-def build_batch(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    pad_id: int,
-    routing: list[Tensor] | None = None,
-) -> TrainBatch:
-    """Pack rows; `routing` (optional) is one LongTensor[num_moe_layers, P_i + C_i, top_k] per row."""
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError("prompt_ids and completion_ids differ in length")
-    lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], dtype=torch.long)
-    prompt_lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
-    seq_len = int(lengths.max())
-    batch = len(lengths)
-    columns = torch.arange(seq_len)
-    attention_mask = columns < lengths[:, None]
-    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    input_ids[attention_mask] = torch.tensor([t for p, c in zip(prompt_ids, completion_ids) for t in (*p, *c)],
-                                             dtype=torch.long)  # row-major: each row's tokens in order
-    targets = columns[:-1]
-    response_mask = ((targets >= prompt_lens[:, None] - 1) & (targets < lengths[:, None] - 1)).float()
-    replay = None
-    if routing is not None:
-        layers, _, top_k = routing[0].shape
-        replay = [torch.zeros(batch, seq_len, top_k, dtype=torch.long) for _ in range(layers)]
-        for i, r in enumerate(routing):
-            for layer in range(layers):
-                replay[layer][i, : r.shape[1]] = r[layer]
-    return TrainBatch(input_ids, attention_mask, response_mask, replay)
+from r1pipe.data.batch import TrainBatch, build_batch
 
 
 def pad_per_token(values: list[list[float]], prompt_lens: list[int], shape: tuple[int, int]) -> Tensor:

@@ -13,7 +13,8 @@ from typing import Any
 import ray
 import torch
 
-from r1pipe.workers.batch import TrainBatch
+from r1pipe.algo.sft import TargetCounts
+from r1pipe.data.batch import TrainBatch
 from r1pipe.workers.placement import Placement
 from r1pipe.workers.policy import PolicyConfig, PolicyWorker
 from r1pipe.workers.weight_sync import plan_buckets
@@ -38,24 +39,38 @@ def balanced_shards(tokens: torch.Tensor, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def _combine(results: list[dict[str, float]]) -> dict[str, float]:
+    """The ranks' step results as one: sums added, *_max keys maxed, grad_norm and maxvio (the same on every
+    rank) from rank 0."""
+    total: dict[str, float] = {}
+    for r in results:
+        for k, v in r.items():
+            total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0.0) + v
+    total["grad_norm"] = results[0]["grad_norm"]
+    total["maxvio"] = results[0]["maxvio"]
+    return total
+
+
 class PolicyGroup:
     def __init__(
         self,
         num_workers: int,
         model_path: str,
         cfg: PolicyConfig,
-        with_reference: bool,
+        frozen_path: str | None = None,
         placement: Placement | None = None,
     ):
-        """`placement`: the stage's reserved placement group; None: Ray's default (1 CPU each)."""
+        """`frozen_path`: a model each worker holds without gradients (the KL reference, a teacher; see
+        PolicyWorker); `placement`: the stage's reserved placement group; None: Ray's default (1 CPU each)."""
         actor = ray.remote(PolicyWorker)
         self.cfg = cfg
         self.workers = [actor.options(**(placement.options("policy", rank) if placement else {})).remote(
-                            rank, num_workers, model_path, cfg, with_reference) for rank in range(num_workers)]
+                            rank, num_workers, model_path, cfg, frozen_path) for rank in range(num_workers)]
         self.buckets: list | None = None
         if num_workers > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             ray.get([w.init_distributed.remote(address) for w in self.workers])
+        self.mtp_depth = ray.get(self.workers[0].mtp_depth.remote())  # MTP modules the supervised loss trains
 
     def _num_micro(self, shards: list[slice]) -> int:
         """Micro-batches every rank runs: enough for the largest shard."""
@@ -80,6 +95,7 @@ class PolicyGroup:
         num_draft_positions: float = 0.0,
         engine_logp: torch.Tensor | None = None,
         tis_cap: float | None = None,
+        lr: float | None = None,
     ) -> dict[str, float]:
         """One synchronous optimizer step of every rank (see PolicyWorker.train_step; old_logp None: the
         step's own forward gives them); sums are added over ranks, *_max keys maxed, grad_norm / maxvio
@@ -91,18 +107,27 @@ class PolicyGroup:
                 batch.rows(s), None if old_logp is None else old_logp[s], advantages[s],
                 None if ref_logp is None else ref_logp[s], num_tokens, num_seqs,
                 None if tis_weight is None else tis_weight[s], num_draft_positions, num_micro,
-                None if engine_logp is None else engine_logp[s], tis_cap,
+                None if engine_logp is None else engine_logp[s], tis_cap, lr,
             )
             for w, s in zip(self.workers, shards)
         ]
-        results = ray.get(refs)
-        total: dict[str, float] = {}
-        for r in results:
-            for k, v in r.items():
-                total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0.0) + v
-        total["grad_norm"] = results[0]["grad_norm"]
-        total["maxvio"] = results[0]["maxvio"]
-        return total
+        return _combine(ray.get(refs))
+
+    def supervised_step(self, batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step of the supervised loss on `batch` (PolicyWorker.supervised_step), normalised by
+        its whole target counts; the ranks' sums added (grad_norm, maxvio from rank 0)."""
+        counts = TargetCounts.of(batch.target_mask, self.mtp_depth)
+        shards = balanced_shards(batch.attention_mask.sum(1), len(self.workers))
+        num_micro = self._num_micro(shards)
+        return _combine(ray.get([w.supervised_step.remote(batch.rows(s), counts, num_micro, lr)
+                                 for w, s in zip(self.workers, shards)]))
+
+    def eval_loss(self, batch: TrainBatch) -> float:
+        """Mean next-token CE over the targets of `batch` (a validation loss)."""
+        shards = balanced_shards(batch.attention_mask.sum(1), len(self.workers))
+        num_micro = self._num_micro(shards)
+        parts = ray.get([w.eval_loss.remote(batch.rows(s), num_micro) for w, s in zip(self.workers, shards)])
+        return sum(t for t, _ in parts) / max(sum(n for _, n in parts), 1.0)
 
     def memory(self) -> list[dict[str, int]]:
         """Per rank: bytes of parameters and optimizer state held."""

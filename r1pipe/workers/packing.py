@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from r1pipe.model import SharedPrefix
-from r1pipe.workers.batch import TrainBatch
+from r1pipe.data.batch import TrainBatch
 
 
 @dataclass

@@ -119,16 +119,17 @@ class Placement:
         remove_placement_group(self.group)
 
 
-def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK") -> Placement:
+def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK", stage: str = "GRPO") -> Placement:
     """Check the plan against the cluster's resources, then create its placement group and wait at
     most `timeout_s` for it (resources still held by others may free up meanwhile). Raises InsufficientResources with the arithmetic (per resource, and
     per node when the totals fit but the bundles do not)."""
     total = ray.cluster_resources()
     if plan.shortfall(total):  # can never fit: fail now (what is merely busy gets the timeout below)
         lines = plan.arithmetic(total)
+        keys = " / ".join(f"{r.key}.{{workers,cpus,gpus}}" for r in plan.roles)
         raise InsufficientResources(
-            "the GRPO workers ask for more than the Ray cluster has (lower rl.num_*_workers or "
-            "rl.{policy,rollout,reward}_{cpus,gpus}, or give the cluster more: cluster.num_cpus / num_gpus, more nodes):\n"
+            f"the {stage} workers ask for more than the Ray cluster has (lower {keys}, "
+            "or give the cluster more: cluster.num_cpus / num_gpus, more nodes):\n"
             + "\n".join([line for line in lines if "<- short by" in line] + [line for line in lines if "<- short by" not in line]))
     group = placement_group(plan.bundles(), strategy=strategy, name="")
     try:
@@ -140,8 +141,8 @@ def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK")
                              and k not in ("memory", "object_store_memory"))
                  for n in ray.nodes() if n.get("Alive")]
         raise InsufficientResources(
-            f"the GRPO workers' placement group ({strategy}) was not ready after {timeout_s:g}s "
-            "(rl.placement_timeout_s): the totals fit the cluster but not what is free now, or no node can hold a "
+            f"the {stage} workers' placement group ({strategy}) was not ready after {timeout_s:g}s "
+            f"({plan.roles[0].key.rsplit('.', 1)[0]}.placement_timeout_s): the totals fit the cluster but not what is free now, or no node can hold a "
             "bundle:\n"
             + "\n".join(plan.arithmetic(ray.available_resources(), ray.cluster_resources()))
             + f"\n  bundles: {plan.bundles()}\n" + "\n".join(nodes)) from None

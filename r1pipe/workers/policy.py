@@ -1,4 +1,9 @@
-"""PolicyWorker: the trained model (and the frozen reference) on one data-parallel rank.
+"""PolicyWorker: the trained model (and a frozen one: the KL reference or a teacher) on one data-parallel rank.
+
+The trainer of every stage: the model is r1pipe's DeepSeek-V3 or any dense transformers causal LM
+(r1pipe.causal_lm; config.json says which), and a step runs whichever loss the stage hands it: the
+supervised loss (next-token CE + MTP, or forward KL to a teacher: `supervised_step`) for pretraining and
+SFT, the GRPO family (`train_step`) for RL.
 
 N workers split each batch by rows and join one torch.distributed group (gloo on CPU, NCCL on
 GPU). With `fsdp` (the default) the policy and the reference are sharded per decoder block with
@@ -23,11 +28,12 @@ import torch
 import torch.distributed as dist
 
 from r1pipe.algo import draft_loss, grpo_loss, tis_weights, token_logprobs_and_entropy
+from r1pipe.algo.sft import SupervisedLoss, TargetCounts, masked_ce_sum, supervised_loss
+from r1pipe.causal_lm import compute_dtype, is_v3, load_model, run_model, save_model
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.errors import ConfigError
-from r1pipe.model import apply_precision, load_pretrained, save_pretrained
 from r1pipe.workers.allocator import retain_freed_memory
-from r1pipe.workers.batch import TrainBatch, by_length
+from r1pipe.data.batch import TrainBatch, by_length
 from r1pipe.workers.packing import by_prompt, pack_shared_prompts
 from r1pipe.workers.sharding import (
     accumulate, checkpoint_activations, checkpoint_bytes, full_tensors, gathered_model, load_sharded, local_bytes, reshard,
@@ -42,9 +48,11 @@ class PolicyConfig:
     """What a policy worker needs from the GRPO stage config."""
 
     lr: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on matrices only (parameters of 2+ dimensions), not norms and biases
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    supervised: SupervisedLoss = SupervisedLoss()  # the terms of supervised_step (pretraining, SFT)
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss: str = "grpo"  # the policy-gradient surrogate: grpo | gspo | cispo
@@ -59,7 +67,7 @@ class PolicyConfig:
     draft_lr_scale: float = 1.0  # with the draft loss, the MTP module's parameters step at lr x this
     draft_depth: int = 1  # drafts chained per position in the draft loss: the engine's speculative_k
     device: str = "cpu"
-    num_threads: int = 1
+    num_threads: int = 1  # torch threads; 0: the worker's CPUs
     seed: int = 0
     precision: Any = None  # r1pipe.model.Precision from the recipe's model section; None: fp32, no FP8
     fsdp: bool = True  # shard policy and reference across the workers (FSDP2); False: replicas + all-reduce
@@ -76,26 +84,24 @@ class PolicyWorker:
         world_size: int,
         model_path: str,
         cfg: PolicyConfig,
-        with_reference: bool = False,
+        frozen_path: str | None = None,
     ):
-        """`model_path` is the stage's initial policy: the trained model starts from it and the
-        reference (kl_coef > 0) is it for the whole stage; a resumed run then loads its checkpoint
-        into the trained model only (load_checkpoint)."""
-        torch.set_num_threads(cfg.num_threads)
+        """`model_path` is the stage's initial model; a resumed run then loads its checkpoint into it
+        (load_checkpoint). `frozen_path`: a model held without gradients beside it, sharded like it: the
+        GRPO KL reference (the initial policy) or the teacher of logit distillation; None: none."""
+        if cfg.num_threads > 0:  # 0: as many as the worker's CPUs (Ray sets OMP_NUM_THREADS from them)
+            torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse them, do not page-fault them in
             retain_freed_memory()
         torch.manual_seed(cfg.seed + rank)  # this rank's RNG stream (saved in checkpoints)
-        self.model = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))  # fp32 masters
-        if cfg.precision is not None:  # bf16 compute (autocast), FP8 projections
-            apply_precision(self.model, cfg.precision)
+        # fp32 masters; bf16 compute (autocast), FP8 projections as the recipe's model section says
+        self.model = load_model(model_path, cfg.precision, device=str(self.device))
         self.model.train()
         self.reference = None
-        if with_reference:  # kl_coef == 0 drops the reference model entirely
-            self.reference = load_pretrained(model_path, dtype=torch.float32, device=str(self.device))
-            if cfg.precision is not None:
-                apply_precision(self.reference, cfg.precision)
+        if frozen_path is not None:
+            self.reference = load_model(frozen_path, cfg.precision, device=str(self.device))
             self.reference.eval().requires_grad_(False)
         if cfg.activation_checkpointing:
             checkpoint_activations(self.model)
@@ -105,10 +111,10 @@ class PolicyWorker:
         self.flat_grad: torch.Tensor | None = None  # replicas: every gradient is a view of it (_flat_gradients)
         self.shared_grads: SharedGradients | None = None
         # oneDNN compiles a bf16 kernel per matmul shape: round micro-batch widths so that shapes repeat
-        bf16_cpu = self.device.type == "cpu" and self.model.compute_dtype == torch.bfloat16
+        bf16_cpu = self.device.type == "cpu" and compute_dtype(self.model) == torch.bfloat16
         self.width_multiple = 8 if bf16_cpu else 1
-        # the draft loss reads the main model's hidden states row by row
-        self.share_prompts = cfg.share_prompts and not cfg.draft_loss
+        # the draft loss reads the main model's hidden states row by row; packing is r1pipe V3's
+        self.share_prompts = cfg.share_prompts and not cfg.draft_loss and is_v3(self.model)
         # what the engines take, read before sharding (an FSDP2 state_dict() is a collective)
         self.metas = [tensor_meta(n, t) for n, t in self.model.state_dict().items()]
         self._build_optimizer()
@@ -117,12 +123,22 @@ class PolicyWorker:
         cfg = self.cfg
         self.draft_params = self._draft_parameters() if cfg.draft_loss else []
         drafter = {id(p) for p in self.draft_params}
-        groups = [{"params": [p for p in self.model.parameters() if id(p) not in drafter], "lr": cfg.lr}]
-        if self.draft_params:  # the drafter chases a moving policy: its own learning rate
-            groups.append({"params": self.draft_params, "lr": cfg.lr * cfg.draft_lr_scale})
+        main = [p for p in self.model.parameters() if id(p) not in drafter]
+        groups = []
+        for params, scale in ((main, 1.0), (self.draft_params, cfg.draft_lr_scale)):  # the drafter chases a moving policy
+            for decay in (True, False):
+                chosen = [p for p in params if (p.dim() >= 2) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "lr": cfg.lr * scale, "lr_scale": scale,
+                                   "weight_decay": cfg.weight_decay if decay else 0.0})
         # fused: one kernel over all parameters (CPU and CUDA), ~3x the per-tensor loop on the tiny model
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                           fused=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)
+
+    def _set_lr(self, lr: float | None) -> None:
+        """The step's learning rate (a schedule on the driver); None keeps the current one."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
 
     def init_distributed(self, init_method: str) -> None:
         """Join the process group (called on every rank at once, after all actors exist); with fsdp,
@@ -210,7 +226,8 @@ class PolicyWorker:
             logits = out.logits.view(-1, out.logits.shape[-1]).index_select(0, packed.source)
             logp, entropy = token_logprobs_and_entropy(logits, packed.target, self.cfg.temperature)
             return packed.unpack(logp), packed.unpack(entropy), None
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, routing=batch.routing)
+        replay = {} if batch.routing is None else {"routing": batch.routing}
+        out = run_model(model, batch.input_ids, batch.attention_mask, **replay)
         logits = out.logits[:, :-1]
         return (*token_logprobs_and_entropy(logits, batch.input_ids[:, 1:], self.cfg.temperature), out)
 
@@ -257,7 +274,7 @@ class PolicyWorker:
         try:
             with torch.set_grad_enabled(backward):
                 ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-                out = model(ids)
+                out = run_model(model, ids)
                 if backward:
                     zero = out.logits.sum() * 0.0
                     if self.draft_params:  # FSDP reduces the gradients a backward made: the MTP module's too
@@ -287,7 +304,7 @@ class PolicyWorker:
                 out[rows, : logp.shape[1]] = logp * (micro.response_mask > 0)  # 0 off the completion tokens
         finally:
             model.train(was_training)
-            if self.sharded and self.cfg.fsdp_keep_gathered:
+            if self.sharded:  # a forward alone leaves the root unit (and with keep_gathered every block) gathered
                 reshard(model)
         return out
 
@@ -306,6 +323,7 @@ class PolicyWorker:
         num_micro: int | None = None,
         engine_logp: torch.Tensor | None = None,
         tis_cap: float | None = None,
+        lr: float | None = None,
     ) -> dict[str, float]:
         """One optimizer step on this rank's rows (in `num_micro` micro-batches when given); `num_tokens`/
         `num_seqs` (and `num_draft_positions` for the draft loss) count the whole global mini-batch.
@@ -319,6 +337,7 @@ class PolicyWorker:
         if tis_cap is not None and (engine_logp is None or tis_weight is not None):
             raise ValueError("tis_cap needs engine_logp and no tis_weight")
         cfg = self.cfg
+        self._set_lr(lr)
         self.optimizer.zero_grad(set_to_none=False)
         totals: dict[str, float] = {"entropy": 0.0, "loss": 0.0}
         micro_batches = self._micro_batches(batch, num_micro)
@@ -369,6 +388,13 @@ class PolicyWorker:
             totals["entropy"] += float((entropy.detach() * (mask > 0)).sum())
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
+        totals.update(self._optimizer_step())
+        return totals
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """Sum the gradients over ranks, clip, step AdamW, then nudge the routers' balancing bias (V3):
+        {grad_norm, maxvio}."""
+        cfg = self.cfg
         if self.sharded:  # FSDP has reduce-scattered (averaged) them already
             undo_gradient_average(self.model, self.world_size)
         else:
@@ -381,9 +407,74 @@ class PolicyWorker:
             torch.nn.utils.clip_grad_norm_(self.draft_params, cfg.grad_clip)
         self.optimizer.step()
         maxvio = self._update_router_bias()
-        totals["grad_norm"] = float(grad_norm)
-        totals["maxvio"] = max(maxvio) if maxvio else 0.0
+        return {"grad_norm": float(grad_norm), "maxvio": max(maxvio) if maxvio else 0.0}
+
+    # ---- supervised steps: pretraining, SFT, logit distillation ----
+
+    def mtp_depth(self) -> int:
+        """MTP modules the supervised loss trains (0 for dense models or with supervised.mtp off)."""
+        if not (self.cfg.supervised.mtp and is_v3(self.model)):
+            return 0
+        return int(self.model.config.num_nextn_predict_layers)
+
+    def supervised_step(self, batch: TrainBatch, counts: TargetCounts, num_micro: int | None = None,
+                        lr: float | None = None) -> dict[str, float]:
+        """One optimizer step of the supervised loss (cfg.supervised: CE + MTP, KL to the frozen teacher) on this
+        rank's rows; `counts` are the whole step's target counts, so N ranks step like one. Returns this rank's
+        sums of each term's share (ce, kl, mtp, loss), its target and token counts, grad_norm and maxvio."""
+        self._set_lr(lr)
+        spec, depth = self.cfg.supervised, self.mtp_depth()
+        mtp_lambda = float(getattr(self.model.config, "mtp_lambda", 0.0) or 0.0) if depth else 0.0
+        self.optimizer.zero_grad(set_to_none=False)
+        totals: dict[str, float] = {"loss": 0.0, "targets": 0.0, "tokens": 0.0}
+        micro_batches = self._micro_batches(batch, num_micro)
+        for i, rows in enumerate(micro_batches):
+            if self.sharded and self.cfg.fsdp_keep_gathered:
+                accumulate(self.model, last_micro_batch=i == len(micro_batches) - 1)
+            if len(rows) == 0:
+                self._idle_pass(self.model, backward=True)
+                continue
+            micro = self._to_device(batch.rows(rows).trimmed(self.width_multiple))
+            out = run_model(self.model, micro.input_ids, micro.attention_mask, mtp=depth > 0)
+            teacher = None
+            if spec.kl_weight:
+                with torch.no_grad():
+                    teacher = run_model(self.reference, micro.input_ids, micro.attention_mask).logits
+            target_mask = micro.target_mask
+            loss, stats = supervised_loss(out.logits, list(out.mtp_logits)[:depth], micro.input_ids, target_mask, counts,
+                                          spec, mtp_lambda, teacher)
+            if out.aux_loss is not None and out.aux_loss.requires_grad:  # V3's sequence-wise balance loss, per row
+                loss = loss + out.aux_loss * len(rows) / max(len(batch), 1)
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            totals["targets"] += float(target_mask[:, 1:].sum())
+            totals["tokens"] += float(micro.attention_mask.sum())
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+        totals.update(self._optimizer_step())
         return totals
+
+    @torch.no_grad()
+    def eval_loss(self, batch: TrainBatch, num_micro: int | None = None) -> tuple[float, float]:
+        """(sum of next-token CE over the targets of this rank's rows, their number), in eval mode (the
+        forward counts no expert loads): a validation loss is the sum over ranks over the count."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0.0
+        try:
+            for rows in self._micro_batches(batch, num_micro):
+                if len(rows) == 0:
+                    self._idle_pass(self.model, backward=False)
+                    continue
+                micro = self._to_device(batch.rows(rows).trimmed(self.width_multiple))
+                out = run_model(self.model, micro.input_ids, micro.attention_mask)
+                ce, n = masked_ce_sum(out.logits, micro.input_ids, micro.target_mask)
+                total, count = total + float(ce), count + float(n)
+        finally:
+            self.model.train(was_training)
+            if self.sharded:
+                reshard(self.model)
+        return total, count
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over ranks in one flat buffer (the loss already divides by global counts)."""
@@ -498,7 +589,7 @@ class PolicyWorker:
 
         def model_files() -> None:
             if self.rank == 0:
-                save_pretrained(whole, path_)
+                save_model(whole, path_)
                 if tokenizer_dir is not None:
                     load_tokenizer(tokenizer_dir).save_pretrained(path_)
 

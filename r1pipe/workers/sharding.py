@@ -9,10 +9,10 @@ optimizer built on the sharded parameters, 1/N of the AdamW state.
 
 Precision (`precision_policy`): the sharded parameters are the fp32 masters whatever the compute
 dtype. In fp32, parameters are gathered and gradients reduce-scattered in fp32, so N sharded workers
-step like one (within float rounding). In bf16 (V3's `model.compute_dtype`, or the caller's for a
-dense model, whose forward the caller runs under autocast), parameters are gathered in bf16 and
-gradients reduce-scattered in bf16, then added to fp32 sharded gradients that the optimizer steps
-with fp32 state: half the traffic and the gathered model's memory. Every floating-point parameter
+step like one (within float rounding). In bf16 (the model's `compute_dtype`, which r1pipe.causal_lm
+sets for either family; run_model runs a transformers model under autocast, V3 autocasts inside),
+parameters are gathered in bf16 and gradients reduce-scattered in bf16, then added to fp32 sharded
+gradients that the optimizer steps with fp32 state: half the traffic and the gathered model's memory. Every floating-point parameter
 is gathered in bf16 (norm weights and V3's router gate too: the gate upcasts its weight itself);
 buffers (rope tables, the router's bias) are not parameters and keep their dtype.
 Works with gloo on CPU (torch >= 2.6) and NCCL on GPU.
@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from r1pipe import causal_lm
 from r1pipe.model.transformer import Transformer
 
 
@@ -55,12 +56,6 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
                     "with its decoder layers at .model.layers")
 
 
-def model_compute_dtype(model: nn.Module) -> torch.dtype:
-    """V3's compute dtype (`model.compute_dtype`, set by apply_precision); float32 for a model without one
-    (a transformers model: its caller knows the dtype it runs under autocast)."""
-    return getattr(model, "compute_dtype", torch.float32)
-
-
 def precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
     """float32: parameters gathered and gradients reduced in fp32 (N workers step like one).
     bfloat16: gathered in bf16 and reduce-scattered in bf16; the fp32 shards stay the masters (FSDP
@@ -75,9 +70,10 @@ def precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 def shard(model: nn.Module, keep_gathered: bool = False, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard each decoder block (decoder_blocks), then the root (in place; parameters become
-    DTensors), gathering and reducing in `compute_dtype` (precision_policy; None: model_compute_dtype).
+    DTensors), gathering and reducing in `compute_dtype` (precision_policy; None: the model's own,
+    r1pipe.causal_lm.compute_dtype).
     With `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
-    policy = precision_policy(model_compute_dtype(model) if compute_dtype is None else compute_dtype)
+    policy = precision_policy(causal_lm.compute_dtype(model) if compute_dtype is None else compute_dtype)
     for block in decoder_blocks(model):
         fully_shard(block, mp_policy=policy, reshard_after_forward=not keep_gathered)
     fully_shard(model, mp_policy=policy)

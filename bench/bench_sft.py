@@ -1,13 +1,16 @@
-"""SFT throughput: r1pipe's `sft` stage step against TRL's SFTTrainer, same model, data and batch shape.
+"""SFT throughput: r1pipe's trainer group (the `sft` stage's step) against TRL's SFTTrainer, same model, data
+and batch shape.
 
 Both train the same randomly initialised tiny Qwen2 (r1pipe.causal_lm DENSE_PRESETS, built locally)
 on the same worked-arithmetic prompt/completion pairs, with loss on completion tokens only,
-AdamW, the same batch size and number of steps, fp32, the same torch thread count. Throughput is
-real (non-padding) tokens trained per second of the training loop; tokenization is outside both
-timings. TRL runs twice: default batches, and with `train_sampling_strategy="group_by_length"` (the
-closest to r1pipe's length-grouped steps). Last line: a JSON object with the figures and ratios.
+AdamW, the same batch size and number of steps, fp32, the same number of CPU threads in all. Throughput
+is real (non-padding) tokens trained per second of the training loop; tokenization is outside both
+timings. r1pipe runs its trainer group (Ray actors, FSDP2 over gloo with 2 workers) with one worker
+holding every thread, then with 2 workers splitting them, then on the tiny V3 student (MTP on) with one
+worker. TRL runs twice: default batches, and with `train_sampling_strategy="group_by_length"` (the
+closest to r1pipe's length-sorted micro-batches). Last line: a JSON object with the figures and ratios.
 
-    python bench/bench_sft.py                 # CPU, tiny-qwen2, 40 steps of 16
+    python bench/bench_sft.py                 # CPU, 40 steps of 16
     python bench/bench_sft.py --device cuda --steps 100
 """
 from __future__ import annotations
@@ -19,39 +22,47 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import make_tiny_v3, write_worked_solutions  # noqa: E402
 
-from r1pipe.causal_lm import init_dense_student, load_causal_lm  # noqa: E402
-from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
+from r1pipe.causal_lm import init_dense_student  # noqa: E402
+from r1pipe.data.batch import EpochOrder  # noqa: E402
 from r1pipe.data.jsonl import read_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
+from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.configs import SFTConfig  # noqa: E402
-from r1pipe.stages.sft import SFTTrainer, StepPlan  # noqa: E402
+from r1pipe.stages.sft import load_data, trainer_config  # noqa: E402
+from r1pipe.stages.supervised import batch_of  # noqa: E402
+from r1pipe.workers.group import PolicyGroup  # noqa: E402
+from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve  # noqa: E402
 
 
-def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path) -> float:
+def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path, workers: int) -> float:
+    """The trainer group's steps, timed after `warmup` steps: `workers` actors sharing args.threads CPUs."""
     cfg = SFTConfig(train_path=str(data), batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4,
-                    heldout_fraction=0.0, template="r1-zero", device=args.device)
+                    heldout_fraction=0.0, template="r1-zero", device=args.device, num_threads=args.threads // workers)
     ctx = StageContext(run_dir=root, stage_dir=root / "sft", recipe=OmegaConf.create({"model": {"path": str(model_dir)}}), seed=0)
-    trainer = SFTTrainer(cfg, ctx)
     tok = load_tokenizer(model_dir)
-    lm = load_causal_lm(model_dir, device=args.device)
-    examples, _, _ = trainer.load_data(tok, 1024)
-    plan = StepPlan(examples, args.batch, args.batch, seed=0)
-    optimizer = trainer.new_optimizer(lm)
-    for step in range(args.warmup):
-        trainer.train_step(lm, optimizer, plan.step(step), tok.pad_token_id)
-    _sync(args.device)
-    t0, tokens = time.perf_counter(), 0
-    for step in range(args.warmup, args.warmup + args.steps):
-        tokens += trainer.train_step(lm, optimizer, plan.step(step), tok.pad_token_id)["tokens"]
-    _sync(args.device)
-    return tokens / (time.perf_counter() - t0)
+    examples, _, _ = load_data(cfg, ctx, tok, 1024)
+    order = EpochOrder(len(examples), args.batch, seed=0)
+    gpus = 1.0 / workers if args.device == "cuda" else 0.0
+    placement = reserve(ResourcePlan([RoleResources("policy", workers, args.threads / workers, gpus)]))
+    group = PolicyGroup(workers, str(model_dir), trainer_config(cfg, ctx), placement=placement)
+    batches = [batch_of([examples[i] for i in order.step(step)], tok.pad_token_id) for step in range(args.warmup + args.steps)]
+    for batch in batches[: args.warmup]:
+        group.supervised_step(batch)
+    t0, tokens = time.perf_counter(), 0.0
+    for batch in batches[args.warmup:]:
+        tokens += group.supervised_step(batch)["tokens"]
+    seconds = time.perf_counter() - t0
+    group.shutdown()
+    placement.remove()
+    return tokens / seconds
 
 
 class TokenCounter:
@@ -120,22 +131,32 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for each side")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # TRL trains in this process
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_tiny_v3(root / "tok")
-        model_dir = init_dense_student("tiny-qwen2", root / "tok", root / "qwen2", seed=0)
+        v3 = make_tiny_v3(root / "v3", num_nextn_predict_layers=1)
+        model_dir = init_dense_student("tiny-qwen2", v3, root / "qwen2", seed=0)
         data = write_worked_solutions(root / "sft.jsonl", args.examples)
-        ours = r1pipe_tokens_per_second(model_dir, data, args, root)
-        print(f"r1pipe sft step:        {ours:10.0f} tokens/s")
-        trl_default = trl_tokens_per_second(model_dir, data, args, root, group_by_length=False)
-        print(f"TRL SFTTrainer:         {trl_default:10.0f} tokens/s  -> r1pipe {ours / trl_default:.2f}x")
-        trl_grouped = trl_tokens_per_second(model_dir, data, args, root, group_by_length=True)
-        print(f"TRL SFTTrainer grouped: {trl_grouped:10.0f} tokens/s  -> r1pipe {ours / trl_grouped:.2f}x")
-    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
-                      "r1pipe_tokens_per_s": round(ours), "trl_tokens_per_s": round(trl_default),
-                      "trl_grouped_tokens_per_s": round(trl_grouped), "ratio_vs_trl": round(ours / trl_default, 2),
-                      "ratio_vs_trl_grouped": round(ours / trl_grouped, 2)}))
+        figures["r1pipe_qwen2_1_worker"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=1)
+        figures["r1pipe_qwen2_2_workers"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=2)
+        figures["r1pipe_v3_1_worker"] = r1pipe_tokens_per_second(v3, data, args, root, workers=1)
+        figures["trl_qwen2"] = trl_tokens_per_second(model_dir, data, args, root, group_by_length=False)
+        figures["trl_qwen2_grouped"] = trl_tokens_per_second(model_dir, data, args, root, group_by_length=True)
+    ray.shutdown()
+    for name, value in figures.items():
+        print(f"{name:26s} {value:10.0f} tokens/s")
+    ours = figures["r1pipe_qwen2_1_worker"]
+    print(f"r1pipe (1 worker) / TRL: {ours / figures['trl_qwen2']:.2f}x; / TRL grouped: {ours / figures['trl_qwen2_grouped']:.2f}x; "
+          f"2 workers / TRL: {figures['r1pipe_qwen2_2_workers'] / figures['trl_qwen2']:.2f}x")
+    print(json.dumps({"device": args.device, "threads": args.threads, "steps": args.steps, "batch": args.batch,
+                      **{k: round(v) for k, v in figures.items()},
+                      "ratio_vs_trl": round(ours / figures["trl_qwen2"], 2),
+                      "ratio_vs_trl_grouped": round(ours / figures["trl_qwen2_grouped"], 2),
+                      "ratio_2_workers_vs_trl": round(figures["r1pipe_qwen2_2_workers"] / figures["trl_qwen2"], 2)}))
 
 
 if __name__ == "__main__":

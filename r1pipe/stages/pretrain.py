@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from r1pipe.algo.schedule import warmup_cosine
+from r1pipe.algo.schedule import scheduled_lr
 from r1pipe.algo.sft import masked_ce_sum
 from r1pipe.causal_lm import DENSE_PRESETS, V3, CausalLM, dense_config
 from r1pipe.data.jsonl import write_jsonl
@@ -53,8 +53,8 @@ OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "c
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+    """Linear warmup to optim.lr, then optim.schedule (cosine: decay to min_lr_ratio * lr at the last step)."""
+    return scheduled_lr(cfg.optim.schedule, step, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
 
 
 def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
@@ -64,11 +64,27 @@ def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
     return {**recipe_model, "preset": cfg.preset, "overrides": dict(cfg.model_overrides)}
 
 
+# the optimizer settings in a base's key under their names from before the `optim` section; schedule and betas
+# enter only when they differ from what every base was trained with before they were settings
+KEYED_OPTIM = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+UNKEYED_OPTIM = {"schedule": "cosine", "betas": [0.9, 0.95]}
+
+
+def key_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The stage's settings flat, as the config held them before its sections (`optim.lr` as `lr`); the
+    sections that do not shape the base (resources, parallelism, checkpoint) left out."""
+    flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("optim", "resources", "parallelism", "checkpoint")}
+    optim = asdict(cfg.optim)
+    flat.update({k: optim[k] for k in KEYED_OPTIM})
+    flat.update({k: optim[k] for k, before in UNKEYED_OPTIM.items() if optim[k] != before})
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
+
+
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written or how it is checked); `model_section`
     is stage_model_section's, so the stage's preset and model_overrides enter through it."""
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
-                                                                   "eval_max_tokens", "preset", "model_overrides")
+    shaping = {k: v for k, v in key_settings(cfg).items() if k not in ("cache_dir", "eval_size", "eval_max_tokens", "preset",
+                                                                       "model_overrides")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
@@ -145,8 +161,8 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     """Write stage_dir/{train,heldout}.jsonl, stage_dir/model (weights + tokenizer), base_eval.json."""
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
 
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    if cfg.resources.trainer.threads > 0:
+        torch.set_num_threads(cfg.resources.trainer.threads)
     t0 = time.time()
 
     # 1. problems: held-out and RL-train splits, then a corpus that avoids both
@@ -180,8 +196,8 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     model = lm.module
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
 
     ckpt_path = stage_dir / "checkpoint.pt"
     start = 0
@@ -195,7 +211,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
 
     # stop before training, not at a save: checkpoint.pt is replaced by a new one written beside it, and
     # the final model is written beside the last one
-    saves = len([s for s in range(start + 1, cfg.steps) if s % cfg.checkpoint_every == 0])
+    saves = len([s for s in range(start + 1, cfg.steps) if s % cfg.checkpoint.every == 0])
     on_disk, ckpt_bytes = int(ckpt_path.exists()), checkpoint_bytes(model)
     model_bytes = tensor_bytes(model.state_dict().values())
     check_free_space(stage_dir, max((min(2, on_disk + saves) - on_disk) * ckpt_bytes,
@@ -216,7 +232,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             loss = base_loss(lm, ids, loss_mask, cfg.mtp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
             lm.after_optimizer_step()
             tokens_seen += int(loss_mask.sum())
@@ -224,7 +240,7 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
             loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             rate = tokens_seen / max(time.time() - t_train, 1e-6)
             progress.advance({"loss": loss_ema, "grad_norm": float(grad_norm), "tokens_per_second": round(rate)})
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.steps:
                 with atomic_write(ckpt_path, ckpt_bytes) as tmp:
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                                 "torch_rng": torch.get_rng_state()}, tmp)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.algo.schedule import warmup_cosine
+from r1pipe.algo.schedule import scheduled_lr
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import CausalLM, load_causal_lm
 from r1pipe.data import SFTExample, load_sft_examples
@@ -119,7 +119,7 @@ class SFTTrainer:
         self.cfg, self.ctx = cfg, ctx
         self.stage_dir = Path(ctx.stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(cfg.resources.device)
 
     # ---- setup
 
@@ -131,20 +131,20 @@ class SFTTrainer:
 
     def load_data(self, tokenizer, max_length: int) -> tuple[list[SFTExample], list[SFTExample], dict]:
         cfg = self.cfg
-        source = cfg.train_path or self.ctx.output("sft_path")
+        source = cfg.data.train_path or self.ctx.output("sft_path")
         if not source:
             raise ConfigError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
                              "or run a stage that outputs sft_path")
-        fields = {"prompt": cfg.prompt_field, "response": cfg.response_field, "messages": cfg.messages_field, "id": cfg.id_field}
-        options = dict(fields=fields, template=cfg.template, max_length=max_length, option_prefix="sft.")
-        train, report = load_sft_examples(str(source), tokenizer, split=cfg.split, **options)
+        fields = {"prompt": cfg.data.prompt_field, "response": cfg.data.response_field, "messages": cfg.data.messages_field, "id": cfg.data.id_field}
+        options = dict(fields=fields, template=cfg.data.template, max_length=max_length, option_prefix="sft.data.")
+        train, report = load_sft_examples(str(source), tokenizer, split=cfg.data.split, **options)
         reports = {"train": report.to_dict()}
-        if cfg.heldout_path:
-            heldout, held_report = load_sft_examples(cfg.heldout_path, tokenizer, **options)
-            heldout = heldout[: cfg.heldout_max]
+        if cfg.data.heldout_path:
+            heldout, held_report = load_sft_examples(cfg.data.heldout_path, tokenizer, **options)
+            heldout = heldout[: cfg.data.heldout_max]
             reports["heldout"] = held_report.to_dict()
         else:
-            train, heldout = split_heldout(train, cfg.heldout_fraction, cfg.heldout_max, self.ctx.seed)
+            train, heldout = split_heldout(train, cfg.data.heldout_fraction, cfg.data.heldout_max, self.ctx.seed)
         if not train:
             raise DataError(f"sft: no usable training examples in {source} ({report.summary()})")
         return train, heldout, reports
@@ -184,7 +184,7 @@ class SFTTrainer:
             sums["loss"] += float(loss.detach())
             sums["ce"] += float(ce.detach())
             tokens += b.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(lm.module.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.module.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lm.after_optimizer_step()
@@ -217,22 +217,22 @@ class SFTTrainer:
             torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate()}, staging / "trainer.pt")
 
-        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.keep_checkpoints,
+        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.checkpoint.keep,
                          need_bytes=checkpoint_bytes(lm.module))
 
     # ---- the loop
 
     def run(self) -> dict:
         cfg = self.cfg
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+        if cfg.resources.trainer.threads > 0:
+            torch.set_num_threads(cfg.resources.trainer.threads)
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         base = self.start_model()
         tokenizer = load_tokenizer(base)
         resume = latest_checkpoint(self.ckpt_root)
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})
-        lm = load_causal_lm(resume[0] if resume else base, precision, device=cfg.device)
-        max_length = cfg.max_length or lm.max_length
+        lm = load_causal_lm(resume[0] if resume else base, precision, device=cfg.resources.device)
+        max_length = cfg.data.max_length or lm.max_length
         train, heldout, data_report = self.load_data(tokenizer, max_length)
         teacher = self.load_teacher(tokenizer, precision)
         plan = StepPlan(train, cfg.batch_size, cfg.micro_batch_size, self.ctx.seed)
@@ -254,8 +254,8 @@ class SFTTrainer:
               f"{total_steps} steps of {cfg.batch_size} sequences ({plan.steps_per_epoch} steps per epoch)")
 
         # a run that cannot write its checkpoints stops before it trains, not at a later save
-        saves = [s for s in range(state["step"] + 1, total_steps + 1) if s % cfg.checkpoint_every == 0 or s == total_steps]
-        check_room_for_checkpoints(self.ckpt_root, checkpoint_bytes(lm.module), len(saves), cfg.keep_checkpoints)
+        saves = [s for s in range(state["step"] + 1, total_steps + 1) if s % cfg.checkpoint.every == 0 or s == total_steps]
+        check_room_for_checkpoints(self.ckpt_root, checkpoint_bytes(lm.module), len(saves), cfg.checkpoint.keep)
         lm.module.train()
         step = state["step"]
         logger = MetricsLogger(self.stage_dir, resume_step=step)
@@ -269,7 +269,7 @@ class SFTTrainer:
             while step < total_steps:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
-                    group["lr"] = warmup_cosine(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+                    group["lr"] = scheduled_lr(cfg.optim.schedule, step, total_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
                 metrics = self.train_step(lm, optimizer, plan.step(step), tokenizer.pad_token_id, teacher)
                 step += 1
                 state["tokens"] += metrics["tokens"]
@@ -279,7 +279,7 @@ class SFTTrainer:
                     metrics["val_loss"] = val_loss = self.validation_loss(lm, heldout, tokenizer.pad_token_id)
                 logger.log(step, metrics)
                 progress.advance(metrics)
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                if step % cfg.checkpoint.every == 0 or step == total_steps:
                     state.update(step=step, wall_seconds=time.perf_counter() - t_start, val_loss_end=val_loss,
                                  train_loss=metrics["loss"])
                     self.save_checkpoint(lm, optimizer, tokenizer, step, state)
@@ -294,7 +294,7 @@ class SFTTrainer:
         if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"sft.teacher_path={str(path)!r}: the teacher's tokenizer differs from the student's; "
                              "logit distillation needs one vocabulary (use loss: ce on the teacher's text instead)")
-        teacher = load_causal_lm(path, Precision(dtype=precision.dtype), device=self.cfg.device)
+        teacher = load_causal_lm(path, Precision(dtype=precision.dtype), device=self.cfg.resources.device)
         teacher.module.eval().requires_grad_(False)
         return teacher
 
@@ -302,8 +302,8 @@ class SFTTrainer:
         params = [p for p in lm.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         rest = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.optim.lr, betas=tuple(self.cfg.optim.betas), eps=1e-8)
 
     def finish(self, lm: CausalLM, tokenizer, state: dict, base: Path, data_report: dict, total_steps: int) -> dict:
         """The final model beside the checkpoints, plots and summary.json; the stage's outputs."""

@@ -81,7 +81,8 @@ class PolicyWorker:
         """`model_path` is the stage's initial policy: the trained model starts from it and the
         reference (kl_coef > 0) is it for the whole stage; a resumed run then loads its checkpoint
         into the trained model only (load_checkpoint)."""
-        torch.set_num_threads(cfg.num_threads)
+        if cfg.num_threads > 0:  # 0 keeps torch's default
+            torch.set_num_threads(cfg.num_threads)
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse them, do not page-fault them in

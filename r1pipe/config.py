@@ -31,8 +31,8 @@ TOP_LEVEL = ("run", "cluster", "model", "stages")
 # a stage config string `stage:NAME.KEY`: output KEY of the earlier stage NAME (r1pipe.run.resolve_stage_refs)
 STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
 
-__all__ = ["ConfigError", "STAGE_REF", "find_recipe", "load_recipe", "recipe_names", "settings", "stage_config", "to_yaml",
-           "validate"]
+__all__ = ["ConfigError", "STAGE_REF", "find_recipe", "load_recipe", "make_config", "recipe_names", "settings", "stage_config",
+           "to_yaml", "validate"]
 
 
 @dataclass
@@ -261,6 +261,30 @@ def _open_dict_fields(node: DictConfig) -> None:
                 OmegaConf.set_struct(child, False)
             else:
                 _open_dict_fields(child)
+
+
+def make_config(cls: type, values: dict[str, Any] | None = None, name: Optional[str] = None) -> Any:
+    """A stage config of class `cls` with `values` keyed as in a recipe section, dotted keys reaching into
+    its sections ({"rollout.group_size": 4, "optim": {"lr": 1e-2}}), checked as a recipe's section
+    `name` (default: its kind) would be: a ConfigError naming the key otherwise."""
+    node = OmegaConf.structured(cls)
+    name = name or node.kind
+    _open_dict_fields(node)
+    _check_moved(OmegaConf.create({key.split(".")[0]: None for key in values or {}}), name, node.kind)
+    try:
+        for key, value in (values or {}).items():
+            OmegaConf.update(node, key, value, merge=isinstance(value, dict) and key.split(".")[-1] not in _dict_fields(node, key))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{name}.{_error(e)}") from None
+    return _to_object(node, name)
+
+
+def _dict_fields(node: DictConfig, key: str) -> set[str]:
+    """Names of the dict-typed fields of the section that holds `key` (a dict value replaces those whole)."""
+    parent = OmegaConf.select(node, key.rpartition(".")[0]) if "." in key else node
+    if not isinstance(parent, DictConfig):
+        return set()
+    return {k for k in parent if isinstance(parent._get_node(k), DictConfig) and parent._get_node(k)._metadata.object_type in (None, dict)}
 
 
 def stage_config(cfg: DictConfig, name: str) -> Any:

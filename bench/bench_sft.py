@@ -30,13 +30,15 @@ from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.data.jsonl import read_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.configs import SFTConfig  # noqa: E402
 from r1pipe.stages.sft import SFTTrainer, StepPlan  # noqa: E402
 
 
 def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path) -> float:
-    cfg = SFTConfig(train_path=str(data), batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4,
-                    heldout_fraction=0.0, template="r1-zero", device=args.device)
+    cfg = make_config(SFTConfig, {"data": {"train_path": str(data), "heldout_fraction": 0.0, "template": "r1-zero"},
+                                  "batch_size": args.batch, "micro_batch_size": args.batch, "optim.lr": 1e-4,
+                                  "resources.device": args.device})
     ctx = StageContext(run_dir=root, stage_dir=root / "sft", recipe=OmegaConf.create({"model": {"path": str(model_dir)}}), seed=0)
     trainer = SFTTrainer(cfg, ctx)
     tok = load_tokenizer(model_dir)

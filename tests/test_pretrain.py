@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from r1pipe.config import make_config
 from r1pipe.data.jsonl import read_jsonl
 from r1pipe.stages.configs import PretrainConfig
 from r1pipe.stages.pretrain import _batches, lr_at, run_pretrain, train_base
@@ -17,14 +18,14 @@ SMALL_MODEL = {"preset": "tiny", "path": None, "overrides": {"num_hidden_layers"
 
 
 def small_cfg(**kw) -> PretrainConfig:
-    base = dict(max_digits=2, train_size=40, heldout_size=24, vocab_size=400, tokenizer_examples=1500, steps=8, batch_size=8,
-                warmup_steps=2, checkpoint_every=4, eval_size=8, eval_max_tokens=20, cache_dir=None)
+    base = {**dict(max_digits=2, train_size=40, heldout_size=24, vocab_size=400, tokenizer_examples=1500, steps=8, batch_size=8,
+                   eval_size=8, eval_max_tokens=20, cache_dir=None), "optim.warmup_steps": 2, "checkpoint.every": 4}
     base.update(kw)
-    return PretrainConfig(**base)
+    return make_config(PretrainConfig, base)
 
 
 def test_lr_schedule_hand_values():
-    cfg = PretrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    cfg = make_config(PretrainConfig, {"optim": {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}, "steps": 110})
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0)

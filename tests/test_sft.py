@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_causal_lm
+from r1pipe.config import make_config
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.stages import StageContext
 from r1pipe.stages.configs import SFTConfig
@@ -40,9 +41,9 @@ def context(run_dir: Path, model: str) -> StageContext:
 
 
 def sft_config(task: dict, **overrides) -> SFTConfig:
-    fields = dict(train_path=task["data"], steps=24, batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=3,
-                  checkpoint_every=8, heldout_fraction=0.1, num_threads=1)
-    return SFTConfig(**{**fields, **overrides})
+    fields = {"data.train_path": task["data"], "steps": 24, "batch_size": 16, "micro_batch_size": 8, "optim.lr": 3e-3,
+              "optim.warmup_steps": 3, "checkpoint.every": 8, "data.heldout_fraction": 0.1, "resources.trainer.threads": 1}
+    return make_config(SFTConfig, {**fields, **overrides})
 
 
 @pytest.mark.parametrize("family", ["v3", "qwen2"])

@@ -95,7 +95,7 @@ CASES = [
     ("moved key in a tiny recipe", lambda f: ["run", "r1", "reasoning_rl.num_policy_workers=4", "--dry-run"],
      "reasoning_rl.num_policy_workers: moved to reasoning_rl.resources.trainer.workers"),
     ("negative temperature", lambda f: ["run", "r1-zero", "rl.rollout.temperature=-1"], "rl.rollout.temperature must be > 0"),
-    ("eval temperature", lambda f: ["run", "r1-zero", "eval.temperature=-0.5", "--dry-run"], "eval: temperature must be >= 0"),
+    ("eval temperature", lambda f: ["run", "r1-zero", "eval.temperature=-0.5", "--dry-run"], "eval.temperature must be >= 0"),
     ("float8", lambda f: ["run", "r1-zero", "model.dtype=float8"], "model.dtype: unknown dtype 'float8'"),
     ("engine float8", lambda f: ["run", "r1-zero", "rl.rollout.engine.dtype=float8", "--dry-run"],
      "rl.rollout.engine.dtype: unknown dtype 'float8'"),

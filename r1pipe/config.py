@@ -266,25 +266,29 @@ def _open_dict_fields(node: DictConfig) -> None:
 def make_config(cls: type, values: dict[str, Any] | None = None, name: Optional[str] = None) -> Any:
     """A stage config of class `cls` with `values` keyed as in a recipe section, dotted keys reaching into
     its sections ({"rollout.group_size": 4, "optim": {"lr": 1e-2}}), checked as a recipe's section
-    `name` (default: its kind) would be: a ConfigError naming the key otherwise."""
+    `name` (default: its kind) would be: a ConfigError naming the key otherwise. A value given for a
+    dict or list field replaces the default whole."""
     node = OmegaConf.structured(cls)
     name = name or node.kind
     _open_dict_fields(node)
     _check_moved(OmegaConf.create({key.split(".")[0]: None for key in values or {}}), name, node.kind)
     try:
-        for key, value in (values or {}).items():
-            OmegaConf.update(node, key, value, merge=isinstance(value, dict) and key.split(".")[-1] not in _dict_fields(node, key))
+        for key, value in _leaves(node, values or {}):
+            OmegaConf.update(node, key, value, merge=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{name}.{_error(e)}") from None
     return _to_object(node, name)
 
 
-def _dict_fields(node: DictConfig, key: str) -> set[str]:
-    """Names of the dict-typed fields of the section that holds `key` (a dict value replaces those whole)."""
-    parent = OmegaConf.select(node, key.rpartition(".")[0]) if "." in key else node
-    if not isinstance(parent, DictConfig):
-        return set()
-    return {k for k in parent if isinstance(parent._get_node(k), DictConfig) and parent._get_node(k)._metadata.object_type in (None, dict)}
+def _leaves(node: DictConfig, values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) pairs of `values`, a mapping given for a section (a dataclass) split key by key."""
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        target = OmegaConf.select(node, dotted, default=None, throw_on_missing=False)
+        if isinstance(value, dict) and isinstance(target, DictConfig) and is_dataclass(target._metadata.object_type):
+            yield from _leaves(node, value, f"{dotted}.")
+        else:
+            yield dotted, value
 
 
 def stage_config(cfg: DictConfig, name: str) -> Any:

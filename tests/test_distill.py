@@ -172,5 +172,5 @@ def test_distill_runs_the_tiny_recipe_without_a_model() -> None:
     assert rl.steps * rl.rollout.prompts_per_step * rl.rollout.group_size >= sft.steps * sft.batch_size
     real = load_recipe("distill", ["model.path=/ckpt/DeepSeek-R1"])
     assert real.teacher.model_path == "/ckpt/DeepSeek-R1" and "distill_qwen" in real.stages
-    with pytest.raises(ConfigError, match="v3_base: preset=.gpt9."):
+    with pytest.raises(ConfigError, match="v3_base.preset=.gpt9."):
         load_recipe("distill", ["v3_base.preset=gpt9"])

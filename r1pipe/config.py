@@ -2,7 +2,7 @@
 
 A recipe has top-level sections `run`, `cluster`, `model`, `stages` (the order to run) and one
 section per stage, whose `kind` picks that stage's config dataclass (see r1pipe.stages). Users
-override any value with dot-lists (`rl.group_size=16 model.path=/ckpt`). Loading merges the YAML
+override any value with dot-lists (`rl.rollout.group_size=16 model.path=/ckpt`). Loading merges the YAML
 and the overrides onto the structured schema, so a misspelt key or a value of the wrong type is
 a ConfigError naming the key before anything runs. So are values no stage could use (an lr that is
 not > 0, a NaN anywhere, an unknown model.dtype) and `stage:NAME.KEY` references to a stage that is

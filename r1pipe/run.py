@@ -28,7 +28,7 @@ from r1pipe.stages import StageContext, get_stage
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help=f"a shipped recipe ({', '.join(recipe_names())}) or a path to a recipe .yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. rl.group_size=16 model.path=/ckpt")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. rl.rollout.group_size=16 model.path=/ckpt")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.out_dir>/<run.name>)")
 

@@ -307,15 +307,15 @@ def _raised(exc: Exception) -> tuple[Exception, str]:
 def test_errors_from_ray_actors_are_unwrapped_to_their_cause():
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    cause, tb = _raised(ConfigError("rl.draft_loss needs a model with an MTP module"))
+    cause, tb = _raised(ConfigError("rl.algorithm.draft_loss needs a model with an MTP module"))
     task_error = RayTaskError("PolicyWorker.train_step", tb, cause, proctitle="ray::PolicyWorker", pid=1, ip="127.0.0.1")
     # what ray.get raises: a class that is both RayTaskError and the cause's class, its text the remote traceback
     dual = task_error.as_instanceof_cause()
     assert isinstance(dual, RayTaskError) and isinstance(dual, ConfigError) and "File " in str(dual)
-    assert explain(dual, "r1pipe run") == Explained(("r1pipe run: rl.draft_loss needs a model with an MTP module",), 2)
+    assert explain(dual, "r1pipe run") == Explained(("r1pipe run: rl.algorithm.draft_loss needs a model with an MTP module",), 2)
     # an actor whose constructor raised: Ray keeps only the text of the cause's traceback
     died = ActorDiedError(task_error)
-    assert explain(died, "r1pipe run") == Explained(("r1pipe run: rl.draft_loss needs a model with an MTP module",), 2)
+    assert explain(died, "r1pipe run") == Explained(("r1pipe run: rl.algorithm.draft_loss needs a model with an MTP module",), 2)
     # a bug inside an actor is one line naming it (exit 1), the traceback only with --debug
     bug, tb = _raised(ZeroDivisionError("division by zero"))
     died = ActorDiedError(RayTaskError("RolloutWorker.__init__", tb, bug, proctitle="ray::RolloutWorker", pid=1, ip="127.0.0.1"))

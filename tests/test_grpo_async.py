@@ -1,4 +1,4 @@
-"""Asynchronous GRPO (`rl.max_staleness: 1`) end to end on Ray, with the toy task of test_grpo_run: the
+"""Asynchronous GRPO (`rl.rollout.max_staleness: 1`) end to end on Ray, with the toy task of test_grpo_run: the
 next step's rollouts are sampled while the trainer trains, so every batch after the first is exactly one
 policy version old and is corrected by truncated importance sampling; a SIGKILLed run resumes on the
 rollouts its checkpoint saved and takes the uninterrupted run's steps."""

@@ -125,7 +125,7 @@ def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
 
 
 def test_the_recipes_surrogate_and_advantage_reach_the_update(tmp_path):
-    """`rl.loss` and `rl.advantage` change the step: on-policy (one update, ratio 1) the three surrogates
+    """`rl.algorithm.loss` and `rl.algorithm.advantage` change the step: on-policy (one update, ratio 1) the three surrogates
     give one gradient; against older log-probs they differ. RLOO's advantages are GRPO's without the std."""
     path = tiny_model(tmp_path / "model")
     batch = RolloutBatch(problems=[{}] * 2, completions=[completion(t) for t in ("aab", "b", "ab", "bbb")])

@@ -28,6 +28,8 @@ def test_each_stage_keeps_its_defaults():
     assert pretrain.optim == Optim(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
                                    grad_clip=1.0, betas=[0.9, 0.95])
     assert pretrain.checkpoint == Checkpointing(every=100, keep=1)
+    assert (pretrain.resources.trainer.cpus, pretrain.resources.trainer.threads) == (2.0, 0)
+    assert pretrain.resources is not PretrainConfig().resources  # each config its own section
     for cfg in (RejectionSampleConfig(), ScorecardConfig()):
         assert (cfg.resources.rollout.cpus, cfg.resources.rollout.threads, cfg.resources.reward.cpus) == (0.5, 1, 0.5)
     # a section given in part keeps the stage's defaults for the rest

@@ -17,7 +17,7 @@ from r1pipe.rewards import GRADERS, build_reward_fn
 from r1pipe.rewards.readability import build_filters
 from r1pipe.stages.base import StageConfig
 from r1pipe.stages.sections import (
-    Checkpointing, Optim, Parallelism, RLResources, SamplingResources, TrainerResources,
+    Checkpointing, Optim, Parallelism, RLResources, SamplingResources, TrainerResources, Workers,
 )
 from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset, dtype_name
 
@@ -49,11 +49,13 @@ def check_engine_options(options: Any, key: str = "engine") -> None:
 # ---------------------------------------------------------------- stages that train in one process
 
 
-def check_one_process(resources: TrainerResources, parallelism: Parallelism, reads_device: bool = True) -> None:
+def check_one_process(resources: TrainerResources, parallelism: Parallelism, default: TrainerResources,
+                      reads_device: bool = True) -> None:
     """sft and pretrain train in the driver's own process for now, one trainer with resources.trainer.threads
     torch threads (on resources.device where `reads_device`): a ValueError naming the first other key of
-    their resources and parallelism sections that is not left at its default, since nothing reads it yet."""
-    default, trainer = TrainerResources(), resources.trainer
+    their resources and parallelism sections that is not left at its default (`default`: the stage's),
+    since nothing reads it yet."""
+    trainer = resources.trainer
     used = [f"resources.trainer.{name}" for name in ("workers", "cpus", "gpus", "custom")
             if getattr(trainer, name) != getattr(default.trainer, name)]
     used += [f"resources.{name}" for name in ("placement_strategy", "placement_timeout_s", *(() if reads_device else ("device",)))
@@ -71,6 +73,11 @@ WORLDS = ("r1-zero", "r1")
 R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "code_fraction": 0.0,
                      "code_train_size": 0, "code_heldout_size": 0, "cold_start_size": 0}
 R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
+
+
+def pretrain_resources() -> TrainerResources:
+    """pretrain's default resources: a trainer worker takes 2 CPUs."""
+    return TrainerResources(trainer=Workers(cpus=2.0, threads=0))
 
 
 @dataclass
@@ -93,7 +100,7 @@ class PretrainConfig(StageConfig):
     mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
     optim: Optim = field(default_factory=lambda: Optim(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1,
                                                        weight_decay=0.1, grad_clip=1.0, betas=[0.9, 0.95]))
-    resources: TrainerResources = field(default_factory=TrainerResources)
+    resources: TrainerResources = field(default_factory=pretrain_resources)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=100, keep=1))
     # the base's own check on held-out problems
@@ -148,7 +155,7 @@ class PretrainConfig(StageConfig):
                 raise ValueError(f"{', '.join(used)}: only used with world=r1 (world is {self.world!r})")
         elif self.code_fraction > 0 and (self.code_train_size < 1 or self.code_heldout_size < 1):
             raise ValueError("code_fraction > 0 needs code_train_size >= 1 and code_heldout_size >= 1")
-        check_one_process(self.resources, self.parallelism, reads_device=False)
+        check_one_process(self.resources, self.parallelism, pretrain_resources(), reads_device=False)
         if self.checkpoint.keep != 1:
             raise ValueError(f"checkpoint.keep={self.checkpoint.keep}: not used yet: pretrain keeps its one newest "
                              "checkpoint until the base is written; leave it at 1")
@@ -406,7 +413,7 @@ class SFTConfig(StageConfig):
             raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
         if not self.kl_temperature > 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
-        check_one_process(self.resources, self.parallelism)
+        check_one_process(self.resources, self.parallelism, TrainerResources())
 
 
 
@@ -571,6 +578,8 @@ def _into(section: str, *names: str) -> dict[str, tuple[str, ...]]:
 
 _OPTIM = _into("optim", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
 _CHECKPOINT = {"checkpoint_every": ("checkpoint.every",), "keep_checkpoints": ("checkpoint.keep",)}
+_TRAINER = {"num_threads": ("resources.trainer.threads",), "num_workers": ("resources.trainer.workers",),
+            "cpus_per_worker": ("resources.trainer.cpus",)}
 
 # kind -> old flat key -> its new key(s): r1pipe.config refuses the old ones, naming the new
 MOVED_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -604,12 +613,11 @@ MOVED_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "sft": {
         **_into("data", "train_path", "heldout_path", "split", "heldout_fraction", "heldout_max", "prompt_field",
                 "response_field", "messages_field", "id_field", "template", "max_length"),
-        **_OPTIM, **_CHECKPOINT,
-        "num_threads": ("resources.trainer.threads",), "device": ("resources.device",),
+        **_OPTIM, **_CHECKPOINT, **_TRAINER,
+        "device": ("resources.device",),
     },
     "pretrain": {
-        **_OPTIM, "checkpoint_every": ("checkpoint.every",),
-        "num_threads": ("resources.trainer.threads",),
+        **_OPTIM, "checkpoint_every": ("checkpoint.every",), **_TRAINER,
     },
     "rejection_sample": {
         "num_rollout_workers": ("resources.rollout.workers",), "num_reward_workers": ("resources.reward.workers",),

@@ -354,7 +354,7 @@ class GRPOTrainer:
             return share_solved(ok)
         acc = components.get(self.cfg.rewards.accuracy_reward)
         if acc is None:
-            raise ConfigError(f"held-out accuracy needs the {self.cfg.rewards.accuracy_reward!r} reward in reward_weights")
+            raise ConfigError(f"held-out accuracy needs the {self.cfg.rewards.accuracy_reward!r} reward in rl.rewards.weights")
         return share_solved(acc)
 
     def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
@@ -477,7 +477,7 @@ class GRPOTrainer:
 
     def sync(self, step: int) -> float | None:
         """The policy's new weights to every rollout engine over torch.distributed, then (at the first
-        sync of the stage and every sync_check_every steps) the probe check: a fixed prompt's sampled
+        sync of the stage and every sync.check_every steps) the probe check: a fixed prompt's sampled
         tokens scored by engine and trainer must agree (else SyncMismatch). Returns the probe's mean
         |trainer - engine| log-prob, or None when not checked."""
         ta = time.perf_counter()

@@ -7,7 +7,7 @@ far from all held-out problems, which is what R1-Zero-style RL starts from.
 
 Outputs: model_path (Hugging Face layout + tokenizer), train_path and heldout_path (JSONL
 {"id", "prompt", "answer"}; held-out disjoint from train and from the corpus), and the base's
-held-out accuracy (greedy and sampled at T=1). Training checkpoints every `checkpoint_every`
+held-out accuracy (greedy and sampled at T=1). Training checkpoints every `checkpoint.every`
 steps and an interrupted run resumes from the last one; a finished base is cached under
 `cache_dir`, keyed by everything that shapes it, so later runs reuse it.
 """

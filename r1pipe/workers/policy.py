@@ -102,7 +102,7 @@ class PolicyWorker:
             checkpoint_activations(self.model)
         self.sharded = cfg.fsdp and world_size > 1
         if self.sharded and cfg.draft_loss:
-            raise ConfigError("rl.draft_loss with rl.num_policy_workers > 1 needs rl.fsdp=false (the draft loss "
+            raise ConfigError("rl.algorithm.draft_loss with rl.resources.trainer.workers > 1 needs rl.parallelism.fsdp=false (the draft loss "
                              "differentiates the MTP module's own parameters, which FSDP shards)")
         self.sync_group = None
         self.flat_weights: FlatWeights | None = None  # a whole model's weights laid out as the sync buckets
@@ -197,7 +197,7 @@ class PolicyWorker:
         """The MTP module's own parameters (not the embedding and output head it shares)."""
         modules = getattr(self.model, "mtp_modules", [])
         if not modules:
-            raise ConfigError("rl.draft_loss needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+            raise ConfigError("rl.algorithm.draft_loss needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         shared = {id(p) for p in self.model.model.embed_tokens.parameters()} | {id(p) for p in self.model.lm_head.parameters()}
         return [p for m in modules for p in m.parameters() if id(p) not in shared]
 

@@ -122,7 +122,7 @@ def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
 
     monkeypatch.setattr(weight_sync.SyncGroup, "receive_flat", misplaced)
     run_both(policy.send_weights, engine.receive_weights)
-    with pytest.raises(SyncMismatch, match="sync_check_tol"):
+    with pytest.raises(SyncMismatch, match=r"rl\.sync\.check_tol"):
         probe(policy, engine, tol=1e-3)
 
 

@@ -129,8 +129,8 @@ RECIPE = """
 run: {{name: sft-resume, out_dir: runs, seed: 0}}
 model: {{path: {model}}}
 stages: [sft]
-sft: {{kind: sft, train_path: {data}, steps: 12, batch_size: 8, micro_batch_size: 4, lr: 3.0e-3,
-      checkpoint_every: 3, num_threads: 1, eval_every: 4}}
+sft: {{kind: sft, data: {{train_path: {data}}}, steps: 12, batch_size: 8, micro_batch_size: 4, optim: {{lr: 3.0e-3}},
+      checkpoint: {{every: 3}}, resources: {{trainer: {{threads: 1}}}}, eval_every: 4}}
 """
 
 

@@ -1,7 +1,7 @@
 """The GRPO family on the R1-Zero recipe: one 100-step run per setting, from the same cached base.
 
-Each run is `r1pipe run r1-zero "stages=[pretrain,rl]"` with one setting changed (rl.loss, rl.advantage or
-rl.max_staleness) and held-out accuracy every 10 steps; the table gives held-out accuracy at steps 20, 50
+Each run is `r1pipe run r1-zero "stages=[pretrain,rl]"` with one setting changed (rl.algorithm.loss, rl.algorithm.advantage or
+rl.rollout.max_staleness) and held-out accuracy every 10 steps; the table gives held-out accuracy at steps 20, 50
 and 100 and the median seconds per step, the plot the held-out curves. Runs go one after another, each
 in its own process (its own Ray instance).
 
@@ -24,18 +24,18 @@ from matplotlib.figure import Figure
 # name -> the overrides that make it (everything else is the r1-zero recipe: GRPO advantages, GRPO loss, sync)
 SETTINGS: dict[str, list[str]] = {
     "grpo": [],
-    "gspo": ["rl.loss=gspo", "rl.loss_agg=seq-mean-token-mean", "rl.clip_low=0.0003", "rl.clip_high=0.0004"],
-    "cispo": ["rl.loss=cispo", "rl.clip_low=1.0", "rl.clip_high=0.28"],
-    "dr-grpo": ["rl.advantage=dr-grpo", "rl.loss_agg=seq-mean-token-sum-norm"],
-    "rloo": ["rl.advantage=rloo"],
-    "reinforce++": ["rl.advantage=reinforce++"],
-    "async": ["rl.max_staleness=1"],
+    "gspo": ["rl.algorithm.loss=gspo", "rl.algorithm.loss_agg=seq-mean-token-mean", "rl.algorithm.clip_low=0.0003", "rl.algorithm.clip_high=0.0004"],
+    "cispo": ["rl.algorithm.loss=cispo", "rl.algorithm.clip_low=1.0", "rl.algorithm.clip_high=0.28"],
+    "dr-grpo": ["rl.algorithm.advantage=dr-grpo", "rl.algorithm.loss_agg=seq-mean-token-sum-norm"],
+    "rloo": ["rl.algorithm.advantage=rloo"],
+    "reinforce++": ["rl.algorithm.advantage=reinforce++"],
+    "async": ["rl.rollout.max_staleness=1"],
     # one update per batch is on-policy (ratio 1): there grpo, gspo and cispo give one gradient; four mini-batch
     # updates per batch take the later ones off-policy, where the surrogates differ
-    "grpo-x4": ["rl.updates_per_step=4"],
-    "gspo-x4": ["rl.updates_per_step=4", "rl.loss=gspo", "rl.loss_agg=seq-mean-token-mean", "rl.clip_low=0.0003",
-                "rl.clip_high=0.0004"],
-    "cispo-x4": ["rl.updates_per_step=4", "rl.loss=cispo", "rl.clip_low=1.0", "rl.clip_high=0.28"],
+    "grpo-x4": ["rl.algorithm.updates_per_step=4"],
+    "gspo-x4": ["rl.algorithm.updates_per_step=4", "rl.algorithm.loss=gspo", "rl.algorithm.loss_agg=seq-mean-token-mean", "rl.algorithm.clip_low=0.0003",
+                "rl.algorithm.clip_high=0.0004"],
+    "cispo-x4": ["rl.algorithm.updates_per_step=4", "rl.algorithm.loss=cispo", "rl.algorithm.clip_low=1.0", "rl.algorithm.clip_high=0.28"],
 }
 CHECKPOINTS = (20, 50, 100)
 
@@ -43,7 +43,7 @@ CHECKPOINTS = (20, 50, 100)
 def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "r1pipe.cli", "run", "r1-zero", "stages=[pretrain,rl]", f"rl.steps={steps}",
-           "rl.eval_every=10", *overrides, "--run-dir", str(run_dir)]
+           "rl.data.eval_every=10", *overrides, "--run-dir", str(run_dir)]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 The tiny DeepSeek-V3 (ModelConfig.preset("tiny")) is trained briefly on a synthetic corpus (each next token a
 fixed permutation of the current one, as bench_engine's MTP model) so its distributions are peaked, then two
-engines sample the same seeded prompts at temperature 1: a bf16 engine and an FP8 one (rl.engine.fp8: V3's
+engines sample the same seeded prompts at temperature 1: a bf16 engine and an FP8 one (rl.rollout.engine.fp8: V3's
 projections in FP8 128x128 blocks on 1x128 activation tiles, the rest bf16). Every sampled token is scored by
 the fp32 trainer (the model's full-sequence forward, as GRPO's old log-probs), and the FP8 engine's tokens also
 by the bf16 model, giving per engine:

@@ -69,13 +69,14 @@ from r1pipe.model import Precision  # noqa: E402
 from r1pipe.rewards import build_reward_fn  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.base_eval import share_solved  # noqa: E402
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import run_grpo  # noqa: E402
 from r1pipe.workers import PolicyConfig, PolicyWorker, build_batch  # noqa: E402
 from r1pipe.workers.rollout import RolloutWorker  # noqa: E402
 
 _REWARD = build_reward_fn({"accuracy": 1.0, "format": 0.1})  # the R1-Zero recipe's reward
-R1_ZERO_MICRO_BATCH = int(OmegaConf.load(Path(__file__).resolve().parent.parent / "recipes" / "r1-zero.yaml").rl.micro_batch_size)
+R1_ZERO_MICRO_BATCH = int(OmegaConf.load(Path(__file__).resolve().parent.parent / "recipes" / "r1-zero.yaml").rl.algorithm.micro_batch_size)
 REWARD_SECONDS = [0.0]
 
 
@@ -90,7 +91,7 @@ def reward(text: str, reference: dict) -> float:
 
 PHASES = ("rollout", "reward", "train", "sync", "step")
 IDLE = ("trainer_idle", "engine_idle")  # seconds of a step each side waited for the other
-STOP = "</answer>"  # completions end there (the R1-Zero recipe's rl.stop) or at EOS
+STOP = "</answer>"  # completions end there (the R1-Zero recipe's rl.rollout.stop) or at EOS
 Curve = list[tuple[float, float]]  # (training seconds so far, greedy held-out accuracy)
 
 
@@ -99,18 +100,22 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     """r1pipe's grpo stage: median phase seconds after step 1 (and the trainer's and engines' idle seconds)
     and, with `heldout`, its held-out curve (its own greedy evaluation every --heldout-every steps;
     evaluation time is not training time)."""
-    cfg = GRPOConfig(train_path=str(data), heldout_path=str(heldout or data), heldout_size=args.heldout if heldout else 2,
-                     eval_every=args.heldout_every if heldout else 10**6, template="raw", steps=args.steps,
-                     prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
-                     stop=stop_strings(model),
-                     reward_weights={}, extra_rewards={f"{__name__}:reward": 1.0}, accuracy_reward="reward",
-                     dynamic_sampling=dynamic_sampling, skip_zero_advantage=not args.keep_zero_advantage,
-                     micro_batch_size=args.micro_batch, threads_per_worker=args.threads // args.workers,
-                     num_policy_workers=args.workers, num_rollout_workers=args.workers,
-                     fsdp=args.sharding != "replicas", fsdp_keep_gathered=args.sharding == "fsdp-keep-gathered",
-                     cpus_per_worker=0.5 / args.workers,  # the roles take turns on the same cores
-                     checkpoint_every=10**6, lr=1e-4, device=args.device, max_staleness=max_staleness,
-                     gpus_per_worker=0.5 / args.workers if args.device == "cuda" else 0.0)  # all share one GPU
+    # each role: --workers workers with threads / workers torch threads; the roles take turns on the same cores
+    # (0.5 CPU each in all) and, on cuda, share the one GPU
+    workers = {"workers": args.workers, "cpus": 0.5 / args.workers, "threads": args.threads // args.workers,
+               "gpus": 0.5 / args.workers if args.device == "cuda" else 0.0}
+    cfg = make_config(GRPOConfig, {
+        "steps": args.steps,
+        "data": {"train_path": str(data), "heldout_path": str(heldout or data), "heldout_size": args.heldout if heldout else 2,
+                 "eval_every": args.heldout_every if heldout else 10**6, "template": "raw"},
+        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group, "max_tokens": args.max_tokens,
+                    "stop": stop_strings(model), "dynamic_sampling": dynamic_sampling, "max_staleness": max_staleness},
+        "rewards": {"weights": {}, "extra": {f"{__name__}:reward": 1.0}, "accuracy_reward": "reward"},
+        "algorithm": {"skip_zero_advantage": not args.keep_zero_advantage, "micro_batch_size": args.micro_batch},
+        "optim.lr": 1e-4, "checkpoint.every": 10**6,
+        "resources": {"device": args.device, "trainer": workers, "rollout": workers},
+        "parallelism": {"fsdp": args.sharding != "replicas", "fsdp_keep_gathered": args.sharding == "fsdp-keep-gathered"},
+    }, "rl")
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
                                "model": {"path": str(model), "dtype": args.dtype}})
     run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
@@ -309,15 +314,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="r1pipe's policy workers and rollout workers (each role N, with threads / N torch threads each)")
     p.add_argument("--sharding", choices=("fsdp", "fsdp-keep-gathered", "replicas"), default="fsdp",
-                   help="with --workers > 1: the policy workers' rl.fsdp / rl.fsdp_keep_gathered (replicas: rl.fsdp=false)")
+                   help="with --workers > 1: the policy workers' rl.parallelism.fsdp / fsdp_keep_gathered (replicas: fsdp false)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: both trainers on the one GPU (r1pipe's policy and rollout workers take half of it each)")
     p.add_argument("--shape", choices=tuple(RANDOM_SHAPES), default="tiny", help="the random model's shape (without --base)")
     p.add_argument("--micro-batch", type=int, default=R1_ZERO_MICRO_BATCH,
-                   help=f"r1pipe's training micro-batch rows (default: the r1-zero recipe's rl.micro_batch_size, "
+                   help=f"r1pipe's training micro-batch rows (default: the r1-zero recipe's rl.algorithm.micro_batch_size, "
                         f"{R1_ZERO_MICRO_BATCH}; TRL trains each batch in one pass)")
     p.add_argument("--keep-zero-advantage", action="store_true",
-                   help="r1pipe runs rows with zero advantage through forward and backward as TRL does (rl.skip_zero_advantage"
+                   help="r1pipe runs rows with zero advantage through forward and backward as TRL does (rl.algorithm.skip_zero_advantage"
                         "=false); by default it leaves them out: same gradient, less work")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both trainers (fp32 master weights): r1pipe's model.dtype, TRL's bf16 flag")
@@ -329,7 +334,7 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=256, help="held-out problems evaluated (from the base's heldout.jsonl)")
     p.add_argument("--png", type=Path, default=Path("runs/bench/grpo_vs_trl_heldout.png"), help="the held-out curves' plot")
     p.add_argument("--max-staleness", type=int, choices=(0, 1), default=0,
-                   help="1: also run r1pipe asynchronously (rl.max_staleness=1) at the same work, against its synchronous "
+                   help="1: also run r1pipe asynchronously (rl.rollout.max_staleness=1) at the same work, against its synchronous "
                         "run and TRL in the same run, with each side's idle share")
     args = p.parse_args()
     if args.heldout_every and args.base is None:

@@ -11,7 +11,7 @@ others. The last line is all figures as JSON.
 
   python bench/bench_grpo_step.py                                  # CPU, tiny shape
   python bench/bench_grpo_step.py --device cuda --shape 1.7b --prompts 32 --group 8 --max-tokens 128
-  python bench/bench_grpo_step.py --device cuda --shape 1.7b --fp8 # FP8 rollouts (rl.engine.fp8)
+  python bench/bench_grpo_step.py --device cuda --shape 1.7b --fp8 # FP8 rollouts (rl.rollout.engine.fp8)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Pre-trains the tiny R1-Zero base once (the `r1-zero` recipe's pretrain stage, reused from the base
 cache when it is there), then runs the recipe's GRPO stage twice from it with the engine drafting
-`speculative_k` tokens per step from the MTP module: once with `rl.draft_loss=true` (the default when
+`speculative_k` tokens per step from the MTP module: once with `rl.algorithm.draft_loss=true` (the default when
 speculative_k > 0; it trains the drafter at every chained depth the engine drafts) and once with it
 off. The engine's acceptance rate on each step's rollouts is logged as `mtp/acceptance` (all drafts),
 `mtp/acceptance_first` (the first draft of each step) and `mtp/acceptance_chained` (the later ones);
@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--speculative-k", type=int, default=2)
     ap.add_argument("--recipe", default="r1-zero", help="whose pretrain and rl stages run (default: the main tiny recipe)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="pretrain.steps (default: the recipe's)")
-    ap.add_argument("--lr", type=float, default=None, help="rl.lr (default: the recipe's)")
-    ap.add_argument("--draft-lr-scale", type=float, default=None, help="rl.draft_lr_scale for the draft-loss run (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="rl.optim.lr (default: the recipe's)")
+    ap.add_argument("--draft-lr-scale", type=float, default=None, help="rl.algorithm.draft_lr_scale for the draft-loss run (default: the recipe's)")
     ap.add_argument("--out", default="/tmp/r1pipe_mtp_bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -48,11 +48,11 @@ def main() -> None:
     result = {}
     for draft in (True, False):
         run_dir = out / f"rl_draft_{str(draft).lower()}"
-        r1pipe(args.recipe, "stages=[rl]", f"model.path={pre['model_path']}", f"rl.train_path={pre['train_path']}",
-               f"rl.heldout_path={pre['heldout_path']}", f"rl.steps={args.steps}", f"rl.checkpoint_every={args.steps}",
-               f"rl.engine.speculative_k={args.speculative_k}", f"rl.draft_loss={str(draft).lower()}",
-               *([f"rl.lr={args.lr}"] if args.lr else []),
-               *([f"rl.draft_lr_scale={args.draft_lr_scale}"] if args.draft_lr_scale and draft else []),
+        r1pipe(args.recipe, "stages=[rl]", f"model.path={pre['model_path']}", f"rl.data.train_path={pre['train_path']}",
+               f"rl.data.heldout_path={pre['heldout_path']}", f"rl.steps={args.steps}", f"rl.checkpoint.every={args.steps}",
+               f"rl.rollout.engine.speculative_k={args.speculative_k}", f"rl.algorithm.draft_loss={str(draft).lower()}",
+               *([f"rl.optim.lr={args.lr}"] if args.lr else []),
+               *([f"rl.algorithm.draft_lr_scale={args.draft_lr_scale}"] if args.draft_lr_scale and draft else []),
                "--run-dir", str(run_dir), cwd=out)
         rows = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
         run = {}

@@ -61,6 +61,7 @@ def main() -> None:
     import ray
     import torch
 
+    from r1pipe.config import make_config
     from r1pipe.engine import LLM, SamplingParams
     from r1pipe.rewards.readability import build_filters
     from r1pipe.stages.configs import RejectionSampleConfig
@@ -86,7 +87,8 @@ def main() -> None:
     llm.generate([r.prompt_ids for r in warm], params[: len(warm)], use_tqdm=False)  # warm-up
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     weights = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
-    cfg = RejectionSampleConfig(k=args.k, max_tokens=args.max_tokens, reward_weights=weights)
+    cfg = make_config(RejectionSampleConfig, {"k": args.k, "max_tokens": args.max_tokens, "reward_weights": weights,
+                                              "resources.reward.workers": args.reward_workers})
     filters = build_filters(cfg.filters)
 
     def raw() -> tuple[int, float]:
@@ -97,7 +99,7 @@ def main() -> None:
 
     def rejection_sampling() -> tuple[int, float, int]:
         """Fresh actors each time (no verdict cached by an earlier repeat), warmed up, then timed."""
-        sampler = ScoredSampler(str(model), sampling, weights, num_workers=1, num_reward_workers=args.reward_workers)
+        sampler = ScoredSampler(str(model), sampling, weights, resources=cfg.resources)
         list(sampler.run(warm, args.chunk))  # warm-up: actors loaded, sandbox ready
         t0 = time.perf_counter()
         tokens = kept = 0
@@ -122,7 +124,7 @@ def main() -> None:
     del llm
 
     # no overlap: all generation first, then all scoring (fresh actors: no verdict cached by the runs above)
-    sampler = ScoredSampler(str(model), sampling, weights, num_workers=1, num_reward_workers=args.reward_workers)
+    sampler = ScoredSampler(str(model), sampling, weights, resources=cfg.resources)
     list(sampler.run(warm, args.chunk))
     t0 = time.perf_counter()
     gen = ray.get(sampler.workers[0].generate.remote([r.prompt_ids for r in rows], args.k, 1.0, args.max_tokens,

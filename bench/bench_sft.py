@@ -35,6 +35,7 @@ from r1pipe.data.jsonl import read_jsonl  # noqa: E402
 from r1pipe.data.templates import r1_zero_prompt  # noqa: E402
 from r1pipe.data.tokenizer import load_tokenizer  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.configs import SFTConfig  # noqa: E402
 from r1pipe.stages.sft import load_data, trainer_config  # noqa: E402
 from r1pipe.stages.supervised import batch_of  # noqa: E402
@@ -44,8 +45,9 @@ from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve  # noq
 
 def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path, workers: int) -> float:
     """The trainer group's steps, timed after `warmup` steps: `workers` actors sharing args.threads CPUs."""
-    cfg = SFTConfig(train_path=str(data), batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4,
-                    heldout_fraction=0.0, template="r1-zero", device=args.device, num_threads=args.threads // workers)
+    cfg = make_config(SFTConfig, {"data": {"train_path": str(data), "heldout_fraction": 0.0, "template": "r1-zero"},
+                                  "batch_size": args.batch, "micro_batch_size": args.batch, "optim.lr": 1e-4,
+                                  "resources.device": args.device, "resources.trainer.threads": args.threads // workers})
     ctx = StageContext(run_dir=root, stage_dir=root / "sft", recipe=OmegaConf.create({"model": {"path": str(model_dir)}}), seed=0)
     tok = load_tokenizer(model_dir)
     examples, _, _ = load_data(cfg, ctx, tok, 1024)

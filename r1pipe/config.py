@@ -2,11 +2,12 @@
 
 A recipe has top-level sections `run`, `cluster`, `model`, `stages` (the order to run) and one
 section per stage, whose `kind` picks that stage's config dataclass (see r1pipe.stages). Users
-override any value with dot-lists (`rl.group_size=16 model.path=/ckpt`). Loading merges the YAML
+override any value with dot-lists (`rl.rollout.group_size=16 model.path=/ckpt`). Loading merges the YAML
 and the overrides onto the structured schema, so a misspelt key or a value of the wrong type is
 a ConfigError naming the key before anything runs. So are values no stage could use (an lr that is
 not > 0, a NaN anywhere, an unknown model.dtype) and `stage:NAME.KEY` references to a stage that is
-not listed before the one that refers to it: `r1pipe run --dry-run` catches all of them.
+not listed before the one that refers to it: `r1pipe run --dry-run` catches all of them. A key that
+moved into a section (`rl.lr` -> `rl.optim.lr`) is refused naming its new place (MOVED_KEYS).
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from r1pipe.errors import ConfigError
 from r1pipe.stages import get_stage
+from r1pipe.stages.configs import MOVED_KEYS
 from r1pipe.vocab import dtype_name
 
 TOP_LEVEL = ("run", "cluster", "model", "stages")
@@ -29,7 +31,8 @@ TOP_LEVEL = ("run", "cluster", "model", "stages")
 # a stage config string `stage:NAME.KEY`: output KEY of the earlier stage NAME (r1pipe.run.resolve_stage_refs)
 STAGE_REF = re.compile(r"^stage:([A-Za-z_][\w-]*)\.(\w+)$")
 
-__all__ = ["ConfigError", "STAGE_REF", "find_recipe", "load_recipe", "recipe_names", "stage_config", "to_yaml", "validate"]
+__all__ = ["ConfigError", "STAGE_REF", "find_recipe", "load_recipe", "make_config", "recipe_names", "settings", "stage_config",
+           "to_yaml", "validate"]
 
 
 @dataclass
@@ -146,6 +149,7 @@ def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConf
             cls = get_stage(kind).config_cls
         except KeyError as e:
             raise ConfigError(f"{key}.kind: {e.args[0]}") from None
+        _check_moved(section, key, kind)
         schema[key] = OmegaConf.structured(cls)
         stage_sections[key] = kind
     OmegaConf.set_struct(schema, True)
@@ -164,16 +168,52 @@ def validate(untyped: DictConfig, dotlist: DictConfig | None = None) -> DictConf
         raise ConfigError("stages: no stage to run (list the recipe's stage sections in the order to run them)")
     typed: dict[str, Any] = {}
     for name in ("run", "cluster", "model", *stage_sections):
-        try:  # the dataclass's own checks (__post_init__) run on the typed values
-            typed[name] = OmegaConf.to_object(cfg[name])
-        except (ValueError, TypeError) as e:
-            raise ConfigError(str(e) if str(e).startswith(f"{name}.") else f"{name}: {e}") from None
-        except OmegaConfBaseException as e:
-            raise _error(e) from None
+        typed[name] = _to_object(cfg[name], name)
         _check_finite(typed[name], name)
     _check_stage_refs(list(cfg.stages), {name: typed[name] for name in stage_sections})
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_moved(section: DictConfig, name: str, kind: str) -> None:
+    """A key of stage section `name` that moved into a section since (MOVED_KEYS) is a ConfigError naming
+    the new key; recipes and command-line overrides meet the same check (overrides are merged first)."""
+    moved = MOVED_KEYS.get(kind, {})
+    for key in section:
+        if key in moved:
+            raise ConfigError(f"{name}.{key}: moved to {' and '.join(f'{name}.{new}' for new in moved[key])}")
+
+
+def _to_object(node: DictConfig, key: str) -> Any:
+    """The typed dataclass of `node` (its own checks, __post_init__, run on the typed values). Nested
+    sections are built first, so a failing check is a ConfigError naming the innermost section's key:
+    a message that starts with one of the section's fields becomes `key.field...`, any other `key: ...`."""
+    for name in node:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and is_dataclass(child._metadata.object_type):
+            _to_object(child, f"{key}.{name}")
+    try:
+        return OmegaConf.to_object(node)
+    except (ValueError, TypeError) as e:
+        message, cls = str(e), node._metadata.object_type
+        first = re.match(r"[A-Za-z_]\w*", message)
+        if message.startswith(f"{key}.") or (first and first.group() in {f.name for f in fields(cls)}):
+            raise ConfigError(message if message.startswith(f"{key}.") else f"{key}.{message}") from None
+        raise ConfigError(f"{key}: {message}") from None
+    except OmegaConfBaseException as e:
+        raise _error(e) from None
+
+
+def settings(cfg: Any, key: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, the dataclass holding it, field name) for every field of dataclass `cfg` that is not
+    itself a section, nested sections included (e.g. ("rl.data.train_path", cfg.data, "train_path"))."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{key}.{f.name}" if key else f.name
+        if is_dataclass(value):
+            yield from settings(value, dotted)
+        else:
+            yield dotted, cfg, f.name
 
 
 def _check_finite(value: Any, key: str) -> None:
@@ -196,8 +236,8 @@ def _check_stage_refs(stages: list[str], sections: dict[str, Any]) -> None:
     """Every `stage:NAME.KEY` string field of a listed stage names a stage listed before it (which
     outputs the stage has is only known when it has run: r1pipe.run.resolve_stage_refs checks that)."""
     for i, name in enumerate(stages):
-        for f in fields(sections[name]):
-            value = getattr(sections[name], f.name)
+        for key, holder, field_name in settings(sections[name], name):
+            value = getattr(holder, field_name)
             m = STAGE_REF.match(value) if isinstance(value, str) else None
             if m is None or m.group(1) in stages[:i]:
                 continue
@@ -209,7 +249,7 @@ def _check_stage_refs(stages: list[str], sections: dict[str, Any]) -> None:
             else:
                 why = f"the recipe has no stage {ref!r}"
             earlier = ", ".join(stages[:i]) or "none"
-            raise ConfigError(f"{name}.{f.name}={value!r}: {why} (stages before it: {earlier})")
+            raise ConfigError(f"{key}={value!r}: {why} (stages before it: {earlier})")
 
 
 def _open_dict_fields(node: DictConfig) -> None:
@@ -221,6 +261,34 @@ def _open_dict_fields(node: DictConfig) -> None:
                 OmegaConf.set_struct(child, False)
             else:
                 _open_dict_fields(child)
+
+
+def make_config(cls: type, values: dict[str, Any] | None = None, name: Optional[str] = None) -> Any:
+    """A stage config of class `cls` with `values` keyed as in a recipe section, dotted keys reaching into
+    its sections ({"rollout.group_size": 4, "optim": {"lr": 1e-2}}), checked as a recipe's section
+    `name` (default: its kind) would be: a ConfigError naming the key otherwise. A value given for a
+    dict or list field replaces the default whole."""
+    node = OmegaConf.structured(cls)
+    name = name or node.kind
+    _open_dict_fields(node)
+    _check_moved(OmegaConf.create({key.split(".")[0]: None for key in values or {}}), name, node.kind)
+    try:
+        for key, value in _leaves(node, values or {}):
+            OmegaConf.update(node, key, value, merge=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{name}.{_error(e)}") from None
+    return _to_object(node, name)
+
+
+def _leaves(node: DictConfig, values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) pairs of `values`, a mapping given for a section (a dataclass) split key by key."""
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        target = OmegaConf.select(node, dotted, default=None, throw_on_missing=False)
+        if isinstance(value, dict) and isinstance(target, DictConfig) and is_dataclass(target._metadata.object_type):
+            yield from _leaves(node, value, f"{dotted}.")
+        else:
+            yield dotted, value
 
 
 def stage_config(cfg: DictConfig, name: str) -> Any:

@@ -8,7 +8,6 @@ resumes from its own last checkpoint. So re-running the same command continues a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -21,7 +20,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from r1pipe.cluster import check_cluster
-from r1pipe.config import STAGE_REF, ConfigError, load_recipe, recipe_names, stage_config, to_yaml
+from r1pipe.config import STAGE_REF, ConfigError, load_recipe, recipe_names, settings, stage_config, to_yaml
 from r1pipe.errors import ModelError
 from r1pipe.model_dir import checkpoint_dir_error, tokenizer_dir_error
 from r1pipe.stages import StageContext, get_stage
@@ -29,7 +28,7 @@ from r1pipe.stages import StageContext, get_stage
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help=f"a shipped recipe ({', '.join(recipe_names())}) or a path to a recipe .yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. rl.group_size=16 model.path=/ckpt")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. rl.rollout.group_size=16 model.path=/ckpt")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.out_dir>/<run.name>)")
 
@@ -98,20 +97,21 @@ def run_recipe(cfg: DictConfig, run_dir: str | Path, console=None) -> dict[str, 
 
 
 def resolve_stage_refs(stage_cfg: Any, outputs: dict[str, dict], name: str) -> Any:
-    """A stage config with every string field of the form `stage:NAME.KEY` (e.g. `train_path:
-    stage:pretrain.mixed_train_path`, `model_path: stage:pretrain.model_path`) replaced by that earlier
-    stage's output; a reference to a stage that has not run or an output it lacks is a ConfigError."""
-    for f in dataclasses.fields(stage_cfg):
-        value = getattr(stage_cfg, f.name)
+    """A stage config with every string field of the form `stage:NAME.KEY` (e.g. `data.train_path:
+    stage:pretrain.mixed_train_path`, `model_path: stage:pretrain.model_path`), nested sections included,
+    replaced by that earlier stage's output; a reference to a stage that has not run or an output it
+    lacks is a ConfigError."""
+    for key, holder, field_name in settings(stage_cfg, name):
+        value = getattr(holder, field_name)
         m = STAGE_REF.match(value) if isinstance(value, str) else None
         if m is None:
             continue
-        stage, key = m.groups()
+        stage, output = m.groups()
         if stage not in outputs:
-            raise ConfigError(f"{name}.{f.name}={value!r}: stage {stage!r} has not run before {name!r} (earlier stages: {', '.join(outputs) or 'none'})")
-        if outputs[stage].get(key) is None:
-            raise ConfigError(f"{name}.{f.name}={value!r}: stage {stage!r} has no output {key!r} (its outputs: {', '.join(outputs[stage])})")
-        setattr(stage_cfg, f.name, str(outputs[stage][key]))
+            raise ConfigError(f"{key}={value!r}: stage {stage!r} has not run before {name!r} (earlier stages: {', '.join(outputs) or 'none'})")
+        if outputs[stage].get(output) is None:
+            raise ConfigError(f"{key}={value!r}: stage {stage!r} has no output {output!r} (its outputs: {', '.join(outputs[stage])})")
+        setattr(holder, field_name, str(outputs[stage][output]))
     return stage_cfg
 
 

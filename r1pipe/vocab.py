@@ -44,9 +44,9 @@ DTYPE_NAMES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat1
 
 # How the GRPO loss averages token terms (r1pipe.algo.losses.aggregate).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-# The policy-gradient surrogate (`rl.loss`, r1pipe.algo.losses.policy_surrogate).
+# The policy-gradient surrogate (`rl.algorithm.loss`, r1pipe.algo.losses.policy_surrogate).
 POLICY_LOSSES = ("grpo", "gspo", "cispo")
-# How rewards become advantages (`rl.advantage`, r1pipe.algo.advantages.compute_advantages).
+# How rewards become advantages (`rl.algorithm.advantage`, r1pipe.algo.advantages.compute_advantages).
 ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++")
 
 

@@ -63,8 +63,9 @@ class RewardPool:
     """Scores a batch across `num_workers` Ray actors (contiguous chunks, order preserved)."""
 
     def __init__(self, weights: dict[str, float], num_workers: int = 2, num_cpus_per_worker: float = 1.0,
-                 threads_per_worker: int | None = None, nice: int = 10, **options):
-        """`threads_per_worker` None: default_threads()."""
+                 threads_per_worker: int | None = None, nice: int = 10, resources: dict[str, float] | None = None,
+                 **options):
+        """`threads_per_worker` None: default_threads(); `resources`: custom Ray resources per worker."""
         import ray  # lazily: rewards work without Ray
 
         if num_workers < 1:
@@ -73,7 +74,7 @@ class RewardPool:
         if not ray.is_initialized():
             ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
-        actor = ray.remote(num_cpus=num_cpus_per_worker)(RewardWorker)
+        actor = ray.remote(num_cpus=num_cpus_per_worker, resources=dict(resources or {}) or None)(RewardWorker)
         self._ray = ray
         threads = threads_per_worker or default_threads()
         self.workers = [actor.remote(weights, threads, nice, **options) for _ in range(num_workers)]

@@ -79,25 +79,29 @@ def r1pipe(args: list[str], cwd: Path, tag: Path, timeout: float = 120, **popen)
 
 def tiny_rl(files: dict[str, Path], *overrides: str) -> list[str]:
     """GRPO alone on the tiny model and problems: the overrides pick what is wrong."""
-    return ["run", "r1-zero-tiny", "stages=[rl]", f"model.path={files['model']}", f"rl.train_path={files['root']}/problems.jsonl",
-            f"rl.heldout_path={files['root']}/problems.jsonl", "rl.heldout_size=2", *overrides]
+    return ["run", "r1-zero-tiny", "stages=[rl]", f"model.path={files['model']}", f"rl.data.train_path={files['root']}/problems.jsonl",
+            f"rl.data.heldout_path={files['root']}/problems.jsonl", "rl.data.heldout_size=2", *overrides]
 
 
 # (id, arguments (built from the fixture's files), what the last stderr line must contain)
 CASES = [
     # the recipe, caught at load time (`--dry-run` too)
     ("empty recipe", lambda f: ["run", str(f["root"] / "empty.yaml")], "the recipe is empty"),
-    ("lr zero", lambda f: ["run", "r1-zero", "rl.lr=0"], "rl: lr must be a number > 0, got 0.0"),
-    ("lr nan", lambda f: ["run", "r1-zero", "rl.lr=nan", "--dry-run"], "rl: lr must be a number > 0, got nan"),
-    ("pretrain lr", lambda f: ["run", "r1-zero", "pretrain.lr=-0.001"], "pretrain: lr must be a number > 0"),
-    ("sft lr nan", lambda f: ["run", "r1", "sft.lr=nan", "--dry-run"], "sft: lr must be a number > 0, got nan"),
-    ("negative temperature", lambda f: ["run", "r1-zero", "rl.temperature=-1"], "rl: temperature must be > 0"),
-    ("eval temperature", lambda f: ["run", "r1-zero", "eval.temperature=-0.5", "--dry-run"], "eval: temperature must be >= 0"),
+    ("lr zero", lambda f: ["run", "r1-zero", "rl.optim.lr=0"], "rl.optim.lr must be a number > 0, got 0.0"),
+    ("lr nan", lambda f: ["run", "r1-zero", "rl.optim.lr=nan", "--dry-run"], "rl.optim.lr must be a number > 0, got nan"),
+    ("pretrain lr", lambda f: ["run", "r1-zero", "pretrain.optim.lr=-0.001"], "pretrain.optim.lr must be a number > 0"),
+    ("sft lr nan", lambda f: ["run", "r1", "sft.optim.lr=nan", "--dry-run"], "sft.optim.lr must be a number > 0, got nan"),
+    ("moved key", lambda f: ["run", "r1-zero", "rl.lr=1e-5", "--dry-run"], "rl.lr: moved to rl.optim.lr"),
+    ("moved key in a tiny recipe", lambda f: ["run", "r1", "reasoning_rl.num_policy_workers=4", "--dry-run"],
+     "reasoning_rl.num_policy_workers: moved to reasoning_rl.resources.trainer.workers"),
+    ("negative temperature", lambda f: ["run", "r1-zero", "rl.rollout.temperature=-1"], "rl.rollout.temperature must be > 0"),
+    ("eval temperature", lambda f: ["run", "r1-zero", "eval.temperature=-0.5", "--dry-run"], "eval.temperature must be >= 0"),
     ("float8", lambda f: ["run", "r1-zero", "model.dtype=float8"], "model.dtype: unknown dtype 'float8'"),
-    ("engine float8", lambda f: ["run", "r1-zero", "rl.engine.dtype=float8", "--dry-run"], "engine.dtype: unknown dtype 'float8'"),
-    ("heldout_size 0", lambda f: ["run", "r1-zero", "rl.heldout_size=0"], "rl: heldout_size must be >= 1"),
-    ("ref to a later stage", lambda f: ["run", "r1-zero", "rl.train_path=stage:eval.report_path"],
-     "rl.train_path='stage:eval.report_path': stage 'eval' runs after 'rl'"),
+    ("engine float8", lambda f: ["run", "r1-zero", "rl.rollout.engine.dtype=float8", "--dry-run"],
+     "rl.rollout.engine.dtype: unknown dtype 'float8'"),
+    ("heldout_size 0", lambda f: ["run", "r1-zero", "rl.data.heldout_size=0"], "rl.data.heldout_size must be >= 1"),
+    ("ref to a later stage", lambda f: ["run", "r1-zero", "rl.data.train_path=stage:eval.report_path"],
+     "rl.data.train_path='stage:eval.report_path': stage 'eval' runs after 'rl'"),
     ("ref to no stage", lambda f: ["run", "r1-zero", "rl.model_path=stage:sft.model_path", "--dry-run"],
      "rl.model_path='stage:sft.model_path': the recipe has no stage 'sft'"),
     # paths and the cluster, checked before any stage runs
@@ -110,10 +114,10 @@ CASES = [
     ("eval: empty responses", lambda f: ["eval", "--suite", "gsm8k", "--responses", str(f["root"] / "empty.jsonl"),
                                          "--out", str(f["root"] / "eval_out")], "no responses: the file is empty"),
     # data, read by the stage on the driver before Ray starts
-    ("empty data file", lambda f: tiny_rl(f, f"rl.train_path={f['root']}/empty.jsonl"), "empty.jsonl: no rows (the file is empty)"),
-    ("non-JSON data file", lambda f: tiny_rl(f, f"rl.train_path={f['root']}/garbage.jsonl"), "2 not JSON (line 1"),
+    ("empty data file", lambda f: tiny_rl(f, f"rl.data.train_path={f['root']}/empty.jsonl"), "empty.jsonl: no rows (the file is empty)"),
+    ("non-JSON data file", lambda f: tiny_rl(f, f"rl.data.train_path={f['root']}/garbage.jsonl"), "2 not JSON (line 1"),
     # the cluster is too small for the workers asked for (Ray starts, then the stage stops)
-    ("resource shortfall", lambda f: tiny_rl(f, "rl.num_policy_workers=8", "cluster.num_cpus=2"),
+    ("resource shortfall", lambda f: tiny_rl(f, "rl.resources.trainer.workers=8", "cluster.num_cpus=2"),
      "CPU: asked 5.5 = policy 8 x 0.5 + rollout 1 x 0.5 + reward 1 x 1; available 2"),
 ]
 
@@ -176,7 +180,7 @@ def test_a_full_disk_is_one_line_exit_2_before_training(files, tmp_path, small_d
 
 def test_a_stage_reference_error_leaves_no_stage_directory(tmp_path):
     """The reference is refused at load time: nothing of the run exists afterwards."""
-    out = r1pipe(["run", "r1-zero", "rl.train_path=stage:eval.report_path"], tmp_path, ray_dir(), timeout=60)
+    out = r1pipe(["run", "r1-zero", "rl.data.train_path=stage:eval.report_path"], tmp_path, ray_dir(), timeout=60)
     assert out.returncode == 2 and not (tmp_path / "runs").exists()
 
 
@@ -191,7 +195,7 @@ def test_ctrl_c_during_grpo_stops_the_run_and_ray(files, tmp_path):
     said to repeat, not repeated silently."""
     tag = ray_dir()
     env = dict(os.environ, RAY_TMPDIR=str(tag), PYTHONUNBUFFERED="1")
-    args = tiny_rl(files, f"rl.train_path={files['root']}/one.jsonl", "rl.steps=1000")
+    args = tiny_rl(files, f"rl.data.train_path={files['root']}/one.jsonl", "rl.steps=1000")
     proc = subprocess.Popen([sys.executable, "-m", "r1pipe.cli", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -212,7 +216,7 @@ def test_ctrl_c_during_grpo_stops_the_run_and_ray(files, tmp_path):
     assert "Traceback" not in err
     assert "interrupted (Ctrl-C)" in lines[-1]
     assert stopped_in < 30
-    assert any("1 usable training problem for rl.prompts_per_step=4: every step repeats each problem about 4.0x" in line
+    assert any("1 usable training problem for rl.rollout.prompts_per_step=4: every step repeats each problem about 4.0x" in line
                for line in lines)
     assert_no_ray_left(tag)
 
@@ -267,10 +271,10 @@ def test_the_drafter_without_an_mtp_module_is_refused_on_the_driver(files, tmp_p
     from r1pipe.stages import StageContext
     from r1pipe.stages.grpo import GRPOTrainer
 
-    recipe = load_recipe("r1-zero-tiny", [f"model.path={files['no_mtp']}", "rl.draft_loss=true"])
+    recipe = load_recipe("r1-zero-tiny", [f"model.path={files['no_mtp']}", "rl.algorithm.draft_loss=true"])
     trainer = GRPOTrainer(stage_config(recipe, "rl"), StageContext(tmp_path, tmp_path / "rl", recipe, 0))
     trainer.base_model = str(files["no_mtp"])
-    with pytest.raises(ConfigError, match=r"rl.draft_loss needs a model with an MTP module; .*no_mtp has none"):
+    with pytest.raises(ConfigError, match=r"rl.algorithm.draft_loss needs a model with an MTP module; .*no_mtp has none"):
         trainer._check_model()
     trainer.base_model = str(files["model"])
     trainer._check_model()
@@ -301,15 +305,15 @@ def _raised(exc: Exception) -> tuple[Exception, str]:
 def test_errors_from_ray_actors_are_unwrapped_to_their_cause():
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    cause, tb = _raised(ConfigError("rl.draft_loss needs a model with an MTP module"))
+    cause, tb = _raised(ConfigError("rl.algorithm.draft_loss needs a model with an MTP module"))
     task_error = RayTaskError("PolicyWorker.train_step", tb, cause, proctitle="ray::PolicyWorker", pid=1, ip="127.0.0.1")
     # what ray.get raises: a class that is both RayTaskError and the cause's class, its text the remote traceback
     dual = task_error.as_instanceof_cause()
     assert isinstance(dual, RayTaskError) and isinstance(dual, ConfigError) and "File " in str(dual)
-    assert explain(dual, "r1pipe run") == Explained(("r1pipe run: rl.draft_loss needs a model with an MTP module",), 2)
+    assert explain(dual, "r1pipe run") == Explained(("r1pipe run: rl.algorithm.draft_loss needs a model with an MTP module",), 2)
     # an actor whose constructor raised: Ray keeps only the text of the cause's traceback
     died = ActorDiedError(task_error)
-    assert explain(died, "r1pipe run") == Explained(("r1pipe run: rl.draft_loss needs a model with an MTP module",), 2)
+    assert explain(died, "r1pipe run") == Explained(("r1pipe run: rl.algorithm.draft_loss needs a model with an MTP module",), 2)
     # a bug inside an actor is one line naming it (exit 1), the traceback only with --debug
     bug, tb = _raised(ZeroDivisionError("division by zero"))
     died = ActorDiedError(RayTaskError("RolloutWorker.__init__", tb, bug, proctitle="ray::RolloutWorker", pid=1, ip="127.0.0.1"))

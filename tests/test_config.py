@@ -90,12 +90,16 @@ def test_overrides_are_typed_and_applied():
     ("eval.kind=nope", "eval.kind"),
     ("stages=[pretrain,train]", "train"),
     ("pretrain.steps", "pretrain.steps"),
-    ("rl.loss=ppo", "loss='ppo'"),
-    ("rl.advantage=gae", "advantage='gae'"),
-    ("rl.engine.cuda_graphz=true", "engine.cuda_graphz"),
-    ("rl.engine.cuda_graphs=3", "engine.cuda_graphs"),
-    ("rl.engine.fp8=fast", "engine.fp8"),
-    ("rl.engine.dtype=bf17", "engine.dtype"),
+    ("rl.algorithm.loss=ppo", "rl.algorithm.loss='ppo'"),
+    ("rl.algorithm.advantage=gae", "rl.algorithm.advantage='gae'"),
+    ("rl.rollout.engine.cuda_graphz=true", "rl.rollout.engine.cuda_graphz"),
+    ("rl.rollout.engine.cuda_graphs=3", "rl.rollout.engine.cuda_graphs"),
+    ("rl.rollout.engine.fp8=fast", "rl.rollout.engine.fp8"),
+    ("rl.rollout.engine.dtype=bf17", "rl.rollout.engine.dtype"),
+    ("rl.optim.betas=[0.9]", "rl.optim.betas"),
+    ("rl.resources.rollout.workers=0", "rl.resources.rollout.workers"),
+    ("rl.checkpoint.every=0", "rl.checkpoint.every"),
+    ("pretrain.optim.schedule=linear", "pretrain.optim.schedule='linear'"),
 ])
 def test_bad_overrides_name_the_key(override, names):
     with pytest.raises(ConfigError) as info:
@@ -105,10 +109,10 @@ def test_bad_overrides_name_the_key(override, names):
 
 def test_engine_options_are_llm_keywords_and_fp8_keeps_tis_on():
     assert set(ENGINE_OPTIONS) <= set(inspect.signature(LLM).parameters)  # every option reaches the engine
-    rl = stage_config(load_recipe("r1-zero-tiny", ["rl.engine.fp8=true", "rl.engine.cuda_graphs=false"]), "rl")
-    assert rl.engine == {"fp8": True, "cuda_graphs": False}
-    with pytest.raises(ConfigError, match="tis: false with engine.fp8"):
-        load_recipe("r1-zero-tiny", ["rl.engine.fp8=true", "rl.tis=false"])
+    rl = stage_config(load_recipe("r1-zero-tiny", ["rl.rollout.engine.fp8=true", "rl.rollout.engine.cuda_graphs=false"]), "rl")
+    assert rl.rollout.engine == {"fp8": True, "cuda_graphs": False}
+    with pytest.raises(ConfigError, match="rl.algorithm.tis: false with rollout.engine.fp8"):
+        load_recipe("r1-zero-tiny", ["rl.rollout.engine.fp8=true", "rl.algorithm.tis=false"])
 
 
 def test_misspelt_key_in_the_file_is_named(tmp_path):
@@ -119,7 +123,7 @@ def test_misspelt_key_in_the_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="extra: unknown top-level key"):
         load_recipe(path)
     path = write_recipe(tmp_path, ECHO.replace("value: 2", "value: -1"))
-    with pytest.raises(ConfigError, match="first: value=-1"):
+    with pytest.raises(ConfigError, match=r"first\.value=-1"):
         load_recipe(path)
     path = write_recipe(tmp_path, ECHO.replace("stages: [first, second]", "stages: [first, first]"))
     with pytest.raises(ConfigError, match="listed twice"):
@@ -154,13 +158,13 @@ def test_every_builtin_kind_resolves_to_its_stage_function():
 
 
 def test_validating_every_recipe_imports_no_heavy_module():
-    """Recipes are checked against the stage configs alone: no torch, Ray, transformers or datasets,
-    and no stage module (those import them at the top)."""
+    """Recipes are checked against the stage configs (and their sections) alone: no torch, Ray,
+    transformers or datasets, and no stage module (those import them at the top)."""
     code = ("import sys\n"
             "from r1pipe.config import load_recipe, recipe_names\n"
             "for name in recipe_names(): load_recipe(name)\n"
             "heavy = ['torch', 'ray', 'transformers', 'datasets', 'sympy', 'math_verify']\n"
-            "heavy += [m for m in sys.modules if m.startswith('r1pipe.stages.') and m.rsplit('.', 1)[1] not in ('base', 'configs')]\n"
+            "heavy += [m for m in sys.modules if m.startswith('r1pipe.stages.') and m.rsplit('.', 1)[1] not in ('base', 'configs', 'sections')]\n"
             "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

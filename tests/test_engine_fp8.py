@@ -1,4 +1,4 @@
-"""FP8 rollouts (LLM(fp8=True), recipe key rl.engine.fp8): the engine holds V3's projections as FP8 128x128
+"""FP8 rollouts (LLM(fp8=True), recipe key rl.rollout.engine.fp8): the engine holds V3's projections as FP8 128x128
 blocks; its greedy output is the torch reference FP8 model's (the model's own cached decode path, step by
 step), its log-probs stay within a stated tolerance of the bf16 engine's, and weight updates quantize on the
 way in."""
@@ -80,11 +80,11 @@ def test_fp8_engine_weight_updates_quantize_on_the_way_in():
 
 
 def test_fp8_rollouts_switch_tis_on(tmp_path):
-    """rl.engine.fp8 turns token-level TIS on by default, also over a float32 engine and model."""
+    """rl.rollout.engine.fp8 turns token-level TIS on by default, also over a float32 engine and model."""
     def tis(overrides: list[str]) -> bool:
         recipe = load_recipe("r1-zero-tiny", overrides)
         ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path, recipe=recipe, seed=0)
         return GRPOTrainer(stage_config(recipe, "rl"), ctx).tis
 
     assert tis(["model.dtype=float32"]) is False
-    assert tis(["model.dtype=float32", "rl.engine.fp8=true"]) is True
+    assert tis(["model.dtype=float32", "rl.rollout.engine.fp8=true"]) is True

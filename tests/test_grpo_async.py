@@ -1,4 +1,4 @@
-"""Asynchronous GRPO (`rl.max_staleness: 1`) end to end on Ray, with the toy task of test_grpo_run: the
+"""Asynchronous GRPO (`rl.rollout.max_staleness: 1`) end to end on Ray, with the toy task of test_grpo_run: the
 next step's rollouts are sampled while the trainer trains, so every batch after the first is exactly one
 policy version old and is corrected by truncated importance sampling; a SIGKILLed run resumes on the
 rollouts its checkpoint saved and takes the uninterrupted run's steps."""
@@ -18,10 +18,10 @@ from r1pipe.stages.grpo import PREFETCH_FILE, run_grpo
 from test_grpo_run import context, grpo_config, ray_cluster, task  # noqa: F401 (fixtures)
 
 
-def async_config(task: dict, **overrides) -> GRPOConfig:
-    cfg = grpo_config(task, **{"steps": 4, "checkpoint_every": 2, "num_policy_workers": 1, "max_staleness": 1,
-                               **overrides})
-    cfg.extra_rewards["test_grpo_run:slow_zero"] = 0.0  # a step of about a second: room to kill between checkpoints
+def async_config(task: dict, overrides: dict | None = None) -> GRPOConfig:
+    cfg = grpo_config(task, {"steps": 4, "checkpoint.every": 2, "resources.trainer.workers": 1, "rollout.max_staleness": 1,
+                             **(overrides or {})})
+    cfg.rewards.extra["test_grpo_run:slow_zero"] = 0.0  # a step of about a second: room to kill between checkpoints
     return cfg
 
 
@@ -30,7 +30,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_one_version_old_rollouts_learn_and_log_their_versions(ray_cluster, task, tmp_path):
-    run_grpo(grpo_config(task, steps=6, max_staleness=1, num_policy_workers=1), context(tmp_path, task["model"]))
+    run_grpo(grpo_config(task, {"steps": 6, "rollout.max_staleness": 1, "resources.trainer.workers": 1}),
+             context(tmp_path, task["model"]))
     rows = metrics(tmp_path)[1:]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # the first batch is sampled by the base (nothing to overlap yet); every later one while the previous trained
@@ -85,7 +86,7 @@ def test_an_async_run_resumes_on_its_saved_rollouts_and_takes_the_same_steps(ray
 
 
 def test_staleness_above_one_and_async_without_tis_are_refused(task):
-    with pytest.raises(ValueError, match="max_staleness"):
-        grpo_config(task, max_staleness=2)
-    with pytest.raises(ValueError, match="tis"):
-        grpo_config(task, max_staleness=1, tis=False)
+    with pytest.raises(ValueError, match=r"rl\.rollout\.max_staleness must be 0"):
+        grpo_config(task, {"rollout.max_staleness": 2})
+    with pytest.raises(ValueError, match=r"rl\.algorithm\.tis: false with rollout\.max_staleness: 1"):
+        grpo_config(task, {"rollout.max_staleness": 1, "algorithm.tis": False})

@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray")
 from r1pipe.data.templates import R1_ZERO_HEAD  # noqa: E402
 from r1pipe.eval.suites import data_path  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import GRPOTrainer, run_grpo  # noqa: E402
 from tiny_models import make_tiny_v3  # noqa: E402
@@ -51,9 +52,11 @@ def write_bad_problems(path: Path) -> Path:
 
 def test_bad_rows_are_skipped_counted_and_the_run_finishes(ray_cluster, model, tmp_path):
     data = write_bad_problems(tmp_path / "problems.jsonl")
-    cfg = GRPOConfig(train_path=str(data), heldout_path=str(data), template="r1-zero", steps=1, prompts_per_step=2,
-                     group_size=2, max_tokens=8, reward_weights={"accuracy": 1.0, "format": 0.1},
-                     reward_options={"extract_mode": "answer_tag"}, dynamic_sampling=False, checkpoint_every=1)
+    cfg = make_config(GRPOConfig, {
+        "data": {"train_path": str(data), "heldout_path": str(data), "template": "r1-zero"}, "steps": 1,
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_tokens": 8, "dynamic_sampling": False},
+        "rewards.weights": {"accuracy": 1.0, "format": 0.1}, "rewards.options": {"extract_mode": "answer_tag"},
+        "checkpoint.every": 1})
     out = run_grpo(cfg, context(tmp_path, model))
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     train = summary["data"]["train_path"]
@@ -66,12 +69,13 @@ def test_bad_rows_are_skipped_counted_and_the_run_finishes(ray_cluster, model, t
 def test_template_fields_and_reward_options_reach_the_rows(model, tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": "What is 2 + 3?", "final_answer": 5, "uid": "x1"}) + "\n")
-    trainer = GRPOTrainer(GRPOConfig(template="r1-zero", id_field="uid", max_tokens=8), context(tmp_path, model))
+    cfg = make_config(GRPOConfig, {"data.template": "r1-zero", "data.id_field": "uid", "rollout.max_tokens": 8})
+    trainer = GRPOTrainer(cfg, context(tmp_path, model))
     [row] = trainer._problems("train_path", str(data), model)
     assert row["prompt"].startswith(R1_ZERO_HEAD) and row["prompt"].endswith("User: What is 2 + 3? Assistant:")
     assert row["answer"] == "5" and row["id"] == "x1"
-    bad = GRPOTrainer(GRPOConfig(reward_options={"extract_mod": "boxed"}), context(tmp_path, model))
-    with pytest.raises(ValueError, match="rl.reward_options.*extract_mod"):
+    bad = GRPOTrainer(make_config(GRPOConfig, {"rewards.options": {"extract_mod": "boxed"}}), context(tmp_path, model))
+    with pytest.raises(ValueError, match="rl.rewards.options.*extract_mod"):
         bad._check_reward_options()
 
 
@@ -81,9 +85,10 @@ def test_a_code_reward_run_needs_tests_not_answers(ray_cluster, model, tmp_path)
     rows.append({"prompt": "Write a function that returns 1."})  # no tests: skipped
     data = tmp_path / "mbpp.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = GRPOConfig(train_path=str(data), heldout_path=str(data), prompt_field="prompt", template="raw", steps=1,
-                     prompts_per_step=2, group_size=2, max_tokens=8, stop=[], reward_weights={"code": 1.0},
-                     accuracy_reward="code", dynamic_sampling=False, checkpoint_every=1)
+    cfg = make_config(GRPOConfig, {
+        "data": {"train_path": str(data), "heldout_path": str(data), "prompt_field": "prompt", "template": "raw"},
+        "steps": 1, "rollout": {"prompts_per_step": 2, "group_size": 2, "max_tokens": 8, "stop": [], "dynamic_sampling": False},
+        "rewards": {"weights": {"code": 1.0}, "accuracy_reward": "code"}, "checkpoint.every": 1})
     out = run_grpo(cfg, context(tmp_path, model))
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert summary["data"]["train_path"]["kept"] == 4

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from r1pipe.data.jsonl import write_jsonl  # noqa: E402
 from r1pipe.data.synthetic import CodeTask, Problem, code_row, math_row  # noqa: E402
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import run_grpo  # noqa: E402
 from test_grpo_data import context, ray_cluster  # noqa: E402,F401  (the module's Ray instance)
@@ -26,9 +27,10 @@ def test_mixed_domain_batches_route_rewards_per_row(ray_cluster, tmp_path: Path)
         rows.append(code_row(CodeTask(Problem("add", 20 + i, 4)), f"c{i}"))
     data = tmp_path / "mixed.jsonl"
     write_jsonl(data, rows)
-    cfg = GRPOConfig(train_path=str(data), heldout_path=str(data), template="r1-zero", steps=1, prompts_per_step=8,
-                     group_size=2, max_tokens=8, reward_weights={"accuracy": 1.0, "code": 1.0, "format": 0.1},
-                     dynamic_sampling=False, checkpoint_every=1, heldout_size=8)
+    cfg = make_config(GRPOConfig, {
+        "data": {"train_path": str(data), "heldout_path": str(data), "template": "r1-zero", "heldout_size": 8}, "steps": 1,
+        "rollout": {"prompts_per_step": 8, "group_size": 2, "max_tokens": 8, "dynamic_sampling": False},
+        "rewards.weights": {"accuracy": 1.0, "code": 1.0, "format": 0.1}, "checkpoint.every": 1})
     run_grpo(cfg, context(tmp_path, model))
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert summary["data"]["train_path"]["kept"] == 8 and summary["data"]["train_path"]["skipped"] == 0

@@ -1,5 +1,5 @@
 """Two Ray nodes simulated on this machine (ray.cluster_utils.Cluster): each node offers one
-`policy_slot`, so rl.policy_resources={policy_slot: 1} puts one FSDP policy worker on each node;
+`policy_slot`, so rl.resources.trainer.custom={policy_slot: 1} puts one FSDP policy worker on each node;
 the GRPO steps then equal the same run on one node (~1.5 min on 2 shared cores)."""
 import json
 
@@ -23,12 +23,13 @@ def test_two_node_run_equals_the_single_node_run(tmp_path, monkeypatch):
     root.mkdir()
     task = {"model": str(make_tiny_model(root / "model")), "train": str(write_problems(root / "train.jsonl", 16)),
             "heldout": str(write_problems(root / "heldout.jsonl", 4))}
-    cfg = dict(steps=2, prompts_per_step=2, group_size=4, checkpoint_every=2, num_policy_workers=2, policy_cpus=0.5, sync_check_every=1,
-               rollout_cpus=0.5, heldout_size=4, dynamic_sampling=False)
+    cfg = {"steps": 2, "rollout": {"prompts_per_step": 2, "group_size": 4, "dynamic_sampling": False}, "checkpoint.every": 2,
+           "resources.trainer": {"workers": 2, "cpus": 0.5}, "resources.rollout.cpus": 0.5, "sync.check_every": 1,
+           "data.heldout_size": 4}
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        run_grpo(grpo_config(task, **cfg), context(tmp_path / "one", task["model"]))
+        run_grpo(grpo_config(task, cfg), context(tmp_path / "one", task["model"]))
     finally:
         ray.shutdown()
 
@@ -47,7 +48,7 @@ def test_two_node_run_equals_the_single_node_run(tmp_path, monkeypatch):
             nodes["policy"] = ray.get([w.node_id.remote() for w in self.workers])
 
         monkeypatch.setattr(PolicyGroup, "__init__", record_nodes)
-        run_grpo(grpo_config(task, **cfg, policy_resources={"policy_slot": 1}, placement_strategy="SPREAD"),
+        run_grpo(grpo_config(task, {**cfg, "resources.trainer.custom": {"policy_slot": 1}, "resources.placement_strategy": "SPREAD"}),
                  context(tmp_path / "two", task["model"], address=cluster.address))
     finally:
         ray.shutdown()

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 ray = pytest.importorskip("ray")
 
+from r1pipe.config import make_config  # noqa: E402
 from r1pipe.stages.base import StageContext  # noqa: E402
 from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import GRPOTrainer, run_grpo  # noqa: E402
@@ -99,17 +100,19 @@ def task(tmp_path_factory):
     }
 
 
-def grpo_config(task: dict, **overrides) -> GRPOConfig:
-    fields = dict(
-        train_path=task["train"], heldout_path=task["heldout"], steps=6, prompts_per_step=4, group_size=8,
-        max_tokens=8, temperature=1.0, stop=[], reward_weights={}, lr=1e-2, clip_high=0.28,
-        extra_rewards={f"{__name__}:share_of_a": 1.0, f"{__name__}:crashes_on_b": 0.0},
-        accuracy_reward="mostly_a", num_policy_workers=2, micro_batch_size=16, checkpoint_every=2,
-    )
-    fields.update(overrides)
-    if fields["accuracy_reward"] == "mostly_a":
-        fields["extra_rewards"] = {**fields["extra_rewards"], f"{__name__}:mostly_a": 0.0}
-    return GRPOConfig(**fields)
+def grpo_config(task: dict, overrides: dict | None = None) -> GRPOConfig:
+    """The toy task's config; `overrides` keyed as in a recipe section ({"rollout.group_size": 4})."""
+    values = {
+        "data.train_path": task["train"], "data.heldout_path": task["heldout"], "steps": 6,
+        "rollout.prompts_per_step": 4, "rollout.group_size": 8, "rollout.max_tokens": 8, "rollout.temperature": 1.0,
+        "rollout.stop": [], "rewards.weights": {}, "optim.lr": 1e-2, "algorithm.clip_high": 0.28,
+        "rewards.extra": {f"{__name__}:share_of_a": 1.0, f"{__name__}:crashes_on_b": 0.0},
+        "rewards.accuracy_reward": "mostly_a", "resources.trainer.workers": 2, "algorithm.micro_batch_size": 16,
+        "checkpoint.every": 2, **(overrides or {}),
+    }
+    if values["rewards.accuracy_reward"] == "mostly_a":
+        values["rewards.extra"] = {**values["rewards.extra"], f"{__name__}:mostly_a": 0.0}
+    return make_config(GRPOConfig, values, "rl")
 
 
 def context(run_dir: Path, model: str, address: str | None = None) -> StageContext:
@@ -120,7 +123,7 @@ def context(run_dir: Path, model: str, address: str | None = None) -> StageConte
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, task, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grpo_run")
-    outputs = run_grpo(grpo_config(task, eval_every=3), context(run_dir, task["model"]))
+    outputs = run_grpo(grpo_config(task, {"data.eval_every": 3}), context(run_dir, task["model"]))
     rows = [json.loads(l) for l in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     return run_dir / "rl", outputs, rows
 
@@ -196,8 +199,8 @@ def kill_after_checkpoint(config: str, task: dict, run_dir: Path, address: str, 
 
 def resume_config(task: dict) -> GRPOConfig:
     # kl_coef > 0: the reference must stay the base model across the kill, not the resumed checkpoint
-    cfg = grpo_config(task, steps=4, checkpoint_every=2, num_policy_workers=1, kl_coef=0.01)
-    cfg.extra_rewards[f"{__name__}:slow_zero"] = 0.0
+    cfg = grpo_config(task, {"steps": 4, "checkpoint.every": 2, "resources.trainer.workers": 1, "algorithm.kl_coef": 0.01})
+    cfg.rewards.extra[f"{__name__}:slow_zero"] = 0.0
     return cfg
 
 
@@ -246,17 +249,20 @@ def recipe_layout_config(task: dict) -> GRPOConfig:
     from r1pipe.config import load_recipe, stage_config
 
     cfg = stage_config(load_recipe("r1-zero"), "rl")
-    return dataclasses.replace(
-        cfg, train_path=task["train"], heldout_path=task["heldout"], template="raw", steps=5, checkpoint_every=2,
-        prompts_per_step=4, max_tokens=8, heldout_size=8, stop=[], lr=1e-2, reward_weights={}, accuracy_reward="mostly_a",
-        extra_rewards={f"{__name__}:share_of_a": 1.0, f"{__name__}:mostly_a": 0.0, f"{__name__}:slow_zero": 0.0})
+    cfg.steps, cfg.checkpoint.every, cfg.optim.lr = 5, 2, 1e-2
+    cfg.data = dataclasses.replace(cfg.data, train_path=task["train"], heldout_path=task["heldout"], template="raw", heldout_size=8)
+    cfg.rollout = dataclasses.replace(cfg.rollout, prompts_per_step=4, max_tokens=8, stop=[])
+    cfg.rewards = dataclasses.replace(cfg.rewards, weights={}, accuracy_reward="mostly_a", extra={
+        f"{__name__}:share_of_a": 1.0, f"{__name__}:mostly_a": 0.0, f"{__name__}:slow_zero": 0.0})
+    return cfg
 
 
 def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, task, tmp_path):
     """A run of the r1-zero recipe's layout SIGKILLed after its step-2 checkpoint and started again takes
     exactly the steps of an uninterrupted run: the three after the resume compared metric by metric."""
     layout = recipe_layout_config(task)
-    assert (layout.num_policy_workers, layout.num_rollout_workers, layout.fsdp, layout.shared_memory) == (2, 2, False, True)
+    assert (layout.resources.trainer.workers, layout.resources.rollout.workers, layout.parallelism.fsdp,
+            layout.sync.shared_memory) == (2, 2, False, True)
     kill_after_checkpoint("recipe_layout_config", task, tmp_path / "killed", ray_cluster, step=2)
     run_grpo(recipe_layout_config(task), context(tmp_path / "killed", task["mtp_model"]))
     run_grpo(recipe_layout_config(task), context(tmp_path / "straight", task["mtp_model"]))
@@ -268,7 +274,7 @@ def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_it_trains(ray_cluster, task, small_disk):
     run_dir = small_disk(2)  # a checkpoint of the toy model takes about 5 MB
-    trainer = GRPOTrainer(grpo_config(task, steps=2, num_policy_workers=1), context(run_dir, task["mtp_model"]))
+    trainer = GRPOTrainer(grpo_config(task, {"steps": 2, "resources.trainer.workers": 1}), context(run_dir, task["mtp_model"]))
     try:
         checkpoints = re.escape(str(run_dir / "rl" / "checkpoints"))
         with pytest.raises(DiskFullError, match=rf"^no space left on {checkpoints}: need [4-6] MB"):
@@ -282,13 +288,13 @@ def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_it_trains(ray
 
 
 def test_truncated_sampling_is_refused_naming_the_key(task):
-    with pytest.raises(ValueError, match="top_p=0.9"):
-        grpo_config(task, top_p=0.9)
+    with pytest.raises(ValueError, match=r"rl\.rollout\.top_p=0.9"):
+        grpo_config(task, {"rollout.top_p": 0.9})
 
 
 def test_bf16_engine_turns_on_tis_and_logs_mismatch(ray_cluster, task, tmp_path):
-    cfg = grpo_config(task, steps=2, prompts_per_step=2, group_size=4, num_policy_workers=1, checkpoint_every=2,
-                      engine={"dtype": "bfloat16"}, tis_cap=1.0)
+    cfg = grpo_config(task, {"steps": 2, "rollout.prompts_per_step": 2, "rollout.group_size": 4, "resources.trainer.workers": 1,
+                             "checkpoint.every": 2, "rollout.engine": {"dtype": "bfloat16"}, "algorithm.tis_cap": 1.0})
     run_grpo(cfg, context(tmp_path, task["model"]))
     rows = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1:]
     for r in rows:
@@ -306,10 +312,11 @@ def test_two_engines_and_two_replicas_sample_and_step_as_one_of_each(ray_cluster
     """The r1-zero recipe's layout (2 rollout workers, 2 replicated policy workers): every prompt's samples are
     seeded by its position in the stream, whichever engine draws them, and the replicas sum their gradients, so
     the run is the one-of-each run."""
-    common = dict(steps=2, prompts_per_step=4, group_size=4, checkpoint_every=2, cpus_per_worker=0.25, sync_check_every=1)
+    common = {"steps": 2, "rollout.prompts_per_step": 4, "rollout.group_size": 4, "checkpoint.every": 2, "sync.check_every": 1}
     runs = {}
     for n in (1, 2):
-        cfg = grpo_config(task, **common, num_policy_workers=n, num_rollout_workers=n, fsdp=False)
+        cfg = grpo_config(task, {**common, "resources.trainer": {"workers": n, "cpus": 0.25},
+                                 "resources.rollout": {"workers": n, "cpus": 0.25}, "parallelism.fsdp": False})
         run_grpo(cfg, context(tmp_path / str(n), task["model"]))
         runs[n] = [json.loads(line) for line in (tmp_path / str(n) / "rl" / "metrics.jsonl").read_text().splitlines()][1:]
     assert len(runs[1]) == len(runs[2]) == 2

@@ -7,9 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from r1pipe.config import make_config
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.stages.grpo import GRPOTrainer, PromptStream, Scorer, rollout_metrics
+from r1pipe.stages.sections import Workers
 from r1pipe.workers import Completion, PolicyConfig, PolicyWorker, RolloutBatch
 
 from test_grpo_weight_sync import tiny_model
@@ -19,13 +21,14 @@ def count_a(text: str, reference: dict) -> float:
     return float(text.count("a"))
 
 
-def trainer(tmp_path: Path, **overrides) -> GRPOTrainer:
-    fields = dict(train_path="unused", heldout_path="unused", prompts_per_step=2, group_size=2, max_tokens=4,
-                  reward_weights={}, extra_rewards={f"{__name__}:count_a": 1.0}, accuracy_reward="count_a")
-    fields.update(overrides)
+def trainer(tmp_path: Path, overrides: dict | None = None) -> GRPOTrainer:
+    """`overrides` keyed as in a recipe section ({"rollout.group_size": 4})."""
+    values = {"data.train_path": "unused", "data.heldout_path": "unused", "rollout.prompts_per_step": 2,
+              "rollout.group_size": 2, "rollout.max_tokens": 4, "rewards.weights": {},
+              "rewards.extra": {f"{__name__}:count_a": 1.0}, "rewards.accuracy_reward": "count_a", **(overrides or {})}
     ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "rl", recipe=OmegaConf.create({}), seed=0)
-    t = GRPOTrainer(GRPOConfig(**fields), ctx)
-    t.scorer = Scorer({}, dict(t.cfg.extra_rewards), 1)  # extra rewards only: no reward pool, no Ray
+    t = GRPOTrainer(make_config(GRPOConfig, values, "rl"), ctx)
+    t.scorer = Scorer({}, dict(t.cfg.rewards.extra), Workers())  # extra rewards only: no reward pool, no Ray
     t.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0}
     return t
 
@@ -36,7 +39,7 @@ def completion(text: str, prompt=(5, 6), finish="stop") -> Completion:
 
 
 def test_score_writes_rewards_and_the_soft_overlong_penalty(tmp_path):
-    t = trainer(tmp_path, overlong="soft", overlong_cache=2)
+    t = trainer(tmp_path, {"rollout.overlong": "soft", "rollout.overlong_cache": 2})
     groups = [[completion("aa"), completion("abcd", finish="length")]]
     batch = RolloutBatch(problems=[], completions=[])
     rewards = t.score([{"prompt": "p", "answer": "x"}], groups, batch)
@@ -46,7 +49,7 @@ def test_score_writes_rewards_and_the_soft_overlong_penalty(tmp_path):
 
 
 def test_collect_refills_groups_dropped_by_dynamic_sampling(tmp_path, monkeypatch):
-    t = trainer(tmp_path, max_refill_rounds=2)
+    t = trainer(tmp_path, {"rollout.max_refill_rounds": 2})
     rows = [{"id": str(i), "prompt": f"p{i}", "answer": "x"} for i in range(6)]
     # problems p0, p2, p4 get two equal completions (dropped), the others two different ones (kept)
     fake = lambda prompts, n, temperature, seeds: [
@@ -82,7 +85,8 @@ def test_rows_with_zero_advantage_skip_the_model_and_leave_the_gradient_unchange
         c.reward = count_a(c.text, {})
     updates = {}
     for skip in (False, True):
-        t = trainer(tmp_path / str(skip), prompts_per_step=4, skip_zero_advantage=skip, loss_agg=loss_agg)
+        t = trainer(tmp_path / str(skip), {"rollout.prompts_per_step": 4, "algorithm.skip_zero_advantage": skip,
+                                           "algorithm.loss_agg": loss_agg})
         t.pad_id = 0
         t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, loss_agg=loss_agg, norm_constant=4.0,
                                                          freeze_router_bias=True, micro_batch_size=2,
@@ -107,7 +111,7 @@ def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
     batch = RolloutBatch(problems=[{}] * 2, completions=[completion(t) for t in ("aa", "bb", "cc", "dd")])
     for c, r in zip(batch.completions, (1.0, 0.0, 1.0, 1.0)):
         c.reward = r
-    t = trainer(tmp_path, prompts_per_step=2)
+    t = trainer(tmp_path, {"rollout.prompts_per_step": 2})
     t.pad_id = 0
     t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, freeze_router_bias=True))
     t.train(batch)  # one informative group: a real step, AdamW has momentum
@@ -121,7 +125,7 @@ def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
 
 
 def test_the_recipes_surrogate_and_advantage_reach_the_update(tmp_path):
-    """`rl.loss` and `rl.advantage` change the step: on-policy (one update, ratio 1) the three surrogates
+    """`rl.algorithm.loss` and `rl.algorithm.advantage` change the step: on-policy (one update, ratio 1) the three surrogates
     give one gradient; against older log-probs they differ. RLOO's advantages are GRPO's without the std."""
     path = tiny_model(tmp_path / "model")
     batch = RolloutBatch(problems=[{}] * 2, completions=[completion(t) for t in ("aab", "b", "ab", "bbb")])
@@ -130,7 +134,8 @@ def test_the_recipes_surrogate_and_advantage_reach_the_update(tmp_path):
     norms = {}
     for loss in ("grpo", "gspo", "cispo"):
         for advantage in ("grpo", "rloo"):
-            t = trainer(tmp_path / f"{loss}-{advantage}", prompts_per_step=2, loss=loss, advantage=advantage)
+            t = trainer(tmp_path / f"{loss}-{advantage}", {"rollout.prompts_per_step": 2, "algorithm.loss": loss,
+                                                          "algorithm.advantage": advantage})
             t.pad_id = 0
             t.policy = PolicyWorker(0, 1, path, PolicyConfig(lr=1e-2, loss=loss, freeze_router_bias=True))
             metrics = t.train(batch)

@@ -122,7 +122,7 @@ def test_probe_catches_a_corrupted_sync(pair, monkeypatch):
 
     monkeypatch.setattr(weight_sync.SyncGroup, "receive_flat", misplaced)
     run_both(policy.send_weights, engine.receive_weights)
-    with pytest.raises(SyncMismatch, match="sync_check_tol"):
+    with pytest.raises(SyncMismatch, match=r"rl\.sync\.check_tol"):
         probe(policy, engine, tol=1e-3)
 
 
@@ -262,7 +262,7 @@ def test_sync_into_a_bfloat16_engine(tmp_path):
 
 
 def test_sync_into_an_fp8_engine_quantizes_on_the_way_in(tmp_path):
-    """An FP8 engine (rl.engine.fp8) takes its projections loose from the trainer's buckets and quantizes each
+    """An FP8 engine (rl.rollout.engine.fp8) takes its projections loose from the trainer's buckets and quantizes each
     into its held FP8 weight and block scales: exactly weight_quant of the trainer's weight; the rest as is."""
     policy, engine = moved_and_synced(tmp_path, {"max_model_len": 64, "fp8": True})
     ours, engine_state, quantized = policy.model.state_dict(), engine.llm.model.state_dict(), 0

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from r1pipe.config import make_config
 from r1pipe.data.jsonl import read_jsonl
 from r1pipe.stages.configs import PretrainConfig
 from r1pipe.stages.pretrain import run_pretrain, train_base
@@ -32,14 +33,15 @@ SMALL_MODEL = {"preset": "tiny", "path": None, "overrides": {"num_hidden_layers"
 
 
 def small_cfg(**kw) -> PretrainConfig:
-    base = dict(max_digits=2, train_size=40, heldout_size=24, vocab_size=400, tokenizer_examples=1500, steps=8, batch_size=8,
-                warmup_steps=2, checkpoint_every=4, eval_size=8, eval_max_tokens=20, cache_dir=None)
+    base = {**dict(max_digits=2, train_size=40, heldout_size=24, vocab_size=400, tokenizer_examples=1500, steps=8, batch_size=8,
+                   eval_size=8, eval_max_tokens=20, cache_dir=None), "optim.warmup_steps": 2, "checkpoint.every": 4}
     base.update(kw)
-    return PretrainConfig(**base)
+    return make_config(PretrainConfig, base)
 
 
 def test_lr_schedule_hand_values():
-    schedule = Schedule(lr=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = make_config(PretrainConfig, {"optim": {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}, "steps": 110})
+    schedule = Schedule(cfg.optim, cfg.steps)
     assert schedule.at(0) == pytest.approx(0.1)
     assert schedule.at(9) == pytest.approx(1.0)
     assert schedule.at(10) == pytest.approx(1.0)
@@ -110,7 +112,7 @@ def test_measuring_a_base_in_this_process_keeps_its_thread_count(straight_run):
         torch.set_num_threads(before)
 
 
-RECIPE_ARGS = ["r1-zero-tiny", "stages=[pretrain]", "pretrain.steps=12", "pretrain.checkpoint_every=3",
+RECIPE_ARGS = ["r1-zero-tiny", "stages=[pretrain]", "pretrain.steps=12", "pretrain.checkpoint.every=3",
                "pretrain.batch_size=8", "pretrain.tokenizer_examples=1500", "pretrain.eval_size=0", "pretrain.cache_dir=null",
                "pretrain.heldout_size=24", "pretrain.train_size=40", "pretrain.vocab_size=400", "cluster.num_cpus=2",
                "model.overrides.num_hidden_layers=2", "model.overrides.hidden_size=64"]
@@ -127,7 +129,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, workers
     and ends on the uninterrupted run's weights, with 1 worker and with 2 FSDP2 workers."""
     from r1pipe.model import load_pretrained
 
-    layout = [f"pretrain.num_workers={workers}", f"pretrain.cpus_per_worker={2 // workers}"]
+    layout = [f"pretrain.resources.trainer.workers={workers}", f"pretrain.resources.trainer.cpus={2 // workers}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_command(straight, *layout).wait(timeout=600) == 0
     proc = run_command(killed, *layout)

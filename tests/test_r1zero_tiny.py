@@ -48,25 +48,26 @@ def test_misspelt_key_is_named_before_anything_runs(tmp_path: Path) -> None:
 
 
 def test_readme_bring_your_own_command(tmp_path: Path) -> None:
-    """README: `r1pipe run r1-zero "stages=[rl,eval]" model.path=... rl.train_path=... rl.heldout_path=...`
+    """README: `r1pipe run r1-zero "stages=[rl,eval]" model.path=... rl.data.train_path=... rl.data.heldout_path=...`
     (plus overrides that shrink it to seconds): RL, then eval on the held-out problems grpo hands on."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_grpo_run import make_tiny_model, write_problems
 
     model = make_tiny_model(tmp_path / "ckpt")
     train, heldout = write_problems(tmp_path / "p.jsonl", 16), write_problems(tmp_path / "h.jsonl", 4)
-    small = ["rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_tokens=8", "rl.heldout_size=4",
-             "rl.eval_every=0", "rl.dynamic_sampling=false", "eval.max_tokens=8", "cluster.num_cpus=2"]
-    done = run_cli("run", "r1-zero", "stages=[rl,eval]", f"model.path={model}", f"rl.train_path={train}",
-                   f"rl.heldout_path={heldout}", *small, "--run-dir", "rd", cwd=tmp_path)
+    small = ["rl.steps=1", "rl.rollout.prompts_per_step=2", "rl.rollout.group_size=2", "rl.rollout.max_tokens=8",
+             "rl.data.heldout_size=4", "rl.data.eval_every=0", "rl.rollout.dynamic_sampling=false", "eval.max_tokens=8",
+             "cluster.num_cpus=2"]
+    done = run_cli("run", "r1-zero", "stages=[rl,eval]", f"model.path={model}", f"rl.data.train_path={train}",
+                   f"rl.data.heldout_path={heldout}", *small, "--run-dir", "rd", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "rd" / "summary.json").read_text())
     assert summary["eval"]["heldout"]["n_problems"] == 4 and summary["steps"] == 1
 
 
 def test_bad_model_path_is_one_line_before_anything_runs(tmp_path: Path) -> None:
-    bad = run_cli("run", "r1-zero", "stages=[rl,eval]", "model.path=/no/such/ckpt", "rl.train_path=p.jsonl",
-                  "rl.heldout_path=h.jsonl", "--run-dir", "rd", cwd=tmp_path)
+    bad = run_cli("run", "r1-zero", "stages=[rl,eval]", "model.path=/no/such/ckpt", "rl.data.train_path=p.jsonl",
+                  "rl.data.heldout_path=h.jsonl", "--run-dir", "rd", cwd=tmp_path)
     assert bad.returncode == 2
     lines = [l for l in (bad.stdout + bad.stderr).splitlines() if l.strip()]
     assert lines == ["r1pipe run: model.path=/no/such/ckpt: no such directory"], lines
@@ -74,8 +75,8 @@ def test_bad_model_path_is_one_line_before_anything_runs(tmp_path: Path) -> None
 
 
 def test_options_and_overrides_in_any_order(tmp_path: Path) -> None:
-    for args in (("--dry-run", "r1-zero", "rl.group_size=4"), ("r1-zero", "--dry-run", "rl.group_size=4"),
-                 ("r1-zero", "rl.group_size=4", "--dry-run")):
+    for args in (("--dry-run", "r1-zero", "rl.rollout.group_size=4"), ("r1-zero", "--dry-run", "rl.rollout.group_size=4"),
+                 ("r1-zero", "rl.rollout.group_size=4", "--dry-run")):
         out = run_cli("run", *args, cwd=tmp_path)
         assert out.returncode == 0, (args, out.stderr[-2000:])
         assert "group_size: 4" in out.stdout, args

@@ -23,7 +23,7 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "mo
 PRETRAIN = {"kind": "pretrain", "world": "r1", "problem_kinds": ["add"], "worked_fraction": 1.0, "tutor_fraction": 0.0,
             "mix_fraction": 0.3, "code_fraction": 0.3, "code_train_size": 16, "code_heldout_size": 8, "max_digits": 2,
             "train_size": 32, "heldout_size": 16, "vocab_size": 400, "tokenizer_examples": 2000, "steps": 200,
-            "batch_size": 16, "lr": 1.0e-2, "warmup_steps": 10, "eval_size": 0, "cold_start_size": 40}
+            "batch_size": 16, "optim": {"lr": 1.0e-2, "warmup_steps": 10}, "eval_size": 0, "cold_start_size": 40}
 FILTERS = {"language_consistency": {"min_share": 0.99}, "no_mixed_scripts": {}, "length": {"min_chars": 10},
            "no_repeated_paragraphs": {"split": " ; "}, "no_code_in_math": {}}
 WEIGHTS = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
@@ -158,8 +158,14 @@ def test_killed_build_regenerates_no_finished_shard(base, tmp_path) -> None:
 
 
 def overrides(prefix: str, section: dict) -> list[str]:
-    return [f"{prefix}.{k}={json.dumps(v) if isinstance(v, list) else ('null' if v is None else v)}" for k, v in section.items()
-            if k != "kind"]
+    """`section` as dot-list overrides under `prefix`, nested sections key by key."""
+    out = []
+    for k, v in section.items():
+        if isinstance(v, dict):
+            out += overrides(f"{prefix}.{k}", v)
+        elif k != "kind":
+            out.append(f"{prefix}.{k}={json.dumps(v) if isinstance(v, list) else ('null' if v is None else v)}")
+    return out
 
 
 @pytest.mark.slow
@@ -173,13 +179,13 @@ def test_r1_recipe_end_to_end_then_rerun_skips(base, tmp_path) -> None:
     args = [
         *overrides("model.overrides", TINY), *overrides("pretrain", {**PRETRAIN, "cache_dir": base["cache_dir"]}),
         "cluster.num_cpus=2", "cold_start.epochs=1",
-        "reasoning_rl.steps=2", "reasoning_rl.prompts_per_step=4", "reasoning_rl.group_size=4",
-        "reasoning_rl.heldout_size=4", "reasoning_rl.max_tokens=40",
+        "reasoning_rl.steps=2", "reasoning_rl.rollout.prompts_per_step=4", "reasoning_rl.rollout.group_size=4",
+        "reasoning_rl.data.heldout_size=4", "reasoning_rl.rollout.max_tokens=40",
         f"rejection_sample.prompts_path={prompts}", "rejection_sample.model_path=stage:pretrain.model_path",
         "rejection_sample.limit=0", "rejection_sample.temperature=0.0", "rejection_sample.k=2",
         "rejection_sample.max_tokens=40", "rejection_sample.shard_size=6", "rejection_sample.filters={}",
-        "sft.epochs=1", "all_rl.steps=2", "all_rl.prompts_per_step=4", "all_rl.group_size=4", "all_rl.heldout_size=4",
-        "all_rl.max_tokens=40", "scorecard.per_domain=4", "scorecard.max_tokens=40",
+        "sft.epochs=1", "all_rl.steps=2", "all_rl.rollout.prompts_per_step=4", "all_rl.rollout.group_size=4",
+        "all_rl.data.heldout_size=4", "all_rl.rollout.max_tokens=40", "scorecard.per_domain=4", "scorecard.max_tokens=40",
     ]
     first = run_cli("run", "r1", *args, "--run-dir", "rd", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
@@ -228,6 +234,7 @@ def test_scored_sampler_streams_scored_chunks_in_order(base) -> None:
     from r1pipe.data.tokenizer import load_tokenizer
     from r1pipe.engine import LLM, SamplingParams
     from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
+    from r1pipe.stages.sections import SamplingResources, Workers
     from r1pipe.workers.cluster import ray_init
 
     tok = load_tokenizer(base["model_path"])
@@ -235,7 +242,8 @@ def test_scored_sampler_streams_scored_chunks_in_order(base) -> None:
     rows = [PromptRow(r["id"], r["problem"], r["prompt"], tok(r["prompt"], add_special_tokens=False).input_ids, r) for r in raw]
     sampling = Sampling(k=2, temperature=1.0, max_tokens=24, seed=3)
     ray_init({"cluster": {"num_cpus": 2}})
-    sampler = ScoredSampler(base["model_path"], sampling, {"accuracy": 1.0, "code": 1.0}, num_workers=2)
+    two = SamplingResources(rollout=Workers(workers=2, cpus=0.5))
+    sampler = ScoredSampler(base["model_path"], sampling, {"accuracy": 1.0, "code": 1.0}, resources=two)
     try:
         chunks = list(sampler.run(rows, 4, chunks=[3, 0, 2]))
     finally:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_model, run_model
+from r1pipe.config import make_config
 from r1pipe.data.batch import EpochOrder
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.stages import StageContext
@@ -50,9 +51,9 @@ def context(run_dir: Path, model: str) -> StageContext:
 
 
 def sft_config(task: dict, **overrides) -> SFTConfig:
-    fields = dict(train_path=task["data"], steps=24, batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=3,
-                  checkpoint_every=8, heldout_fraction=0.1, num_threads=1)
-    return SFTConfig(**{**fields, **overrides})
+    fields = {"data.train_path": task["data"], "steps": 24, "batch_size": 16, "micro_batch_size": 8, "optim.lr": 3e-3,
+              "optim.warmup_steps": 3, "checkpoint.every": 8, "data.heldout_fraction": 0.1, "resources.trainer.threads": 1}
+    return make_config(SFTConfig, {**fields, **overrides})
 
 
 @pytest.mark.parametrize("family", ["v3", "qwen2"])
@@ -111,7 +112,7 @@ def test_micro_batches_give_the_full_batch_update(task, tmp_path):
     weights = []
     for micro in (2, 8):
         # a small lr: AdamW turns a coordinate whose gradient is ~eps (summed in another order) into a step ~lr
-        out = run_sft(sft_config(task, micro_batch_size=micro, batch_size=8, steps=2, checkpoint_every=2, lr=1e-5),
+        out = run_sft(sft_config(task, micro_batch_size=micro, batch_size=8, steps=2, **{"checkpoint.every": 2, "optim.lr": 1e-5}),
                       context(tmp_path / str(micro), task["qwen2"]))
         weights.append(load_weights(Path(out["model_path"])))
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= 1e-6
@@ -132,8 +133,8 @@ RECIPE = """
 run: {{name: sft-resume, out_dir: runs, seed: 0}}
 model: {{path: {model}}}
 stages: [sft]
-sft: {{kind: sft, train_path: {data}, steps: 12, batch_size: 8, micro_batch_size: 4, lr: 3.0e-3,
-      checkpoint_every: 3, num_threads: 1, eval_every: 4, num_workers: {workers}}}
+sft: {{kind: sft, data: {{train_path: {data}}}, steps: 12, batch_size: 8, micro_batch_size: 4, optim: {{lr: 3.0e-3}},
+      checkpoint: {{every: 3}}, resources: {{trainer: {{threads: 1, workers: {workers}, cpus: {cpus}}}}}, eval_every: 4}}
 """
 
 
@@ -147,7 +148,7 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_pat
     """SIGKILL mid-run, then the same command: it resumes after the newest checkpoint (no step lost or run
     twice) and ends on the uninterrupted run's weights, in the recipe's own worker layout."""
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=workers))
+    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=workers, cpus=2 // workers))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_command(recipe, straight).wait(timeout=600) == 0
 
@@ -241,10 +242,10 @@ def test_distillation_refuses_a_teacher_with_another_tokenizer(task, tmp_path):
 def test_long_examples_are_skipped_or_truncated_and_counted(task, tmp_path):
     tok = load_tokenizer(task["v3"])
     ctx = context(tmp_path, task["v3"])
-    kept, _, report = load_data(sft_config(task, heldout_fraction=0.0), ctx, tok, 112)
+    kept, _, report = load_data(sft_config(task, **{"data.heldout_fraction": 0.0}), ctx, tok, 112)
     long = report["train"]["reasons"]["longer than max_length"]
     assert long > 0 and len(kept) + long == 240 and all(len(e) <= 112 for e in kept)
-    cut, _, report = load_data(sft_config(task, heldout_fraction=0.0, truncate=True), ctx, tok, 112)
+    cut, _, report = load_data(sft_config(task, **{"data.heldout_fraction": 0.0, "data.truncate": True}), ctx, tok, 112)
     assert report["train"]["truncated"] == long and len(cut) == 240 and all(len(e) <= 112 for e in cut)
     assert "longer than max_length" not in report["train"]["reasons"]
 
@@ -258,7 +259,7 @@ def test_an_empty_dataset_is_one_error_line_before_any_actor_starts(task, tmp_pa
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(RECIPE.format(model=task["v3"], data=empty, workers=1))
+    recipe.write_text(RECIPE.format(model=task["v3"], data=empty, workers=1, cpus=1))
     done = run_cli(str(recipe), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -268,7 +269,7 @@ def test_an_empty_dataset_is_one_error_line_before_any_actor_starts(task, tmp_pa
 
 def test_a_trainer_the_cluster_cannot_hold_fails_within_a_minute_with_the_numbers(task, tmp_path):
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=8))
+    recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=8, cpus=1))
     t0 = time.time()
     done = run_cli(str(recipe), "cluster.num_cpus=2", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode == 2 and time.time() - t0 < 60, done.stderr

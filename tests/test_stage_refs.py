@@ -4,10 +4,12 @@ from typing import Optional
 
 import pytest
 
-from r1pipe.config import ConfigError, load_recipe
+from omegaconf import OmegaConf
+
+from r1pipe.config import ConfigError, load_recipe, make_config, stage_config
 from r1pipe.run import resolve_stage_refs
-from r1pipe.stages.configs import PretrainConfig
-from r1pipe.stages.pretrain import base_key
+from r1pipe.stages.configs import GRPOConfig, PretrainConfig
+from r1pipe.stages.pretrain import base_key, stage_model_section
 
 
 @dataclass
@@ -33,14 +35,23 @@ def test_bad_refs_name_the_key() -> None:
 
 def test_refs_to_stages_not_listed_before_fail_at_load(tmp_path) -> None:
     """The runner would only meet these after the earlier stages ran; load_recipe (and --dry-run) refuses them."""
-    with pytest.raises(ConfigError, match=r"rl.train_path='stage:eval.report_path': stage 'eval' runs after 'rl' \(stages before it: pretrain\)"):
-        load_recipe("r1-zero", ["rl.train_path=stage:eval.report_path"])
+    with pytest.raises(ConfigError, match=r"rl.data.train_path='stage:eval.report_path': stage 'eval' runs after 'rl' \(stages before it: pretrain\)"):
+        load_recipe("r1-zero", ["rl.data.train_path=stage:eval.report_path"])
     with pytest.raises(ConfigError, match=r"rl.model_path='stage:sft.model_path': the recipe has no stage 'sft'"):
         load_recipe("r1-zero", ["rl.model_path=stage:sft.model_path"])
     with pytest.raises(ConfigError, match=r"eval.model_path='stage:rl.model_path': 'rl' is not a stage listed before 'eval'"):
         load_recipe("r1-zero", ["stages=[pretrain,eval]", "eval.model_path=stage:rl.model_path"])
-    ok = load_recipe("r1-zero", ["rl.train_path=stage:pretrain.train_path"])
-    assert ok.rl.train_path == "stage:pretrain.train_path"  # resolved by the runner, once pretrain has run
+    ok = load_recipe("r1-zero", ["rl.data.train_path=stage:pretrain.train_path"])
+    assert ok.rl.data.train_path == "stage:pretrain.train_path"  # resolved by the runner, once pretrain has run
+
+
+def test_refs_inside_a_section_resolve_and_name_their_key() -> None:
+    cfg = make_config(GRPOConfig, {"data.train_path": "stage:pretrain.train_path", "model_path": "stage:pretrain.model_path"})
+    cfg = resolve_stage_refs(cfg, {"pretrain": {"train_path": "/r/p/train.jsonl", "model_path": "/r/p/model"}}, "rl")
+    assert (cfg.data.train_path, cfg.model_path) == ("/r/p/train.jsonl", "/r/p/model")
+    cfg = make_config(GRPOConfig, {"data.heldout_path": "stage:pretrain.heldout_path"})
+    with pytest.raises(ConfigError, match=r"rl.data.heldout_path='stage:pretrain.heldout_path': stage 'pretrain' has no output"):
+        resolve_stage_refs(cfg, {"pretrain": {"model_path": "/m"}}, "rl")
 
 
 def test_tiny_recipe_applies_without_a_model(tmp_path) -> None:
@@ -62,3 +73,25 @@ def test_r1_world_options_keep_the_r1_zero_base_key() -> None:
         PretrainConfig(mix_fraction=0.2)
     with pytest.raises(ValueError, match="code_train_size >= 1"):
         PretrainConfig(world="r1", code_fraction=0.2)
+
+
+@pytest.mark.parametrize("recipe, stage, key", [
+    ("r1-zero", "pretrain", "641c5adb57d7cf54"),
+    ("r1", "pretrain", "f747a45a4a3d0030"),
+    ("r1-zero-tiny", "pretrain", "e0b0490f3f82af7c"),
+    ("distill", "v3_base", "3564c741c1d98ddf"),
+    ("distill", "qwen_base", "08aa9f194384d101"),
+])
+def test_the_optim_section_keeps_every_cached_base_key(recipe, stage, key) -> None:
+    """The keys the shipped recipes' bases had while lr, warmup_steps, ... were flat pretrain keys."""
+    cfg = load_recipe(recipe)
+    pretrain = stage_config(cfg, stage)
+    assert base_key(pretrain, stage_model_section(pretrain, OmegaConf.to_container(cfg.model)), 0) == key
+
+
+def test_what_shapes_the_base_changes_its_key_and_what_does_not_leaves_it() -> None:
+    default = base_key(PretrainConfig(), {"preset": "tiny"}, 0)
+    for values in ({"optim.lr": 1e-3}, {"optim.schedule": "constant"}, {"optim.betas": [0.9, 0.99]}, {"steps": 10}):
+        assert base_key(make_config(PretrainConfig, values), {"preset": "tiny"}, 0) != default, values
+    for values in ({"checkpoint.every": 7}, {"resources.trainer.threads": 2}, {"eval_size": 8}):
+        assert base_key(make_config(PretrainConfig, values), {"preset": "tiny"}, 0) == default, values

@@ -64,7 +64,7 @@ def batch_normalized_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def compute_advantages(estimator: str, rewards: Tensor, group_size: int) -> Tensor:
-    """Advantages [N] for rewards [N] by `estimator` (`rl.advantage`): one of ADVANTAGE_ESTIMATORS."""
+    """Advantages [N] for rewards [N] by `estimator` (`rl.algorithm.advantage`): one of ADVANTAGE_ESTIMATORS."""
     if estimator == "grpo":
         return group_advantages(rewards, group_size)
     if estimator == "dr-grpo":

@@ -1,7 +1,7 @@
 """The GRPO-family policy loss: a policy-gradient surrogate, k3 KL to a reference, and loss aggregation.
 
 Per token t of completion i with ratio r = exp(logp - old_logp) and advantage A_i, the surrogate
-(`rl.loss`) is one of:
+(`rl.algorithm.loss`) is one of:
 
     grpo:  pg = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)        (DAPO: clip_high > clip_low)
     gspo:  the same with the sequence's ratio s_i = exp(mean_t(logp - old_logp)) in place of r, as

@@ -37,7 +37,7 @@ class FieldMap:
 def pick_fields(columns: Sequence[str], roles: Sequence[str], explicit: dict[str, str | None] | None = None,
                 source: str = "data", option_prefix: str = "") -> FieldMap:
     """Map `roles` (keys of CANDIDATES) to columns. An explicit name that the source lacks is a
-    DataError naming the option (`sft.prompt_field` for option_prefix "sft.", `--prompt-field`
+    DataError naming the option (`sft.data.prompt_field` for option_prefix "sft.data.", `--prompt-field`
     for "--") and the columns there are."""
     explicit = {k: v for k, v in (explicit or {}).items() if v}
     picked: dict[str, str | None] = {}

@@ -71,7 +71,7 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5, cuda_graphs: bool | None = None,
                  fp8: bool = False) -> None:
-        dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.engine.dtype) or a torch.dtype
+        dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.rollout.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
         if isinstance(model, (str, Path)):
             self.model = load_pretrained(model, dtype=dtype, device=self.device)

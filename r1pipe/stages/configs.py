@@ -16,6 +16,9 @@ from r1pipe.data.templates import TEMPLATES
 from r1pipe.rewards import GRADERS, build_reward_fn
 from r1pipe.rewards.readability import build_filters
 from r1pipe.stages.base import StageConfig
+from r1pipe.stages.sections import (
+    Checkpointing, Optim, Parallelism, RLResources, SamplingResources, TrainerResources, Workers,
+)
 from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset, dtype_name
 
 
@@ -43,10 +46,7 @@ def check_engine_options(options: Any, key: str = "engine") -> None:
             dtype_name(value, f"{key}.dtype")
 
 
-def check_lr(lr: float, name: str = "lr") -> None:
-    """A learning rate is a finite number > 0 (NaN fails `> 0` too)."""
-    if not (lr > 0 and lr != float("inf")):
-        raise ValueError(f"{name} must be a number > 0, got {lr}")
+# ---------------------------------------------------------------- stages that train in one process
 
 
 # ---------------------------------------------------------------- synthetic base
@@ -58,10 +58,15 @@ R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "
 R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
 
 
+def pretrain_resources() -> TrainerResources:
+    """pretrain's default resources: a trainer worker takes 2 CPUs."""
+    return TrainerResources(trainer=Workers(cpus=2.0, threads=0))
+
+
 @dataclass
 class PretrainConfig(StageConfig):
     kind: str = "pretrain"
-    # the synthetic task
+    # the synthetic task (these fields, steps, batch_size, optim and mtp make the cached base's key: pretrain.base_key)
     problem_kinds: list[str] = field(default_factory=lambda: ["add", "sub"])  # "mul" too: a digit times a number
     max_digits: int = 2
     worked_fraction: float = 0.25  # share of "What is ...?" corpus completions that work the steps
@@ -72,19 +77,15 @@ class PretrainConfig(StageConfig):
     # tokenizer
     vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
     tokenizer_examples: int = 20000
-    # optimisation (AdamW, linear warmup then cosine to min_lr_ratio * lr)
+    # training
     steps: int = 450
     batch_size: int = 64
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
-    checkpoint_every: int = 100
-    num_threads: int = 0  # torch threads per worker; 0: the worker's CPUs
-    num_workers: int = 1  # trainer workers (FSDP2-sharded)
-    cpus_per_worker: float = 2.0
+    optim: Optim = field(default_factory=lambda: Optim(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1,
+                                                       weight_decay=0.1, grad_clip=1.0, betas=[0.9, 0.95]))
+    resources: TrainerResources = field(default_factory=pretrain_resources)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=100, keep=1))
     # the base's own check on held-out problems
     eval_size: int = 256  # 0 skips it
     eval_max_tokens: int = 64
@@ -111,13 +112,12 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"problem_kinds={list(self.problem_kinds)}: each must be one of {list(KINDS)}")
         if not 2 <= self.max_digits <= 6:
             raise ValueError(f"max_digits={self.max_digits}: must be in 2..6")
-        for name in ("worked_fraction", "tutor_fraction", "guess_correct", "min_lr_ratio"):
+        for name in ("worked_fraction", "tutor_fraction", "guess_correct"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
-        for name in ("steps", "batch_size", "checkpoint_every", "heldout_size", "vocab_size"):
+        for name in ("steps", "batch_size", "heldout_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        check_lr(self.lr)
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
         if self.world not in WORLDS:
@@ -144,14 +144,13 @@ class PretrainConfig(StageConfig):
 
 
 OVERLONG_MODES = ("none", "filter", "soft")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
-class GRPOConfig(StageConfig):
-    kind: str = "grpo"
-    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
-    # of problems; default: the earlier stages' outputs. Fields are auto-detected unless named.
+class GRPOData:
+    """Problems: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`);
+    default: the earlier stages' outputs. Fields are auto-detected unless named."""
+
     train_path: Optional[str] = None
     heldout_path: Optional[str] = None
     split: str = "train"
@@ -159,137 +158,157 @@ class GRPOConfig(StageConfig):
     answer_field: Optional[str] = None  # None: answer / final_answer / solution / ...
     id_field: Optional[str] = None
     template: str = "raw"  # raw (prompts used as written) | r1-zero | r1 | chat | auto (r1pipe.data.templates)
-    model_path: Optional[str] = None  # the policy's start: default the newest earlier stage's model, else model.path
     heldout_size: int = 200  # first N held-out problems, scored greedily at the start and the end
     eval_every: int = 0  # also score the held-out set every N steps (0: start and end only)
-    # rollout
-    steps: int = 40
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        if self.heldout_size < 1:
+            raise ValueError(f"heldout_size must be >= 1 (the held-out accuracy is measured at the start and the end), "
+                             f"got {self.heldout_size}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class Rollout:
+    """What the engines sample each step, and which groups are kept."""
+
     prompts_per_step: int = 16
     group_size: int = 8
     max_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
     engine: dict[str, Any] = field(default_factory=dict)  # r1pipe.engine.LLM options (ENGINE_OPTIONS)
-    # rewards
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    extra_rewards: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
-    accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
-    reward_options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
-    # algorithm
+    routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
+    max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
+    overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
+    overlong_cache: int = 16
+    overlong_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_engine_options(self.engine)
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
+                "sampling makes the behaviour policy the truncated one while the trainer's log-probs are not, so "
+                "every ratio would be silently off-policy")
+        for name in ("prompts_per_step", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples a group per prompt), got {self.temperature}")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"max_staleness must be 0 (synchronous) or 1 (one batch generated while the trainer "
+                             f"trains), got {self.max_staleness}")
+        if self.max_refill_rounds < 0:
+            raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
+        if self.overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
+        if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
+            raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+@dataclass
+class Algorithm:
+    """The update: advantages, the surrogate loss and its clipping, KL, importance weights, the drafter."""
+
     advantage: str = "grpo"  # grpo | dr-grpo (no std division) | rloo (leave-one-out) | reinforce++ (global batch norm)
     loss: str = "grpo"  # grpo (token ratio clip) | gspo (sequence ratio clip) | cispo (clipped IS weight, every token's gradient)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0  # 0 disables the KL term and drops the reference model
-    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
-    max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
-    skip_zero_advantage: bool = True  # rows of all-equal groups skip forward and backward (same gradient; kl_coef 0, no draft loss)
-    share_prompts: bool = True  # the trainer runs a group's shared prompt once, its rows packed (same log-probs; not with draft_loss)
-    overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
-    overlong_cache: int = 16
-    overlong_penalty: float = 1.0
-    max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
     updates_per_step: int = 1  # optimizer steps (mini-batches) per rollout batch
     micro_batch_size: int = 32
-    # optimizer
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    bias_update_gamma: Optional[float] = None  # None: the model config's gamma
-    # workers and placement (Ray resources; the same recipe scales out with cluster.address=auto)
-    num_policy_workers: int = 1
-    num_rollout_workers: int = 1
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
-    device: str = "cpu"
-    # checkpoints
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    # trainer/engine agreement and the drafter
-    freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
+    skip_zero_advantage: bool = True  # rows of all-equal groups skip forward and backward (same gradient; kl_coef 0, no draft loss)
+    share_prompts: bool = True  # the trainer runs a group's shared prompt once, its rows packed (same log-probs; not with draft_loss)
     tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32, engine.fp8 or max_staleness > 0
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
-    draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff engine.speculative_k > 0
-    draft_lr_scale: float = 10.0  # the MTP module's learning rate is lr x this: it chases a moving policy, and its chained
-    # depths (drafts fed the drafter's own hidden state) are first trained here, pretraining trains depth 1 only
-    # per-role Ray resources (r1pipe.workers.placement); None: cpus_per_worker / gpus_per_worker above
-    policy_cpus: Optional[float] = None
-    policy_gpus: Optional[float] = None
-    rollout_cpus: Optional[float] = None
-    rollout_gpus: Optional[float] = None
-    reward_cpus: float = 1.0  # per reward worker (rule-based rewards need no GPU)
-    policy_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per policy worker
-    rollout_resources: dict[str, float] = field(default_factory=dict)  # ... per rollout worker
-    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    placement_timeout_s: float = 60.0  # fail (with the arithmetic) when the workers cannot be placed by then
-    # sharding and weight sync (r1pipe.workers.sharding / weight_sync)
-    fsdp: bool = True  # FSDP2-shard policy and reference across num_policy_workers > 1; False: replicas
-    fsdp_keep_gathered: bool = False  # gather parameters / reduce gradients once per step, not per micro-batch
-    activation_checkpointing: bool = False  # recompute each block's attention in the backward
-    sync_bucket_mb: float = 64.0  # weight-sync broadcast bucket size
-    shared_memory: bool = True  # CPU workers on one machine: weight sync and replicas' gradient sums through shared memory
-    sync_check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
-    sync_check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
+    draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff rollout.engine.speculative_k > 0
+    draft_lr_scale: float = 10.0  # the MTP module's learning rate is optim.lr x this: it chases a moving policy, and its
+    # chained depths (drafts fed the drafter's own hidden state) are first trained here, pretraining trains depth 1 only
+    bias_update_gamma: Optional[float] = None  # None: the model config's gamma
+    freeze_router_bias: bool = False  # hold the routers' balancing bias still during RL (MaxVio still logged)
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        check_engine_options(self.engine)
-        if self.tis is False and dict(self.engine).get("fp8"):
-            raise ValueError("tis: false with engine.fp8: true: FP8 rollouts keep accuracy only with token-level "
-                             "TIS correcting the trainer/engine mismatch; leave tis unset (on) or true")
-        if self.top_p != 1.0:
-            raise ValueError(
-                f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
-                "sampling makes the behaviour policy the truncated one while the trainer's log-probs are not, so "
-                "every ratio would be silently off-policy")
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage={self.advantage!r}: choose one of {ADVANTAGE_ESTIMATORS}")
+        if self.loss not in POLICY_LOSSES:
+            raise ValueError(f"loss={self.loss!r}: choose one of {POLICY_LOSSES}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
+        for name in ("updates_per_step", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
         if self.draft_lr_scale <= 0:
             raise ValueError(f"draft_lr_scale must be > 0, got {self.draft_lr_scale}")
-        if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_agg={self.loss_agg!r}: choose one of {LOSS_AGGREGATIONS}")
-        if self.loss not in POLICY_LOSSES:
-            raise ValueError(f"loss={self.loss!r}: choose one of {POLICY_LOSSES}")
-        if self.advantage not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage={self.advantage!r}: choose one of {ADVANTAGE_ESTIMATORS}")
-        if self.overlong not in OVERLONG_MODES:
-            raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG_MODES}")
-        for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "updates_per_step", "micro_batch_size",
-                     "num_policy_workers", "num_rollout_workers", "num_reward_workers", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
-        if self.max_staleness not in (0, 1):
-            raise ValueError(f"max_staleness must be 0 (synchronous) or 1 (one batch generated while the trainer "
-                             f"trains), got {self.max_staleness}")
-        if self.max_staleness and self.tis is False:
-            raise ValueError("max_staleness: 1 trains on rollouts of the previous policy, corrected by truncated "
-                             "importance sampling: tis cannot be false")
-        if self.heldout_size < 1:
-            raise ValueError(f"heldout_size must be >= 1 (the held-out accuracy is measured at the start and the end), "
-                             f"got {self.heldout_size}")
-        check_lr(self.lr)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (GRPO samples a group per prompt), got {self.temperature}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ValueError(f"placement_strategy={self.placement_strategy!r}: choose one of {PLACEMENT_STRATEGIES}")
-        if self.sync_check_every < 0:
-            raise ValueError(f"sync_check_every must be >= 0, got {self.sync_check_every}")
-        if self.sync_bucket_mb <= 0:
-            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
-        if self.placement_timeout_s <= 0:
-            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
-        if self.overlong == "soft" and not 0 < self.overlong_cache <= self.max_tokens:
-            raise ValueError(f"overlong_cache must be in 1..max_tokens={self.max_tokens}, got {self.overlong_cache}")
+
+
+@dataclass
+class Rewards:
+    """What a completion scores (r1pipe.rewards)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    extra: dict[str, float] = field(default_factory=dict)  # "module:function" -> weight; fn(text, reference) -> float
+    accuracy_reward: str = "accuracy"  # the reward component (> 0.5 = solved) behind accuracy metrics
+    options: dict[str, Any] = field(default_factory=dict)  # r1pipe.rewards.RewardOptions fields, e.g. {extract_mode: boxed}
+
+
+@dataclass
+class Sync:
+    """Weight sync from the trainers to the engines (r1pipe.workers.weight_sync), and its check."""
+
+    bucket_mb: float = 64.0  # broadcast bucket size
+    shared_memory: bool = True  # CPU workers on one machine: weight sync and replicas' gradient sums through shared memory
+    check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
+    check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
+
+    def __post_init__(self) -> None:
+        if not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.check_every < 0:
+            raise ValueError(f"check_every must be >= 0, got {self.check_every}")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    """GRPO on Ray: rollout engines sample, reward workers score, trainer workers update the policy
+    (r1pipe.stages.grpo). The same recipe scales out with cluster.address=auto."""
+
+    kind: str = "grpo"
+    model_path: Optional[str] = None  # the policy's start: default the newest earlier stage's model, else model.path
+    steps: int = 40
+    data: GRPOData = field(default_factory=GRPOData)
+    rollout: Rollout = field(default_factory=Rollout)
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    rewards: Rewards = field(default_factory=Rewards)
+    optim: Optim = field(default_factory=lambda: Optim(lr=1e-4, betas=[0.9, 0.99]))  # constant lr
+    resources: RLResources = field(default_factory=RLResources)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    sync: Sync = field(default_factory=Sync)
+    checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=10, keep=2))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        engine = dict(self.rollout.engine)
+        if self.algorithm.tis is False and engine.get("fp8"):
+            raise ValueError("algorithm.tis: false with rollout.engine.fp8: true: FP8 rollouts keep accuracy only with "
+                             "token-level TIS correcting the trainer/engine mismatch; leave tis unset (on) or true")
+        if self.rollout.max_staleness and self.algorithm.tis is False:
+            raise ValueError("algorithm.tis: false with rollout.max_staleness: 1, which trains on rollouts of the previous "
+                             "policy, corrected by truncated importance sampling: tis cannot be false")
 
 
 # ---------------------------------------------------------------- supervised fine-tuning
@@ -299,9 +318,10 @@ LOSSES = ("ce", "kl", "ce+kl")
 
 
 @dataclass
-class SFTConfig(StageConfig):
-    kind: str = "sft"
-    # data: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or `name:split`)
+class SFTData:
+    """Training examples: a JSONL/Parquet/CSV file, a save_to_disk directory or a hub name (`name` or
+    `name:split`) of prompt + response (or chat messages) rows."""
+
     train_path: Optional[str] = None  # default: the newest earlier stage output `sft_path`
     heldout_path: Optional[str] = None  # default: a heldout_fraction of train_path, set aside
     split: str = "train"
@@ -312,58 +332,59 @@ class SFTConfig(StageConfig):
     messages_field: Optional[str] = None  # None: auto-detected (messages / conversations)
     id_field: Optional[str] = None
     template: str = "auto"  # auto | r1-zero | r1 | chat | raw (r1pipe.data.templates)
-    # model: where to start (default: the newest earlier stage's model, else model.path)
-    model_path: Optional[str] = None
     max_length: int = 0  # longest sequence kept; 0: the model's context
-    truncate: bool = False  # a longer example is cut to max_length (and counted) instead of skipped (and counted)
-    mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
+    truncate: bool = False  # an example longer than max_length: false skips it, true cuts it to max_length
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
+        for name in ("max_length", "heldout_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    kind: str = "sft"
+    model_path: Optional[str] = None  # where to start: default the newest earlier stage's model, else model.path
+    data: SFTData = field(default_factory=SFTData)
     # loss: ce (next-token cross-entropy on the data), kl (logit distillation: forward KL to the
     # teacher's token distribution), ce+kl (ce + kl_weight * kl); kl needs a teacher with the same tokenizer
     loss: str = "ce"
     teacher_path: Optional[str] = None
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
-    # optimisation: AdamW, linear warmup then cosine to min_lr_ratio * lr
+    mtp: bool = True  # r1pipe V3 with MTP modules: train them too (lambda from the model config)
+    # steps
     epochs: int = 1
     steps: int = 0  # > 0: exactly this many optimizer steps (epochs repeat as needed)
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # tracking and checkpoints
     eval_every: int = 0  # validation loss every N steps (always at the start and the end)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    num_threads: int = 0  # torch threads; 0 keeps torch's default
-    device: str = "cpu"
-    num_workers: int = 1  # trainer workers (FSDP2-sharded)
-    cpus_per_worker: float = 1.0
+    optim: Optim = field(default_factory=lambda: Optim(lr=1e-4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+                                                       betas=[0.9, 0.95]))
+    resources: TrainerResources = field(default_factory=TrainerResources)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=50, keep=2))
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "max_length", "warmup_steps", "eval_every", "heldout_max", "num_threads"):
+        for name in ("steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check_lr(self.lr)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
         if self.loss != "ce" and not self.teacher_path:
             raise ValueError(f"loss={self.loss!r} needs teacher_path (a checkpoint sharing the student's tokenizer)")
         if not self.kl_temperature > 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+
 
 
 # ---------------------------------------------------------------- rejection sampling
@@ -404,15 +425,10 @@ class RejectionSampleConfig(StageConfig):
     # None: DEFAULT_REWARDS (a recipe's mapping replaces it whole)
     reward_weights: Optional[dict[str, float]] = None
     reward_options: dict[str, Any] = field(default_factory=dict)
-    # workers and shards
+    # engines and workers
     shard_size: int = 64  # prompts per shard (and per generation call)
-    num_rollout_workers: int = 1
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
-    device: str = "cpu"
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # r1pipe.engine.LLM options (ENGINE_OPTIONS)
+    resources: SamplingResources = field(default_factory=SamplingResources)
 
     def __post_init__(self) -> None:
         if self.filters is None:
@@ -424,7 +440,7 @@ class RejectionSampleConfig(StageConfig):
         if self.select not in SELECT_MODES:
             raise ValueError(f"select={self.select!r}: choose one of {SELECT_MODES}")
         check_engine_options(self.engine)
-        for name in ("k", "max_tokens", "max_per_prompt", "shard_size", "num_rollout_workers", "num_reward_workers"):
+        for name in ("k", "max_tokens", "max_per_prompt", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit < 0:
@@ -452,18 +468,15 @@ class ScorecardConfig(StageConfig):
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     reward_weights: Optional[dict[str, float]] = None  # None: accuracy, code, format, language
     reward_options: dict[str, Any] = field(default_factory=dict)
-    chunk_size: int = 64
-    num_reward_workers: int = 1
-    cpus_per_worker: float = 0.5
-    threads_per_worker: int = 1
-    device: str = "cpu"
+    chunk_size: int = 64  # prompts per generation call
+    resources: SamplingResources = field(default_factory=SamplingResources)  # rollout engines sample, reward workers score
 
     def __post_init__(self) -> None:
         if self.reward_weights is None:
             self.reward_weights = {"accuracy": 1.0, "code": 1.0, "format": 0.1, "language": 0.1}
         if self.template not in TEMPLATES:
             raise ValueError(f"template={self.template!r}: choose one of {TEMPLATES}")
-        for name in ("per_domain", "max_tokens", "chunk_size", "num_reward_workers"):
+        for name in ("per_domain", "max_tokens", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -524,3 +537,67 @@ class CompareConfig(StageConfig):
             raise ValueError("rows: name at least one eval stage (label: stage)")
         if self.reference is not None and self.reference not in self.rows:
             raise ValueError(f"reference={self.reference!r}: not a label of rows ({', '.join(self.rows)})")
+
+
+# ---------------------------------------------------------------- keys that moved into sections
+
+
+def _into(section: str, *names: str) -> dict[str, tuple[str, ...]]:
+    return {name: (f"{section}.{name}",) for name in names}
+
+
+_OPTIM = _into("optim", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+_CHECKPOINT = {"checkpoint_every": ("checkpoint.every",), "keep_checkpoints": ("checkpoint.keep",)}
+_TRAINER = {"num_threads": ("resources.trainer.threads",), "num_workers": ("resources.trainer.workers",),
+            "cpus_per_worker": ("resources.trainer.cpus",)}
+
+# kind -> old flat key -> its new key(s): r1pipe.config refuses the old ones, naming the new
+MOVED_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "grpo": {
+        **_into("data", "train_path", "heldout_path", "split", "prompt_field", "answer_field", "id_field", "template",
+                "heldout_size", "eval_every"),
+        **_into("rollout", "prompts_per_step", "group_size", "max_tokens", "temperature", "top_p", "stop", "engine",
+                "routing_replay", "max_staleness", "dynamic_sampling", "max_refill_rounds", "overlong", "overlong_cache",
+                "overlong_penalty"),
+        **_into("algorithm", "advantage", "loss", "loss_agg", "clip_low", "clip_high", "kl_coef", "updates_per_step",
+                "micro_batch_size", "skip_zero_advantage", "share_prompts", "tis", "tis_cap", "draft_loss",
+                "draft_lr_scale", "bias_update_gamma", "freeze_router_bias"),
+        "reward_weights": ("rewards.weights",), "extra_rewards": ("rewards.extra",),
+        "accuracy_reward": ("rewards.accuracy_reward",), "reward_options": ("rewards.options",),
+        **_OPTIM,
+        "num_policy_workers": ("resources.trainer.workers",), "num_rollout_workers": ("resources.rollout.workers",),
+        "num_reward_workers": ("resources.reward.workers",),
+        "cpus_per_worker": ("resources.trainer.cpus", "resources.rollout.cpus"),
+        "gpus_per_worker": ("resources.trainer.gpus", "resources.rollout.gpus"),
+        "threads_per_worker": ("resources.trainer.threads", "resources.rollout.threads"),
+        "policy_cpus": ("resources.trainer.cpus",), "policy_gpus": ("resources.trainer.gpus",),
+        "rollout_cpus": ("resources.rollout.cpus",), "rollout_gpus": ("resources.rollout.gpus",),
+        "reward_cpus": ("resources.reward.cpus",),
+        "policy_resources": ("resources.trainer.custom",), "rollout_resources": ("resources.rollout.custom",),
+        **_into("resources", "device", "placement_strategy", "placement_timeout_s"),
+        **_into("parallelism", "fsdp", "fsdp_keep_gathered", "activation_checkpointing"),
+        "sync_bucket_mb": ("sync.bucket_mb",), "shared_memory": ("sync.shared_memory",),
+        "sync_check_every": ("sync.check_every",), "sync_check_tol": ("sync.check_tol",),
+        **_CHECKPOINT,
+    },
+    "sft": {
+        **_into("data", "train_path", "heldout_path", "split", "heldout_fraction", "heldout_max", "prompt_field",
+                "response_field", "messages_field", "id_field", "template", "max_length"),
+        **_OPTIM, **_CHECKPOINT, **_TRAINER,
+        "device": ("resources.device",),
+    },
+    "pretrain": {
+        **_OPTIM, "checkpoint_every": ("checkpoint.every",), **_TRAINER,
+    },
+    "rejection_sample": {
+        "num_rollout_workers": ("resources.rollout.workers",), "num_reward_workers": ("resources.reward.workers",),
+        "cpus_per_worker": ("resources.rollout.cpus", "resources.reward.cpus"),
+        "gpus_per_worker": ("resources.rollout.gpus",), "threads_per_worker": ("resources.rollout.threads",),
+        "device": ("resources.device",),
+    },
+    "scorecard": {
+        "num_reward_workers": ("resources.reward.workers",),
+        "cpus_per_worker": ("resources.rollout.cpus", "resources.reward.cpus"),
+        "threads_per_worker": ("resources.rollout.threads",), "device": ("resources.device",),
+    },
+}

@@ -29,6 +29,7 @@ import torch
 from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filter_mask, overlong_soft_penalty
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
+from r1pipe.algo.schedule import scheduled_lr
 from r1pipe.data.batch import epoch_order
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.llm import prompt_token_budget
@@ -39,6 +40,7 @@ from r1pipe.rewards.worker import RewardPool
 from r1pipe.stages.base import StageContext, load_object
 from r1pipe.stages.base_eval import share_solved
 from r1pipe.stages.configs import GRPOConfig
+from r1pipe.stages.sections import Workers
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import check_room_for_checkpoints, latest_checkpoint, write_checkpoint
 from r1pipe.tracking.plots import DEFAULT_PLOTS
@@ -46,24 +48,20 @@ from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
 from r1pipe.workers.batch import Completion
 from r1pipe.workers.cluster import ray_init
 from r1pipe.workers.group import PolicyGroup
-from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve
+from r1pipe.workers.placement import ResourcePlan, reserve, role_resources
 from r1pipe.workers.weight_sync import check_probe
 
 PREFETCH_FILE = "prefetched_rollouts.pt"  # in a checkpoint of an asynchronous run
 
 
 def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
-    """Per-role Ray resources: rl.{policy,rollout}_{cpus,gpus} (default: rl.cpus_per_worker /
-    gpus_per_worker), rl.reward_cpus; reward workers only when a reward pool runs."""
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    roles = [
-        RoleResources("policy", cfg.num_policy_workers, pick(cfg.policy_cpus, cfg.cpus_per_worker),
-                      pick(cfg.policy_gpus, cfg.gpus_per_worker), dict(cfg.policy_resources), "rl.policy"),
-        RoleResources("rollout", cfg.num_rollout_workers, pick(cfg.rollout_cpus, cfg.cpus_per_worker),
-                      pick(cfg.rollout_gpus, cfg.gpus_per_worker), dict(cfg.rollout_resources), "rl.rollout"),
-    ]
-    if cfg.reward_weights:
-        roles.append(RoleResources("reward", cfg.num_reward_workers, cfg.reward_cpus, key="rl.reward", in_group=False))
+    """Per-role Ray resources from rl.resources (trainer, rollout, reward); reward workers only when a
+    reward pool runs."""
+    r = cfg.resources
+    roles = [role_resources("policy", r.trainer, "rl.resources.trainer"),
+             role_resources("rollout", r.rollout, "rl.resources.rollout")]
+    if cfg.rewards.weights:
+        roles.append(role_resources("reward", r.reward, "rl.resources.reward", in_group=False))
     return ResourcePlan(roles)
 
 
@@ -132,16 +130,16 @@ class Scorer:
     that raises scores 0 and is counted (the pool does this per reward; here too for extra rewards
     and for a pool whose worker died, which is then rebuilt)."""
 
-    def __init__(self, weights: dict[str, float], extra: dict[str, float], num_workers: int,
-                 options: dict[str, Any] | None = None, num_cpus: float = 1.0):
-        self.weights, self.num_workers, self.options = dict(weights), num_workers, dict(options or {})
-        self.num_cpus = num_cpus
+    def __init__(self, weights: dict[str, float], extra: dict[str, float], workers: Workers,
+                 options: dict[str, Any] | None = None):
+        self.weights, self.workers, self.options = dict(weights), workers, dict(options or {})
         self.extra = {spec: (w, load_object(spec, "extra reward")) for spec, w in extra.items()}
         self.pool = self._new_pool() if self.weights else None
         self.errors: list[str] = []
 
     def _new_pool(self) -> Any:
-        return RewardPool(self.weights, num_workers=self.num_workers, num_cpus_per_worker=self.num_cpus, **self.options)
+        return RewardPool(self.weights, num_workers=self.workers.workers, num_cpus_per_worker=self.workers.cpus,
+                          threads_per_worker=self.workers.threads or None, resources=dict(self.workers.custom), **self.options)
 
     def score(self, texts: list[str], references: list[dict]) -> tuple[list[float], dict[str, list[float]], int]:
         """(total reward per text, component -> values, number of reward errors)."""
@@ -199,6 +197,7 @@ class GRPOTrainer:
         self.checkpoint_bytes = 0  # a checkpoint's size, from the policy workers once they start
         self.heldout_by_domain: dict[str, float] = {}  # the latest held-out accuracy per domain (mixed held-out sets)
         self.version = 0  # weight syncs so far: the engines' policy version
+        self.step_number = 0  # the step running (1-based)
         self.pending: Prefetch | None = None  # the next step's rollouts, running while this step trains
 
     # ---- setup
@@ -214,11 +213,11 @@ class GRPOTrainer:
         source = explicit or self.ctx.output(key)
         if not source:
             raise ConfigError(f"grpo: no {key} (set it in the recipe or run a stage that outputs it)")
-        fields = {"prompt": cfg.prompt_field, "answer": cfg.answer_field, "id": cfg.id_field}
+        fields = {"prompt": cfg.data.prompt_field, "answer": cfg.data.answer_field, "id": cfg.data.id_field}
         rows, report = load_prompt_rows(
-            str(source), load_tokenizer(model_path), split=cfg.split, fields=fields, template=cfg.template,
-            max_prompt_tokens=prompt_token_budget(model_path, dict(cfg.engine), cfg.max_tokens),
-            check_reference=lambda ref: missing_reference(cfg.reward_weights, ref), option_prefix="rl.",
+            str(source), load_tokenizer(model_path), split=cfg.data.split, fields=fields, template=cfg.data.template,
+            max_prompt_tokens=prompt_token_budget(model_path, dict(cfg.rollout.engine), cfg.rollout.max_tokens),
+            check_reference=lambda ref: missing_reference(cfg.rewards.weights, ref), option_prefix="rl.data.",
             log=lambda line: print(f"grpo: {line}"),
         )
         self.data_reports[key] = report.to_dict()
@@ -229,9 +228,9 @@ class GRPOTrainer:
 
     def _check_reward_options(self) -> None:
         try:
-            build_reward_fn(dict(self.cfg.reward_weights), **dict(self.cfg.reward_options))
+            build_reward_fn(dict(self.cfg.rewards.weights), **dict(self.cfg.rewards.options))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"rl.reward_options / rl.reward_weights: {e}") from None
+            raise ConfigError(f"rl.rewards.options / rl.rewards.weights: {e}") from None
 
     def _check_model(self) -> None:
         """What the workers would find out only when they start, checked on the driver: the drafter (MTP
@@ -239,7 +238,7 @@ class GRPOTrainer:
         if not (self.speculative_k or self.draft_loss):
             return
         if ModelConfig.from_pretrained(self.base_model).num_nextn_predict_layers < 1:
-            what = "rl.engine.speculative_k > 0" if self.speculative_k else "rl.draft_loss"
+            what = "rl.rollout.engine.speculative_k > 0" if self.speculative_k else "rl.algorithm.draft_loss"
             raise ConfigError(f"{what} needs a model with an MTP module; {self.base_model} has none "
                               "(num_nextn_predict_layers = 0)")
 
@@ -248,40 +247,42 @@ class GRPOTrainer:
         rollout engines from `rollout_path` (the checkpoint being resumed, or the same)."""
         cfg = self.cfg
         precision = Precision.from_section(self.ctx.recipe.get("model") or {})  # model.dtype / fp8 / fp8_exclude
+        algo, optim, par = cfg.algorithm, cfg.optim, cfg.parallelism
         policy_cfg = PolicyConfig(
-            lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, loss=cfg.loss, loss_agg=cfg.loss_agg, kl_coef=cfg.kl_coef, norm_constant=float(cfg.max_tokens),
-            temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, bias_update_gamma=cfg.bias_update_gamma,
-            freeze_router_bias=cfg.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=cfg.draft_lr_scale,
+            lr=optim.lr, weight_decay=optim.weight_decay, adam_betas=(optim.betas[0], optim.betas[1]), grad_clip=optim.grad_clip,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, loss=algo.loss, loss_agg=algo.loss_agg, kl_coef=algo.kl_coef,
+            norm_constant=float(cfg.rollout.max_tokens), temperature=cfg.rollout.temperature,
+            micro_batch_size=algo.micro_batch_size, bias_update_gamma=algo.bias_update_gamma,
+            freeze_router_bias=algo.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=algo.draft_lr_scale,
             draft_depth=max(self.speculative_k, 1),
-            device=cfg.device, num_threads=cfg.threads_per_worker, seed=self.ctx.seed,
-            precision=precision, fsdp=cfg.fsdp, fsdp_keep_gathered=cfg.fsdp_keep_gathered,
-            activation_checkpointing=cfg.activation_checkpointing, share_prompts=cfg.share_prompts,
-            shared_memory=cfg.shared_memory,
+            device=cfg.resources.device, num_threads=cfg.resources.trainer.threads, seed=self.ctx.seed,
+            precision=precision, fsdp=par.fsdp, fsdp_keep_gathered=par.fsdp_keep_gathered,
+            activation_checkpointing=par.activation_checkpointing, share_prompts=algo.share_prompts,
+            shared_memory=cfg.sync.shared_memory,
         )
-        self.placement = reserve(resource_plan(cfg), cfg.placement_timeout_s, cfg.placement_strategy)
-        self.policy = PolicyGroup(cfg.num_policy_workers, policy_path, policy_cfg, policy_path if cfg.kl_coef > 0 else None,
+        self.placement = reserve(resource_plan(cfg), cfg.resources.placement_timeout_s, cfg.resources.placement_strategy)
+        self.policy = PolicyGroup(cfg.resources.trainer.workers, policy_path, policy_cfg,
+                                  policy_path if cfg.algorithm.kl_coef > 0 else None,
                                   placement=self.placement)
-        engine_kwargs = {"device": cfg.device, "dtype": precision.dtype, **dict(cfg.engine)}
+        engine_kwargs = {"device": cfg.resources.device, "dtype": precision.dtype, **dict(cfg.rollout.engine)}
         self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
-                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.threads_per_worker)
-                        for i in range(cfg.num_rollout_workers)]
+                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.resources.rollout.threads or None)
+                        for i in range(cfg.resources.rollout.workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.policy.connect_engines(self.rollout, cfg.sync_bucket_mb, cfg.shared_memory,
-                                    engines_read_in_place=cfg.max_staleness == 0)
-        self.scorer = Scorer(dict(cfg.reward_weights), dict(cfg.extra_rewards), cfg.num_reward_workers, dict(cfg.reward_options),
-                             num_cpus=cfg.reward_cpus)
+        self.policy.connect_engines(self.rollout, cfg.sync.bucket_mb, cfg.sync.shared_memory,
+                                    engines_read_in_place=cfg.rollout.max_staleness == 0)
+        self.scorer = Scorer(dict(cfg.rewards.weights), dict(cfg.rewards.extra), cfg.resources.reward, dict(cfg.rewards.options))
 
     # ---- the settings that follow from the engine
 
     @property
     def speculative_k(self) -> int:
-        return int(dict(self.cfg.engine).get("speculative_k", 0) or 0)
+        return int(dict(self.cfg.rollout.engine).get("speculative_k", 0) or 0)
 
     @property
     def draft_loss(self) -> bool:
         """Keep the MTP drafter fresh: on by default when the engine speculates with it."""
-        return self.speculative_k > 0 if self.cfg.draft_loss is None else bool(self.cfg.draft_loss)
+        return self.speculative_k > 0 if self.cfg.algorithm.draft_loss is None else bool(self.cfg.algorithm.draft_loss)
 
     @property
     def skip_zero_advantage(self) -> bool:
@@ -290,21 +291,21 @@ class GRPOTrainer:
         else trains on them. Their tokens still count in the loss's denominators, so the gradient is the
         one of the whole batch; the MoE expert loads that steer the balancing bias, and the entropy and
         clip metrics, then cover the trained rows only."""
-        return self.cfg.skip_zero_advantage and self.cfg.kl_coef == 0 and not self.draft_loss
+        return self.cfg.algorithm.skip_zero_advantage and self.cfg.algorithm.kl_coef == 0 and not self.draft_loss
 
     @property
     def tis(self) -> bool:
         """Truncated importance sampling: on by default when the engine runs in another precision
-        than float32 (rl.engine.dtype, else model.dtype: bf16 weights in the engine never match the
-        trainer's autocast over fp32 masters exactly) or holds FP8 projections (rl.engine.fp8), and when
+        than float32 (rl.rollout.engine.dtype, else model.dtype: bf16 weights in the engine never match the
+        trainer's autocast over fp32 masters exactly) or holds FP8 projections (rl.rollout.engine.fp8), and when
         rollouts are one version old (max_staleness 1); off on the exact synchronous float32 path (the config
         refuses tis: false with fp8 or max_staleness 1)."""
-        if self.cfg.tis is not None:
-            return bool(self.cfg.tis)
-        if dict(self.cfg.engine).get("fp8") or self.cfg.max_staleness > 0:
+        if self.cfg.algorithm.tis is not None:
+            return bool(self.cfg.algorithm.tis)
+        if dict(self.cfg.rollout.engine).get("fp8") or self.cfg.rollout.max_staleness > 0:
             return True
         model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
-        return parse_dtype(dict(self.cfg.engine).get("dtype") or model_dtype, key="rl.engine.dtype") != torch.float32
+        return parse_dtype(dict(self.cfg.rollout.engine).get("dtype") or model_dtype, key="rl.rollout.engine.dtype") != torch.float32
 
     # ---- rollout
 
@@ -316,8 +317,8 @@ class GRPOTrainer:
         k = len(self.rollout)
         chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
         return [
-            w.generate.remote(prompts[a:b], n, temperature, self.cfg.max_tokens, seeds[a:b], list(self.cfg.stop) or None,
-                              self.cfg.routing_replay and temperature > 0)
+            w.generate.remote(prompts[a:b], n, temperature, self.cfg.rollout.max_tokens, seeds[a:b], list(self.cfg.rollout.stop) or None,
+                              self.cfg.rollout.routing_replay and temperature > 0)
             for w, (a, b) in zip(self.rollout, chunks) if b > a
         ]
 
@@ -332,8 +333,8 @@ class GRPOTrainer:
         """Start the next step's first round of rollouts on the engines' current weights, to run while the
         trainer trains (max_staleness 1)."""
         first = stream.position
-        problems = stream.take(self.cfg.prompts_per_step)
-        refs = self._launch([p["prompt"] for p in problems], self.cfg.group_size, self.cfg.temperature,
+        problems = stream.take(self.cfg.rollout.prompts_per_step)
+        refs = self._launch([p["prompt"] for p in problems], self.cfg.rollout.group_size, self.cfg.rollout.temperature,
                             self._seeds(first, len(problems)))
         return Prefetch(problems, self.version, refs=refs)
 
@@ -349,23 +350,23 @@ class GRPOTrainer:
         _, components, _ = self.scorer.score([g[0].text for g in groups], [dict(r) for r in rows])
         domains = [domain_of(r) for r in rows]
         if len(set(domains)) > 1:
-            names = list(self.cfg.reward_weights)
+            names = list(self.cfg.rewards.weights)
             ok = [float(solved({k: v[i] for k, v in components.items()}, r, names)) for i, r in enumerate(rows)]
             self.heldout_by_domain = {d: share_solved([o for o, dd in zip(ok, domains) if dd == d]) for d in sorted(set(domains))}
             return share_solved(ok)
-        acc = components.get(self.cfg.accuracy_reward)
+        acc = components.get(self.cfg.rewards.accuracy_reward)
         if acc is None:
-            raise ConfigError(f"held-out accuracy needs the {self.cfg.accuracy_reward!r} reward in reward_weights")
+            raise ConfigError(f"held-out accuracy needs the {self.cfg.rewards.accuracy_reward!r} reward in rl.rewards.weights")
         return share_solved(acc)
 
     def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
         groups whose rewards are all equal and refills up to max_refill_rounds times). `prefetched`: the
         first round, sampled while the previous step trained (its wait counts as rollout time)."""
-        cfg, G = self.cfg, self.cfg.group_size
+        cfg, G = self.cfg, self.cfg.rollout.group_size
         batch = RolloutBatch(problems=[], completions=[])
-        for round_ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
-            need = cfg.prompts_per_step - len(batch.problems)
+        for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
+            need = cfg.rollout.prompts_per_step - len(batch.problems)
             if need <= 0:
                 break
             ta = time.perf_counter()
@@ -373,14 +374,14 @@ class GRPOTrainer:
                 problems, groups = prefetched.problems, prefetched.groups()
             else:
                 first = stream.position
-                problems = stream.take(need if round_ else cfg.prompts_per_step)
-                groups = self._generate([p["prompt"] for p in problems], G, cfg.temperature, self._seeds(first, len(problems)))
+                problems = stream.take(need if round_ else cfg.rollout.prompts_per_step)
+                groups = self._generate([p["prompt"] for p in problems], G, cfg.rollout.temperature, self._seeds(first, len(problems)))
             self.timings["rollout"] += time.perf_counter() - ta
             rewards = self.score(problems, groups, batch)
-            keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
+            keep = dynamic_sampling_keep(torch.tensor(rewards), G) if cfg.rollout.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
             batch.groups_seen += len(problems)
             for problem, group, kept in zip(problems, groups, keep.tolist()):
-                if kept and len(batch.problems) < cfg.prompts_per_step:
+                if kept and len(batch.problems) < cfg.rollout.prompts_per_step:
                     batch.problems.append(problem)
                     batch.completions.extend(group)
         return batch
@@ -393,16 +394,16 @@ class GRPOTrainer:
         ta = time.perf_counter()
         rewards, components, errors = self.scorer.score([c.text for _, c in flat], [dict(p) for p, _ in flat])
         self.timings["reward"] += time.perf_counter() - ta
-        if cfg.overlong == "soft":
+        if cfg.rollout.overlong == "soft":
             lengths = torch.tensor([len(c.token_ids) for _, c in flat])
-            penalty = overlong_soft_penalty(lengths, cfg.max_tokens, cfg.overlong_cache, cfg.overlong_penalty)
+            penalty = overlong_soft_penalty(lengths, cfg.rollout.max_tokens, cfg.rollout.overlong_cache, cfg.rollout.overlong_penalty)
             rewards = [r + float(q) for r, q in zip(rewards, penalty)]
         for (_, c), r in zip(flat, rewards):
             c.reward = r
         batch.all_rewards += rewards
         for name, values in components.items():
             batch.components.setdefault(name, []).extend(values)
-        names = list(cfg.reward_weights)
+        names = list(cfg.rewards.weights)
         for i, (p, _) in enumerate(flat):  # per-row routing: each row graded by its domain's reward
             batch.domains.append(domain_of(p))
             batch.solved.append(solved({k: v[i] for k, v in components.items()}, p, names))
@@ -418,23 +419,26 @@ class GRPOTrainer:
         batch the old log-probs are the update's own forward, detached: no separate forward."""
         cfg = self.cfg
         rewards = torch.tensor([c.reward for c in batch.completions])
-        advantages = compute_advantages(cfg.advantage, rewards, cfg.group_size)
-        train_batch = batch.train_batch(self.pad_id, with_routing=cfg.routing_replay)
+        advantages = compute_advantages(cfg.algorithm.advantage, rewards, cfg.rollout.group_size)
+        train_batch = batch.train_batch(self.pad_id, with_routing=cfg.rollout.routing_replay)
         truncated = torch.tensor([c.truncated for c in batch.completions])
-        if cfg.overlong == "filter":
+        if cfg.rollout.overlong == "filter":
             train_batch.response_mask *= overlong_filter_mask(truncated).unsqueeze(-1)
 
         ta = time.perf_counter()
-        old_logp = self.policy.logprobs(train_batch) if cfg.updates_per_step > 1 else None
-        ref_logp = self.policy.logprobs(train_batch, reference=True) if cfg.kl_coef > 0 else None
+        old_logp = self.policy.logprobs(train_batch) if cfg.algorithm.updates_per_step > 1 else None
+        ref_logp = self.policy.logprobs(train_batch, reference=True) if cfg.algorithm.kl_coef > 0 else None
         # the engine's log-probs of the rollout tokens: the trainer's old ones are compared with them
         engine_logp = batch.engine_logprobs((len(train_batch), train_batch.input_ids.shape[1] - 1))
         out: dict[str, float] = {"response_length/truncated": float(truncated.float().mean())}
 
+        o = cfg.optim  # the step's lr: optim.schedule over the stage's steps (self.step_number is 1-based)
+        lr = scheduled_lr(o.schedule, self.step_number - 1, cfg.steps, o.warmup_steps, o.lr, o.min_lr_ratio)
+        out["lr"] = lr
         sums: dict[str, float] = {}
-        bounds = [round(i * len(batch) / cfg.updates_per_step) for i in range(cfg.updates_per_step + 1)]
+        bounds = [round(i * len(batch) / cfg.algorithm.updates_per_step) for i in range(cfg.algorithm.updates_per_step + 1)]
         grad_norms, maxvios = [], []
-        for u in range(cfg.updates_per_step):
+        for u in range(cfg.algorithm.updates_per_step):
             rows = torch.arange(bounds[u], bounds[u + 1])
             if len(rows) == 0:
                 continue
@@ -445,7 +449,7 @@ class GRPOTrainer:
                 None if ref_logp is None else ref_logp[trained],
                 num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),  # skipped rows count here
                 num_draft_positions=float(mini.response_mask[:, 1:].sum()),
-                engine_logp=engine_logp[trained], tis_cap=cfg.tis_cap if self.tis else None,
+                engine_logp=engine_logp[trained], tis_cap=cfg.algorithm.tis_cap if self.tis else None, lr=lr,
             )
             grad_norms.append(stats.pop("grad_norm"))
             maxvios.append(stats.pop("maxvio"))
@@ -478,13 +482,13 @@ class GRPOTrainer:
 
     def sync(self, step: int) -> float | None:
         """The policy's new weights to every rollout engine over torch.distributed, then (at the first
-        sync of the stage and every sync_check_every steps) the probe check: a fixed prompt's sampled
+        sync of the stage and every sync.check_every steps) the probe check: a fixed prompt's sampled
         tokens scored by engine and trainer must agree (else SyncMismatch). Returns the probe's mean
         |trainer - engine| log-prob, or None when not checked."""
         ta = time.perf_counter()
         self.policy.sync_weights()
         self.version += 1
-        every = self.cfg.sync_check_every
+        every = self.cfg.sync.check_every
         first = not getattr(self, "_synced", False)
         self._synced = True
         diff = self.check_sync() if every and (first or step % every == 0) else None
@@ -493,15 +497,15 @@ class GRPOTrainer:
 
     @property
     def sync_check_tol(self) -> float:
-        if self.cfg.sync_check_tol is not None:
-            return float(self.cfg.sync_check_tol)
+        if self.cfg.sync.check_tol is not None:
+            return float(self.cfg.sync.check_tol)
         return 0.1 if self.tis else 1e-3  # tis is on by default exactly when the engine is not float32
 
     def check_sync(self) -> float:
         """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores
         the same tokens; check_probe raises on disagreement."""
         prompt = [self.probe_prompt]
-        groups = ray.get([w.generate.remote(prompt, 2, self.cfg.temperature, self.cfg.max_tokens, [0]) for w in self.rollout])
+        groups = ray.get([w.generate.remote(prompt, 2, self.cfg.rollout.temperature, self.cfg.rollout.max_tokens, [0]) for w in self.rollout])
         batch = RolloutBatch(problems=[], completions=[c for g in groups for c in g[0]])
         train_batch = batch.train_batch(self.pad_id)
         trainer = self.policy.logprobs(train_batch)
@@ -522,20 +526,21 @@ class GRPOTrainer:
             if self.pending is not None:
                 self.pending.save(staging / PREFETCH_FILE)
 
-        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.keep_checkpoints,
+        write_checkpoint(self.ckpt_root, step, write, state, keep=self.cfg.checkpoint.keep,
                          need_bytes=self.checkpoint_bytes)
 
     # ---- one step, top to bottom
 
     def step(self, step: int, stream: PromptStream, heldout_rows: list[dict]) -> dict[str, Any]:
         cfg = self.cfg
+        self.step_number = step
         t0 = time.perf_counter()
         self.timings = {"rollout": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0, "heldout": 0.0}
         if self.speculative_k:
             self.draft_stats()  # drop what held-out evaluation proposed
         batch = self.collect(stream, self.pending)
         self.pending = None
-        metrics = rollout_metrics(batch, cfg.accuracy_reward)
+        metrics = rollout_metrics(batch, cfg.rewards.accuracy_reward)
         metrics.update(staleness_metrics(batch, self.version))
         metrics["data_position"] = stream.position
         metrics["tokens_per_second/rollout"] = batch.generated_tokens / max(self.timings["rollout"], 1e-9)
@@ -546,7 +551,7 @@ class GRPOTrainer:
             if self.speculative_k > 1:
                 metrics["mtp/acceptance_chained"] = drafts.chained_acceptance
         if len(batch):
-            if cfg.max_staleness and step < cfg.steps:
+            if cfg.rollout.max_staleness and step < cfg.steps:
                 self.pending = self.prefetch(stream)  # the engines sample the next step while the trainer trains
             metrics.update(self.train(batch))
             if self.pending is not None:  # a sync waits for the engines to finish: wait here, as rollout time
@@ -556,7 +561,7 @@ class GRPOTrainer:
             probe = self.sync(step)
             if probe is not None:
                 metrics["sync/probe_logprob_diff"] = probe
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if cfg.data.eval_every and step % cfg.data.eval_every == 0 and step < cfg.steps:
             t_eval = time.perf_counter()
             metrics["heldout_accuracy"] = self.heldout_accuracy(heldout_rows)
             metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
@@ -578,13 +583,13 @@ class GRPOTrainer:
         self.base_model = str(Path(cfg.model_path).expanduser() if cfg.model_path else self.ctx.model_path())
         self._check_reward_options()
         self._check_model()
-        train_rows = self._problems("train_path", cfg.train_path, self.base_model)
-        if len(train_rows) < cfg.prompts_per_step:
+        train_rows = self._problems("train_path", cfg.data.train_path, self.base_model)
+        if len(train_rows) < cfg.rollout.prompts_per_step:
             print(f"grpo: warning: {len(train_rows)} usable training problem{'s' if len(train_rows) != 1 else ''} for "
-                  f"rl.prompts_per_step={cfg.prompts_per_step}: every step repeats each problem about "
-                  f"{cfg.prompts_per_step / len(train_rows):.1f}x", file=sys.stderr)
-        all_heldout = self._problems("heldout_path", cfg.heldout_path, self.base_model)
-        heldout_rows = all_heldout[: cfg.heldout_size]
+                  f"rl.rollout.prompts_per_step={cfg.rollout.prompts_per_step}: every step repeats each problem about "
+                  f"{cfg.rollout.prompts_per_step / len(train_rows):.1f}x", file=sys.stderr)
+        all_heldout = self._problems("heldout_path", cfg.data.heldout_path, self.base_model)
+        heldout_rows = all_heldout[: cfg.data.heldout_size]
         # the held-out problems for a later eval stage (`suites: [heldout]` reads the bare question
         # from "problem"; an R1-Zero prompt there is used as is)
         heldout_out = self.stage_dir / "heldout.jsonl"
@@ -606,8 +611,8 @@ class GRPOTrainer:
             self.policy.load_checkpoint(rollout_model)
         # a run that cannot write its checkpoints stops before it trains, not at a later save
         self.checkpoint_bytes = self.policy.checkpoint_bytes()
-        saves = [s for s in range(state["step"] + 1, cfg.steps + 1) if s % cfg.checkpoint_every == 0 or s == cfg.steps]
-        check_room_for_checkpoints(self.ckpt_root, self.checkpoint_bytes, len(saves), cfg.keep_checkpoints)
+        saves = [s for s in range(state["step"] + 1, cfg.steps + 1) if s % cfg.checkpoint.every == 0 or s == cfg.steps]
+        check_room_for_checkpoints(self.ckpt_root, self.checkpoint_bytes, len(saves), cfg.checkpoint.keep)
 
         t_start = time.perf_counter() - state["wall_seconds"]
         if state["base_accuracy"] is None:
@@ -631,7 +636,7 @@ class GRPOTrainer:
                     metrics.update({f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()})
                 logger.log(step, metrics)
                 progress.advance(metrics)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                     self.checkpoint(step, state, stream, t_start)
 
         logger.close()

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,8 @@ from r1pipe.model import ModelConfig, Precision, Transformer
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
-from r1pipe.stages.supervised import Schedule, SupervisedRun, TrainerResources, export_model, train
+from r1pipe.stages.supervised import Schedule, SupervisedRun, export_model, train, trainer_policy
 from r1pipe.tracking.checkpoints import atomic_write
-from r1pipe.workers.policy import PolicyConfig
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
@@ -59,12 +58,25 @@ def stage_model_section(cfg: PretrainConfig, recipe_model: dict) -> dict:
     return {**recipe_model, "preset": cfg.preset, "overrides": dict(cfg.model_overrides)}
 
 
+KEYED_OPTIM = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+UNKEYED_OPTIM = {"schedule": "cosine", "betas": [0.9, 0.95]}  # enter the key only when changed from these
+
+
+def key_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The stage's settings flat, as the config held them before its sections (`optim.lr` as `lr`); the
+    sections that do not shape the base (resources, parallelism, checkpoint) left out."""
+    flat = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("optim", "resources", "parallelism", "checkpoint")}
+    optim = asdict(cfg.optim)
+    flat.update({k: optim[k] for k in KEYED_OPTIM})
+    flat.update({k: optim[k] for k, before in UNKEYED_OPTIM.items() if optim[k] != before})
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
+
+
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
-    """Everything that shapes the base (not where it is written or how it is checked); `model_section`
-    is stage_model_section's, so the stage's preset and model_overrides enter through it."""
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "checkpoint_every", "num_threads", "eval_size",
-                                                                   "eval_max_tokens", "preset", "model_overrides",
-                                                                   "num_workers", "cpus_per_worker")
+    """Everything that shapes the base (not where it is written, how it is checked, or how many workers train
+    it); `model_section` is stage_model_section's, so the stage's preset and model_overrides enter through it."""
+    shaping = {k: v for k, v in key_settings(cfg).items() if k not in ("cache_dir", "eval_size", "eval_max_tokens", "preset",
+                                                                       "model_overrides")
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
@@ -167,12 +179,11 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     # 3. the trainer group: CE on the completions (+ the MTP modules' for V3)
     run = SupervisedRun(
         name="pretrain", stage_dir=stage_dir, model_path=str(init_dir), examples=examples, heldout=[],
-        batch_size=cfg.batch_size, schedule=Schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio),
-        trainer=PolicyConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, adam_betas=(0.9, 0.95), grad_clip=cfg.grad_clip,
-                             supervised=SupervisedLoss(mtp=cfg.mtp), micro_batch_size=cfg.batch_size,
-                             num_threads=cfg.num_threads, seed=seed, precision=precision),
-        resources=TrainerResources(workers=cfg.num_workers, cpus=cfg.cpus_per_worker), recipe=recipe or {}, seed=seed,
-        pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
+        batch_size=cfg.batch_size, schedule=Schedule(cfg.optim, cfg.steps),
+        trainer=trainer_policy(cfg.optim, cfg.resources, cfg.parallelism, SupervisedLoss(mtp=cfg.mtp), cfg.batch_size,
+                               seed, precision),
+        resources=cfg.resources, recipe=recipe or {}, seed=seed,
+        pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
         show=("loss", "grad_norm", "tokens_per_second"),
     )
     final, state = train(run)

@@ -172,9 +172,7 @@ class RejectionSampler:
         if todo:
             ray_init(self.ctx.recipe)
             sampler = ScoredSampler(self.source, sampling, dict(cfg.reward_weights), dict(cfg.reward_options),
-                                    num_workers=cfg.num_rollout_workers, num_reward_workers=cfg.num_reward_workers,
-                                    cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-                                    threads_per_worker=cfg.threads_per_worker, engine=dict(cfg.engine), device=cfg.device)
+                                    resources=cfg.resources, engine=dict(cfg.engine), key="rejection_sample.resources")
             try:
                 for chunk in sampler.run(rows, cfg.shard_size, todo):
                     lines: list[dict] = []

@@ -69,8 +69,7 @@ def run_scorecard(cfg: ScorecardConfig, ctx: StageContext) -> dict:
             continue
         sampling = Sampling(k=1, temperature=0.0, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop), seed=ctx.seed)
         sampler = ScoredSampler(ctx.outputs[name]["model_path"], sampling, weights, dict(cfg.reward_options),
-                                num_reward_workers=cfg.num_reward_workers, cpus_per_worker=cfg.cpus_per_worker,
-                                threads_per_worker=cfg.threads_per_worker, device=cfg.device)
+                                resources=cfg.resources, key="scorecard.resources")
         try:
             samples = [s for chunk in sampler.run(picked, cfg.chunk_size) for s in chunk.samples]
         finally:

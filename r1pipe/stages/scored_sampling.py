@@ -18,7 +18,9 @@ import ray
 
 from r1pipe.data.rows import PromptRow
 from r1pipe.rewards.worker import RewardPool
+from r1pipe.stages.sections import SamplingResources
 from r1pipe.workers import RolloutWorker
+from r1pipe.workers.placement import ResourcePlan, reserve, role_resources
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,22 @@ class ScoredSampler:
     chunk's scored samples in order. Ray must be initialised (r1pipe.workers.cluster.ray_init)."""
 
     def __init__(self, model_path: str, sampling: Sampling, reward_weights: dict[str, float],
-                 reward_options: dict[str, Any] | None = None, *, num_workers: int = 1, num_reward_workers: int = 1,
-                 cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0, threads_per_worker: int = 1,
-                 engine: dict[str, Any] | None = None, device: str = "cpu"):
+                 reward_options: dict[str, Any] | None = None, *, resources: SamplingResources | None = None,
+                 engine: dict[str, Any] | None = None, key: str = "resources"):
+        """The rollout workers are placed in a placement group reserved up front (r1pipe.workers.placement:
+        a cluster too small fails at once with the arithmetic); `key` is the recipe section that errors name."""
         self.sampling = sampling
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(RolloutWorker)
-        kwargs = {"device": device, **dict(engine or {})}
-        self.workers = [actor.remote(model_path, kwargs, sampling.seed + i, threads_per_worker) for i in range(num_workers)]
-        self.pool = RewardPool(dict(reward_weights), num_workers=num_reward_workers,
-                               num_cpus_per_worker=min(cpus_per_worker, 1.0), **dict(reward_options or {}))
+        r = resources or SamplingResources()
+        plan = ResourcePlan([role_resources("rollout", r.rollout, f"{key}.rollout"),
+                             role_resources("reward", r.reward, f"{key}.reward", in_group=False)])
+        self.placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage="sampling")
+        kwargs = {"device": r.device, **dict(engine or {})}
+        self.workers = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
+                            model_path, kwargs, sampling.seed + i, r.rollout.threads or None)
+                        for i in range(r.rollout.workers)]
+        self.pool = RewardPool(dict(reward_weights), num_workers=r.reward.workers, num_cpus_per_worker=r.reward.cpus,
+                               threads_per_worker=r.reward.threads or None, resources=dict(r.reward.custom),
+                               **dict(reward_options or {}))
 
     def _stream(self, worker: Any, rows: Sequence[PromptRow], positions: list[int]) -> Any:
         s = self.sampling
@@ -140,3 +149,4 @@ class ScoredSampler:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        self.placement.remove()

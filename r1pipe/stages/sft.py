@@ -33,7 +33,7 @@ from r1pipe.errors import ConfigError, DataError, ModelError
 from r1pipe.model.precision import Precision
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import SFTConfig
-from r1pipe.stages.supervised import Schedule, SupervisedRun, TrainerResources, export_model, train
+from r1pipe.stages.supervised import Schedule, SupervisedRun, export_model, train, trainer_policy
 from r1pipe.tracking import plot_metrics
 from r1pipe.workers.policy import PolicyConfig
 
@@ -61,7 +61,7 @@ def run_sft(cfg: SFTConfig, ctx: StageContext) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     base = start_model(cfg, ctx)
     tokenizer = load_tokenizer(base)
-    max_length = cfg.max_length or context_length(base)
+    max_length = cfg.data.max_length or context_length(base)
     train_set, heldout, data_report = load_data(cfg, ctx, tokenizer, max_length)
     teacher = check_teacher(cfg, tokenizer)
     if len(train_set) < cfg.batch_size:
@@ -72,14 +72,14 @@ def run_sft(cfg: SFTConfig, ctx: StageContext) -> dict:
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     run = SupervisedRun(
         name="sft", stage_dir=stage_dir, model_path=str(base), examples=train_set, heldout=heldout,
-        batch_size=cfg.batch_size, schedule=Schedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.min_lr_ratio),
-        trainer=trainer_config(cfg, ctx), resources=trainer_resources(cfg, stage_dir.name), recipe=ctx.recipe, seed=ctx.seed,
-        pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+        batch_size=cfg.batch_size, schedule=Schedule(cfg.optim, total_steps),
+        trainer=trainer_config(cfg, ctx), resources=cfg.resources, recipe=ctx.recipe, seed=ctx.seed,
+        pad_id=tokenizer.pad_token_id, checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
         eval_every=cfg.eval_every, teacher_path=teacher,
     )
     print(f"sft: {model_type_of(base)} model from {base}; {len(train_set)} train / {len(heldout)} held-out examples; "
           f"{total_steps} steps of {cfg.batch_size} sequences ({steps_per_epoch} steps per epoch) on "
-          f"{run.resources.workers} worker{'s' if run.resources.workers != 1 else ''}")
+          f"{cfg.resources.trainer.workers} worker{'s' if cfg.resources.trainer.workers != 1 else ''}")
     final, state = train(run)
     return finish(run, final, state, base, data_report, total_steps)
 
@@ -93,20 +93,20 @@ def start_model(cfg: SFTConfig, ctx: StageContext) -> Path:
 
 def load_data(cfg: SFTConfig, ctx: StageContext, tokenizer, max_length: int) -> tuple[list[SFTExample], list[SFTExample], dict]:
     """(train, held-out, the data report): rows through the data layer; bad ones skipped and counted here."""
-    source = cfg.train_path or ctx.output("sft_path")
+    source = cfg.data.train_path or ctx.output("sft_path")
     if not source:
         raise ConfigError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
                          "or run a stage that outputs sft_path")
-    fields = {"prompt": cfg.prompt_field, "response": cfg.response_field, "messages": cfg.messages_field, "id": cfg.id_field}
-    options = dict(fields=fields, template=cfg.template, max_length=max_length, truncate=cfg.truncate, option_prefix="sft.")
-    train_set, report = load_sft_examples(str(source), tokenizer, split=cfg.split, **options)
+    fields = {"prompt": cfg.data.prompt_field, "response": cfg.data.response_field, "messages": cfg.data.messages_field, "id": cfg.data.id_field}
+    options = dict(fields=fields, template=cfg.data.template, max_length=max_length, truncate=cfg.data.truncate, option_prefix="sft.")
+    train_set, report = load_sft_examples(str(source), tokenizer, split=cfg.data.split, **options)
     reports = {"train": report.to_dict()}
-    if cfg.heldout_path:
-        heldout, held_report = load_sft_examples(cfg.heldout_path, tokenizer, **options)
-        heldout = heldout[: cfg.heldout_max]
+    if cfg.data.heldout_path:
+        heldout, held_report = load_sft_examples(cfg.data.heldout_path, tokenizer, **options)
+        heldout = heldout[: cfg.data.heldout_max]
         reports["heldout"] = held_report.to_dict()
     else:
-        train_set, heldout = split_heldout(train_set, cfg.heldout_fraction, cfg.heldout_max, ctx.seed)
+        train_set, heldout = split_heldout(train_set, cfg.data.heldout_fraction, cfg.data.heldout_max, ctx.seed)
     if not train_set:
         raise DataError(f"sft: no usable training examples in {source} ({report.summary()})")
     return train_set, heldout, reports
@@ -127,14 +127,8 @@ def trainer_config(cfg: SFTConfig, ctx: StageContext) -> PolicyConfig:
     loss = SupervisedLoss(ce_weight=0.0 if cfg.loss == "kl" else 1.0,
                           kl_weight={"ce": 0.0, "kl": 1.0, "ce+kl": cfg.kl_weight}[cfg.loss],
                           kl_temperature=cfg.kl_temperature, mtp=cfg.mtp)
-    return PolicyConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, adam_betas=(0.9, 0.95), grad_clip=cfg.grad_clip,
-                        supervised=loss, micro_batch_size=cfg.micro_batch_size, device=cfg.device,
-                        num_threads=cfg.num_threads, seed=ctx.seed,
-                        precision=Precision.from_section(ctx.recipe.get("model") or {}))
-
-
-def trainer_resources(cfg: SFTConfig, stage: str) -> TrainerResources:
-    return TrainerResources(workers=cfg.num_workers, cpus=cfg.cpus_per_worker, key=f"{stage}.resources.trainer")
+    return trainer_policy(cfg.optim, cfg.resources, cfg.parallelism, loss, cfg.micro_batch_size, ctx.seed,
+                          Precision.from_section(ctx.recipe.get("model") or {}))
 
 
 def finish(run: SupervisedRun, final: Path, state: dict, base: Path, data_report: dict, total_steps: int) -> dict:
@@ -143,7 +137,7 @@ def finish(run: SupervisedRun, final: Path, state: dict, base: Path, data_report
     export_model(final, model_dir)
     plots = plot_metrics(run.stage_dir / "metrics.jsonl", run.stage_dir / "plots", SFT_PLOTS)
     summary = {
-        "base_model": str(base), "family": model_type_of(base), "steps": total_steps, "workers": run.resources.workers,
+        "base_model": str(base), "family": model_type_of(base), "steps": total_steps, "workers": run.resources.trainer.workers,
         "train_loss": state.get("train_loss"), "val_loss_start": state.get("val_loss_start"),
         "val_loss_end": state.get("val_loss_end"), "tokens": state.get("tokens"),
         "wall_seconds": round(state.get("wall_seconds", 0.0), 1), "data": data_report,

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from r1pipe.algo.schedule import warmup_cosine
+from r1pipe.algo.schedule import scheduled_lr
 from r1pipe.data.batch import EpochOrder, TrainBatch, collate
 from r1pipe.data.rows import SFTExample
+from r1pipe.algo.sft import SupervisedLoss
+from r1pipe.model.precision import Precision
+from r1pipe.stages.sections import Optim, Parallelism, TrainerResources
 from r1pipe.tracking import MetricsLogger, StepProgress
 from r1pipe.tracking.checkpoints import (
     atomic_write, check_room_for_checkpoints, latest_checkpoint, tree_bytes, write_checkpoint,
@@ -32,29 +35,15 @@ CHECKPOINT_EXTRAS = ("sharded", "rng_rank*.pt", "trainer_state.json")  # what a 
 
 
 @dataclass
-class TrainerResources:
-    """The trainer group's actors and their placement."""
-
-    workers: int = 1
-    cpus: float = 1.0  # per worker
-    gpus: float = 0.0  # per worker
-    custom: dict[str, float] = field(default_factory=dict)
-    placement_strategy: str = "PACK"
-    placement_timeout_s: float = 60.0
-    key: str = "resources.trainer"  # the recipe prefix errors name
-
-
-@dataclass
 class Schedule:
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step (constant: lr throughout)."""
+    """The learning rate of each step: a recipe's `optim` section over the stage's steps (algo.schedule)."""
 
-    lr: float
+    optim: Optim
     total_steps: int
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0
 
     def at(self, step: int) -> float:
-        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr_ratio)
+        o = self.optim
+        return scheduled_lr(o.schedule, step, self.total_steps, o.warmup_steps, o.lr, o.min_lr_ratio)
 
 
 @dataclass
@@ -69,7 +58,7 @@ class SupervisedRun:
     batch_size: int
     schedule: Schedule
     trainer: PolicyConfig
-    resources: TrainerResources
+    resources: TrainerResources  # the stage's `resources` section
     recipe: Any  # the whole recipe (its cluster section starts Ray)
     seed: int
     pad_id: int
@@ -84,14 +73,24 @@ class SupervisedRun:
         return self.stage_dir / "checkpoints"
 
 
+def trainer_policy(optim: Optim, resources: TrainerResources, parallelism: Parallelism, loss: SupervisedLoss,
+                   micro_batch_size: int, seed: int, precision: Precision) -> PolicyConfig:
+    """What each trainer worker needs, from a stage's shared sections."""
+    return PolicyConfig(lr=optim.lr, weight_decay=optim.weight_decay, adam_betas=tuple(optim.betas), grad_clip=optim.grad_clip,
+                        supervised=loss, micro_batch_size=micro_batch_size, device=resources.device,
+                        num_threads=resources.trainer.threads, seed=seed, precision=precision, fsdp=parallelism.fsdp,
+                        fsdp_keep_gathered=parallelism.fsdp_keep_gathered,
+                        activation_checkpointing=parallelism.activation_checkpointing)
+
+
 def start_group(run: SupervisedRun) -> tuple[PolicyGroup, Placement]:
     """The trainer group in a placement group reserved for it (failing within the timeout, with the
     arithmetic, when the cluster cannot hold it)."""
     ray_init(run.recipe)
-    r = run.resources
-    plan = ResourcePlan([RoleResources("policy", r.workers, r.cpus, r.gpus, dict(r.custom), r.key)])
+    r, t = run.resources, run.resources.trainer
+    plan = ResourcePlan([RoleResources("policy", t.workers, t.cpus, t.gpus, dict(t.custom), f"{run.stage_dir.name}.resources.trainer")])
     placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage=run.name)
-    group = PolicyGroup(r.workers, run.model_path, run.trainer, run.teacher_path, placement=placement)
+    group = PolicyGroup(t.workers, run.model_path, run.trainer, run.teacher_path, placement=placement)
     return group, placement
 
 

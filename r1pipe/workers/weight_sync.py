@@ -9,7 +9,7 @@ A whole (unsharded) model on either end keeps its weights in flat buffers laid o
 (`rehome`), so a bucket moves in one broadcast or copy, not one per tensor; a sharded trainer gathers
 and packs its weights tensor by tensor.
 
-On one machine's CPUs (`rl.shared_memory`, on) the buckets live in shared memory
+On one machine's CPUs (`rl.sync.shared_memory`, on) the buckets live in shared memory
 (r1pipe.workers.shared_memory.SharedBuckets) and the group carries a ready signal and a reply instead of
 the weights. A whole trainer's weights live in the buckets, and engines of the same dtype read them in
 place (as a hybrid engine shares the actor's memory on a GPU): one copy of the weights serves all. That
@@ -294,6 +294,6 @@ def check_probe(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: tor
     if not diff <= tol:  # also catches NaN
         raise SyncMismatch(
             f"weight sync check failed: the engine's log-probs of the probe differ from the trainer's by "
-            f"{diff:.4g} per token on average (tolerance rl.sync_check_tol={tol:g}); the rollout engines do not "
+            f"{diff:.4g} per token on average (tolerance rl.sync.check_tol={tol:g}); the rollout engines do not "
             "hold the trained weights")
     return diff

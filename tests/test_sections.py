@@ -60,8 +60,7 @@ def test_a_bad_section_value_names_its_full_key(override, message):
 
 
 def test_sft_checks_its_sections():
-    with pytest.raises(ConfigError, match=r"cold_start\.resources\.trainer\.gpus: not used yet"):
-        load_recipe("r1", ["cold_start.resources.trainer.gpus=1"])
+    assert load_recipe("r1", ["cold_start.resources.trainer.workers=2"]).cold_start.resources.trainer.workers == 2
     with pytest.raises(ConfigError, match=r"sft\.data\.heldout_fraction must be in \[0, 1\)"):
         load_recipe("r1", ["sft.data.heldout_fraction=1.0"])
     cfg = make_config(SFTConfig, {"resources": {"device": "cuda", "trainer": {"threads": 4}}, "data.truncate": True})

@@ -28,7 +28,7 @@ from r1pipe.tracking.checkpoints import (
 )
 from r1pipe.workers.cluster import ray_init
 from r1pipe.workers.group import PolicyGroup
-from r1pipe.workers.placement import Placement, ResourcePlan, RoleResources, reserve
+from r1pipe.workers.placement import Placement, ResourcePlan, reserve, role_resources
 from r1pipe.workers.policy import PolicyConfig
 
 CHECKPOINT_EXTRAS = ("sharded", "rng_rank*.pt", "trainer_state.json")  # what a checkpoint holds beyond the model
@@ -88,7 +88,7 @@ def start_group(run: SupervisedRun) -> tuple[PolicyGroup, Placement]:
     arithmetic, when the cluster cannot hold it)."""
     ray_init(run.recipe)
     r, t = run.resources, run.resources.trainer
-    plan = ResourcePlan([RoleResources("policy", t.workers, t.cpus, t.gpus, dict(t.custom), f"{run.stage_dir.name}.resources.trainer")])
+    plan = ResourcePlan([role_resources("policy", t, f"{run.stage_dir.name}.resources.trainer")])
     placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage=run.name)
     group = PolicyGroup(t.workers, run.model_path, run.trainer, run.teacher_path, placement=placement)
     return group, placement

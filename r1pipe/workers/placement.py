@@ -1,6 +1,6 @@
-"""Ray resources of the GRPO workers: what each role asks for, checked against the cluster up front.
+"""Ray resources of a stage's workers: what each role asks for, checked against the cluster up front.
 
-The policy and rollout actors are placed in one placement group created before any of them starts,
+The policy (trainer) and rollout actors are placed in one placement group created before any of them starts,
 and waited for with a timeout: a recipe that asks for more than the cluster has fails at once (or
 after `timeout_s` when the totals fit but no node can hold a bundle) with the arithmetic, asked vs
 available per resource, instead of Ray queueing the actors forever. Reward workers are counted in
@@ -16,12 +16,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from r1pipe.errors import ResourceError
+from r1pipe.stages.sections import Workers
 
 
 @dataclass
 class RoleResources:
     """`count` actors of one role, each asking `cpus`, `gpus` and `custom` Ray resources; `key` is the
-    recipe prefix the error message names (e.g. rl.policy)."""
+    recipe section the error message names (e.g. rl.resources.trainer)."""
 
     role: str  # policy | rollout | reward
     count: int
@@ -49,7 +50,7 @@ class ResourcePlan:
     def __post_init__(self) -> None:
         for r in self.roles:
             if r.cpus <= 0:
-                raise ValueError(f"{r.key}_cpus must be > 0 (every actor needs some CPU), got {r.cpus}")
+                raise ValueError(f"{r.key}.cpus must be > 0 (every actor needs some CPU), got {r.cpus}")
             if r.gpus < 0 or any(v < 0 for v in r.custom.values()):
                 raise ValueError(f"{r.key}: resources must be >= 0, got gpus={r.gpus} custom={r.custom}")
 
@@ -95,6 +96,11 @@ class ResourcePlan:
         return {n: a - float(available.get(n, 0.0)) for n, a in self.totals().items() if a > float(available.get(n, 0.0)) + 1e-9}
 
 
+def role_resources(role: str, workers: Workers, key: str, in_group: bool = True) -> RoleResources:
+    """The RoleResources of a recipe's Workers section `key` (e.g. rl.resources.rollout)."""
+    return RoleResources(role, workers.workers, workers.cpus, workers.gpus, dict(workers.custom), key, in_group)
+
+
 def _num(x: float) -> str:
     return f"{x:g}"
 
@@ -126,9 +132,9 @@ def reserve(plan: ResourcePlan, timeout_s: float = 60.0, strategy: str = "PACK",
     total = ray.cluster_resources()
     if plan.shortfall(total):  # can never fit: fail now (what is merely busy gets the timeout below)
         lines = plan.arithmetic(total)
-        keys = " / ".join(f"{r.key}.{{workers,cpus,gpus}}" for r in plan.roles)
+        keys = ", ".join(r.key for r in plan.roles)
         raise InsufficientResources(
-            f"the {stage} workers ask for more than the Ray cluster has (lower {keys}, "
+            f"the {stage} workers ask for more than the Ray cluster has (lower the workers, cpus or gpus of {keys}, "
             "or give the cluster more: cluster.num_cpus / num_gpus, more nodes):\n"
             + "\n".join([line for line in lines if "<- short by" in line] + [line for line in lines if "<- short by" not in line]))
     group = placement_group(plan.bundles(), strategy=strategy, name="")

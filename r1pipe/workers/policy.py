@@ -209,7 +209,7 @@ class PolicyWorker:
         """The MTP module's own parameters (not the embedding and output head it shares)."""
         modules = getattr(self.model, "mtp_modules", [])
         if not modules:
-            raise ConfigError("rl.draft_loss needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+            raise ConfigError("rl.algorithm.draft_loss needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         shared = {id(p) for p in self.model.model.embed_tokens.parameters()} | {id(p) for p in self.model.lm_head.parameters()}
         return [p for m in modules for p in m.parameters() if id(p) not in shared]
 

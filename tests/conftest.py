@@ -1,15 +1,27 @@
-"""Shared test setup: one torch thread per process, and small real file systems for full-disk tests.
+"""Shared test setup: one torch thread per process, no Ray left running between modules, and small real file
+systems for full-disk tests.
 
 The suite runs on 2-core machines where Ray workers, sandboxed programs and torch share the
 cores; tiny models gain nothing from intra-op threads and oversubscription makes them slower.
 """
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_running():
+    """Every stage that trains or samples starts Ray when it is not up (r1pipe.workers.cluster.ray_init); a test
+    module that ran one in this process leaves no cluster behind for the next module's own `ray.init`."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -58,8 +58,8 @@ R1_WORLD_DEFAULTS = {"world": "r1-zero", "mix_fraction": 0.0, "mix_prob": 0.5, "
 R1_WORLD_FIELDS = tuple(k for k in R1_WORLD_DEFAULTS if k != "world")
 
 
-def pretrain_resources() -> TrainerResources:
-    """pretrain's default resources: a trainer worker takes 2 CPUs."""
+def trainer_resources() -> TrainerResources:
+    """pretrain's and sft's default resources: one trainer worker of 2 CPUs (as many torch threads)."""
     return TrainerResources(trainer=Workers(cpus=2.0, threads=0))
 
 
@@ -83,7 +83,7 @@ class PretrainConfig(StageConfig):
     mtp: bool = True  # train the MTP module too (lm_loss adds mtp_lambda * its CE)
     optim: Optim = field(default_factory=lambda: Optim(lr=3e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1,
                                                        weight_decay=0.1, grad_clip=1.0, betas=[0.9, 0.95]))
-    resources: TrainerResources = field(default_factory=pretrain_resources)
+    resources: TrainerResources = field(default_factory=trainer_resources)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=100, keep=1))
     # the base's own check on held-out problems
@@ -365,7 +365,7 @@ class SFTConfig(StageConfig):
     eval_every: int = 0  # validation loss every N steps (always at the start and the end)
     optim: Optim = field(default_factory=lambda: Optim(lr=1e-4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                                                        betas=[0.9, 0.95]))
-    resources: TrainerResources = field(default_factory=TrainerResources)
+    resources: TrainerResources = field(default_factory=trainer_resources)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpointing = field(default_factory=lambda: Checkpointing(every=50, keep=2))
 

@@ -98,7 +98,7 @@ def load_data(cfg: SFTConfig, ctx: StageContext, tokenizer, max_length: int) -> 
         raise ConfigError("sft: no training data: set train_path (a file, a save_to_disk directory or a hub name) "
                          "or run a stage that outputs sft_path")
     fields = {"prompt": cfg.data.prompt_field, "response": cfg.data.response_field, "messages": cfg.data.messages_field, "id": cfg.data.id_field}
-    options = dict(fields=fields, template=cfg.data.template, max_length=max_length, truncate=cfg.data.truncate, option_prefix="sft.")
+    options = dict(fields=fields, template=cfg.data.template, max_length=max_length, truncate=cfg.data.truncate, option_prefix="sft.data.")
     train_set, report = load_sft_examples(str(source), tokenizer, split=cfg.data.split, **options)
     reports = {"train": report.to_dict()}
     if cfg.data.heldout_path:

@@ -433,7 +433,8 @@ class GRPOTrainer:
         out: dict[str, float] = {"response_length/truncated": float(truncated.float().mean())}
 
         o = cfg.optim  # the step's lr: optim.schedule over the stage's steps (self.step_number is 1-based)
-        lr = scheduled_lr(o.schedule, self.step_number - 1, cfg.steps, o.warmup_steps, o.lr, o.min_lr_ratio)
+        scheduled = o.schedule != "constant" or o.warmup_steps > 0
+        lr = scheduled_lr(o.schedule, max(self.step_number - 1, 0), cfg.steps, o.warmup_steps, o.lr, o.min_lr_ratio)
         out["lr"] = lr
         sums: dict[str, float] = {}
         bounds = [round(i * len(batch) / cfg.algorithm.updates_per_step) for i in range(cfg.algorithm.updates_per_step + 1)]
@@ -449,7 +450,8 @@ class GRPOTrainer:
                 None if ref_logp is None else ref_logp[trained],
                 num_tokens=float(mini.response_mask.sum()), num_seqs=float(len(rows)),  # skipped rows count here
                 num_draft_positions=float(mini.response_mask[:, 1:].sum()),
-                engine_logp=engine_logp[trained], tis_cap=cfg.algorithm.tis_cap if self.tis else None, lr=lr,
+                engine_logp=engine_logp[trained], tis_cap=cfg.algorithm.tis_cap if self.tis else None,
+                lr=lr if scheduled else None,  # None: the workers' own optim.lr
             )
             grad_norms.append(stats.pop("grad_norm"))
             maxvios.append(stats.pop("maxvio"))

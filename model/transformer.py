@@ -219,8 +219,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache_positions = positions if attention_mask is None else positions.masked_fill(~attention_mask.bool(), -1)
             return None, cache_positions
-        if attention_mask is None and _is_arange(positions):
-            return None, positions  # plain causal attention
+        if (attention_mask is None or right_padded(attention_mask)) and _is_arange(positions):
+            return None, positions  # plain causal attention: a real token never sees the padding after it
         mask = positions[:, None, :] <= positions[:, :, None]
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, :]
@@ -240,6 +240,13 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row of attention_mask [B,S] (0 on padding) is its real tokens, then only padding: under
+    causal attention no real token can then see a padded one, and the padding needs no mask."""
+    real = attention_mask > 0
+    return bool((real[:, 1:] <= real[:, :-1]).all())
 
 
 def _is_arange(positions: Tensor) -> bool:

@@ -21,6 +21,7 @@ from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.errors import ConfigError, ModelError
 from r1pipe.model import ModelConfig, ModelOutput, Transformer, load_pretrained, save_pretrained
 from r1pipe.model.precision import Precision, apply_precision
+from r1pipe.model.transformer import right_padded
 from r1pipe.model_dir import tokenizer_dir_error
 from r1pipe.vocab import DENSE_PRESETS, PRESETS
 
@@ -71,7 +72,9 @@ def run_model(module: nn.Module, input_ids: Tensor, attention_mask: Tensor | Non
         raise ValueError(f"{type(module).__name__}: packed prompts, routing replay and MTP are r1pipe V3 features")
     dtype = compute_dtype(module)
     with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = module(input_ids=input_ids, attention_mask=attention_mask).logits
+        # right padding under causal attention needs no mask (and takes the causal kernels); other padding does
+        mask = None if attention_mask is None or right_padded(attention_mask) else attention_mask
+        logits = module(input_ids=input_ids, attention_mask=mask).logits
     return ModelOutput(logits=logits.float(), hidden=None)  # type: ignore[arg-type]
 
 

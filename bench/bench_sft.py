@@ -7,7 +7,8 @@ AdamW, the same batch size and number of steps, fp32, the same number of CPU thr
 is real (non-padding) tokens trained per second of the training loop; tokenization is outside both
 timings. r1pipe runs its trainer group (Ray actors, FSDP2 over gloo with 2 workers) with one worker
 holding every thread, then with 2 workers splitting them, then on the tiny V3 student (MTP on) with one
-worker. TRL runs twice: default batches, and with `train_sampling_strategy="group_by_length"` (the
+worker; the 2-worker run is repeated with replicas (`parallelism.fsdp: false`, gradients summed in shared
+memory) instead of FSDP2. TRL runs twice: default batches, and with `train_sampling_strategy="group_by_length"` (the
 closest to r1pipe's length-sorted micro-batches). Last line: a JSON object with the figures and ratios.
 
     python bench/bench_sft.py                 # CPU, 40 steps of 16
@@ -43,11 +44,12 @@ from r1pipe.workers.group import PolicyGroup  # noqa: E402
 from r1pipe.workers.placement import ResourcePlan, RoleResources, reserve  # noqa: E402
 
 
-def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path, workers: int) -> float:
+def r1pipe_tokens_per_second(model_dir: Path, data: Path, args, root: Path, workers: int, fsdp: bool = True) -> float:
     """The trainer group's steps, timed after `warmup` steps: `workers` actors sharing args.threads CPUs."""
     cfg = make_config(SFTConfig, {"data": {"train_path": str(data), "heldout_fraction": 0.0, "template": "r1-zero"},
                                   "batch_size": args.batch, "micro_batch_size": args.batch, "optim.lr": 1e-4,
-                                  "resources.device": args.device, "resources.trainer.threads": args.threads // workers})
+                                  "resources.device": args.device, "resources.trainer.threads": args.threads // workers,
+                                  "parallelism.fsdp": fsdp})
     ctx = StageContext(run_dir=root, stage_dir=root / "sft", recipe=OmegaConf.create({"model": {"path": str(model_dir)}}), seed=0)
     tok = load_tokenizer(model_dir)
     examples, _, _ = load_data(cfg, ctx, tok, 1024)
@@ -136,19 +138,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for each side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # TRL trains in this process
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         v3 = make_tiny_v3(root / "v3", num_nextn_predict_layers=1)
         model_dir = init_dense_student("tiny-qwen2", v3, root / "qwen2", seed=0)
         data = write_worked_solutions(root / "sft.jsonl", args.examples)
-        figures["r1pipe_qwen2_1_worker"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=1)
-        figures["r1pipe_qwen2_2_workers"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=2)
-        figures["r1pipe_v3_1_worker"] = r1pipe_tokens_per_second(v3, data, args, root, workers=1)
+        # TRL first, before Ray runs anything beside it
         figures["trl_qwen2"] = trl_tokens_per_second(model_dir, data, args, root, group_by_length=False)
         figures["trl_qwen2_grouped"] = trl_tokens_per_second(model_dir, data, args, root, group_by_length=True)
-    ray.shutdown()
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        figures["r1pipe_qwen2_1_worker"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=1)
+        figures["r1pipe_qwen2_2_workers"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=2)
+        figures["r1pipe_qwen2_2_replicas"] = r1pipe_tokens_per_second(model_dir, data, args, root, workers=2, fsdp=False)
+        figures["r1pipe_v3_1_worker"] = r1pipe_tokens_per_second(v3, data, args, root, workers=1)
+        ray.shutdown()
     for name, value in figures.items():
         print(f"{name:26s} {value:10.0f} tokens/s")
     ours = figures["r1pipe_qwen2_1_worker"]

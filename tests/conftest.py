@@ -5,13 +5,21 @@ The suite runs on 2-core machines where Ray workers, sandboxed programs and torc
 cores; tiny models gain nothing from intra-op threads and oversubscription makes them slower.
 """
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for a test module (the stages' own ray_init then joins it)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,8 +27,7 @@ def no_ray_left_running():
     """Every stage that trains or samples starts Ray when it is not up (r1pipe.workers.cluster.ray_init); a test
     module that ran one in this process leaves no cluster behind for the next module's own `ray.init`."""
     yield
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray.is_initialized():
         ray.shutdown()
 
 

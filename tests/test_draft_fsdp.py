@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from r1pipe.config import make_config
 from r1pipe.model import Precision
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.workers import PolicyConfig, PolicyWorker
@@ -86,5 +87,6 @@ def test_two_sharded_workers_with_the_draft_loss_step_like_one(tmp_path):
 
 
 def test_the_draft_loss_with_sharded_workers_is_a_valid_grpo_config():
-    assert GRPOConfig(draft_loss=True, fsdp=True, num_policy_workers=2).draft_loss
-    GRPOConfig(fsdp=True, num_policy_workers=2, engine={"speculative_k": 2})  # the draft loss on by default
+    sharded = {"parallelism.fsdp": True, "resources.trainer.workers": 2}
+    assert make_config(GRPOConfig, {**sharded, "algorithm.draft_loss": True}).algorithm.draft_loss
+    make_config(GRPOConfig, {**sharded, "rollout.engine": {"speculative_k": 2}})  # the draft loss on by default

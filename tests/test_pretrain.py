@@ -19,14 +19,7 @@ from r1pipe.stages.configs import PretrainConfig
 from r1pipe.stages.pretrain import run_pretrain, train_base
 from r1pipe.stages.supervised import Schedule
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # a 2-CPU Ray cluster for the module (conftest)
 
 SMALL_MODEL = {"preset": "tiny", "path": None, "overrides": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                                                "moe_intermediate_size": 32}, "fp8": False, "dtype": "float32"}
@@ -123,7 +116,7 @@ def run_command(run_dir, *extra: str) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # the recipes' layout: 1 worker
 def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, workers):
     """SIGKILL after the step-6 checkpoint, then the same command: it resumes after step 6 (each step logged once)
     and ends on the uninterrupted run's weights, with 1 worker and with 2 FSDP2 workers."""

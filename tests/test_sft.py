@@ -26,14 +26,7 @@ from r1pipe.stages.configs import SFTConfig
 from r1pipe.stages.sft import load_data, run_sft
 from tiny_models import make_tiny_qwen2, make_tiny_v3, write_worked_solutions
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # a 2-CPU Ray cluster for the module (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +136,7 @@ def run_command(recipe: Path, run_dir: Path) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])  # r1-tiny's SFT layout: 2 workers
 def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers):
     """SIGKILL mid-run, then the same command: it resumes after the newest checkpoint (no step lost or run
     twice) and ends on the uninterrupted run's weights, in the recipe's own worker layout."""

@@ -18,7 +18,6 @@ from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.policy import PolicyConfig
 from tiny_models import make_tiny_v3
 
-ray = pytest.importorskip("ray")
 
 # the two layouts sum gradients in another order (fp32 rounding ~1e-9), which AdamW turns into a step of up to lr
 # on a coordinate whose gradient is itself ~eps; a larger eps keeps such steps proportional to the gradient, so
@@ -27,11 +26,7 @@ CFG = PolicyConfig(lr=1e-4, adam_betas=(0.9, 0.95), adam_eps=1e-6, weight_decay=
                    supervised=SupervisedLoss(mtp=True))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # a 2-CPU Ray cluster for the module (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +68,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: flo
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("family", ["v3", "qwen2", "llama"])
+@pytest.mark.parametrize("family", ["v3", "qwen2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_two_sharded_workers_step_like_one_on_sft_and_hold_half_the_bytes(models, tmp_path, family):
     one, two = PolicyGroup(1, models[family], CFG), PolicyGroup(2, models[family], CFG)
     assert one.mtp_depth == (1 if family == "v3" else 0)

@@ -5,6 +5,7 @@ The suite runs on 2-core machines where Ray workers, sandboxed programs and torc
 cores; tiny models gain nothing from intra-op threads and oversubscription makes them slower.
 """
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import ray
 import torch
 
 torch.set_num_threads(1)
+
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"  # the fake `vllm` package (tests/fake_vllm/vllm)
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +53,22 @@ def small_disk(tmp_path):
     yield mount
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _drop_vllm_modules() -> None:
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The fake `vllm` package importable in this process (its RECORD empty) for the test, gone after it; its
+    log-probs follow FAKE_VLLM_LOGPROBS (set it with monkeypatch.setenv before building an engine)."""
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))
+    monkeypatch.delenv("FAKE_VLLM_RECORD", raising=False)
+    _drop_vllm_modules()
+    import vllm
+
+    vllm.RECORD.clear()
+    yield vllm
+    _drop_vllm_modules()

@@ -1,8 +1,9 @@
-"""RolloutWorker: the generation engine (r1pipe.engine.LLM) as a Ray actor.
+"""RolloutWorker: the generation engine (r1pipe's own, r1pipe.engine.LLM, or vLLM through
+r1pipe.engine.vllm_backend.VLLMEngine) as a Ray actor.
 
-It samples `n` completions per prompt with their per-token log-probs (and, for routing replay,
-the experts the engine chose), and takes new weights from the policy after every step.
-Results travel as `Completion` dataclasses, so the controller needs no engine types.
+It samples `n` completions per prompt with their per-token log-probs (and, for routing replay, which
+needs r1pipe's engine, the experts the engine chose), and takes new weights from the policy after every
+step. Results travel as `Completion` dataclasses, so the controller needs no engine types.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
-from r1pipe.engine import LLM, SamplingParams
+from r1pipe.engine import SamplingParams
+from r1pipe.engine.backend import open_engine
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome
@@ -19,12 +21,15 @@ from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome
 
 class RolloutWorker:
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, backend: str = "engine"):
         """`num_threads`: torch threads of this actor's process; None (a worker used in the caller's own
-        process, e.g. the pretrain stage's base check) leaves the process's setting alone."""
+        process, e.g. the pretrain stage's base check) leaves the process's setting alone. `backend`: "engine"
+        (r1pipe.engine.LLM) or "vllm" (VLLMEngine, which checks its log-prob contract here and raises
+        LogprobContractError when vLLM's log-probs are not the ones the trainer assumes)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.llm = LLM(model_path, seed=seed, **dict(engine_kwargs or {}))  # LLM parses dtype names
+        self.backend = backend
+        self.llm = open_engine(backend, model_path, seed=seed, **dict(engine_kwargs or {}))  # dtype names parsed there
         self._draft_seen = DraftStats()
         self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
         self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
@@ -81,6 +86,8 @@ class RolloutWorker:
 
     def take_draft_stats(self) -> DraftStats:
         """MTP drafts proposed and accepted since the last call."""
+        if self.backend != "engine":
+            raise NotImplementedError("MTP draft counts need r1pipe's own engine (backend: engine)")
         st = self.llm.stats
         now = DraftStats(st["draft_tokens"], st["accepted_tokens"], st["first_drafts"], st["first_accepted"])
         seen, self._draft_seen = self._draft_seen, now
@@ -88,7 +95,10 @@ class RolloutWorker:
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy these weights into the engine (an engine reading the trainer's shared weights first takes its own
-        copy, so the trainer's stay as they are)."""
+        copy, so the trainer's stay as they are; vLLM loads them with its model's own loader)."""
+        if self.backend == "vllm":
+            self.llm.update_weights(state_dict)
+            return
         if self.flat_weights is not None and self.flat_weights.adopted:
             self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
         self.llm.update_weights(state_dict)
@@ -100,7 +110,8 @@ class RolloutWorker:
 
     def attach_shared_buckets(self, directory: str, read_in_place: bool = True) -> None:
         """Map the trainer's shared-memory buckets (same machine, CPU): later syncs read them in place, or, with
-        `read_in_place` False (the trainer trains while this engine generates: asynchronous GRPO), copy them."""
+        `read_in_place` False (the trainer trains while this engine generates: asynchronous GRPO), copy them
+        (vLLM always copies them into its own weights)."""
         self.sync_group.shared = SharedBuckets(directory, self.sync_group.buckets)
         self.read_in_place = read_in_place
 
@@ -109,9 +120,13 @@ class RolloutWorker:
         return node_id()
 
     def receive_weights(self) -> int:
-        """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. The
-        engine's weights are laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
-        lands in one piece; with shared buckets they are the buckets, which hold the trainer's weights."""
+        """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. r1pipe's
+        engine has its weights laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
+        lands in one piece; with shared buckets they are the buckets, which hold the trainer's weights. vLLM
+        takes each bucket's named tensors through VLLMEngine.update_weights (received into this worker's own
+        buffers, or read from the shared buckets)."""
+        if self.backend == "vllm":
+            return self.sync_group.receive_each(self.llm.update_weights)
         buckets = self.sync_group.buckets
         if self.flat_weights is None or not self.flat_weights.fits(buckets):
             shared = self.sync_group.shared
@@ -122,7 +137,7 @@ class RolloutWorker:
 
     def pad_token_id(self) -> int:
         """Padding id for training batches (any valid id: padded positions are masked out)."""
-        c = self.llm.config
+        c = self.llm.config if self.backend == "engine" else self.llm.tokenizer
         for candidate in (c.pad_token_id, c.eos_token_id, 0):
             if candidate is not None:
                 return int(candidate)

@@ -7,7 +7,8 @@ bucket). Only the tensor names, shapes and dtypes travel through Ray, once, as p
 
 A whole (unsharded) model on either end keeps its weights in flat buffers laid out as the buckets
 (`rehome`), so a bucket moves in one broadcast or copy, not one per tensor; a sharded trainer gathers
-and packs its weights tensor by tensor.
+and packs its weights tensor by tensor. An engine that takes weights only by name through its own loader
+(vLLM) receives each bucket into a buffer of its own and hands over the named views (`receive_each`).
 
 On one machine's CPUs (`rl.sync.shared_memory`, on) the buckets live in shared memory
 (r1pipe.workers.shared_memory.SharedBuckets) and the group carries a ready signal and a reply instead of
@@ -28,7 +29,7 @@ import datetime
 import itertools
 import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -207,6 +208,7 @@ class SyncGroup:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.buckets = buckets
         self.shared: SharedBuckets | None = None  # set when every member maps the same shared buckets
+        self.scratch: dict[torch.dtype, torch.Tensor] = {}  # receive_each's buffers, one per dtype
         self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
         if self.device.type == "cuda":  # pragma: no cover - needs GPUs
             self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
@@ -274,6 +276,36 @@ class SyncGroup:
         if self.shared is not None:
             self.all_copied()
         return weights.num_names
+
+    def receive_each(self, load: Callable[[list[tuple[str, torch.Tensor]]], object]) -> int:
+        """Ranks 1..R, an engine that loads weights by name (vLLM): each bucket arrives into a buffer of this
+        group's (one per dtype, reused by the next bucket), or is read where it is in the shared buckets once
+        the sender's signal has come, and its (name, tensor view) pairs go to `load`, which must have copied them
+        when it returns. Returns how many tensors were handed over."""
+        if self.shared is not None:
+            self.broadcast(torch.zeros(1))
+        count = 0
+        for i, bucket in enumerate(self.buckets):
+            if self.shared is None:
+                flat = self._scratch(bucket)
+                self.broadcast(flat)
+            else:
+                flat = self.shared.tensors[i]
+            named = list(unpack(flat, bucket).items())
+            load(named)
+            count += len(named)
+        if self.shared is not None:
+            self.all_copied()
+        return count
+
+    def _scratch(self, bucket: list[TensorMeta]) -> torch.Tensor:
+        """A flat buffer for `bucket` on this group's device: the front of the buffer kept for its dtype, grown
+        to the largest bucket of that dtype on first use."""
+        dtype = bucket[0].torch_dtype
+        if dtype not in self.scratch:
+            largest = max(sum(m.numel for m in b) for b in self.buckets if b[0].torch_dtype == dtype)
+            self.scratch[dtype] = torch.empty(largest, dtype=dtype, device=self.device)
+        return self.scratch[dtype][:sum(m.numel for m in bucket)]
 
 
 def free_port() -> int:

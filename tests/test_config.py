@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from r1pipe.config import ConfigError, find_recipe, load_recipe, recipe_names, stage_config
 from r1pipe.engine import LLM
+from r1pipe.engine.vllm_backend import VLLMEngine
 from r1pipe.stages import BUILTIN_STAGES, StageConfig, StageContext, get_stage, register_stage
 from r1pipe.stages.base import load_object
 from r1pipe.stages.configs import ENGINE_OPTIONS
@@ -113,6 +114,25 @@ def test_engine_options_are_llm_keywords_and_fp8_keeps_tis_on():
     assert rl.rollout.engine == {"fp8": True, "cuda_graphs": False}
     with pytest.raises(ConfigError, match="rl.algorithm.tis: false with rollout.engine.fp8"):
         load_recipe("r1-zero-tiny", ["rl.rollout.engine.fp8=true", "rl.algorithm.tis=false"])
+
+
+def test_rollout_backend_is_checked_where_it_is_set():
+    """rl.rollout.backend and rejection_sample.backend take engine or vllm; with vllm, the rollout settings vLLM
+    cannot honour in GRPO are refused naming their keys; every engine option has a vLLM meaning."""
+    assert set(ENGINE_OPTIONS) <= set(inspect.signature(VLLMEngine).parameters)
+    assert stage_config(load_recipe("r1-zero-tiny"), "rl").rollout.backend == "engine"
+    assert stage_config(load_recipe("r1-zero-tiny", ["rl.rollout.backend=vllm"]), "rl").rollout.backend == "vllm"
+    assert stage_config(load_recipe("r1-tiny", ["rejection_sample.backend=vllm"]), "rejection_sample").backend == "vllm"
+    for recipe, overrides, names in [
+        ("r1-zero-tiny", ["rl.rollout.backend=sglang"], "rl.rollout.backend='sglang': choose one of engine, vllm"),
+        ("r1-tiny", ["rejection_sample.backend=hf"], "rejection_sample.backend='hf': choose one of engine, vllm"),
+        ("r1-zero-tiny", ["rl.rollout.backend=vllm", "rl.rollout.routing_replay=true"], "rl.rollout.routing_replay needs"),
+        ("r1-zero-tiny", ["rl.rollout.backend=vllm", "rl.rollout.engine.speculative_k=2"], "rl.rollout.engine.speculative_k > 0"),
+        ("r1-zero-tiny", ["rl.rollout.backend=vllm", "rl.rollout.engine.fp8=true"], "rl.rollout.engine.fp8 with backend: vllm"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_recipe(recipe, overrides)
+        assert names in str(info.value)
 
 
 def test_misspelt_key_in_the_file_is_named(tmp_path):

@@ -1,7 +1,7 @@
 """RolloutWorker(backend="vllm") against the fake `vllm` package (tests/fake_vllm): what it asks vLLM to sample,
 the Completions it builds, the start-up contract check, and weight syncs from a trainer reaching vLLM's
 load_weights with the trainer's names, shapes and values: in process over a real SyncGroup (broadcast and
-shared memory), and under Ray from a PolicyGroup (-m slow)."""
+shared memory), and under Ray (-m slow) from a PolicyGroup; ScoredSampler's workers on vLLM under Ray."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 from test_grpo_weight_sync import run_both, tiny_model
 
 from conftest import FAKE_VLLM
+from r1pipe.data.rows import PromptRow
+from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
+from r1pipe.stages.sections import SamplingResources, Workers
 from r1pipe.workers import PolicyConfig, PolicyWorker, RolloutWorker, build_batch
 from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.weight_sync import free_port, plan_buckets
@@ -25,6 +28,11 @@ def digest(t: torch.Tensor) -> str:
     from vllm import tensor_digest  # the fake's, imported once the fixture has put it on the path
 
     return tensor_digest(t)
+
+
+def worker_record(path) -> list[dict]:
+    """The fake vllm's calls in Ray workers, from the file FAKE_VLLM_RECORD names."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def loaded(record: list[dict]) -> list[list]:
@@ -130,10 +138,11 @@ def test_a_sync_reaches_vllms_loader_with_the_trainers_weights(fake_vllm, tmp_pa
     assert all(torch.equal(policy.model.state_dict()[n], before[n]) for n in names)
 
 
-@pytest.fixture
-def ray_with_fake_vllm(tmp_path):
-    """Ray whose workers import the fake vllm (PYTHONPATH) and record its calls to a file."""
-    path = tmp_path / "vllm_calls.jsonl"
+@pytest.fixture(scope="module")
+def ray_with_fake_vllm(tmp_path_factory):
+    """Ray whose workers import the fake vllm (PYTHONPATH) and record its calls to a file (read it with
+    `worker_record`)."""
+    path = tmp_path_factory.mktemp("ray_vllm") / "vllm_calls.jsonl"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(FAKE_VLLM), "FAKE_VLLM_RECORD": str(path)}})
     yield path
@@ -145,6 +154,7 @@ def test_policy_group_syncs_into_a_vllm_rollout_worker_under_ray(fake_vllm, ray_
     """A trained step of a 1-worker PolicyGroup reaches a RolloutWorker(backend="vllm") actor through
     connect_engines / sync_weights (shared memory on this machine): every name once, with the trainer's values."""
     model = tiny_model(tmp_path / "model")
+    ray_with_fake_vllm.write_text("")
     group = PolicyGroup(1, model, PolicyConfig(lr=5e-2, device="cpu"))
     engine = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(model, ENGINE, 0, 1, backend="vllm")
     assert ray.get(engine.pad_token_id.remote()) == 0
@@ -158,11 +168,35 @@ def test_policy_group_syncs_into_a_vllm_rollout_worker_under_ray(fake_vllm, ray_
     trained = {}
     for f in sorted((tmp_path / "trained").glob("*.safetensors")):
         trained.update(load_file(str(f)))
-    record = [json.loads(line) for line in ray_with_fake_vllm.read_text().splitlines()]
-    got = loaded(record)
+    got = loaded(worker_record(ray_with_fake_vllm))
     assert sorted(n for n, *_ in got) == sorted(trained) and len(got) == len(trained)
     assert all(shape == list(trained[n].shape) and d == digest(trained[n]) for n, shape, _, d in got)
     original = dict(load_file(str(next((tmp_path / "model").glob("*.safetensors")))))
     assert any(not torch.equal(original[n], trained[n]) for n in trained)  # the step moved the weights
     group.shutdown()
     ray.kill(engine)
+
+
+@pytest.mark.slow  # about 20 s: a rollout worker and a reward worker under Ray
+def test_scored_sampler_streams_from_vllm_rollout_workers(fake_vllm, ray_with_fake_vllm, tmp_path):
+    """ScoredSampler(backend="vllm") (rejection sampling's sampler) builds its rollout workers on vLLM and streams
+    back, per prompt, the k completions vLLM draws for the prompt's seed, with the stop string kept."""
+    model = tiny_model(tmp_path / "model")
+    rows = [PromptRow(str(i), "q", "p", [3 + i, 4, 5], {"answer": "1"}) for i in range(3)]
+    sampling = Sampling(k=2, temperature=1.0, max_tokens=5, stop=("c",), seed=3)
+    ray_with_fake_vllm.write_text("")
+    sampler = ScoredSampler(model, sampling, {"accuracy": 1.0}, resources=SamplingResources(rollout=Workers(cpus=0.5)),
+                            backend="vllm")
+    try:
+        chunks = list(sampler.run(rows, 2))
+    finally:
+        sampler.shutdown()
+    assert [e["model"] for e in worker_record(ray_with_fake_vllm) if e["event"] == "LLM"] == [model]
+    here = fake_vllm.LLM(model)
+    for chunk in chunks:
+        for i, (row, samples) in enumerate(zip(chunk.rows, chunk.samples)):
+            p = fake_vllm.SamplingParams(n=2, temperature=1.0, max_tokens=5, stop=["c"], seed=sampling.prompt_seed(chunk.start + i))
+            drawn = [here.complete(row.prompt_ids, p, j) for j in range(2)]
+            assert [(s.text, s.num_tokens, s.finish_reason) for s in samples] == \
+                   [(c.text + (c.stop_reason or ""), len(c.token_ids), c.finish_reason) for c in drawn]
+    assert [c.start for c in chunks] == [0, 2]

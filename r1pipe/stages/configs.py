@@ -19,7 +19,7 @@ from r1pipe.stages.base import StageConfig
 from r1pipe.stages.sections import (
     Checkpointing, Optim, Parallelism, RLResources, SamplingResources, TrainerResources, Workers,
 )
-from r1pipe.vocab import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset, dtype_name
+from r1pipe.vocab import ADVANTAGE_ESTIMATORS, ENGINE_BACKENDS, LOSS_AGGREGATIONS, POLICY_LOSSES, check_preset, dtype_name
 
 
 # ---------------------------------------------------------------- the rollout engine's options
@@ -44,6 +44,12 @@ def check_engine_options(options: Any, key: str = "engine") -> None:
             raise ValueError(f"{key}.{name}: expected {names}, got {value!r}")
         if name == "dtype":
             dtype_name(value, f"{key}.dtype")
+
+
+def check_backend(backend: Any, key: str = "backend") -> None:
+    """A ValueError naming `key` unless `backend` is a rollout engine backend (ENGINE_BACKENDS)."""
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"{key}={backend!r}: choose one of {', '.join(ENGINE_BACKENDS)} (r1pipe's own engine or vLLM)")
 
 
 # ---------------------------------------------------------------- stages that train in one process
@@ -182,6 +188,7 @@ class Rollout:
     top_p: float = 1.0  # only 1.0: truncated sampling is refused (see __post_init__)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     engine: dict[str, Any] = field(default_factory=dict)  # r1pipe.engine.LLM options (ENGINE_OPTIONS)
+    backend: str = "engine"  # engine (r1pipe.engine.LLM) | vllm (VLLMEngine: GPU, `pip install 'r1pipe[vllm]'`)
     routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
     max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
@@ -192,6 +199,18 @@ class Rollout:
 
     def __post_init__(self) -> None:
         check_engine_options(self.engine)
+        check_backend(self.backend)
+        if self.backend == "vllm":
+            engine = dict(self.engine)
+            if self.routing_replay:
+                raise ValueError("routing_replay needs the experts the engine chose, which only r1pipe's own engine "
+                                 "records: set backend: engine or routing_replay: false")
+            if engine.get("speculative_k"):
+                raise ValueError("engine.speculative_k > 0 with backend: vllm: vLLM's MTP drafter is not among the "
+                                 "weights a sync loads and reports no draft counts; use backend: engine for MTP drafts")
+            if engine.get("fp8"):
+                raise ValueError("engine.fp8 with backend: vllm: vLLM quantizes to FP8 when it loads the checkpoint, "
+                                 "not the weights a sync loads; use backend: engine for FP8 rollouts")
         if self.top_p != 1.0:
             raise ValueError(
                 f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
@@ -428,9 +447,11 @@ class RejectionSampleConfig(StageConfig):
     # engines and workers
     shard_size: int = 64  # prompts per shard (and per generation call)
     engine: dict[str, Any] = field(default_factory=dict)  # r1pipe.engine.LLM options (ENGINE_OPTIONS)
+    backend: str = "engine"  # engine (r1pipe.engine.LLM) | vllm (VLLMEngine: GPU, `pip install 'r1pipe[vllm]'`)
     resources: SamplingResources = field(default_factory=SamplingResources)
 
     def __post_init__(self) -> None:
+        check_backend(self.backend)
         if self.filters is None:
             self.filters = dict(DEFAULT_FILTERS)
         if self.reward_weights is None:

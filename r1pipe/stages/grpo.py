@@ -266,7 +266,8 @@ class GRPOTrainer:
                                   placement=self.placement)
         engine_kwargs = {"device": cfg.resources.device, "dtype": precision.dtype, **dict(cfg.rollout.engine)}
         self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
-                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.resources.rollout.threads or None)
+                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.resources.rollout.threads or None,
+                            backend=cfg.rollout.backend)
                         for i in range(cfg.resources.rollout.workers)]
         self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
         self.policy.connect_engines(self.rollout, cfg.sync.bucket_mb, cfg.sync.shared_memory,

@@ -161,7 +161,7 @@ class RejectionSampler:
         rows, data_report = self.prompts(self.source)
         sampling = Sampling(k=cfg.k, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                             stop=tuple(cfg.stop), seed=self.ctx.seed)
-        self.sampling_record = asdict(sampling) | {"stop": list(cfg.stop)}
+        self.sampling_record = asdict(sampling) | {"stop": list(cfg.stop), "backend": cfg.backend}
         n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
         shard_path = lambda j: self.shard_dir / f"shard-{j:05d}.jsonl"  # noqa: E731
         todo = [j for j in range(n_shards) if not shard_path(j).exists()]
@@ -172,7 +172,8 @@ class RejectionSampler:
         if todo:
             ray_init(self.ctx.recipe)
             sampler = ScoredSampler(self.source, sampling, dict(cfg.reward_weights), dict(cfg.reward_options),
-                                    resources=cfg.resources, engine=dict(cfg.engine), key="rejection_sample.resources")
+                                    resources=cfg.resources, engine=dict(cfg.engine), key="rejection_sample.resources",
+                                    backend=cfg.backend)
             try:
                 for chunk in sampler.run(rows, cfg.shard_size, todo):
                     lines: list[dict] = []

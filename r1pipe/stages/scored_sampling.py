@@ -2,8 +2,8 @@
 
 Used by the stages that sample a checkpoint and grade what it wrote (rejection sampling, the
 per-domain scorecard). Each rollout worker gets its share of the prompts in one call and streams
-back the prompts that finish after each engine step (a Ray streaming generator over
-`LLM.iter_generate`), so its continuous batch stays full while the driver scores what has
+back the prompts that finish after each engine step (a Ray streaming generator over the engine's
+`iter_generate`, r1pipe's or vLLM's), so its continuous batch stays full while the driver scores what has
 finished on the reward actors (code sandboxes, math verification): scoring overlaps generation
 instead of following it, and no batch drains at chunk boundaries. Results come out in chunks of
 prompts (the stages' shards), in order.
@@ -62,9 +62,10 @@ class ScoredSampler:
 
     def __init__(self, model_path: str, sampling: Sampling, reward_weights: dict[str, float],
                  reward_options: dict[str, Any] | None = None, *, resources: SamplingResources | None = None,
-                 engine: dict[str, Any] | None = None, key: str = "resources"):
+                 engine: dict[str, Any] | None = None, key: str = "resources", backend: str = "engine"):
         """The rollout workers are placed in a placement group reserved up front (r1pipe.workers.placement:
-        a cluster too small fails at once with the arithmetic); `key` is the recipe section that errors name."""
+        a cluster too small fails at once with the arithmetic); `key` is the recipe section that errors name;
+        `backend`: the workers' engine (r1pipe.engine.backend.open_engine: engine or vllm)."""
         self.sampling = sampling
         r = resources or SamplingResources()
         plan = ResourcePlan([role_resources("rollout", r.rollout, f"{key}.rollout"),
@@ -72,7 +73,7 @@ class ScoredSampler:
         self.placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage="sampling")
         kwargs = {"device": r.device, **dict(engine or {})}
         self.workers = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
-                            model_path, kwargs, sampling.seed + i, r.rollout.threads or None)
+                            model_path, kwargs, sampling.seed + i, r.rollout.threads or None, backend=backend)
                         for i in range(r.rollout.workers)]
         self.pool = RewardPool(dict(reward_weights), num_workers=r.reward.workers, num_cpus_per_worker=r.reward.cpus,
                                threads_per_worker=r.reward.threads or None, resources=dict(r.reward.custom),

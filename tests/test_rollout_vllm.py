@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from test_grpo_weight_sync import run_both, tiny_model
 
 from conftest import FAKE_VLLM
+from r1pipe.config import load_recipe, stage_config
 from r1pipe.data.rows import PromptRow
+from r1pipe.stages import StageContext
+from r1pipe.stages.grpo import GRPOTrainer
 from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
 from r1pipe.stages.sections import SamplingResources, Workers
 from r1pipe.workers import PolicyConfig, PolicyWorker, RolloutWorker, build_batch
@@ -97,6 +100,17 @@ def test_backend_choice_errors(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as where it is not installed
     with pytest.raises(ImportError, match=r"needs vllm and a CUDA GPU: pip install 'r1pipe\[vllm\]'"):
         RolloutWorker(str(tmp_path), ENGINE, backend="vllm")
+
+
+def test_vllm_rollouts_switch_tis_on(tmp_path):
+    """GRPO with rl.rollout.backend: vllm corrects the trainer/engine mismatch (vLLM's kernels are not the
+    trainer's) with TIS by default, and checks syncs at TIS's tolerance, also over a float32 engine and model."""
+    def trainer(overrides: list[str]) -> GRPOTrainer:
+        recipe = load_recipe("r1-zero-tiny", ["model.dtype=float32", *overrides])
+        return GRPOTrainer(stage_config(recipe, "rl"), StageContext(run_dir=tmp_path, stage_dir=tmp_path, recipe=recipe, seed=0))
+
+    assert (trainer([]).tis, trainer([]).sync_check_tol) == (False, 1e-3)
+    assert (trainer(["rl.rollout.backend=vllm"]).tis, trainer(["rl.rollout.backend=vllm"]).sync_check_tol) == (True, 0.1)
 
 
 def moved(policy: PolicyWorker, by: float) -> None:

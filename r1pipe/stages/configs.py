@@ -248,7 +248,7 @@ class Algorithm:
     micro_batch_size: int = 32
     skip_zero_advantage: bool = True  # rows of all-equal groups skip forward and backward (same gradient; kl_coef 0, no draft loss)
     share_prompts: bool = True  # the trainer runs a group's shared prompt once, its rows packed (same log-probs; not with draft_loss)
-    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32, engine.fp8 or max_staleness > 0
+    tis: Optional[bool] = None  # truncated importance sampling; None: on iff engine.dtype is not float32, engine.fp8, max_staleness > 0 or backend vllm
     tis_cap: float = 2.0  # C in min(pi_old / pi_engine, C)
     draft_loss: Optional[bool] = None  # keep the MTP drafter fresh; None: on iff rollout.engine.speculative_k > 0
     draft_lr_scale: float = 10.0  # the MTP module's learning rate is optim.lr x this: it chases a moving policy, and its
@@ -291,7 +291,7 @@ class Sync:
     bucket_mb: float = 64.0  # broadcast bucket size
     shared_memory: bool = True  # CPU workers on one machine: weight sync and replicas' gradient sums through shared memory
     check_every: int = 10  # probe the engines after the first sync and every N steps (0: never)
-    check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 1e-3 fp32, 0.1 otherwise
+    check_tol: Optional[float] = None  # max mean |trainer - engine| probe log-prob after a sync; None: 0.1 with TIS on, else 1e-3
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:

@@ -298,12 +298,13 @@ class GRPOTrainer:
     def tis(self) -> bool:
         """Truncated importance sampling: on by default when the engine runs in another precision
         than float32 (rl.rollout.engine.dtype, else model.dtype: bf16 weights in the engine never match the
-        trainer's autocast over fp32 masters exactly) or holds FP8 projections (rl.rollout.engine.fp8), and when
-        rollouts are one version old (max_staleness 1); off on the exact synchronous float32 path (the config
-        refuses tis: false with fp8 or max_staleness 1)."""
+        trainer's autocast over fp32 masters exactly) or holds FP8 projections (rl.rollout.engine.fp8), when
+        rollouts are one version old (max_staleness 1) and when vLLM generates (rl.rollout.backend: vllm: its
+        kernels are not the trainer's); off on r1pipe's exact synchronous float32 path (the config refuses
+        tis: false with fp8 or max_staleness 1)."""
         if self.cfg.algorithm.tis is not None:
             return bool(self.cfg.algorithm.tis)
-        if dict(self.cfg.rollout.engine).get("fp8") or self.cfg.rollout.max_staleness > 0:
+        if dict(self.cfg.rollout.engine).get("fp8") or self.cfg.rollout.max_staleness > 0 or self.cfg.rollout.backend == "vllm":
             return True
         model_dtype = (self.ctx.recipe.get("model") or {}).get("dtype") or "float32"
         return parse_dtype(dict(self.cfg.rollout.engine).get("dtype") or model_dtype, key="rl.rollout.engine.dtype") != torch.float32
@@ -502,7 +503,7 @@ class GRPOTrainer:
     def sync_check_tol(self) -> float:
         if self.cfg.sync.check_tol is not None:
             return float(self.cfg.sync.check_tol)
-        return 0.1 if self.tis else 1e-3  # tis is on by default exactly when the engine is not float32
+        return 0.1 if self.tis else 1e-3  # tis is on by default exactly when the engine is not r1pipe's float32 one
 
     def check_sync(self) -> float:
         """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores

@@ -16,6 +16,7 @@ from test_grpo_weight_sync import run_both, tiny_model
 from conftest import FAKE_VLLM
 from r1pipe.config import load_recipe, stage_config
 from r1pipe.data.rows import PromptRow
+from r1pipe.errors import EXIT_USER_ERROR, explain
 from r1pipe.stages import StageContext
 from r1pipe.stages.grpo import GRPOTrainer
 from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
@@ -90,8 +91,10 @@ def test_a_contract_violation_stops_the_worker_at_start_up(fake_vllm, monkeypatc
     from r1pipe.engine.vllm_backend import LogprobContractError
 
     monkeypatch.setenv("FAKE_VLLM_LOGPROBS", "raw")
-    with pytest.raises(LogprobContractError, match="temperature is not applied before the softmax"):
+    with pytest.raises(LogprobContractError, match="temperature is not applied before the softmax") as info:
         RolloutWorker(tiny_model(tmp_path / "model"), ENGINE, backend="vllm")
+    told = explain(info.value, "r1pipe")  # what `r1pipe run` prints: one line naming the cause, a user error
+    assert told.status == EXIT_USER_ERROR and len(told.lines) == 1 and "log_softmax(logits / T)" in told.lines[0]
 
 
 def test_backend_choice_errors(monkeypatch, tmp_path):

@@ -25,7 +25,8 @@ from r1pipe.vocab import ADVANTAGE_ESTIMATORS, ENGINE_BACKENDS, LOSS_AGGREGATION
 # ---------------------------------------------------------------- the rollout engine's options
 
 # What a recipe's `engine:` section may set: r1pipe.engine.LLM keyword arguments (the stage sets device and seed),
-# with the types each takes. cuda_graphs None: on exactly on CUDA; fp8: FP8 projections (docs/fp8.md).
+# with the types each takes; VLLMEngine (backend: vllm) takes the same names and translates them to vLLM's.
+# cuda_graphs None: on exactly on CUDA; fp8: FP8 projections (docs/fp8.md).
 ENGINE_OPTIONS: dict[str, tuple[type, ...]] = {
     "dtype": (str,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "block_size": (int,),
     "num_blocks": (int, type(None)), "speculative_k": (int,), "max_model_len": (int, type(None)),

@@ -69,8 +69,8 @@ CHECKS = textwrap.dedent('''
         pe0 = torch.randn(2, 9 * block_size, R, generator=g).to(dtype)
         for backend in ("torch", "triton"):
             cache = PagedCache(2, 9, block_size, (C, R), dtype=dtype, attention_backend=backend)
-            cache.pools[0].copy_(kv0)
-            cache.pools[1].copy_(pe0)
+            cache.pools[0][:, 0].copy_(kv0)
+            cache.pools[1][:, 0].copy_(pe0)
             cache.plan(TABLES, positions, valid)
             outs[backend] = cache.attend(1, ql, qr, lat, kr, 0.3).float()
             pools[backend] = cache.pools[0]

@@ -214,10 +214,10 @@ def test_paged_cache_blocks_and_gather():
     assert latents.shape == (2, 4, 3) and mask.shape == (2, 3, 4)
     torch.testing.assert_close(latents[0, :3], kv[0])
     torch.testing.assert_close(latents[1, 0], kv[1, 0])
-    torch.testing.assert_close(cache.pools[0][0, 3 * 2:3 * 2 + 2], kv[0, :2])  # positions 0, 1 in block 3
+    torch.testing.assert_close(cache.pools[0][0, 0, 3 * 2:3 * 2 + 2], kv[0, :2])  # positions 0, 1 in block 3
     assert mask[0].tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, False]]
     assert mask[1, 1:].tolist() == [[True, False, False, False]] * 2  # padding attends key 0 only
-    assert cache.pools[0][0, :2].abs().sum() > 0  # padding went to the scratch block 0
+    assert cache.pools[0][0, 0, :2].abs().sum() > 0  # padding went to the scratch block 0
 
 
 @pytest.mark.parametrize("speculative_k", [0, 2])

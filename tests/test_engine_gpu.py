@@ -31,8 +31,8 @@ def test_paged_kernel_matches_torch_path(dtype, tol, S):
     outs = {}
     for backend in ("torch", "triton"):
         cache = PagedCache(1, blocks, bs, (C, R), dtype=dtype, device="cuda", attention_backend=backend)
-        cache.pools[0].copy_(kv0)
-        cache.pools[1].copy_(pe0)
+        cache.pools[0][:, 0].copy_(kv0)
+        cache.pools[1][:, 0].copy_(pe0)
         cache.plan(tables, positions, valid)
         outs[backend] = cache.attend(0, ql.to("cuda", dtype), qr.to("cuda", dtype), lat.to("cuda", dtype),
                                      kr.to("cuda", dtype), 0.1).float().cpu()

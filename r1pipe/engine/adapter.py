@@ -20,7 +20,7 @@ from r1pipe.model import ModelOutput
 @dataclass(frozen=True)
 class ModelFacts:
     """The config facts the engine reads, whatever the family. eos_token_id: one id, several, or None;
-    cache_widths: values per token and cached layer of the cache's two streams."""
+    cache_heads, cache_widths: heads per token and cached layer of the cache's two streams, and values per head."""
 
     model_type: str
     vocab_size: int
@@ -29,6 +29,7 @@ class ModelFacts:
     pad_token_id: int | None
     num_hidden_layers: int
     cache_widths: tuple[int, int]
+    cache_heads: int = 1
     num_moe_layers: int = 0
     num_experts_per_tok: int = 1
     num_nextn_predict_layers: int = 0

@@ -6,9 +6,13 @@ holds, so weight names match the trainer's state dict and log-probs agree). Each
 transformers' own cache (use_cache=False, position_ids = the engine's positions, so RoPE, whatever variant the
 config names, is transformers' own) with the attention implementation switched to `PAGED_ATTENTION` for the
 call: `paged_attention` gets the post-RoPE query [B, H, S, D] and key / value [B, Hkv, S, D] of the fed tokens,
-stores the keys and values in the cache (two streams of Hkv * D values per token and layer) and attends each
-query over its row's cached keys up to its position. That implementation has no entry in transformers' mask
-registry, so transformers builds no mask either: the cache's plan is the mask.
+stores the keys and values in the cache (two streams of Hkv heads of D values per token and layer) and attends
+each query over its row's cached keys up to its position. That implementation has no entry in transformers'
+mask registry, so transformers builds no mask either: the cache's plan is the mask.
+
+Grouped-query attention is computed per KV head: the G = H / Hkv query heads sharing a KV head, times the S fed
+tokens, are G * S query rows against that head's keys ([Hkv, B, G * S, D] against the gathered [Hkv, B, T, D]),
+so keys and values are never repeated per query head.
 """
 from __future__ import annotations
 
@@ -28,6 +32,14 @@ DENSE_MODEL_TYPES = ("llama", "qwen2")
 PAGED_ATTENTION = "r1pipe_paged"
 
 
+def grouped_bias(cache: PagedCache, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The plan's mask as an additive bias for `paged_attention`'s query rows: [1, B, groups * S, T] in `dtype`
+    (row g * S + s is query head g of a KV head at fed token s)."""
+    bias = cache.bias()  # [B, S, 1, T] float32
+    B, S, _, T = bias.shape
+    return bias.view(B, 1, S, T).expand(B, groups, S, T).reshape(1, B, groups * S, T).to(dtype)
+
+
 def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     r1pipe_cache: PagedCache | None = None, r1pipe_bias: torch.Tensor | None = None,
@@ -35,18 +47,17 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """transformers' attention-function interface over the engine's paged cache (the plan the runner made for
     this forward): query [B, H, S, D], key / value [B, Hkv, S, D] of the fed tokens (post-RoPE) are stored at
     layer `module.layer_idx`, then each query attends its row's keys 0..its position. r1pipe_bias: the plan's
-    mask as an additive bias [B, 1, S, T] in the query's dtype. Returns (output [B, S, H, D], None)."""
+    mask from `grouped_bias`, [1, B, G * S, T]. Returns (output [B, S, H, D], None)."""
     if r1pipe_cache is None or r1pipe_bias is None:
         raise RuntimeError(f"attention {PAGED_ATTENTION!r} runs only inside the engine's forward (DenseModel.forward)")
     B, Hkv, S, D = key.shape
-    keys, values, _ = r1pipe_cache.update(module.layer_idx, key.transpose(1, 2).reshape(B, S, Hkv * D),
-                                          value.transpose(1, 2).reshape(B, S, Hkv * D))
-    T = keys.shape[1]
-    keys = keys.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-    values = values.view(B, T, Hkv, D).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=r1pipe_bias, scale=scaling,
-                                         enable_gqa=query.shape[1] != Hkv)
-    return out.transpose(1, 2), None
+    H = query.shape[1]
+    G = H // Hkv
+    keys, values = r1pipe_cache.update_heads(module.layer_idx, key.transpose(0, 1).reshape(Hkv, B * S, D),
+                                             value.transpose(0, 1).reshape(Hkv, B * S, D))  # [Hkv, B, T, D]
+    rows = query.reshape(B, Hkv, G * S, D).transpose(0, 1)  # [Hkv, B, G * S, D]: head h = kv * G + g
+    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=r1pipe_bias, scale=scaling)
+    return out.view(Hkv, B, G, S, D).permute(1, 3, 0, 2, 4).reshape(B, S, H, D), None
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention)
@@ -67,17 +78,17 @@ def check_dense_config(config, where: str) -> None:
 
 class DenseModel(EngineModel):
     """A transformers Llama / Qwen2 causal LM (GQA, Qwen2's q/k/v biases, tied embeddings, the config's RoPE
-    variant) over the engine's paged cache; cache streams: keys and values, num_key_value_heads * head_dim each."""
+    variant) over the engine's paged cache; cache streams: keys and values, num_key_value_heads heads of head_dim."""
 
     def __init__(self, module: nn.Module) -> None:
         c = module.config
         check_dense_config(c, type(module).__name__)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        width = c.num_key_value_heads * head_dim
         super().__init__(module, ModelFacts(
             model_type=c.model_type, vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
             eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_hidden_layers=c.num_hidden_layers,
-            cache_widths=(width, width)))
+            cache_widths=(head_dim, head_dim), cache_heads=c.num_key_value_heads))
+        self.groups = c.num_attention_heads // c.num_key_value_heads
 
     @staticmethod
     def load(path: str | Path, dtype: torch.dtype, device: torch.device) -> "DenseModel":
@@ -89,7 +100,7 @@ class DenseModel(EngineModel):
         """ids / positions [B, S] -> ModelOutput(logits [B, S, V] float32, hidden None, routing [])."""
         config = self.module.config
         dtype = next(self.module.parameters()).dtype
-        bias = cache.bias().transpose(1, 2).to(dtype)  # [B, 1, S, T]
+        bias = grouped_bias(cache, self.groups, dtype)  # made once for every layer
         previous = config._attn_implementation
         config._attn_implementation = PAGED_ATTENTION  # for this call only: the module stays the trainer's class
         try:

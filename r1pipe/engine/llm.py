@@ -100,13 +100,13 @@ class LLM:
         self.speculative_k = speculative_k
         self.max_model_len = max_model_len or facts.max_position_embeddings
         cache_layers = facts.num_hidden_layers + (1 if speculative_k else 0)
-        per_token = cache_layers * sum(facts.cache_widths) * torch.finfo(dtype).bits // 8
+        per_token = cache_layers * facts.cache_heads * sum(facts.cache_widths) * torch.finfo(dtype).bits // 8
         if num_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size) + 1
             affordable = int(cache_memory_gb * 2**30) // (per_token * block_size)
             num_blocks = max(2, min(wanted, affordable))
-        self.cache = PagedCache(cache_layers, num_blocks, block_size, facts.cache_widths, dtype=dtype,
-                                device=self.device)
+        self.cache = PagedCache(cache_layers, num_blocks, block_size, facts.cache_widths, facts.cache_heads,
+                                dtype=dtype, device=self.device)
         if cuda_graphs and not self.family.supports_cuda_graphs:
             raise ConfigError(f"cuda_graphs=True: CUDA graphs of the decode step are for r1pipe's DeepSeek-V3; this "
                               f"is a {facts.model_type} model (leave cuda_graphs unset or false)")

@@ -11,15 +11,15 @@ each query over its row's cached keys up to its position. That implementation ha
 mask registry, so transformers builds no mask either: the cache's plan is the mask.
 
 Grouped-query attention is computed per KV head: the G = H / Hkv query heads sharing a KV head, times the S fed
-tokens, are G * S query rows against that head's keys ([Hkv, B, G * S, D] against the gathered [Hkv, B, T, D]),
-so keys and values are never repeated per query head.
+tokens, are G * S query rows against that head's keys (two batched matmuls of [Hkv * B, G * S, D] against the
+gathered [Hkv * B, T, D], softmax in float32 as transformers' eager attention), so keys and values are never
+repeated per query head.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM
 
@@ -32,14 +32,6 @@ DENSE_MODEL_TYPES = ("llama", "qwen2")
 PAGED_ATTENTION = "r1pipe_paged"
 
 
-def grouped_bias(cache: PagedCache, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """The plan's mask as an additive bias for `paged_attention`'s query rows: [1, B, groups * S, T] in `dtype`
-    (row g * S + s is query head g of a KV head at fed token s)."""
-    bias = cache.bias()  # [B, S, 1, T] float32
-    B, S, _, T = bias.shape
-    return bias.view(B, 1, S, T).expand(B, groups, S, T).reshape(1, B, groups * S, T).to(dtype)
-
-
 def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     r1pipe_cache: PagedCache | None = None, r1pipe_bias: torch.Tensor | None = None,
@@ -47,7 +39,7 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """transformers' attention-function interface over the engine's paged cache (the plan the runner made for
     this forward): query [B, H, S, D], key / value [B, Hkv, S, D] of the fed tokens (post-RoPE) are stored at
     layer `module.layer_idx`, then each query attends its row's keys 0..its position. r1pipe_bias: the plan's
-    mask from `grouped_bias`, [1, B, G * S, T]. Returns (output [B, S, H, D], None)."""
+    mask as an additive float32 bias, [1, B, 1, S, T]. Returns (output [B, S, H, D], None)."""
     if r1pipe_cache is None or r1pipe_bias is None:
         raise RuntimeError(f"attention {PAGED_ATTENTION!r} runs only inside the engine's forward (DenseModel.forward)")
     B, Hkv, S, D = key.shape
@@ -55,8 +47,11 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     G = H // Hkv
     keys, values = r1pipe_cache.update_heads(module.layer_idx, key.transpose(0, 1).reshape(Hkv, B * S, D),
                                              value.transpose(0, 1).reshape(Hkv, B * S, D))  # [Hkv, B, T, D]
-    rows = query.reshape(B, Hkv, G * S, D).transpose(0, 1)  # [Hkv, B, G * S, D]: head h = kv * G + g
-    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=r1pipe_bias, scale=scaling)
+    T = keys.shape[2]
+    rows = query.view(B, Hkv, G, S, D).transpose(0, 1).reshape(Hkv * B, G * S, D)  # head h = kv * G + g
+    scores = torch.bmm(rows, keys.view(Hkv * B, T, D).transpose(1, 2)).view(Hkv, B, G, S, T)
+    probs = torch.softmax(scores.float().mul_(scaling).add_(r1pipe_bias), dim=-1).to(values.dtype)
+    out = torch.bmm(probs.view(Hkv * B, G * S, T), values.view(Hkv * B, T, D))  # [Hkv * B, G * S, D]
     return out.view(Hkv, B, G, S, D).permute(1, 3, 0, 2, 4).reshape(B, S, H, D), None
 
 
@@ -88,7 +83,6 @@ class DenseModel(EngineModel):
             model_type=c.model_type, vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
             eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_hidden_layers=c.num_hidden_layers,
             cache_widths=(head_dim, head_dim), cache_heads=c.num_key_value_heads))
-        self.groups = c.num_attention_heads // c.num_key_value_heads
 
     @staticmethod
     def load(path: str | Path, dtype: torch.dtype, device: torch.device) -> "DenseModel":
@@ -99,8 +93,9 @@ class DenseModel(EngineModel):
                 return_routing: bool = False) -> ModelOutput:
         """ids / positions [B, S] -> ModelOutput(logits [B, S, V] float32, hidden None, routing [])."""
         config = self.module.config
-        dtype = next(self.module.parameters()).dtype
-        bias = grouped_bias(cache, self.groups, dtype)  # made once for every layer
+        bias = cache.bias()  # [B, S, 1, T], made once for every layer
+        B, S, _, T = bias.shape
+        bias = bias.view(1, B, 1, S, T)
         previous = config._attn_implementation
         config._attn_implementation = PAGED_ATTENTION  # for this call only: the module stays the trainer's class
         try:

@@ -61,11 +61,12 @@ class EngineModel:
         """The module's own config object (r1pipe ModelConfig or a transformers config)."""
         return self.module.config
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache,
-                return_routing: bool = False) -> ModelOutput:
-        """ids / positions [B, S] over the planned cache -> ModelOutput: logits [B, S, V] float32, hidden
-        [B, S, D] (the final normed hidden state), routing: expert ids [B, S, k] per MoE layer when asked
-        ([] for a model without MoE layers)."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache, return_routing: bool = False,
+                last: torch.Tensor | None = None) -> ModelOutput:
+        """ids / positions [B, S] over the planned cache -> ModelOutput: logits [B, S, V] float32, or with
+        `last` [B] only those at index last[b] of each row, [B, 1, V]; hidden [B, S, D] (the final normed hidden
+        state; None for a family without MTP); routing: expert ids [B, S, k] per MoE layer when asked ([] for
+        a model without MoE layers)."""
         raise NotImplementedError
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,

@@ -89,9 +89,10 @@ class DenseModel(EngineModel):
         """The checkpoint's AutoModelForCausalLM in `dtype` on `device`."""
         return DenseModel(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache,
-                return_routing: bool = False) -> ModelOutput:
-        """ids / positions [B, S] -> ModelOutput(logits [B, S, V] float32, hidden None, routing [])."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache, return_routing: bool = False,
+                last: torch.Tensor | None = None) -> ModelOutput:
+        """ids / positions [B, S] -> ModelOutput(logits [B, S, V] float32, or [B, 1, V] at `last` [B] (the LM
+        head runs on those positions only), hidden None, routing [])."""
         config = self.module.config
         bias = cache.bias()  # [B, S, 1, T], made once for every layer
         B, S, _, T = bias.shape
@@ -99,8 +100,11 @@ class DenseModel(EngineModel):
         previous = config._attn_implementation
         config._attn_implementation = PAGED_ATTENTION  # for this call only: the module stays the trainer's class
         try:
-            out = self.module(input_ids=ids, position_ids=positions, use_cache=False, r1pipe_cache=cache,
-                              r1pipe_bias=bias)
+            hidden = self.module.model(input_ids=ids, position_ids=positions, use_cache=False, r1pipe_cache=cache,
+                                       r1pipe_bias=bias).last_hidden_state  # [B, S, D]
         finally:
             config._attn_implementation = previous
-        return ModelOutput(logits=out.logits.float(), hidden=None, routing=[])  # type: ignore[arg-type]
+        if last is not None:
+            hidden = hidden[torch.arange(B, device=hidden.device), last, None]
+        logits = self.module.lm_head(hidden)  # Llama / Qwen2: the LM head is all that follows the decoder
+        return ModelOutput(logits=logits.float(), hidden=None, routing=[])  # type: ignore[arg-type]

@@ -252,8 +252,8 @@ class LLM:
         rows = [g.prompt_ids for g in groups] + [[s.token_at(p) for p in range(s.length - 1)] for s in resumed]
         batch = Batch.prefill(rows, [g.prompt_blocks for g in groups] + [s.blocks for s in resumed])
         want_routing = any(g.params.return_routing for g in groups)
-        out = self.runner.forward(batch, want_routing)
         lens = [len(r) for r in rows]
+        out = self.runner.forward(batch, want_routing, last=torch.tensor(lens) - 1)  # logits [rows, 1, V]
         G = len(groups)
         for s in resumed:
             s.num_cached = s.length - 1
@@ -267,8 +267,7 @@ class LLM:
         self.decoding.attach(out, lens, forked + list(enumerate(resumed, start=G)))
         if not forked:
             return
-        last = torch.tensor([lens[i] - 1 for i, _ in forked], device=self.device)
-        logits = out.logits[torch.tensor([i for i, _ in forked], device=self.device), last]  # [n samples, V]
+        logits = out.logits[torch.tensor([i for i, _ in forked], device=self.device), 0]  # [n samples, V]
         seqs = [seq for _, seq in forked]
         self.decoding.sample_and_append(seqs, logits)
         self.scheduler.retire([s for s in seqs if s.finished and not s.awaiting_final_feed])

@@ -107,12 +107,12 @@ class ModelRunner:
         out = self.forward(batch, routing)
         return out.logits[:, -1], torch.stack(out.routing)[:, :, 0] if routing else None
 
-    def forward(self, batch: Batch, routing: bool = False):
-        """The main model on the batch (r1pipe.model ModelOutput: logits [B, S, V], hidden [B, S, D],
-        routing per MoE layer [B, S, k] when asked; see EngineModel.forward)."""
+    def forward(self, batch: Batch, routing: bool = False, last: torch.Tensor | None = None):
+        """The main model on the batch (r1pipe.model ModelOutput: logits [B, S, V], or [B, 1, V] at index last[b]
+        of each row; hidden [B, S, D]; routing per MoE layer [B, S, k] when asked; see EngineModel.forward)."""
         self.cache.plan(batch.tables, batch.positions, batch.valid)
         return self.model.forward(batch.ids.to(self.device), batch.positions.to(self.device), self.cache,
-                                  return_routing=routing)
+                                  return_routing=routing, last=None if last is None else last.to(self.device))
 
     def mtp(self, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafting MTP module on main-model hidden states [B, S, D] of the tokens at batch.positions and

@@ -3,6 +3,8 @@ the KV latent, kv_lora_rank values, and the RoPE'd shared key, qk_rope_head_dim 
 MTP module for self-speculation, FP8 weights and capture-safe decode steps."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from r1pipe.engine.adapter import EngineModel, ModelFacts
@@ -25,11 +27,14 @@ class V3Model(EngineModel):
             num_moe_layers=sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)),
             num_experts_per_tok=c.num_experts_per_tok, num_nextn_predict_layers=c.num_nextn_predict_layers))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache,
-                return_routing: bool = False) -> ModelOutput:
-        """ids / positions [B, S] -> ModelOutput (logits [B, S, V], hidden [B, S, D], routing per MoE layer
-        [B, S, k] when asked)."""
-        return self.module(ids, positions=positions, cache=cache, return_routing=return_routing)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedCache, return_routing: bool = False,
+                last: torch.Tensor | None = None) -> ModelOutput:
+        """ids / positions [B, S] -> ModelOutput (logits [B, S, V], or [B, 1, V] at `last` [B]; hidden
+        [B, S, D]; routing per MoE layer [B, S, k] when asked)."""
+        out = self.module(ids, positions=positions, cache=cache, return_routing=return_routing)
+        if last is None:
+            return out
+        return dataclasses.replace(out, logits=out.logits[torch.arange(ids.shape[0], device=ids.device), last, None])
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                  cache: PagedCache) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,3 +173,19 @@ def test_context_budget_and_padding_id_of_a_dense_checkpoint(qwen2):
     assert worker.pad_token_id() == 1  # the EOS id then
     completions = worker.generate([[3, 4, 5]], n=2, temperature=1.0, max_tokens=4, seeds=[0])[0]
     assert len(completions) == 2 and all(len(c.logprobs) == len(c.token_ids) > 0 for c in completions)
+
+
+def test_a_bfloat16_engine_samples_close_to_the_float32_trainer(qwen2):
+    llm = LLM(qwen2, dtype="bfloat16", block_size=4)
+    assert all(p.dtype == torch.bfloat16 for p in llm.model.parameters())
+    assert llm.cache.pools[0].dtype == torch.bfloat16
+    batch = prompts(4, seed=5)
+    outs = llm.generate(batch, SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=1, ignore_eos=True),
+                        use_tqdm=False)
+    trainer, diffs = load_model(qwen2), []
+    for prompt, out in zip(batch, outs):
+        for c in out.outputs:
+            with torch.no_grad():
+                logits = run_model(trainer, torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+            diffs.append((torch.tensor(c.logprobs) - token_logprobs(logits, torch.tensor(c.token_ids))).abs())
+    assert float(torch.cat(diffs).mean()) < 0.05

@@ -19,8 +19,8 @@ from tiny_models import make_tiny_dense
 MODELS = {
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True),  # q/k/v biases, default RoPE
     "qwen2-untied": dict(model_type="qwen2", tie_word_embeddings=False),
-    "llama-llama3": dict(model_type="llama", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                               high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "llama-llama3": dict(model_type="llama", rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)),
     "llama-linear-mqa": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True,
                              rope_scaling=dict(rope_type="linear", factor=2.0)),
 }
@@ -155,7 +155,7 @@ def test_unsupported_model_types_and_features_are_one_clear_error(qwen2, tmp_pat
     with pytest.raises(ConfigError, match="cuda_graphs=True: .*qwen2"):
         LLM(qwen2, cuda_graphs=True)
     llm = LLM(qwen2, max_num_seqs=4)
-    with pytest.raises(ValueError, match="return_routing: .*no MoE layers"):
+    with pytest.raises(ValueError, match="return_routing: .*DeepSeek-V3.*qwen2 model without experts"):
         llm.generate([[3, 4]], SamplingParams(max_tokens=2, return_routing=True), use_tqdm=False)
     sliding = make_tiny_dense(tmp_path / "sliding", "qwen2", use_sliding_window=True, sliding_window=8,
                               max_window_layers=1)

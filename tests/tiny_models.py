@@ -33,9 +33,9 @@ def make_tiny_qwen2(path: Path, tokenizer_dir: Path) -> Path:
     return init_dense_student("tiny-qwen2", tokenizer_dir, path, seed=0)
 
 
-TINY_DENSE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                  initializer_range=0.1)
+TINY_DENSE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=2, initializer_range=0.1)
 
 
 def make_tiny_dense(path: Path, model_type: str = "qwen2", seed: int = 0, **overrides) -> Path:

@@ -50,7 +50,8 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     T = keys.shape[2]
     rows = query.view(B, Hkv, G, S, D).transpose(0, 1).reshape(Hkv * B, G * S, D)  # head h = kv * G + g
     scores = torch.bmm(rows, keys.view(Hkv * B, T, D).transpose(1, 2)).view(Hkv, B, G, S, T)
-    probs = torch.softmax(scores.float().mul_(scaling).add_(r1pipe_bias), dim=-1).to(values.dtype)
+    scale = D ** -0.5 if scaling is None else scaling
+    probs = torch.softmax(scores.float().mul_(scale).add_(r1pipe_bias), dim=-1).to(values.dtype)
     out = torch.bmm(probs.view(Hkv * B, G * S, T), values.view(Hkv * B, T, D))  # [Hkv * B, G * S, D]
     return out.view(Hkv, B, G, S, D).permute(1, 3, 0, 2, 4).reshape(B, S, H, D), None
 

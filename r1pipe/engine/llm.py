@@ -58,10 +58,10 @@ class LLM:
     """Offline batched generation, shaped like vllm.LLM.
 
     model: a Hugging Face-format checkpoint directory whose config.json model_type is deepseek_v3 (r1pipe's
-    DeepSeek-V3), llama or qwen2 (transformers' dense models), or such a model object (an r1pipe.model.Transformer
-    or a transformers LlamaForCausalLM / Qwen2ForCausalLM, used in place, moved to device/dtype); any other model
-    type is a ConfigError naming the supported ones. tokenizer: a directory or tokenizer object (default: the checkpoint
-    dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
+    DeepSeek-V3), llama or qwen2 (transformers' dense models), or such a model object (an
+    r1pipe.model.Transformer or a transformers LlamaForCausalLM / Qwen2ForCausalLM, used in place, moved to
+    device/dtype); any other model type is a ConfigError naming the supported ones. tokenizer: a directory
+    or tokenizer object (default: the checkpoint dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
     block_size tokens (default: enough for max_num_seqs sequences of max_model_len tokens, capped by
     cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off; DeepSeek-V3 only).
     cuda_graphs: replay plain decode steps from one CUDA graph per batch-size bucket (None: on exactly on CUDA
@@ -212,8 +212,9 @@ class LLM:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if params.return_routing and not self.num_moe_layers:
-            raise ValueError(f"return_routing: this {self.family.facts.model_type} model has no MoE layers to record")
+        if params.return_routing and self.family.facts.model_type != V3:
+            raise ValueError(f"return_routing: expert routing is recorded for r1pipe's DeepSeek-V3; this is a "
+                             f"{self.family.facts.model_type} model without experts")
         if len(ids) + params.max_tokens + self.speculative_k > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                              f"{self.max_model_len}")

@@ -4,15 +4,16 @@ Per token and layer the cache stores two streams of `heads` heads of fixed width
 DeepSeek-V3 one head of the normalised KV latent (kv_lora_rank values) and of the RoPE'd shared key
 (qk_rope_head_dim values); for a dense model the post-RoPE keys and the values of its num_key_value_heads
 heads (head_dim values each, see r1pipe.engine.dense). Each head's slots are contiguous (head-major), so a
-gather yields [heads, B, T, width] ready for batched attention. Block 0 is a scratch block: padding tokens are written there and unused block-table
-entries point at it, so every index stays in range and is masked out.
+gather yields [heads, B, T, width] ready for batched attention. Block 0 is a scratch block: padding tokens
+are written there and unused block-table entries point at it, so every index stays in range and is masked
+out.
 
 Before each forward the engine calls `plan(...)` with the rows' block tables and the positions it
 feeds; `update` (the model's LatentCache protocol) then writes the new tokens into their slots and
-gathers each row's cached tokens in position order, so key index j is position j (`update_heads` does the same
-for several heads, into reused buffers). `attend` (MLA) writes the new tokens and computes the absorbed attention
-itself (r1pipe.engine.paged_attention): through the
-Triton kernel, which reads the pool via the block table, or through the gather and the torch path.
+gathers each row's cached tokens in position order, so key index j is position j (`update_heads` does the
+same for several heads, into reused buffers). `attend` (MLA) writes the new tokens and computes the absorbed
+attention itself (r1pipe.engine.paged_attention): through the Triton kernel, which reads the pool via the
+block table, or through the gather and the torch path.
 """
 from __future__ import annotations
 
@@ -208,7 +209,8 @@ class PagedCache:
             raise IndexError(f"cache has {self.num_layers} layers, got layer {layer}")
         B, S, _ = self._shape
         if first.shape[:2] != (self.heads, B * S):
-            raise ValueError(f"planned {self.heads} heads of a [{B}, {S}] batch, the model fed {tuple(first.shape[:2])}")
+            raise ValueError(f"planned {self.heads} heads of a [{B}, {S}] batch, the model fed "
+                             f"{tuple(first.shape[:2])}")
         for pool, values in zip(self.pools, (first, second)):
             pool[layer].index_copy_(1, self._write, values.to(pool.dtype))
 

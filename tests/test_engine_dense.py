@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from r1pipe.algo.logprobs import token_logprobs
 from r1pipe.causal_lm import load_model, run_model
@@ -144,7 +145,6 @@ def test_unsupported_model_types_and_features_are_one_clear_error(qwen2, tmp_pat
     for call in (lambda: check_supported(gpt2), lambda: LLM(gpt2), lambda: prompt_token_budget(gpt2, {}, 16)):
         with pytest.raises(ConfigError, match=f"model_type 'gpt2' is not supported .*: {supported}$"):
             call()
-    from transformers import GPT2Config, GPT2LMHeadModel
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         LLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
     assert check_supported(qwen2) == "qwen2"

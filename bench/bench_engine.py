@@ -1,18 +1,21 @@
-"""Rollout-engine benchmark: r1pipe.engine.LLM against transformers' `generate` on the same weights.
+"""Rollout-engine benchmark: r1pipe.engine.LLM against transformers' `generate` on the same weights, for
+r1pipe's DeepSeek-V3 (--model v3, the default) or a dense Llama / Qwen2 (--model tiny-qwen2 / tiny-llama: a
+DENSE_PRESETS model with random weights; or a Llama / Qwen2 checkpoint directory).
 
 Prints, all measured in this run:
   * generated tokens/s of both at each batch size (prompts x new tokens, greedy), the ratio, and the
     weight-bandwidth limit: batch / (bytes of weights one decode step must read / memory bandwidth measured
     here by a large device copy), counting only the routed experts a batch of that size is expected to touch;
-  * cache bytes per token: r1pipe's latent cache vs transformers' cache for the same model;
+  * cache bytes per token: r1pipe's latent cache vs transformers' cache for the same model (V3 only);
   * MTP self-speculation at batch 1: speed-up over plain decoding and acceptance rate, on the tiny model
-    trained briefly (main + MTP loss) on a repetitive synthetic corpus, or on --checkpoint.
+    trained briefly (main + MTP loss) on a repetitive synthetic corpus, or on --checkpoint (V3 only).
 The last line is all figures as JSON.
 
   python bench/bench_engine.py                      # full: tiny model, batches 1,64,256 x 128 new tokens
   python bench/bench_engine.py --batches 1,8 --new-tokens 32 --mtp-steps 100   # quick
   python bench/bench_engine.py --device cuda --shape 1.7b --prompt-len 64 --skip cache   # the GPU shape
   python bench/bench_engine.py --device cuda --shape 1.7b --cuda-graphs both             # with and without graphs
+  python bench/bench_engine.py --model tiny-qwen2 --batches 256 --new-tokens 64          # dense Qwen2 on CPU
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from r1pipe.causal_lm import is_v3
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.model import ModelConfig, Transformer, lm_loss, load_pretrained, save_pretrained
+from r1pipe.vocab import DENSE_PRESETS
 
 
 # the DeepSeek-V3 shape of issue 15's GPU measurements: ~1.75 B parameters (without MTP)
@@ -49,6 +56,21 @@ def model_config(shape: str) -> ModelConfig:
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
     with torch.device(device):
         return Transformer(model_config(shape), seed=seed).to(dtype).eval()
+
+
+def dense_model(spec: str, vocab_size: int, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A transformers Llama / Qwen2: a DENSE_PRESETS preset of `vocab_size` tokens with random weights (seeded),
+    or the checkpoint directory `spec`."""
+    if spec in DENSE_PRESETS:
+        fields = dict(DENSE_PRESETS[spec])
+        config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=vocab_size, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=2, **fields)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    return model.to(device).eval()
 
 
 def hf_model(path: Path, device: torch.device, dtype: torch.dtype):
@@ -75,9 +97,14 @@ def memory_bandwidth(device: torch.device) -> float:
     return 2 * n * 4 / best
 
 
-def step_weight_bytes(model: Transformer, batch: int) -> float:
+def step_weight_bytes(model: nn.Module, batch: int) -> float:
     """Bytes of weights one decode step at this batch reads: everything but the routed experts, plus the
-    routed experts a batch of `batch` tokens is expected to touch (uniform routing: E (1 - (1 - k/E)^B))."""
+    routed experts a batch of `batch` tokens is expected to touch (uniform routing: E (1 - (1 - k/E)^B)); for a
+    dense model every weight but an untied input embedding."""
+    if not is_v3(model):
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if tied or "embed_tokens" not in n)
     c = model.config
     expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if ".experts." in n and "mtp" not in n)
@@ -100,7 +127,7 @@ def timed(fn, device: torch.device = torch.device("cpu")):
     return result, time.perf_counter() - start
 
 
-def throughput(model: Transformer, hf, batches: list[int], prompt_len: int, new_tokens: int, seed: int,
+def throughput(model: nn.Module, hf, batches: list[int], prompt_len: int, new_tokens: int, seed: int,
                device: torch.device, dtype: torch.dtype, graph_settings: list[bool] = (False,)) -> list[dict]:
     """One row per batch size and engine.cuda_graphs setting (transformers timed once per batch size)."""
     g = torch.Generator().manual_seed(seed)
@@ -232,6 +259,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both peers and the MTP part run there)")
+    ap.add_argument("--model", default="v3",
+                    help="v3 (r1pipe's DeepSeek-V3 of --shape), a dense preset (" + ", ".join(DENSE_PRESETS) + ": "
+                         "random weights, --vocab tokens) or a Llama / Qwen2 checkpoint directory; dense models run "
+                         "the throughput part only")
+    ap.add_argument("--vocab", type=int, default=512, help="vocabulary of a dense preset (the V3 tiny preset's)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                     help="model for the throughput and cache parts (random weights); 1.7b: issue 15's GPU shape")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
@@ -253,11 +285,26 @@ def main() -> None:
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype {dtype_name!r}: expected float32, bfloat16 or float16")
     dtype = getattr(torch, dtype_name)
-    graph_settings = {"auto": [device.type == "cuda"], "on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+    dense = args.model != "v3"
+    graph_settings = {"auto": [device.type == "cuda" and not dense], "on": [True], "off": [False],
+                      "both": [False, True]}[args.cuda_graphs]
+    if dense and any(graph_settings):
+        raise SystemExit(f"--cuda-graphs {args.cuda_graphs}: the engine runs dense models without CUDA graphs")
     if any(graph_settings) and device.type != "cuda":
         raise SystemExit(f"--cuda-graphs {args.cuda_graphs}: CUDA graphs need --device cuda")
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"threads": args.threads, "device": str(device), "shape": args.shape, "dtype": dtype_name}
+    if dense:
+        model = dense_model(args.model, args.vocab, device, dtype, args.seed)
+        print(f"{args.model} ({model.config.model_type}): {model.num_parameters() / 1e6:.2f} M parameters, "
+              f"{dtype_name} on {device}, {args.threads} thread(s)", flush=True)
+        results = {"threads": args.threads, "device": str(device), "model": args.model, "dtype": dtype_name,
+                   "throughput": throughput(model, model, [int(b) for b in args.batches.split(",")], args.prompt_len,
+                                            args.new_tokens, args.seed, device, dtype, graph_settings)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results))
+        return
+    results = {"threads": args.threads, "device": str(device), "shape": args.shape, "dtype": dtype_name}
     model = build_model(args.shape, device, dtype, args.seed)
     hf = None
     if not {"throughput", "cache"} <= skip:

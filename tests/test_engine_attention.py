@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from r1pipe.engine.paged_cache import PagedLatentCache
+from r1pipe.engine.paged_cache import PagedCache
 from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.attention import absorbed_attention
 from r1pipe.model.linear import dense_weight
@@ -26,9 +26,9 @@ def test_torch_path_is_the_models_absorbed_attention():
     mla = Transformer(c, seed=0).model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
     H, B, S = c.num_attention_heads, 3, 2
-    cache = PagedLatentCache(1, 8, 4, c.kv_lora_rank, c.qk_rope_head_dim)
-    cache.kv.normal_(generator=g)
-    cache.pe.normal_(generator=g)
+    cache = PagedCache(1, 8, 4, (c.kv_lora_rank, c.qk_rope_head_dim))
+    for pool in cache.pools:
+        pool.normal_(generator=g)
     positions = torch.tensor([[9, 10], [2, 0], [5, 0]])
     valid = torch.tensor([[True, True], [True, False], [True, False]])
     q_nope = torch.randn(B, S, H, c.qk_nope_head_dim, generator=g)
@@ -47,12 +47,12 @@ def test_torch_path_is_the_models_absorbed_attention():
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="attention backend 'flash'"):
-        PagedLatentCache(1, 4, 4, 8, 4, attention_backend="flash")
+        PagedCache(1, 4, 4, (8, 4), attention_backend="flash")
 
 
 CHECKS = textwrap.dedent('''
     import json, torch
-    from r1pipe.engine.paged_cache import PagedLatentCache
+    from r1pipe.engine.paged_cache import PagedCache
 
     TABLES = %s
     g = torch.Generator().manual_seed(0)
@@ -68,12 +68,12 @@ CHECKS = textwrap.dedent('''
         kv0 = torch.randn(2, 9 * block_size, C, generator=g).to(dtype)
         pe0 = torch.randn(2, 9 * block_size, R, generator=g).to(dtype)
         for backend in ("torch", "triton"):
-            cache = PagedLatentCache(2, 9, block_size, C, R, dtype=dtype, attention_backend=backend)
-            cache.kv.copy_(kv0)
-            cache.pe.copy_(pe0)
+            cache = PagedCache(2, 9, block_size, (C, R), dtype=dtype, attention_backend=backend)
+            cache.pools[0][:, 0].copy_(kv0)
+            cache.pools[1][:, 0].copy_(pe0)
             cache.plan(TABLES, positions, valid)
             outs[backend] = cache.attend(1, ql, qr, lat, kr, 0.3).float()
-            pools[backend] = cache.kv
+            pools[backend] = cache.pools[0]
         ref, out = outs["torch"][valid], outs["triton"][valid]  # padding queries' outputs are never used
         report[name] = dict(err=((out - ref).abs().max() / ref.abs().max()).item(),
                             pool_same=torch.equal(pools["torch"], pools["triton"]), finite=bool(out.isfinite().all()))

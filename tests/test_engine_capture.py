@@ -31,17 +31,17 @@ def test_v3_decode_step_compiles_fullgraph_and_matches_the_eager_forward():
     llm = LLM(Transformer(config, seed=3).eval(), block_size=4, num_blocks=16, max_num_seqs=8, max_model_len=24)
     runner, cache = llm.runner, llm.cache
     g = torch.Generator().manual_seed(0)
-    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))  # earlier tokens' latents in every block
-    cache.pe.copy_(torch.randn(cache.pe.shape, generator=g))
+    for pool in cache.pools:  # earlier tokens' latents and keys in every block
+        pool.copy_(torch.randn(pool.shape, generator=g))
     step = torch.compile(runner.decode_forward, fullgraph=True, backend="eager")  # a graph break raises
     steps = [Batch.decode([5, 9, 3], [4, 7, 2], [[1, 2], [3, 4], [5]]),  # 3 rows: bucket 4, one padding row
              Batch.decode([11, 4, 6], [5, 9, 3], [[1, 2], [3, 4, 6], [5]])]
     for i, batch in enumerate(steps):
-        pool = (cache.kv.clone(), cache.pe.clone())
+        pools = [pool.clone() for pool in cache.pools]
         with torch.inference_mode():
             eager = runner.forward(batch, routing=True)  # the engine's own (dynamic-width) forward
-            cache.kv.copy_(pool[0])
-            cache.pe.copy_(pool[1])
+            for pool, saved in zip(cache.pools, pools):
+                pool.copy_(saved)
             padded = runner.plan_static(batch)
             assert padded.ids.shape == (4, 1) and cache._shape == (4, 1, runner.table_width * 4)
             with torch._dynamo.config.patch(error_on_recompile=i > 0):  # static shapes within the bucket

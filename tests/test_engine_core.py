@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from r1pipe.engine import LLM, SamplingParams
-from r1pipe.engine.paged_cache import BlockAllocator, PagedLatentCache
+from r1pipe.engine.paged_cache import BlockAllocator, PagedCache
 from r1pipe.engine.sampler import SamplingTensors, draw, sampling_probs
 from r1pipe.model import ModelConfig, Transformer
 
@@ -206,7 +206,7 @@ def test_paged_cache_blocks_and_gather():
     assert alloc.num_free == 3
     with pytest.raises(RuntimeError, match="twice"):
         alloc.free([b])
-    cache = PagedLatentCache(num_layers=1, num_blocks=6, block_size=2, kv_lora_rank=3, qk_rope_head_dim=1)
+    cache = PagedCache(num_layers=1, num_blocks=6, block_size=2, widths=(3, 1))
     # row 0 owns blocks [3, 1], row 1 block [2]; row 1 is padded after one token
     cache.plan([[3, 1], [2]], torch.tensor([[0, 1, 2], [0, 0, 0]]), torch.tensor([[True] * 3, [True, False, False]]))
     kv = torch.arange(18, dtype=torch.float32).view(2, 3, 3)
@@ -214,10 +214,10 @@ def test_paged_cache_blocks_and_gather():
     assert latents.shape == (2, 4, 3) and mask.shape == (2, 3, 4)
     torch.testing.assert_close(latents[0, :3], kv[0])
     torch.testing.assert_close(latents[1, 0], kv[1, 0])
-    torch.testing.assert_close(cache.kv[0, 3 * 2:3 * 2 + 2], kv[0, :2])  # positions 0, 1 in block 3
+    torch.testing.assert_close(cache.pools[0][0, 0, 3 * 2:3 * 2 + 2], kv[0, :2])  # positions 0, 1 in block 3
     assert mask[0].tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, False]]
     assert mask[1, 1:].tolist() == [[True, False, False, False]] * 2  # padding attends key 0 only
-    assert cache.kv[0, :2].abs().sum() > 0  # padding went to the scratch block 0
+    assert cache.pools[0][0, 0, :2].abs().sum() > 0  # padding went to the scratch block 0
 
 
 @pytest.mark.parametrize("speculative_k", [0, 2])

@@ -190,7 +190,7 @@ def test_samples_share_the_prompts_mtp_cache(model):
             P = seq.group.prompt_len
             if P % bs:  # positions of the partial block whose MTP entries are known: P//bs*bs .. P-2
                 slots = [seq.blocks[P // bs] * bs + j for j in range(P % bs - 1)]
-                seen.append((seq.group.request_id, seq.index, llm.cache.kv[layer, slots].clone()))
+                seen.append((seq.group.request_id, seq.index, llm.cache.pools[0][layer, 0, slots].clone()))
         attach(out, lens, rows)
 
     llm.decoding.attach = check

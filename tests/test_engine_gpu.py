@@ -9,7 +9,7 @@ import torch
 from fp8_reference import PROMPTS, cached_decode, fp8_test_model
 
 from r1pipe.engine import LLM, SamplingParams
-from r1pipe.engine.paged_cache import PagedLatentCache
+from r1pipe.engine.paged_cache import PagedCache
 from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.precision import hold_fp8_weights
 
@@ -30,9 +30,9 @@ def test_paged_kernel_matches_torch_path(dtype, tol, S):
     kv0, pe0 = torch.randn(1, blocks * bs, C, generator=g), torch.randn(1, blocks * bs, R, generator=g)
     outs = {}
     for backend in ("torch", "triton"):
-        cache = PagedLatentCache(1, blocks, bs, C, R, dtype=dtype, device="cuda", attention_backend=backend)
-        cache.kv.copy_(kv0)
-        cache.pe.copy_(pe0)
+        cache = PagedCache(1, blocks, bs, (C, R), dtype=dtype, device="cuda", attention_backend=backend)
+        cache.pools[0][:, 0].copy_(kv0)
+        cache.pools[1][:, 0].copy_(pe0)
         cache.plan(tables, positions, valid)
         outs[backend] = cache.attend(0, ql.to("cuda", dtype), qr.to("cuda", dtype), lat.to("cuda", dtype),
                                      kr.to("cuda", dtype), 0.1).float().cpu()
@@ -42,7 +42,7 @@ def test_paged_kernel_matches_torch_path(dtype, tol, S):
 
 def test_auto_backend_is_triton_on_cuda():
     pytest.importorskip("triton")
-    assert PagedLatentCache(1, 4, 16, 64, 16, device="cuda").attention_backend == "triton"
+    assert PagedCache(1, 4, 16, (64, 16), device="cuda").attention_backend == "triton"
 
 
 def test_greedy_on_gpu_equals_cpu_fp32():

@@ -1,6 +1,7 @@
 """Weight sync trainer -> engine over a gloo process group (the two ends in two threads of this
 process, no Ray at all: ray.put is made to raise), in several buckets, broadcast or through shared
-memory; the post-sync probe agrees after a real sync and catches a deliberately corrupted one."""
+memory, for r1pipe's DeepSeek-V3 and a dense Qwen2 with tied embeddings; the post-sync probe agrees
+after a real sync and catches a deliberately corrupted one."""
 import dataclasses
 import os
 import threading
@@ -12,6 +13,7 @@ from r1pipe.model.fp8 import FP8_DTYPE, weight_quant
 from r1pipe.workers import PolicyConfig, PolicyWorker, RolloutBatch, RolloutWorker, build_batch
 from r1pipe.workers import weight_sync
 from r1pipe.workers.weight_sync import SyncMismatch, TensorMeta, check_probe, free_port, plan_buckets
+from tiny_models import make_tiny_dense
 
 
 def tiny_model(path, layers: int = 2, mtp_layers: int = 0):
@@ -64,15 +66,23 @@ def probe(policy: PolicyWorker, engine: RolloutWorker, tol: float) -> float:
     return check_probe(trainer, batch.engine_logprobs(tuple(trainer.shape)), train.response_mask, tol)
 
 
+@pytest.fixture(params=["v3", "qwen2-tied"])
+def kind(request):
+    return request.param
+
+
 @pytest.fixture(params=["broadcast", "shared-memory"])
-def pair(tmp_path, monkeypatch, request):
+def pair(tmp_path, monkeypatch, request, kind):
     import ray
 
     def no_object_store(*args, **kwargs):
         raise AssertionError("weight sync must not go through the Ray object store")
 
     monkeypatch.setattr(ray, "put", no_object_store)
-    model = tiny_model(tmp_path / "model")
+    if kind == "v3":
+        model = tiny_model(tmp_path / "model")
+    else:  # lm_head.weight and model.embed_tokens.weight are one tensor on both ends
+        model = str(make_tiny_dense(tmp_path / "model", "qwen2", tie_word_embeddings=True, vocab_size=32))
     policy = PolicyWorker(0, 1, model, PolicyConfig(lr=5e-2))
     engine = RolloutWorker(model, {"max_model_len": 64})
     buckets = plan_buckets(policy.weight_metas(), bucket_bytes=64 * 1024)
@@ -103,6 +113,9 @@ def test_sync_delivers_the_trained_weights_through_the_process_group(pair):
     ours = policy.model.state_dict()
     for name, t in engine.llm.model.state_dict().items():
         assert torch.equal(t, ours[name]), name
+    model = engine.llm.model
+    if getattr(model.config, "tie_word_embeddings", False):
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert probe(policy, engine, tol=1e-3) <= 1e-4
 
 

@@ -4,7 +4,7 @@ A decode step launches hundreds of small kernels (per layer: norms, projections,
 attention), so at small and medium batches the GPU waits on the CPU. The runner's `decode_forward` has no host
 synchronisation and, padded to a bucket with a fixed block-table width (`ModelRunner.plan_static`), fixed
 shapes; it is captured once per bucket on first use and replayed: the step's inputs (token ids, positions,
-and the cache plan, which `PagedLatentCache.pin_plan` keeps in the same buffers) are copied into the tensors
+and the cache plan, which `PagedCache.pin_plan` keeps in the same buffers) are copied into the tensors
 the graph reads, and one replay launches the whole step.
 
 The graphs read the model's weights and the cache pool where they were at capture: weights updated in place
@@ -77,7 +77,8 @@ class DecodeGraphs:
             logits, routing = runner.decode_forward(ids, positions)
         self.pool = graph.pool()
         self.captures += 1
-        self._weights = [(t, t.data_ptr()) for t in (*runner.model.parameters(), *runner.model.buffers())]
+        module = runner.model.module
+        self._weights = [(t, t.data_ptr()) for t in (*module.parameters(), *module.buffers())]
         return CapturedStep(graph, ids, positions, logits, routing)
 
     def _weights_moved(self) -> bool:

@@ -1,4 +1,5 @@
-"""The LLM class: continuous-batched generation on r1pipe's own DeepSeek-V3 with the paged latent cache.
+"""The LLM class: continuous-batched generation over the paged cache, on r1pipe's own DeepSeek-V3 or a dense
+transformers Llama / Qwen2 (r1pipe.engine.families: one EngineModel adapter per family).
 
 Each engine step admits waiting prompts (one shared prefill per prompt for its n samples) and resumes
 preempted sequences (recomputing their cache), gives every running sequence the blocks the step writes,
@@ -8,7 +9,6 @@ drafts verified in one forward). The model runner (r1pipe.engine.runner) plans a
 """
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterable, Iterator, Sequence as Seq
 from pathlib import Path
@@ -17,17 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from r1pipe.causal_lm import V3, context_length
 from r1pipe.engine.decoding import PlainDecoding
-from r1pipe.engine.paged_cache import PagedLatentCache
+from r1pipe.engine.families import check_supported, load_engine_model
+from r1pipe.engine.paged_cache import PagedCache
 from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
 from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.scheduler import Scheduler, Sequence, SequenceGroup
 from r1pipe.engine.speculative import SpeculativeDecoding
 from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
-from r1pipe.model import ModelConfig, load_pretrained, parse_dtype
+from r1pipe.errors import ConfigError
+from r1pipe.model import parse_dtype
 from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight
-from r1pipe.model.precision import hold_fp8_weights
 from r1pipe.tracking.progress import StepProgress
 
 _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP copies of shared weights
@@ -37,8 +39,9 @@ _SHARED_ALIASES = (".embed_tokens.weight", ".shared_head.head.weight")  # MTP co
 def prompt_token_budget(model_path: str | Path, engine_options: dict[str, Any], max_tokens: int) -> int:
     """The longest prompt an LLM built with `engine_options` accepts for `max_tokens` new tokens:
     its context (max_model_len, else the model's max_position_embeddings) less the completion and
-    the speculative lookahead, as LLM.generate checks it."""
-    context = engine_options.get("max_model_len") or ModelConfig.from_pretrained(model_path).max_position_embeddings
+    the speculative lookahead, as LLM.generate checks it. Reads config.json only (any supported family)."""
+    check_supported(model_path)
+    context = engine_options.get("max_model_len") or context_length(model_path)
     return int(context) - max_tokens - int(engine_options.get("speculative_k", 0) or 0)
 
 def set_weight(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -54,13 +57,16 @@ def set_weight(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -
 class LLM:
     """Offline batched generation, shaped like vllm.LLM.
 
-    model: a Hugging Face-format deepseek_v3 checkpoint directory or an r1pipe.model.Transformer (used in
-    place, moved to device/dtype). tokenizer: a directory or tokenizer object (default: the checkpoint
-    dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
+    model: a Hugging Face-format checkpoint directory whose config.json model_type is deepseek_v3 (r1pipe's
+    DeepSeek-V3), llama or qwen2 (transformers' dense models), or such a model object (an
+    r1pipe.model.Transformer or a transformers LlamaForCausalLM / Qwen2ForCausalLM, used in place, moved to
+    device/dtype); any other model type is a ConfigError naming the supported ones. tokenizer: a directory
+    or tokenizer object (default: the checkpoint dir; without one, prompts must be token ids and texts are empty). num_blocks: cache blocks of
     block_size tokens (default: enough for max_num_seqs sequences of max_model_len tokens, capped by
-    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off). cuda_graphs: replay
-    plain decode steps from one CUDA graph per batch-size bucket (None: on exactly on CUDA devices; see
-    r1pipe.engine.cuda_graphs). fp8: hold the projections (attention, MLPs, routed and shared experts; not
+    cache_memory_gb). speculative_k: draft tokens per step from the MTP module (0 = off; DeepSeek-V3 only).
+    cuda_graphs: replay plain decode steps from one CUDA graph per batch-size bucket (None: on exactly on CUDA
+    devices for DeepSeek-V3, off for dense models, which refuse True; see r1pipe.engine.cuda_graphs). fp8
+    (DeepSeek-V3 only): hold the projections (attention, MLPs, routed and shared experts; not
     fp8_exclude) as FP8 weights in 128x128 blocks computing on 1x128 activation tiles (r1pipe.model.fp8), the
     rest in `dtype`; a model object is then copied first (its own weights stay as they are), and
     `update_weights` quantizes what it is given.
@@ -73,41 +79,43 @@ class LLM:
                  fp8: bool = False) -> None:
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.rollout.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
+        self.family = load_engine_model(model, dtype, self.device, fp8)
         if isinstance(model, (str, Path)):
-            self.model = load_pretrained(model, dtype=dtype, device=self.device)
             tokenizer = model if tokenizer is None else tokenizer
-        else:
-            self.model = (copy.deepcopy(model) if fp8 else model).to(device=self.device, dtype=dtype)
+        self.model = self.family.module  # the torch module: its state-dict names are the checkpoint's
         self.fp8 = bool(fp8)
-        if self.fp8:
-            hold_fp8_weights(self.model)
-        self.config = self.model.config
-        c = self.config
-        self.tokenizer = TokenizerAdapter.load(tokenizer, eos_token_id=c.eos_token_id)
-        eos = self.tokenizer.eos_token_id if self.tokenizer else c.eos_token_id
+        self.config = self.family.config
+        facts = self.family.facts
+        self.tokenizer = TokenizerAdapter.load(tokenizer, eos_token_id=facts.eos_token_id)
+        eos = self.tokenizer.eos_token_id if self.tokenizer else facts.eos_token_id
         # configs may list several EOS ids
         self.eos_token_ids: frozenset[int] = frozenset(
             [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])])
-        self.vocab_size = c.vocab_size
-        self.num_moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
-        if speculative_k and c.num_nextn_predict_layers < 1:
-            raise ValueError("speculative_k > 0 needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.vocab_size = facts.vocab_size
+        self.num_moe_layers = facts.num_moe_layers
+        if speculative_k and facts.num_nextn_predict_layers < 1:
+            what = "r1pipe's DeepSeek-V3 only" if facts.model_type != V3 else "num_nextn_predict_layers >= 1"
+            raise ConfigError(f"speculative_k={speculative_k}: speculative decoding drafts with an MTP module, which "
+                              f"this {facts.model_type} model does not have ({what})")
         self.speculative_k = speculative_k
-        self.max_model_len = max_model_len or c.max_position_embeddings
-        cache_layers = c.num_hidden_layers + (1 if speculative_k else 0)
-        per_token = cache_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
+        self.max_model_len = max_model_len or facts.max_position_embeddings
+        cache_layers = facts.num_hidden_layers + (1 if speculative_k else 0)
+        per_token = cache_layers * facts.cache_heads * sum(facts.cache_widths) * torch.finfo(dtype).bits // 8
         if num_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size) + 1
             affordable = int(cache_memory_gb * 2**30) // (per_token * block_size)
             num_blocks = max(2, min(wanted, affordable))
-        self.cache = PagedLatentCache(cache_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
-                                      dtype=dtype, device=self.device)
+        self.cache = PagedCache(cache_layers, num_blocks, block_size, facts.cache_widths, facts.cache_heads,
+                                dtype=dtype, device=self.device)
+        if cuda_graphs and not self.family.supports_cuda_graphs:
+            raise ConfigError(f"cuda_graphs=True: CUDA graphs of the decode step are for r1pipe's DeepSeek-V3; this "
+                              f"is a {facts.model_type} model (leave cuda_graphs unset or false)")
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
+            cuda_graphs = self.device.type == "cuda" and self.family.supports_cuda_graphs
         elif cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
         self.cuda_graphs = bool(cuda_graphs)
-        self.runner = ModelRunner(self.model, self.cache, self.device, self.max_model_len, max_num_seqs,
+        self.runner = ModelRunner(self.family, self.cache, self.device, self.max_model_len, max_num_seqs,
                                   cuda_graphs=self.cuda_graphs)
         self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "first_drafts": 0, "first_accepted": 0}
         stopper = StopChecker(self.eos_token_ids, self.tokenizer)
@@ -204,6 +212,9 @@ class LLM:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if params.return_routing and self.family.facts.model_type != V3:
+            raise ValueError(f"return_routing: expert routing is recorded for r1pipe's DeepSeek-V3; this is a "
+                             f"{self.family.facts.model_type} model without experts")
         if len(ids) + params.max_tokens + self.speculative_k > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds max_model_len "
                              f"{self.max_model_len}")
@@ -242,8 +253,8 @@ class LLM:
         rows = [g.prompt_ids for g in groups] + [[s.token_at(p) for p in range(s.length - 1)] for s in resumed]
         batch = Batch.prefill(rows, [g.prompt_blocks for g in groups] + [s.blocks for s in resumed])
         want_routing = any(g.params.return_routing for g in groups)
-        out = self.runner.forward(batch, want_routing)
         lens = [len(r) for r in rows]
+        out = self.runner.forward(batch, want_routing, last=torch.tensor(lens) - 1)  # logits [rows, 1, V]
         G = len(groups)
         for s in resumed:
             s.num_cached = s.length - 1
@@ -257,8 +268,7 @@ class LLM:
         self.decoding.attach(out, lens, forked + list(enumerate(resumed, start=G)))
         if not forked:
             return
-        last = torch.tensor([lens[i] - 1 for i, _ in forked], device=self.device)
-        logits = out.logits[torch.tensor([i for i, _ in forked], device=self.device), last]  # [n samples, V]
+        logits = out.logits[torch.tensor([i for i, _ in forked], device=self.device), 0]  # [n samples, V]
         seqs = [seq for _, seq in forked]
         self.decoding.sample_and_append(seqs, logits)
         self.scheduler.retire([s for s in seqs if s.finished and not s.awaiting_final_feed])
@@ -276,7 +286,7 @@ class LLM:
                         text = text[: min(cut)]
             routing = None
             if seq.params.return_routing:
-                k = self.config.num_experts_per_tok
+                k = self.family.facts.num_experts_per_tok
                 routing = (torch.stack(seq.routing, dim=1) if seq.routing
                            else torch.zeros(self.num_moe_layers, 0, k, dtype=torch.long))
             outs.append(CompletionOutput(index=seq.index, text=text, token_ids=list(seq.output_ids),

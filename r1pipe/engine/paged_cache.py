@@ -1,14 +1,19 @@
-"""The MLA latent cache in preallocated blocks (paged), with per-sequence block tables.
+"""The engine's KV cache in preallocated blocks (paged), with per-sequence block tables.
 
-Per token and layer only the normalised KV latent (kv_lora_rank values) and the RoPE'd shared key
-(qk_rope_head_dim values) are stored. Block 0 is a scratch block: padding tokens are written there and
-unused block-table entries point at it, so every index stays in range and is masked out.
+Per token and layer the cache stores two streams of `heads` heads of fixed widths (`widths`): for r1pipe's
+DeepSeek-V3 one head of the normalised KV latent (kv_lora_rank values) and of the RoPE'd shared key
+(qk_rope_head_dim values); for a dense model the post-RoPE keys and the values of its num_key_value_heads
+heads (head_dim values each, see r1pipe.engine.dense). Each head's slots are contiguous (head-major), so a
+gather yields [heads, B, T, width] ready for batched attention. Block 0 is a scratch block: padding tokens
+are written there and unused block-table entries point at it, so every index stays in range and is masked
+out.
 
 Before each forward the engine calls `plan(...)` with the rows' block tables and the positions it
 feeds; `update` (the model's LatentCache protocol) then writes the new tokens into their slots and
-gathers each row's cached tokens in position order, so key index j is position j. `attend` writes the
-new tokens and computes the absorbed attention itself (r1pipe.engine.paged_attention): through the
-Triton kernel, which reads the pool via the block table, or through the gather and the torch path.
+gathers each row's cached tokens in position order, so key index j is position j (`update_heads` does the
+same for several heads, into reused buffers). `attend` (MLA) writes the new tokens and computes the absorbed
+attention itself (r1pipe.engine.paged_attention): through the Triton kernel, which reads the pool via the
+block table, or through the gather and the torch path.
 """
 from __future__ import annotations
 
@@ -64,19 +69,21 @@ class BlockAllocator:
                 raise RuntimeError(f"cache block {block} freed twice")
 
 
-class PagedLatentCache:
-    """Implements r1pipe.model.cache.LatentCache over a block pool shared by all sequences."""
+class PagedCache:
+    """Two per-token streams per layer, each `heads` heads of widths[i] values, in a block pool shared by all
+    sequences; with one head it implements r1pipe.model.cache.LatentCache (streams: the KV latent and the RoPE'd
+    key). pools[i]: [num_layers, heads, num_blocks * block_size, widths[i]]."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int,
-                 qk_rope_head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", attention_backend: str = "auto") -> None:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, widths: tuple[int, int], heads: int = 1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 attention_backend: str = "auto") -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
-        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
+        self.widths, self.heads = (int(widths[0]), int(widths[1])), int(heads)
         slots = num_blocks * block_size
         # uninitialised, so memory is only touched as blocks come into use; a block is zeroed on first use
         # (masked keys still enter the attention product with weight 0, so they must never hold NaN)
-        self.kv = torch.empty(num_layers, slots, kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.empty(num_layers, slots, qk_rope_head_dim, dtype=dtype, device=device)
+        self.pools = tuple(torch.empty(num_layers, heads, slots, w, dtype=dtype, device=device) for w in self.widths)
+        self._gathered: list[torch.Tensor | None] = [None, None]  # update_heads' reused output buffers, per stream
         self.allocator = BlockAllocator(num_blocks, on_first_use=self._zero_block)
         self._zero_block(SCRATCH_BLOCK)
         self.device = torch.device(device)
@@ -93,7 +100,7 @@ class PagedLatentCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all cached layers."""
-        per_layer = (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv.element_size()
+        per_layer = self.heads * sum(self.widths) * self.pools[0].element_size()
         return per_layer * self.num_layers
 
     def plan(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
@@ -143,13 +150,43 @@ class PagedLatentCache:
         self._pinned.setdefault(self._shape, {"write": self._write, "mask": self._mask, "table": self._table,
                                               "query_pos": self._query_pos, "positions": self._positions})
 
-    def update(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._store(layer, kv_latent, k_rope)
+    def update(self, layer: int, first: torch.Tensor, second: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One head (LatentCache): store the planned tokens' streams first [B, S, widths[0]] and second
+        [B, S, widths[1]] (`positions` is the plan's; accepted for the protocol) and return each row's cached tokens
+        in position order: ([B, T, widths[0]], [B, T, widths[1]], mask [B, S, T], True where query s may attend
+        key t)."""
         B, S, T = self._shape
+        self._store(layer, first.reshape(1, B * S, -1), second.reshape(1, B * S, -1))
         blocks = self._table.reshape(-1)  # whole blocks in table order are the keys in position order
-        return (self.kv[layer].view(self.num_blocks, -1).index_select(0, blocks).view(B, T, -1),
-                self.pe[layer].view(self.num_blocks, -1).index_select(0, blocks).view(B, T, -1), self._mask)
+        return (*(pool[layer].view(self.num_blocks, -1).index_select(0, blocks).view(B, T, -1) for pool in self.pools),
+                self._mask)
+
+    def update_heads(self, layer: int, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the planned tokens' streams first [heads, B*S, widths[0]] and second [heads, B*S, widths[1]]
+        (token b*S + s is row b's s-th fed token) and return each row's cached tokens in position order:
+        [heads, B, T, widths[i]] per stream. The results live in buffers the next call reuses (consume them
+        first); the mask is the plan's (`bias`)."""
+        B, S, T = self._shape
+        self._store(layer, first, second)
+        blocks = self._table.reshape(-1)  # whole blocks in table order are the keys in position order
+        out = []
+        for i, pool in enumerate(self.pools):
+            size = self.heads * B * T * self.widths[i]
+            buffer = self._gathered[i]
+            if buffer is None or buffer.numel() < size:  # grown, never shrunk: no fresh pages each layer
+                buffer = self._gathered[i] = pool.new_empty(size)
+            gathered = buffer[:size].view(self.heads, blocks.numel(), -1)
+            torch.index_select(pool[layer].view(self.heads, self.num_blocks, -1), 1, blocks, out=gathered)
+            out.append(gathered.view(self.heads, B, T, self.widths[i]))
+        return out[0], out[1]
+
+    def bias(self) -> torch.Tensor:
+        """The plan's mask as the float32 bias added to attention scores, [B, S, 1, T] (r1pipe.model.attention
+        attention_bias), made once per plan."""
+        if self._bias is None:
+            self._bias = attention_bias(self._mask)
+        return self._bias
 
     def attend(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor,
                k_rope: torch.Tensor, scale: float) -> torch.Tensor:
@@ -157,32 +194,33 @@ class PagedLatentCache:
         absorbed attention of q_latent [B, S, H, C] / q_rope [B, S, H, R] over each row's keys up to the
         query's position: out_latent [B, S, H, C] (padding queries' rows are meaningless)."""
         if self.attention_backend == "torch":
-            latents, k_ropes, _ = self.update(layer, kv_latent, k_rope, self._positions)
-            if self._bias is None:  # made once per forward, for every layer
-                self._bias = attention_bias(self._mask)
-            return absorbed_attention(q_latent, q_rope, latents, k_ropes, self._bias, scale)
-        self._store(layer, kv_latent, k_rope)
-        return paged_kernel(q_latent, q_rope, self.kv[layer], self.pe[layer], self._table, self._query_pos,
-                            self.block_size, scale)
+            latents, k_ropes, _ = self.update(layer, kv_latent, k_rope)
+            return absorbed_attention(q_latent, q_rope, latents, k_ropes, self.bias(), scale)
+        B, S, _ = self._shape
+        self._store(layer, kv_latent.reshape(1, B * S, -1), k_rope.reshape(1, B * S, -1))
+        return paged_kernel(q_latent, q_rope, self.pools[0][layer, 0], self.pools[1][layer, 0], self._table,
+                            self._query_pos, self.block_size, scale)
 
-    def _store(self, layer: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+    def _store(self, layer: int, first: torch.Tensor, second: torch.Tensor) -> None:
+        """Write the planned tokens' streams, each [heads, B*S, width], into their slots."""
         if self._write is None:
-            raise RuntimeError("PagedLatentCache used without plan()")
+            raise RuntimeError("PagedCache used without plan()")
         if layer >= self.num_layers:
             raise IndexError(f"cache has {self.num_layers} layers, got layer {layer}")
         B, S, _ = self._shape
-        if kv_latent.shape[:2] != (B, S):
-            raise ValueError(f"planned a [{B}, {S}] batch, the model fed {tuple(kv_latent.shape[:2])}")
-        self.kv[layer].index_copy_(0, self._write, kv_latent.reshape(B * S, -1).to(self.kv.dtype))
-        self.pe[layer].index_copy_(0, self._write, k_rope.reshape(B * S, -1).to(self.pe.dtype))
+        if first.shape[:2] != (self.heads, B * S):
+            raise ValueError(f"planned {self.heads} heads of a [{B}, {S}] batch, the model fed "
+                             f"{tuple(first.shape[:2])}")
+        for pool, values in zip(self.pools, (first, second)):
+            pool[layer].index_copy_(1, self._write, values.to(pool.dtype))
 
     def _zero_block(self, block: int) -> None:
         bs = self.block_size
-        self.kv[:, block * bs:(block + 1) * bs] = 0
-        self.pe[:, block * bs:(block + 1) * bs] = 0
+        for pool in self.pools:
+            pool[:, :, block * bs:(block + 1) * bs] = 0
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's contents in every layer (copy-on-write of a shared partial block)."""
         bs = self.block_size
-        self.kv[:, dst * bs:(dst + 1) * bs] = self.kv[:, src * bs:(src + 1) * bs]
-        self.pe[:, dst * bs:(dst + 1) * bs] = self.pe[:, src * bs:(src + 1) * bs]
+        for pool in self.pools:
+            pool[:, :, dst * bs:(dst + 1) * bs] = pool[:, :, src * bs:(src + 1) * bs]

@@ -1,4 +1,4 @@
-"""The model runner: plans a batch over the paged latent cache and runs the model (main or MTP) on it.
+"""The model runner: plans a batch over the paged cache and runs the model (main or MTP) on it.
 
 It knows nothing about requests or sampling: a `Batch` is padded token rows with their positions and
 block tables; the runner plans the cache for them and returns the model's outputs.
@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from r1pipe.engine.adapter import EngineModel
 from r1pipe.engine.cuda_graphs import DecodeGraphs
-from r1pipe.engine.paged_cache import SCRATCH_BLOCK, PagedLatentCache
+from r1pipe.engine.paged_cache import SCRATCH_BLOCK, PagedCache
 
 _DRAFTER = 0  # MTP module used for every draft depth (one cache layer, reused recurrently)
 
@@ -65,10 +65,10 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    """Runs a Transformer through a PagedLatentCache on one device. max_model_len and max_num_seqs fix the
+    """Runs an EngineModel through a PagedCache on one device. max_model_len and max_num_seqs fix the
     static decode shapes (table width, buckets); cuda_graphs replays decode steps from CUDA graphs."""
 
-    def __init__(self, model: nn.Module, cache: PagedLatentCache, device: torch.device, max_model_len: int = 4096,
+    def __init__(self, model: EngineModel, cache: PagedCache, device: torch.device, max_model_len: int = 4096,
                  max_num_seqs: int = 256, cuda_graphs: bool = False) -> None:
         self.model, self.cache, self.device = model, cache, device
         self.table_width = -(-max_model_len // cache.block_size)  # blocks a row can need
@@ -93,8 +93,8 @@ class ModelRunner:
         """One decode step of the main model on the planned cache, as a CUDA graph captures it (no host
         synchronisation; fullgraph-compilable): ids/positions [B, 1] on the device -> (logits [B, V], expert ids
         [MoE layers, B, k], 0 layers for a model without MoE)."""
-        out = self.model(ids, positions=positions, cache=self.cache, return_routing=True)
-        k = getattr(self.model.config, "num_experts_per_tok", 1)
+        out = self.model.forward(ids, positions, self.cache, return_routing=True)
+        k = self.model.facts.num_experts_per_tok
         routing = torch.stack(out.routing)[:, :, 0] if out.routing else ids.new_zeros(0, ids.shape[0], k)
         return out.logits[:, -1], routing
 
@@ -107,16 +107,16 @@ class ModelRunner:
         out = self.forward(batch, routing)
         return out.logits[:, -1], torch.stack(out.routing)[:, :, 0] if routing else None
 
-    def forward(self, batch: Batch, routing: bool = False):
-        """The main model on the batch (r1pipe.model ModelOutput: logits [B, S, V], hidden [B, S, D],
-        routing per MoE layer [B, S, k] when asked)."""
+    def forward(self, batch: Batch, routing: bool = False, last: torch.Tensor | None = None):
+        """The main model on the batch (r1pipe.model ModelOutput: logits [B, S, V], or [B, 1, V] at index last[b]
+        of each row; hidden [B, S, D]; routing per MoE layer [B, S, k] when asked; see EngineModel.forward)."""
         self.cache.plan(batch.tables, batch.positions, batch.valid)
-        return self.model(batch.ids.to(self.device), positions=batch.positions.to(self.device), cache=self.cache,
-                          return_routing=routing)
+        return self.model.forward(batch.ids.to(self.device), batch.positions.to(self.device), self.cache,
+                                  return_routing=routing, last=None if last is None else last.to(self.device))
 
     def mtp(self, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafting MTP module on main-model hidden states [B, S, D] of the tokens at batch.positions and
         batch.ids, the tokens one position later -> (its hidden [B, S, D], logits [B, S, V])."""
         self.cache.plan(batch.tables, batch.positions, batch.valid)
         return self.model.mtp_step(_DRAFTER, hidden, batch.ids.to(self.device), batch.positions.to(self.device),
-                                   cache=self.cache)
+                                   self.cache)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1pipe.engine.paged_cache import BlockAllocator, PagedLatentCache
+from r1pipe.engine.paged_cache import BlockAllocator, PagedCache
 from r1pipe.engine.params import SamplingParams
 from r1pipe.engine.sampler import RandomStream
 
@@ -83,7 +83,7 @@ class Sequence:
 class Scheduler:
     """Admission of waiting groups, block growth and preemption under the engine's budgets."""
 
-    def __init__(self, cache: PagedLatentCache, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, cache: PagedCache, max_num_seqs: int, max_num_batched_tokens: int,
                  lookahead: int = 0) -> None:
         self.cache = cache
         self.allocator: BlockAllocator = cache.allocator

@@ -136,9 +136,12 @@ class RolloutWorker:
         return self.sync_group.receive_flat(self.flat_weights)
 
     def pad_token_id(self) -> int:
-        """Padding id for training batches (any valid id: padded positions are masked out)."""
-        c = self.llm.config if self.backend == "engine" else self.llm.tokenizer
-        for candidate in (c.pad_token_id, c.eos_token_id, 0):
+        """Padding id for training batches (any valid id: padded positions are masked out): the model's pad id,
+        else its (first) EOS id, else 0; for either engine family, or vLLM's tokenizer's."""
+        if self.backend == "engine":
+            return self.llm.family.facts.padding_id
+        t = self.llm.tokenizer
+        for candidate in (t.pad_token_id, t.eos_token_id, 0):
             if candidate is not None:
                 return int(candidate)
         return 0

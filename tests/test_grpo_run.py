@@ -29,6 +29,7 @@ from r1pipe.stages.configs import GRPOConfig  # noqa: E402
 from r1pipe.stages.grpo import GRPOTrainer, run_grpo  # noqa: E402
 from r1pipe.tracking.checkpoints import DiskFullError  # noqa: E402
 from r1pipe.tracking import read_metrics  # noqa: E402
+from tiny_models import make_tiny_dense  # noqa: E402
 
 CHARS = list("abcdefgh ?")
 
@@ -56,18 +57,25 @@ def slow_zero(text: str, reference: dict) -> float:
     return 0.0
 
 
-def make_tiny_model(path: Path, mtp_layers: int = 0) -> Path:
-    """A random tiny DeepSeek-V3 (1 dense + 1 MoE layer, `mtp_layers` MTP modules) with a character-level tokenizer."""
+def save_char_tokenizer(path: Path) -> int:
+    """A character-level tokenizer over CHARS (ids 0/1/2: pad / eos / bos) saved in `path`; returns its size."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from r1pipe.data.tokenizer import SPECIAL_TOKENS, save_tokenizer
-    from r1pipe.model import ModelConfig, Transformer, save_pretrained
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[0]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     save_tokenizer(tok, path)
+    return len(vocab)
+
+
+def make_tiny_model(path: Path, mtp_layers: int = 0) -> Path:
+    """A random tiny DeepSeek-V3 (1 dense + 1 MoE layer, `mtp_layers` MTP modules) with a character-level tokenizer."""
+    from r1pipe.model import ModelConfig, Transformer, save_pretrained
+
+    vocab = range(save_char_tokenizer(path))
     cfg = dataclasses.replace(ModelConfig.preset("tiny"), **dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                      num_hidden_layers=2, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
                      num_nextn_predict_layers=mtp_layers, pad_token_id=0, eos_token_id=1, bos_token_id=2))
@@ -95,6 +103,9 @@ def task(tmp_path_factory):
         "model": str(make_tiny_model(root / "model")),
         # with an MTP module, as the tiny preset's bases have: the GRPO loss never reaches it
         "mtp_model": str(make_tiny_model(root / "mtp_model", mtp_layers=1)),
+        # a dense policy: transformers' Qwen2 with tied embeddings, the same tokenizer
+        "qwen2": str(make_tiny_dense(root / "qwen2", "qwen2", vocab_size=save_char_tokenizer(root / "qwen2"),
+                                     pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)),
         "train": str(write_problems(root / "train.jsonl", 32)),
         "heldout": str(write_problems(root / "heldout.jsonl", 8)),
     }
@@ -176,15 +187,16 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_grpo_run as t
 task = json.loads({task!r})
-t.run_grpo(t.{config}(task), t.context(Path({run_dir!r}), task["mtp_model"], {address!r}))
+t.run_grpo(t.{config}(task), t.context(Path({run_dir!r}), task[{model!r}], {address!r}))
 """
 
 
-def kill_after_checkpoint(config: str, task: dict, run_dir: Path, address: str, step: int) -> None:
-    """Run the stage `config(task)` names in a subprocess and SIGKILL its process group once checkpoint
-    `step` is complete (the next one is not: each step takes about a second, see slow_zero)."""
+def kill_after_checkpoint(config: str, task: dict, run_dir: Path, address: str, step: int,
+                          model: str = "mtp_model") -> None:
+    """Run the stage `config(task)` names on task[model] in a subprocess and SIGKILL its process group once
+    checkpoint `step` is complete (the next one is not: each step takes about a second, see slow_zero)."""
     script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), task=json.dumps(task), run_dir=str(run_dir),
-                                  address=address, config=config)
+                                  address=address, config=config, model=model)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = run_dir / "rl" / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
@@ -270,6 +282,39 @@ def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, 
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
     assert all(r["grad_norm"] > 0 for r in plain[3:])  # the steps compared train
     assert_same_steps(resumed, plain)
+
+
+def dense_config(task: dict) -> GRPOConfig:
+    """A Qwen2 policy FSDP2-sharded over 2 trainer workers, 1 engine, a KL reference (sharded like it)."""
+    cfg = grpo_config(task, {"steps": 4, "checkpoint.every": 2, "algorithm.kl_coef": 0.01})
+    cfg.rewards.extra[f"{__name__}:slow_zero"] = 0.0
+    return cfg
+
+
+def test_a_dense_qwen2_policy_trains_syncs_and_resumes_to_the_same_steps(ray_cluster, task, tmp_path):
+    """GRPO on transformers' Qwen2: sharded trainer group, r1pipe's engine, weight sync with the post-sync probe
+    (first sync and every step), SIGKILL after the step-2 checkpoint, then the same steps as an uninterrupted run."""
+    assert (dense_config(task).resources.trainer.workers, dense_config(task).parallelism.fsdp) == (2, True)
+    kill_after_checkpoint("dense_config", task, tmp_path / "killed", ray_cluster, step=2, model="qwen2")
+    run_grpo(dense_config(task), context(tmp_path / "killed", task["qwen2"]))
+    outputs = run_grpo(dense_config(task), context(tmp_path / "straight", task["qwen2"]))
+    resumed, plain = (read_metrics(tmp_path / d / "rl" / "metrics.jsonl") for d in ("killed", "straight"))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["kl"] > 0 for r in plain[2:])
+    assert_same_steps(resumed, plain)
+    assert json.loads((Path(outputs["model_path"]) / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_a_checkpoint_the_engine_does_not_run_is_refused_before_any_actor(task, tmp_path):
+    from r1pipe.errors import ConfigError
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="gpt2.*supported model types: deepseek_v3, llama, qwen2"):
+        run_grpo(grpo_config(task), context(tmp_path / "run", str(gpt2)))
+    with pytest.raises(ConfigError, match="rl.rollout.routing_replay: needs r1pipe's DeepSeek-V3"):
+        run_grpo(grpo_config(task, {"rollout.routing_replay": True}), context(tmp_path / "run2", task["qwen2"]))
 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_it_trains(ray_cluster, task, small_disk):

@@ -30,11 +30,13 @@ from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filt
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.algo.schedule import scheduled_lr
+from r1pipe.causal_lm import V3, model_config
 from r1pipe.data.batch import epoch_order
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.engine import check_supported
 from r1pipe.engine.llm import prompt_token_budget
 from r1pipe.errors import ConfigError, DataError
-from r1pipe.model import ModelConfig, Precision, parse_dtype
+from r1pipe.model import Precision, parse_dtype
 from r1pipe.rewards import build_reward_fn, domain_of, missing_reference, solved
 from r1pipe.rewards.worker import RewardPool
 from r1pipe.stages.base import StageContext, load_object
@@ -233,11 +235,21 @@ class GRPOTrainer:
             raise ConfigError(f"rl.rewards.options / rl.rewards.weights: {e}") from None
 
     def _check_model(self) -> None:
-        """What the workers would find out only when they start, checked on the driver: the drafter (MTP
-        speculation, the draft loss) needs a model with an MTP module."""
+        """What the workers would find out only when they start, checked on the driver: the engine runs the
+        model's family; the drafter (MTP speculation, the draft loss) needs a model with an MTP module; routing
+        replay and FP8 need r1pipe's DeepSeek-V3 (a dense model has no experts and no FP8 path)."""
+        model_type = check_supported(self.base_model)
+        if model_type != V3:
+            engine = dict(self.cfg.rollout.engine)
+            refused = [("rl.rollout.routing_replay", self.cfg.rollout.routing_replay),
+                       ("rl.rollout.engine.fp8", engine.get("fp8")),
+                       ("model.fp8", (self.ctx.recipe.get("model") or {}).get("fp8"))]
+            for key, value in refused:
+                if value:
+                    raise ConfigError(f"{key}: needs r1pipe's DeepSeek-V3; {self.base_model} is a {model_type} model")
         if not (self.speculative_k or self.draft_loss):
             return
-        if ModelConfig.from_pretrained(self.base_model).num_nextn_predict_layers < 1:
+        if int(model_config(self.base_model).get("num_nextn_predict_layers") or 0) < 1:
             what = "rl.rollout.engine.speculative_k > 0" if self.speculative_k else "rl.algorithm.draft_loss"
             raise ConfigError(f"{what} needs a model with an MTP module; {self.base_model} has none "
                               "(num_nextn_predict_layers = 0)")

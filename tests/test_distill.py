@@ -168,8 +168,9 @@ def test_distill_runs_the_tiny_recipe_without_a_model() -> None:
     cfg = load_recipe("distill")
     assert cfg.run.name == "distill" and "compare" in cfg.stages and cfg.v3_base.preset == "tiny"
     # RL alone trains on at least as many sequences as distillation (each sampled, then trained on)
-    rl, sft = cfg.rl_v3, cfg.distill_v3
-    assert rl.steps * rl.rollout.prompts_per_step * rl.rollout.group_size >= sft.steps * sft.batch_size
+    for rl, sft in ((cfg.rl_v3, cfg.distill_v3), (cfg.rl_qwen, cfg.distill_qwen)):
+        assert rl.model_path == sft.model_path  # from the same base
+        assert rl.steps * rl.rollout.prompts_per_step * rl.rollout.group_size >= sft.steps * sft.batch_size
     real = load_recipe("distill", ["model.path=/ckpt/DeepSeek-R1"])
     assert real.teacher.model_path == "/ckpt/DeepSeek-R1" and "distill_qwen" in real.stages
     with pytest.raises(ConfigError, match="v3_base.preset=.gpt9."):

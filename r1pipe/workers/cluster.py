@@ -92,6 +92,8 @@ def ray_init(recipe: Any, join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
     # an error inside an actor is reported once, by the driver that gets it (not again, with its traceback, when
     # the object holding it is dropped unread at shutdown)
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    # actors of a local cluster inherit this: no per-actor transformers load/save bars interleaved in the driver's log
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     sigterm = signal.getsignal(signal.SIGTERM)
     t0 = time.monotonic()
     try:

@@ -3,8 +3,8 @@
 Recipes are validated (`r1pipe.config.load_recipe`, `r1pipe run --dry-run`) without importing torch,
 transformers or Ray, so every closed vocabulary a config checks lives here, and the module that gives
 each name its meaning imports it from here: model presets (`r1pipe.model.config`, `r1pipe.causal_lm`),
-compute dtypes (`r1pipe.model.precision`), GRPO loss aggregations and surrogates (`r1pipe.algo.losses`) and
-advantage estimators (`r1pipe.algo.advantages`).
+compute dtypes (`r1pipe.model.precision`), GRPO loss aggregations and surrogates (`r1pipe.algo.losses`),
+advantage estimators (`r1pipe.algo.advantages`) and generation engines (`r1pipe.engine.backend`).
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 POLICY_LOSSES = ("grpo", "gspo", "cispo")
 # How rewards become advantages (`rl.algorithm.advantage`, r1pipe.algo.advantages.compute_advantages).
 ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++")
+# Generation engines (`eval.backend`, r1pipe.engine.backend.open_engine): r1pipe's own, vLLM.
+ENGINE_BACKENDS = ("engine", "vllm")
 
 
 def dtype_name(name: str, key: str = "model.dtype") -> str:

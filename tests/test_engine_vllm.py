@@ -2,7 +2,7 @@
 
 What this covers: r1pipe.engine.vllm_backend's translation of SamplingParams and results, its start-up
 log-prob contract check (accepts log_softmax(logits / T), rejects raw log-probs and truncated ones), and
-eval's use of it. It does not exercise vllm: the fake stands in for vllm.LLM / vllm.SamplingParams.
+the rollout worker's use of it. It does not exercise vllm: the fake stands in for vllm.LLM / vllm.SamplingParams.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class FakeSamplingParams:
     top_k: int = -1
     max_tokens: int = 16
     stop: list | None = None
+    include_stop_str_in_output: bool = False
     stop_token_ids: list | None = None
     seed: int | None = None
     logprobs: int | None = None
@@ -112,13 +113,22 @@ def test_startup_check_rejects_other_logprobs(install, mode, message):
     VLLMEngine("/ckpt", check_logprobs=False)  # the check can be skipped explicitly
 
 
-def test_eval_uses_the_same_wrapper(install, tmp_path):
+def test_rollout_workers_use_the_same_wrapper(install, tmp_path):
+    """A RolloutWorker with backend "vllm" (what a GenerationGroup, and so `r1pipe eval --backend vllm`, runs)
+    holds a VLLMEngine built with the options given, and asks it to keep the stop string in the text."""
     install("contract")
-    from r1pipe.eval.backends import EngineBackend, GenerationConfig, load_backend
+    from r1pipe.engine.backend import open_engine
     from r1pipe.engine.vllm_backend import VLLMEngine
+    from r1pipe.workers import RolloutWorker
 
-    backend = load_backend(tmp_path, "vllm", max_num_seqs=8, block_size=16)
-    assert isinstance(backend, EngineBackend) and isinstance(backend.llm, VLLMEngine) and backend.name == "vllm"
-    assert backend.llm._llm.kwargs["max_num_seqs"] == 8 and "block_size" not in backend.llm._llm.kwargs
-    texts = backend.generate(["ab", "cd"], ["</answer>"], GenerationConfig(n=1, temperature=0, max_tokens=4))
-    assert [len(t[0]) for t in texts] == [4, 4]
+    assert isinstance(open_engine("vllm", tmp_path, seed=2), VLLMEngine)
+    with pytest.raises(ValueError, match="backend='hf'"):
+        open_engine("hf", tmp_path)
+    worker = RolloutWorker(str(tmp_path), {"max_num_seqs": 8}, seed=1, backend="vllm")
+    assert isinstance(worker.llm, VLLMEngine) and worker.llm._llm.kwargs["max_num_seqs"] == 8
+    asked = []
+    generate = worker.llm._llm.generate
+    worker.llm._llm.generate = lambda inputs, params, use_tqdm=True: asked.extend(params) or generate(inputs, params, use_tqdm)
+    groups = worker.generate(["ab", "cd"], 1, 0.0, 4, seeds=[0, 1], stop=["</answer>"])
+    assert [len(g[0].token_ids) for g in groups] == [4, 4] and [len(g[0].text) for g in groups] == [4, 4]
+    assert all(p.include_stop_str_in_output and p.stop == ["</answer>"] for p in asked) and len(asked) == 2

@@ -172,6 +172,14 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "absent.jsonl" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_a_prompt_too_long_for_the_engine_is_one_line(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+    """The engine refuses it inside a generation worker; the command says so in one line, as for any bad input."""
+    rc = r1pipe_main(["eval", "--model", str(tiny_checkpoint), "--suite", "gsm8k", "--limit", "1", "--max-tokens", "500",
+                      "--max-model-len", "512", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "exceeds max_model_len 512" in err, err
+
+
 def test_cli_dry_run_checks_the_arguments_and_runs_nothing(tmp_path, capsys, monkeypatch):
     """`r1pipe eval --dry-run`: the checks a real run makes before loading anything (one of --model /
     --responses, suite names, k with --greedy, the output directory), then the plan; nothing is written."""

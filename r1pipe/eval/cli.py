@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.errors import UserError
+from r1pipe.errors import UserError, unwrap
 from r1pipe.engine.backend import BACKENDS
 from r1pipe.eval.runner import check_request, evaluate
 from r1pipe.eval.suites import KINDS, REGISTRY, Suite, load_suite_file, resolve_suites
@@ -153,8 +153,9 @@ def main(args: argparse.Namespace) -> int:
             cluster={"address": args.ray_address} if args.ray_address else None,
         )
     except (FileNotFoundError, KeyError, ValueError) as e:  # the eval library's complaints about its input
-        if isinstance(e, UserError):
+        cause = unwrap(e)  # raised in a generation worker (e.g. a prompt too long for --max-model-len)
+        if isinstance(cause, UserError):
             raise
-        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+        raise UserError(cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)) from e
     print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
     return 0

@@ -115,11 +115,11 @@ def engine_options(backend: str, device: str, dtype: torch.dtype, options: dict[
 
 def generation_resources(workers: int, device: str) -> SamplingResources:
     """`workers` generation workers on `device`, next to one grading actor: on GPUs one GPU each; on CPUs the
-    cluster's CPUs shared out (and as many torch threads each)."""
+    CPUs of the cluster's largest node shared out (and as many torch threads each)."""
     reward = Workers(workers=1, cpus=REWARD_CPUS, threads=0)
     if device.startswith("cuda"):
         return SamplingResources(device=device, rollout=Workers(workers=workers, cpus=1.0, gpus=1.0, threads=0), reward=reward)
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    cpus = max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=1.0)
     share = max((cpus - REWARD_CPUS) / workers, 0.25)
     return SamplingResources(device=device, reward=reward,
                              rollout=Workers(workers=workers, cpus=share, threads=max(1, int(cpus) // workers)))

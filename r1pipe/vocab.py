@@ -4,7 +4,7 @@ Recipes are validated (`r1pipe.config.load_recipe`, `r1pipe run --dry-run`) with
 transformers or Ray, so every closed vocabulary a config checks lives here, and the module that gives
 each name its meaning imports it from here: model presets (`r1pipe.model.config`, `r1pipe.causal_lm`),
 compute dtypes (`r1pipe.model.precision`), GRPO loss aggregations and surrogates (`r1pipe.algo.losses`) and
-advantage estimators (`r1pipe.algo.advantages`), rollout engine backends (`r1pipe.engine.backend`).
+advantage estimators (`r1pipe.algo.advantages`), generation engine backends (`r1pipe.engine.backend`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 POLICY_LOSSES = ("grpo", "gspo", "cispo")
 # How rewards become advantages (`rl.algorithm.advantage`, r1pipe.algo.advantages.compute_advantages).
 ADVANTAGE_ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++")
-# What generates rollouts (`rl.rollout.backend`, `rejection_sample.backend`; r1pipe.engine.backend.open_engine):
+# What generates (`rl.rollout.backend`, `rejection_sample.backend`, `r1pipe eval --backend`; r1pipe.engine.backend.open_engine):
 # r1pipe's own engine (r1pipe.engine.LLM) or vLLM (r1pipe.engine.vllm_backend.VLLMEngine, GPU, optional).
 ENGINE_BACKENDS = ("engine", "vllm")
 

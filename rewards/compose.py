@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from .cache import LRUCache
 from .code import CodeResult, check_humaneval, check_mbpp, check_stdio, extract_code
-from .extract import extract_answer, extract_gsm8k_gold
+from .extract import extract_answer, gold_answer
 from .format import chain_of_thought, closing_summary, format_lenient, format_strict
 from .grader import verify_math
 from .language import language_share
@@ -47,10 +47,7 @@ Reward = Callable[[str, dict, RewardOptions], tuple[float, dict]]
 def _gold_answer(reference: dict) -> str:
     if "answer" not in reference:
         raise KeyError("math reference needs an 'answer'")
-    gold = str(reference["answer"])
-    if "####" in gold:  # a raw GSM8K answer field
-        gold = extract_gsm8k_gold(gold) or gold
-    return gold
+    return gold_answer(str(reference["answer"]))
 
 
 def accuracy_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
@@ -85,7 +82,8 @@ def run_tests(program: str, reference: dict, opt: RewardOptions) -> CodeResult:
 def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[float, dict]:
     """The completion's program (`extract_code`: after `</think>`, inside `<answer>` tags when there are some),
     run against the row's tests; with `code_cache` a verdict already reached for the same program
-    and tests is reused (samples of a confident policy repeat), a timeout is always run again."""
+    and tests is reused (samples of a confident policy repeat), a timeout is always run again. Its info
+    holds the sandbox's status and the program it ran."""
     text = extract_code(completion)
     key = None
     if opt.code_cache:
@@ -97,7 +95,7 @@ def code_reward(completion: str, reference: dict, opt: RewardOptions) -> tuple[f
         res = run_tests(text, reference, opt)
         if key is not None and not res.timed_out:
             _code_cache.put(key, res)
-    info = {"status": res.status}
+    info = {"status": res.status, "program": text}
     if res.timed_out:
         info["timeout"] = True
     if not res.passed and res.stderr:

@@ -95,6 +95,12 @@ def extract_gsm8k_gold(answer_field: str) -> str | None:
     return m[-1].group(1).replace(",", "").strip() or None
 
 
+def gold_answer(text: str) -> str:
+    """A gold answer as the accuracy reward compares with it: a raw GSM8K worked solution ('... #### 42')
+    reduced to what follows '####', any other text as it is."""
+    return (extract_gsm8k_gold(text) or text) if "####" in text else text
+
+
 def last_number(text: str) -> str | None:
     nums = _NUMBER.findall(text)
     if not nums:

@@ -19,7 +19,6 @@ from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.templates import r1_zero_prompt
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine.tokenizer import TokenizerAdapter
-from r1pipe.eval.backends import HFBackend
 from r1pipe.run import run_summary
 from r1pipe.stages import StageContext, get_stage
 from r1pipe.stages.compare import comparison_table, to_markdown
@@ -52,14 +51,13 @@ def test_traces_retokenized_for_another_tokenizer_round_trip(tmp_path: Path) -> 
 def test_a_dense_student_tokenizes_as_its_trained_tokenizer_everywhere(tmp_path: Path) -> None:
     """Beside a qwen2 config.json, transformers' AutoTokenizer would swap in Qwen2Tokenizer and split
     the R1-Zero template into ~20x more tokens than the trained BPE; every loader r1pipe has (stages,
-    engine, eval's HF backend, a saved checkpoint's copy) keeps the trained tokenizer.json's ids."""
+    engine, a saved checkpoint's copy) keeps the trained tokenizer.json's ids."""
     student = make_tiny_qwen2(tmp_path / "student", make_tiny_v3(tmp_path / "tok"))
     prompt = r1_zero_prompt("What is 75 - 15?")
     trained = Tokenizer.from_file(str(student / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
     assert AutoTokenizer.from_pretrained(student)(prompt, add_special_tokens=False).input_ids != trained  # the trap
     assert load_tokenizer(student)(prompt, add_special_tokens=False).input_ids == trained
     assert TokenizerAdapter.load(student).encode(prompt) == trained
-    assert HFBackend(student).tokenizer(prompt, add_special_tokens=False).input_ids == trained
     load_tokenizer(student).save_pretrained(tmp_path / "copy")
     assert load_tokenizer(tmp_path / "copy")(prompt, add_special_tokens=False).input_ids == trained
 

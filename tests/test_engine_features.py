@@ -35,12 +35,13 @@ def tokens(outs) -> list[list[list[int]]]:
     return [[c.token_ids for c in o.outputs] for o in outs]
 
 
-def char_tokenizer(vocab_size: int):
-    """A real transformers fast tokenizer with one character per id (so text positions are token positions)."""
+def char_tokenizer(vocab_size: int, wide: dict[int, str] | None = None):
+    """A real transformers fast tokenizer with one character per id (so text positions are token positions),
+    except the ids in `wide`, whose text is given there."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {chr(0x100 + i): i for i in range(vocab_size)}
+    vocab = {(wide or {}).get(i, chr(0x100 + i)): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0x100)))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -64,6 +65,24 @@ def test_checkpoint_dir_text_prompts_and_stop_strings(model, tmp_path):
     assert out.text == full.text[:i]  # the stop string is cut from the text ...
     assert out.token_ids == full.token_ids[: i + 2]  # ... the tokens keep the one that completed it
     assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_a_kept_stop_string_ends_the_text_even_inside_the_token_that_completed_it(model, tmp_path):
+    """include_stop_str_in_output (vLLM's option): the text ends right after the stop string, and what the
+    token that completed it carries beyond it is dropped; without it the text ends before the stop string.
+    The token ids keep that token either way."""
+    ids = engine(model).generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                                 use_tqdm=False)[0].outputs[0].token_ids
+    j = next(j for j in range(3, 20) if ids[j] not in ids[:j])
+    save_pretrained(model, tmp_path)
+    char_tokenizer(model.config.vocab_size, wide={ids[j]: "\u3000\u3001"}).save_pretrained(tmp_path)  # 2 characters
+    llm = LLM(tmp_path, block_size=4, num_blocks=256)
+    before = "".join(chr(0x100 + t) for t in ids[:j])
+    for include, text in ((False, before), (True, before + "\u3000")):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=["\u3000"], include_stop_str_in_output=include)
+        out = llm.generate([PROMPTS[3]], params, use_tqdm=False)[0].outputs[0]
+        assert out.text == text and out.token_ids == ids[: j + 1]
+        assert out.finish_reason == "stop" and out.stop_reason == "\u3000"
 
 
 def test_routing_records_replay_the_rollout_logprobs(model):

@@ -129,9 +129,16 @@ def test_missing_vllm_is_a_clear_import_error(monkeypatch):
 def test_eval_uses_the_same_wrapper(fake_vllm, tmp_path):
     from r1pipe.eval.backends import EngineBackend, GenerationConfig, load_backend
     from r1pipe.engine.vllm_backend import VLLMEngine
+    from r1pipe.workers import RolloutWorker
 
-    backend = load_backend(tmp_path, "vllm", max_num_seqs=8, block_size=16)
-    assert isinstance(backend, EngineBackend) and isinstance(backend.llm, VLLMEngine) and backend.name == "vllm"
-    assert backend.llm._llm.kwargs["max_num_seqs"] == 8 and "block_size" not in backend.llm._llm.kwargs
-    texts = backend.generate(["ab", "cd"], ["</answer>"], GenerationConfig(n=1, temperature=0, max_tokens=4))
-    assert [len(t[0]) for t in texts] == [4, 4]
+    assert isinstance(open_engine("vllm", tmp_path, seed=2), VLLMEngine)
+    with pytest.raises(ValueError, match="backend='hf'"):
+        open_engine("hf", tmp_path)
+    worker = RolloutWorker(str(tmp_path), {"max_num_seqs": 8}, seed=1, backend="vllm")
+    assert isinstance(worker.llm, VLLMEngine) and worker.llm._llm.kwargs["max_num_seqs"] == 8
+    asked = []
+    generate = worker.llm._llm.generate
+    worker.llm._llm.generate = lambda inputs, params, use_tqdm=True: asked.extend(params) or generate(inputs, params, use_tqdm)
+    groups = worker.generate(["ab", "cd"], 1, 0.0, 4, seeds=[0, 1], stop=["</answer>"])
+    assert [len(g[0].token_ids) for g in groups] == [4, 4] and [len(g[0].text) for g in groups] == [4, 4]
+    assert all(p.include_stop_str_in_output and p.stop == ["</answer>"] for p in asked) and len(asked) == 2

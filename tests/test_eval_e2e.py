@@ -1,9 +1,12 @@
-"""End to end: a tiny random r1pipe model through the engine on GSM8K problems and on a synthetic
-held-out --suite-file, via `r1pipe eval`; saved generations re-score to the same numbers; a dense
-Hugging Face model (random Llama) through the transformers backend with a chat template."""
+"""End to end: a tiny random r1pipe model through a generation group on GSM8K problems and on a
+synthetic held-out --suite-file, via `r1pipe eval` (which starts Ray for itself, quietly, and stops it);
+saved generations re-score to the same numbers; one worker or two give the same samples; a tokenizer's
+chat template renders the prompts; a dense Hugging Face model (random Llama) goes through the same group
+and generates what transformers' greedy generate does."""
 import json
 
 import pytest
+import ray
 import torch
 
 from r1pipe.cli import main as r1pipe_main
@@ -49,13 +52,19 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_engine_eval_on_gsm8k_and_user_suite_writes_every_output(tiny_checkpoint, heldout_file, tmp_path):
+def test_engine_eval_on_gsm8k_and_user_suite_writes_every_output(tiny_checkpoint, heldout_file, tmp_path, capfd):
+    assert not ray.is_initialized()
     out = tmp_path / "out"
     rc = r1pipe_main(["eval", "--model", str(tiny_checkpoint), "--suite", "gsm8k", "--suite-file", str(heldout_file),
                       "--limit", "3", "-k", "2", "--max-tokens", "8", "--seed", "3", "--out", str(out), *ENGINE])
-    assert rc == 0
+    assert rc == 0 and not ray.is_initialized()  # the Ray it started for itself is shut down
+    printed = capfd.readouterr()
+    # quiet: no Ray start-up lines, only eval's own (the suite file's detected fields, where the reports are)
+    assert [line.split(":")[0] for line in printed.err.splitlines()] == ["r1pipe eval"], printed.err
+    assert printed.out.startswith("reports: ") and len(printed.out.splitlines()) == 1, printed.out
     report = json.loads((out / "report.json").read_text())
     assert report["backend"] == "engine" and report["template"] == "r1-zero" and report["k"] == 2
+    assert report["workers"] == 1
     for name in ("gsm8k", "heldout"):
         entry = report["suites"][name]
         assert entry["n_problems"] == 3 and entry["k"] == 2 and entry["n_samples"] == 6
@@ -82,41 +91,77 @@ def test_engine_eval_on_gsm8k_and_user_suite_writes_every_output(tiny_checkpoint
         assert rescored[key] == report["suites"]["gsm8k"][key]
 
 
-def test_engine_sampling_is_seeded_and_greedy_is_repeatable(tiny_checkpoint, tmp_path):
+def test_engine_sampling_is_seeded_and_greedy_is_repeatable(ray_cluster, tiny_checkpoint, tmp_path):
     def run(tag, *extra):
-        evaluate(tiny_checkpoint, "gsm8k", tmp_path / tag, limit=1, max_tokens=6, show=False,
+        evaluate(tiny_checkpoint, "gsm8k", tmp_path / tag, limit=3, max_tokens=6, show=False,
                  backend_options={"max_num_seqs": 8, "max_model_len": 512}, **dict(extra))
         return [r["response"] for r in read_rows(tmp_path / tag / "generations.jsonl")]
 
     a = run("a", ("k", 2), ("seed", 5))
-    assert a == run("b", ("k", 2), ("seed", 5)) and len(a) == 2
+    assert len(a) == 6 and len(set(a)) > 1
+    # every problem samples with its own seed: two workers (each with part of the problems) draw the same
+    assert a == run("b", ("k", 2), ("seed", 5), ("workers", 2))
     assert run("g1", ("greedy", True)) == run("g2", ("greedy", True))
+    assert ray.is_initialized()  # a Ray that was running before is left running
     with pytest.raises(ValueError, match="greedy"):
         evaluate(tiny_checkpoint, "gsm8k", tmp_path / "bad", greedy=True, k=4, show=False)
 
 
-def test_transformers_backend_with_chat_template(tmp_path, tokenizer_corpus):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def chat_tokenizer(corpus, vocab_size):
+    from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path / "llama"
-    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(tokenizer_corpus, vocab_size=512),
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(corpus, vocab_size=vocab_size),
                                   eos_token="<|eos|>", pad_token="<|pad|>", bos_token="<|bos|>")
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    return tok
+
+
+def test_chat_template_renders_the_prompts(tmp_path, tokenizer_corpus):
+    from r1pipe.model import ModelConfig, Transformer, save_pretrained
+
+    path = tmp_path / "chat"
+    tok = chat_tokenizer(tokenizer_corpus, 512)
     tok.save_pretrained(path)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=1, pad_token_id=0, bos_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    config = ModelConfig.preset("tiny")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = len(tok), tok.eos_token_id, tok.pad_token_id
+    save_pretrained(Transformer(config, seed=0), path)
     out = tmp_path / "out"
     rc = r1pipe_main(["eval", "--model", str(path), "--suite", "amc23", "--limit", "2", "-k", "2", "--max-tokens", "6",
-                      "--backend", "auto", "--out", str(out), "--quiet"])
+                      "--out", str(out), *ENGINE])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["backend"] == "hf" and report["template"] == "r1"
+    assert report["backend"] == "engine" and report["template"] == "r1"
     assert report["suites"]["amc23"]["n_samples"] == 4
     rows = read_rows(out / "generations.jsonl")
     assert rows[0]["prompt"].startswith("<|user|>") and rows[0]["prompt"].endswith("<|assistant|>")
     assert "\\boxed{}" in rows[0]["prompt"]
+
+
+def test_a_dense_model_goes_through_the_same_group_as_transformers_generates(tmp_path, tokenizer_corpus):
+    """A random Llama checkpoint: `r1pipe eval` greedy through the generation group (r1pipe's engine) gives
+    transformers' greedy generate's continuation of each rendered prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path / "llama"
+    tok = chat_tokenizer(tokenizer_corpus, 512)
+    tok.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    out = tmp_path / "out"
+    rc = r1pipe_main(["eval", "--model", str(path), "--suite", "amc23", "--limit", "2", "--greedy", "--max-tokens", "6",
+                      "--out", str(out), *ENGINE])
+    assert rc == 0
+    rows = read_rows(out / "generations.jsonl")
+    assert len(rows) == 2 and json.loads((out / "report.json").read_text())["template"] == "r1"
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert row["response"] == tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
@@ -125,6 +170,14 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert r1pipe_main(["eval", "--suite", "gsm8k", "--responses", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "absent.jsonl" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_prompt_too_long_for_the_engine_is_one_line(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+    """The engine refuses it inside a generation worker; the command says so in one line, as for any bad input."""
+    rc = r1pipe_main(["eval", "--model", str(tiny_checkpoint), "--suite", "gsm8k", "--limit", "1", "--max-tokens", "500",
+                      "--max-model-len", "512", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "exceeds max_model_len 512" in err, err
 
 
 def test_cli_dry_run_checks_the_arguments_and_runs_nothing(tmp_path, capsys, monkeypatch):

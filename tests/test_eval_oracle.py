@@ -8,6 +8,7 @@ from r1pipe.eval import evaluate, load_suite
 from r1pipe.eval.suites import MATH_SUITES
 
 pytest.importorskip("r1pipe.rewards.code")
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # evaluate grades on a RewardPool in it (conftest)
 
 
 def write_responses(path, rows):
@@ -29,7 +30,7 @@ def test_gold_answers_in_boxed_score_100_on_every_math_suite(tmp_path):
             rows.append({"suite": name, "id": p.id, "response": f"Some reasoning.\nSo the answer is $\\boxed{{{gold}}}$."})
             rows.append({"suite": name, "id": p.id, "response": ""})  # a second sample: empty
     path = write_responses(tmp_path / "gold.jsonl", rows)
-    report = evaluate(None, list(MATH_SUITES), tmp_path / "gold", responses=path, show=False, num_workers=2)
+    report = evaluate(None, list(MATH_SUITES), tmp_path / "gold", responses=path, show=False, grade_threads=2)
     for name in MATH_SUITES:
         entry = report["suites"][name]
         assert entry["n_problems"] == len(load_suite(name)) and entry["k"] == 2 and entry["grader_errors"] == 0
@@ -64,14 +65,14 @@ def check_reference_programs(tmp_path, stride):
     rows = [{"id": p.id, "response": f"<think>easy</think>\n```python\n{p.reference['prompt']}{p.reference['canonical_solution']}```"}
             for p in humaneval]
     rows += [{"id": p.id, "response": ""} for p in humaneval]  # a second, empty sample each
-    entry = score(tmp_path, "humaneval", rows, "humaneval", num_workers=2)
+    entry = score(tmp_path, "humaneval", rows, "humaneval", grade_threads=2)
     assert entry["n_problems"] == len(humaneval) and entry["k"] == 2 and entry["grader_errors"] == 0
     assert entry["pass@1"] == pytest.approx(0.5) and entry["pass@k"] == 1.0
     assert "cons@k" not in entry
 
     mbpp = load_suite("mbpp").problems[::stride]
     rows = [{"id": int(p.id), "response": f"```python\n{p.reference['code']}\n```"} for p in mbpp]
-    entry = score(tmp_path, "mbpp", rows, "mbpp", num_workers=2)
+    entry = score(tmp_path, "mbpp", rows, "mbpp", grade_threads=2)
     assert entry["n_problems"] == len(mbpp) and entry["pass@1"] == 1.0
 
 

@@ -37,7 +37,7 @@ def write_source(tmp_path, kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "disk"])
-def test_suite_file_with_problem_answer_fields_rescores(tmp_path, kind, capsys):
+def test_suite_file_with_problem_answer_fields_rescores(ray_cluster, tmp_path, kind, capsys):
     responses = tmp_path / "r.jsonl"
     responses.write_text("".join(json.dumps(r) + "\n" for r in RESPONSES))
     out = tmp_path / "out"

@@ -326,8 +326,7 @@ def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_it_trains(ray
             trainer.run()
     finally:
         trainer.policy.shutdown()
-        for w in trainer.rollout:
-            ray.kill(w)
+        trainer.rollout.shutdown()
         trainer.placement.remove()
     assert not (run_dir / "rl" / "metrics.jsonl").exists() and not (run_dir / "rl" / "checkpoints").exists()
 

@@ -91,9 +91,10 @@ def test_outputs(straight_run):
     assert not (straight_run / "checkpoints").exists() and not (straight_run / "init").exists()
 
 
-def test_measuring_a_base_in_this_process_keeps_its_thread_count(straight_run):
-    """The base's check runs the engine in the driver; a run's later stages (SFT) must keep its threads (it
-    once left 1 behind, and a fresh `r1pipe run r1` trained its SFT stages on one core)."""
+def test_measuring_a_base_keeps_the_driver_thread_count(straight_run):
+    """The base's check runs on a generation group; a run's later stages (SFT) must find the driver's threads
+    as they were (a check that ran the engine in the driver once left 1 behind, and a fresh `r1pipe run r1`
+    trained its SFT stages on one core)."""
     from r1pipe.stages.base_eval import measure_accuracy
 
     before = torch.get_num_threads()
@@ -174,7 +175,7 @@ def test_stage_reuses_a_cached_base(straight_run, tmp_path, monkeypatch):
 def test_tiny_recipe_pretrain_then_eval(tmp_path, capsys):
     """`r1pipe run r1-zero-tiny` through pretrain and eval: the eval stage scores the base the
     pretrain stage wrote, on its held-out file, and the eval stage's greedy completions agree with
-    the pretrain stage's base check (both through the engine). With output not on a terminal (as
+    the pretrain stage's base check (both through a generation group). With output not on a terminal (as
     here), pre-training and generation print plain progress lines."""
     from r1pipe.config import load_recipe
     from r1pipe.run import run_recipe

@@ -233,7 +233,8 @@ def test_scored_sampler_streams_scored_chunks_in_order(base) -> None:
     from r1pipe.data.rows import PromptRow
     from r1pipe.data.tokenizer import load_tokenizer
     from r1pipe.engine import LLM, SamplingParams
-    from r1pipe.stages.scored_sampling import Sampling, ScoredSampler
+    from r1pipe.stages.scored_sampling import ScoredSampler
+    from r1pipe.workers.generation import Sampling
     from r1pipe.stages.sections import SamplingResources, Workers
     from r1pipe.workers.cluster import ray_init
 

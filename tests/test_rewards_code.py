@@ -123,30 +123,3 @@ def test_a_program_that_does_not_compile_fails_without_a_sandbox(monkeypatch):
         assert not result.passed and result.status == "failed" and result.stderr.startswith("SyntaxError")
     assert code.syntax_error("def f(x): return x + 1") is None
     assert code.syntax_error("(" * 1000 + ")" * 1000) is not None  # too deeply nested: refused by the parser
-
-
-R1_CODE_ANSWERS = [  # (response, passes the HumanEval-style task below)
-    ("<think>Add them.</think> <answer>\n```python\ndef add(a, b):\n    return a + b\n```\n</answer>", True),
-    ("<think>Add them.</think> <answer>\n    def add(a, b):\n        return a + b\n</answer>", True),  # indented
-    ("<think>Add them.</think>\n```python\ndef add(a, b):\n    return a + b\n```", True),
-    ("<think>Careful.</think> <answer>\n```python\ndef add(a, b):\n    return a - b\n```\n</answer>", False),
-    ("<think>```python\ndef add(a, b):\n    return a + b\n```</think> <answer>I am not sure.</answer>", False),
-    ("<think>Add them.</think> <answer>\n```python\ndef add(a, b):\n    return a + b\n", True),  # cut off in the fence
-]
-ADD_TASK = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
-            "test": "def check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n"}
-
-
-def test_one_code_answer_scores_the_same_in_grpo_rejection_sampling_and_eval():
-    """GRPO scores with RewardFn, rejection sampling with RewardWorker (what each reward actor runs), eval
-    with grade_all: one extractor and one sandbox harness, so one verdict per answer."""
-    from r1pipe.eval.scoring import grade_all
-    from r1pipe.rewards import build_reward_fn
-    from r1pipe.rewards.worker import RewardWorker
-
-    responses = [r for r, _ in R1_CODE_ANSWERS]
-    expected = [float(ok) for _, ok in R1_CODE_ANSWERS]
-    grpo = [build_reward_fn({"code": 1.0, "format": 0.0})(r, ADD_TASK).components["code"] for r in responses]
-    sampled = [r.components["code"] for r in RewardWorker({"code": 1.0}, threads=2).score(responses, [ADD_TASK] * 6)]
-    evaluated = [g.score for g in grade_all("humaneval", responses, [ADD_TASK] * 6, progress=False)]
-    assert grpo == sampled == evaluated == expected

@@ -281,9 +281,10 @@ class LLM:
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(seq.output_ids, seq.params.skip_special_tokens)
                 if isinstance(seq.stop_reason, str):
-                    cut = [text.find(s) for s in seq.params.stop or [] if s in text]
-                    if cut:
-                        text = text[: min(cut)]
+                    found = [(text.find(s), -len(s)) for s in seq.params.stop or [] if s in text]
+                    if found:  # the first stop string (the longest of those starting there)
+                        at, minus_len = min(found)
+                        text = text[: at - minus_len if seq.params.include_stop_str_in_output else at]
             routing = None
             if seq.params.return_routing:
                 k = self.family.facts.num_experts_per_tok

@@ -12,9 +12,10 @@ class SamplingParams:
 
     temperature=0 means greedy. Log-probs are always log_softmax(logits / T) of the sampled token
     with T the sampling temperature (T = 1 when greedy); top-p/top-k only shape which token is drawn.
-    Stop strings end a completion when its text contains them (the text is cut before the stop
-    string, the token ids keep the token that completed it, as vLLM does); stop token ids and the
-    tokenizer's EOS (unless ignore_eos) end it with that token kept.
+    Stop strings end a completion when its text contains them: the text ends before the first stop
+    string, or right after it with include_stop_str_in_output (never with what followed it in the
+    last token); the token ids keep the token that completed it, as vLLM does. Stop token ids and
+    the tokenizer's EOS (unless ignore_eos) end it with that token kept.
     """
 
     n: int = 1
@@ -23,6 +24,7 @@ class SamplingParams:
     top_k: int = -1
     max_tokens: int = 16
     stop: list[str] | None = None
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: bool = True

@@ -115,8 +115,8 @@ class VLLMEngine:
         untruncated = p.top_k == -1 and p.top_p == 1.0
         return self._vllm.SamplingParams(
             n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-            stop=p.stop, stop_token_ids=p.stop_token_ids, seed=p.seed,
-            logprobs=top_logprobs if p.logprobs and untruncated else None, ignore_eos=p.ignore_eos,
+            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output, stop_token_ids=p.stop_token_ids,
+            seed=p.seed, logprobs=top_logprobs if p.logprobs and untruncated else None, ignore_eos=p.ignore_eos,
             skip_special_tokens=p.skip_special_tokens)
 
     @staticmethod

@@ -4,19 +4,23 @@ Python API (what the recipe's eval stage calls)::
 
     from r1pipe.eval import evaluate
     report = evaluate(
-        model,                 # checkpoint dir (str | Path), a live r1pipe Transformer, or a Backend;
-                               # None when scoring saved `responses`
+        model,                 # checkpoint dir (str | Path); None when scoring saved `responses`
         suites,                # "gsm8k,math500" | ["aime24", Suite, ...]; groups "math", "code", "all"
         out_dir,               # report.json, report.md, generations.jsonl are written here
         *, responses=None,     # JSONL of {"id", "response"[, "suite"]}: score instead of generating
         k=1, greedy=False, temperature=0.6, top_p=0.95, max_tokens=4096,
         template="auto",       # auto | r1-zero | r1 | raw
-        backend="auto",        # auto | engine | hf | vllm
-        tokenizer=None, device=None, dtype=torch.float32, seed=0, limit=None,
-        pass_at=(), num_workers=None, timeout_s=10.0, extract_mode="auto",
-        backend_options=None,  # extra keyword arguments for the backend (e.g. the engine's max_num_seqs)
+        backend="engine",      # engine (r1pipe's own) | vllm
+        workers=1,             # generation workers (Ray actors of a GenerationGroup)
+        device=None, dtype=torch.float32, seed=0, limit=None,
+        pass_at=(), grade_threads=None, timeout_s=10.0, extract_mode="auto",
+        backend_options=None,  # extra keyword arguments for the engine (e.g. max_num_seqs)
+        cluster=None,          # a recipe's cluster section: where Ray runs when it is not running yet
         show=True,
     ) -> dict
+
+Generation goes through r1pipe.workers.generation.GenerationGroup and grading through the rewards on a
+RewardPool (r1pipe.eval.scoring), as in the training stages.
 
 The returned dict is report.json: {"suites": {name: {"n_problems", "k", "pass@1", "cons@k" (math),
 "pass@k", "pass@j"..., "n_samples", "skipped_rows", "missing", "unknown_ids", "grader_errors",

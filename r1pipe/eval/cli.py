@@ -1,7 +1,7 @@
 """`r1pipe eval`: evaluate a model, or re-score saved generations, on math and code suites.
 
     r1pipe eval --model runs/r1-zero/rl/checkpoints/step_000100 --suite gsm8k,math500 -k 4 --out eval_out
-    r1pipe eval --model Qwen2.5-Math-1.5B/ --suite aime24 -k 64 --max-tokens 32768
+    r1pipe eval --model Qwen2.5-Math-1.5B/ --suite aime24 -k 64 --max-tokens 32768 --workers 8 --backend vllm
     r1pipe eval --suite-file heldout.jsonl --model ckpt/ --greedy
     r1pipe eval --suite gsm8k --responses eval_out/generations.jsonl --out rescored
     r1pipe eval ... --dry-run      # check the arguments and print the plan; no model or file is read
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.errors import UserError
-from r1pipe.eval.backends import BACKENDS
+from r1pipe.errors import UserError, unwrap
+from r1pipe.engine.backend import BACKENDS
 from r1pipe.eval.runner import check_request, evaluate
 from r1pipe.eval.suites import KINDS, REGISTRY, Suite, load_suite_file, resolve_suites
 from r1pipe.eval.templates import TEMPLATES
@@ -61,12 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument("--seed", type=int, default=0)
 
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--backend", choices=BACKENDS, default="auto")
+    runtime.add_argument("--backend", choices=BACKENDS, default="engine",
+                         help="engine: r1pipe's own; vllm: vLLM (GPU, `pip install 'r1pipe[vllm]'`)")
+    runtime.add_argument("--workers", type=int, default=1,
+                         help="generation workers (Ray actors), the problems split between them (on GPUs: one GPU each)")
     runtime.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     runtime.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     runtime.add_argument("--max-num-seqs", type=int, help="engine backend: sequences decoded together")
     runtime.add_argument("--max-model-len", type=int, help="engine backend: longest prompt + completion (sizes the KV cache)")
-    runtime.add_argument("--workers", type=int, default=None, help="grading processes (default: CPU count, at most 8)")
+    runtime.add_argument("--grade-threads", type=int, default=None,
+                         help="grading threads of the reward actor (default: CPU count, at most 8)")
+    runtime.add_argument("--ray-address", default=None,
+                         help="join this Ray cluster (or 'auto') instead of starting a local one for the run")
     runtime.add_argument("--timeout", type=float, default=10.0, help="seconds per answer check or program run")
     runtime.add_argument("--out", default="eval_out", help="output directory for report.json, report.md, generations.jsonl")
     runtime.add_argument("--quiet", action="store_true", help="no progress bars or table")
@@ -75,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, int]:
-    """Cache sizing for the engine (vLLM takes the same two; transformers ignores them)."""
+    """Cache sizing for the engine (vLLM takes the same two)."""
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len}
     return {key: value for key, value in options.items() if value is not None}
 
@@ -86,7 +92,9 @@ def describe_plan(args: argparse.Namespace, shipped: list[Suite]) -> str:
         return path if Path(path).expanduser().exists() else f"{path} (not found here)"
 
     if args.model is not None:
-        source = f"generate with {where(args.model)}, backend {args.backend}, {args.dtype}, device {args.device or 'auto'}"
+        workers = f"{args.workers} worker{'s' * (args.workers > 1)}"
+        source = (f"generate with {where(args.model)}, backend {args.backend}, {workers}, {args.dtype}, "
+                  f"device {args.device or 'auto'}")
         sampling = ("greedy, 1 sample" if args.greedy else
                     f"{args.samples} sample{'s' * (args.samples > 1)} at temperature {args.temperature}, top-p {args.top_p}")
         protocol = f"{sampling} per problem, at most {args.max_tokens} new tokens, template {args.template}, seed {args.seed}"
@@ -120,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         check_request(args.model, args.responses, args.out, k=args.samples, greedy=args.greedy,
-                      max_tokens=args.max_tokens, limit=args.limit)
+                      max_tokens=args.max_tokens, limit=args.limit, workers=args.workers, backend=args.backend)
         suites = resolve_suites(args.suite) if args.suite else []
         if args.dry_run:
             print(describe_plan(args, suites))
@@ -139,13 +147,15 @@ def main(args: argparse.Namespace) -> int:
         evaluate(
             args.model, suites, args.out, responses=args.responses, k=args.samples, greedy=args.greedy,
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, template=args.template,
-            backend=args.backend, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed, limit=args.limit,
-            pass_at=args.pass_at, num_workers=args.workers, timeout_s=args.timeout, extract_mode=args.extract,
-            show=not args.quiet, backend_options=engine_options(args),
+            backend=args.backend, workers=args.workers, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed,
+            limit=args.limit, pass_at=args.pass_at, grade_threads=args.grade_threads, timeout_s=args.timeout,
+            extract_mode=args.extract, show=not args.quiet, backend_options=engine_options(args),
+            cluster={"address": args.ray_address} if args.ray_address else None,
         )
     except (FileNotFoundError, KeyError, ValueError) as e:  # the eval library's complaints about its input
-        if isinstance(e, UserError):
+        cause = unwrap(e)  # raised in a generation worker (e.g. a prompt too long for --max-model-len)
+        if isinstance(cause, UserError):
             raise
-        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+        raise UserError(cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)) from e
     print(f"reports: {args.out}/report.json, {args.out}/report.md; samples: {args.out}/generations.jsonl")
     return 0

@@ -1,24 +1,39 @@
 """`evaluate`: generate (or read saved) responses for each suite, grade them, compute the R1
-protocol's metrics and write report.json, report.md and generations.jsonl into `out_dir`."""
+protocol's metrics and write report.json, report.md and generations.jsonl into `out_dir`.
+
+Generation goes through a GenerationGroup (r1pipe.workers.generation: N rollout workers, r1pipe's engine or
+vLLM) and grading through a RewardPool (r1pipe.eval.scoring), as in the stages; Ray is started for the run
+when it is not running (and shut down after it), quietly.
+"""
 from __future__ import annotations
 
 import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
-from r1pipe.eval.backends import Backend, GenerationConfig, load_backend
+from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
+from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.engine.backend import BACKENDS
+from r1pipe.errors import DataError
 from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
 from r1pipe.eval.report import SuiteResult, append_generations, print_table, write_report
-from r1pipe.eval.scoring import Graded, grade_all, make_pool
-from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
-from r1pipe.errors import DataError
+from r1pipe.eval.scoring import Graded, grade_all, grading_pool
 from r1pipe.eval.suites import Problem, Suite, resolve_suites
 from r1pipe.eval.templates import render, resolve_template
+from r1pipe.stages.sections import SamplingResources, Workers
+from r1pipe.workers.cluster import ray_init
+from r1pipe.workers.generation import GenerationGroup, Sampling
+
+REWARD_CPUS = 0.5  # Ray CPUs of the grading actor; the generation workers share the rest
+# r1pipe engine options vLLM has no such name for (it shares max_num_seqs, max_model_len and speculative_k)
+ENGINE_ONLY = {"max_num_batched_tokens", "block_size", "num_blocks", "cache_memory_gb", "cuda_graphs", "fp8"}
 
 
 def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str, dict[str, list[str]]], SkipReport]:
@@ -67,11 +82,13 @@ def suite_metrics(suite: Suite, graded: list[list[Graded]], pass_at: Sequence[in
 
 
 def check_request(model: Any, responses: str | Path | None, out_dir: str | Path, *, k: int, greedy: bool,
-                  max_tokens: int, limit: int | None) -> None:
+                  max_tokens: int, limit: int | None, workers: int = 1, backend: str = "engine") -> None:
     """The settings `evaluate` checks before it loads a model or reads a file (`r1pipe eval --dry-run`
     runs exactly these): a ValueError naming the first one it cannot run with."""
     if (model is None) == (responses is None):
         raise ValueError("give exactly one of a model to generate with (--model) or saved responses to score (--responses)")
+    if model is not None and not isinstance(model, (str, Path)):
+        raise ValueError(f"model: a checkpoint directory is expected, got {type(model).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if greedy and k != 1:
@@ -80,12 +97,36 @@ def check_request(model: Any, responses: str | Path | None, out_dir: str | Path,
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output directory {out_dir}: exists and is not a directory")
 
 
+def engine_options(backend: str, device: str, dtype: torch.dtype, options: dict[str, Any]) -> dict[str, Any]:
+    """The engine's keyword arguments: r1pipe's engine takes device, dtype and every sizing option; vLLM
+    (which places and types itself) the sizing options it shares by name and anything else given."""
+    if backend == "engine":
+        return {"device": device, "dtype": dtype, **options}
+    return {k: v for k, v in options.items() if k not in ENGINE_ONLY}
+
+
+def generation_resources(workers: int, device: str) -> SamplingResources:
+    """`workers` generation workers on `device`, next to one grading actor: on GPUs one GPU each; on CPUs the
+    CPUs of the cluster's largest node shared out (and as many torch threads each)."""
+    reward = Workers(workers=1, cpus=REWARD_CPUS, threads=0)
+    if device.startswith("cuda"):
+        return SamplingResources(device=device, rollout=Workers(workers=workers, cpus=1.0, gpus=1.0, threads=0), reward=reward)
+    cpus = max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    share = max((cpus - REWARD_CPUS) / workers, 0.25)
+    return SamplingResources(device=device, reward=reward,
+                             rollout=Workers(workers=workers, cpus=share, threads=max(1, int(cpus) // workers)))
+
+
 def evaluate(
-    model: Any = None,
+    model: str | Path | None = None,
     suites: str | Sequence[str | Suite] = "gsm8k",
     out_dir: str | Path = "eval_out",
     *,
@@ -96,23 +137,26 @@ def evaluate(
     top_p: float = 0.95,
     max_tokens: int = 4096,
     template: str = "auto",
-    backend: str = "auto",
-    tokenizer: Any = None,
+    backend: str = "engine",
+    workers: int = 1,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     limit: int | None = None,
     pass_at: Sequence[int] = (),
-    num_workers: int | None = None,
+    grade_threads: int | None = None,
     timeout_s: float = 10.0,
     extract_mode: str = "auto",
     backend_options: dict[str, Any] | None = None,
+    cluster: dict[str, Any] | None = None,
     show: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate `model` (checkpoint dir, live r1pipe model, or Backend) on `suites`, or re-score
-    saved `responses` (JSONL of {"id", "response"[, "suite"]}) with no model at all. Returns the
-    report dict also written to out_dir/report.json."""
-    check_request(model, responses, out_dir, k=k, greedy=greedy, max_tokens=max_tokens, limit=limit)
+    """Evaluate the checkpoint `model` on `suites` with `workers` generation workers of `backend`, or
+    re-score saved `responses` (JSONL of {"id", "response"[, "suite"]}) with no model at all. Ray is
+    started as `cluster` (a recipe's cluster section) says when it is not running, and then shut down at
+    the end. Returns the report dict also written to out_dir/report.json."""
+    check_request(model, responses, out_dir, k=k, greedy=greedy, max_tokens=max_tokens, limit=limit, workers=workers,
+                  backend=backend)
     if isinstance(suites, str):
         suites = resolve_suites(suites)
     suite_list = [s if isinstance(s, Suite) else resolve_suites(s)[0] for s in suites]
@@ -120,15 +164,18 @@ def evaluate(
         raise ValueError("suite names must be distinct")
     if responses is not None and not Path(responses).is_file():
         raise FileNotFoundError(f"responses file not found: {responses}")
+    if model is not None and not Path(model).exists():
+        raise FileNotFoundError(f"model not found: {model} (a checkpoint directory is expected; nothing is downloaded)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     generations_path = out / "generations.jsonl"
     generations_path.write_text("")  # this run's samples only
 
-    config = GenerationConfig(n=k, temperature=0.0 if greedy else temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    sampling = Sampling(k=k, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                        max_tokens=max_tokens, stop=(), seed=seed)
     meta: dict[str, Any] = {"mode": "responses" if responses is not None else "generate"}
     saved: dict[str, dict[str, list[str]]] = {}
-    runner: Backend | None = None
+    tokenizer = None
     if responses is not None:
         saved, read = read_responses(responses, suite_list)
         meta.update(responses=str(responses), malformed_response_rows=read.skipped,
@@ -136,41 +183,54 @@ def evaluate(
         if read.skipped:
             print(f"r1pipe eval: {responses}: skipped {read.skipped} malformed rows ({read.summary()})", file=sys.stderr)
     else:
-        runner = load_backend(model, backend, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed, **(backend_options or {}))
-        template = resolve_template(template, runner.tokenizer)
-        meta.update(model=str(model) if isinstance(model, (str, Path)) else type(model).__name__, backend=runner.name,
-                    template=template, k=k, greedy=greedy, temperature=config.temperature, top_p=config.top_p,
-                    max_tokens=max_tokens, seed=seed)
+        tokenizer = load_tokenizer(model)
+        template = resolve_template(template, tokenizer)
+        meta.update(model=str(model), backend=backend, workers=workers, template=template, k=k, greedy=greedy,
+                    temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max_tokens, seed=seed)
 
+    started_ray = not ray.is_initialized()
+    ray_init({"cluster": dict(cluster or {})}, quiet=True)
+    group: GenerationGroup | None = None
+    pool = None
     results: list[SuiteResult] = []
     report: dict[str, Any] = {}
-    pool = make_pool(num_workers)
     try:
+        if model is not None:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            group = GenerationGroup.reserve(str(model), generation_resources(workers, device), key="eval.resources",
+                                            seed=seed, backend=backend, stage="eval",
+                                            engine=engine_options(backend, device, dtype, dict(backend_options or {})))
+        pool = grading_pool(timeout_s, extract_mode, grade_threads, REWARD_CPUS)
         for suite in suite_list:
-            result = evaluate_suite(suite, runner, saved, template, config, limit, pass_at, timeout_s, extract_mode,
-                                    pool, show, generations_path)
+            result = evaluate_suite(suite, group, tokenizer, saved, template, sampling, limit, pass_at, pool, show,
+                                    generations_path)
             results.append(result)
             report = write_report(out, results, meta)  # after every suite, so a long run leaves partial numbers
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown()
+        if group is not None:
+            group.shutdown()
+        if started_ray:
+            ray.shutdown()
     if show:
         print_table(results)
     return report
 
 
-def evaluate_suite(suite: Suite, runner: Backend | None, saved: dict[str, dict[str, list[str]]], template: str,
-                   config: GenerationConfig, limit: int | None, pass_at: Sequence[int], timeout_s: float,
-                   extract_mode: str, pool: Any, show: bool, generations_path: Path) -> SuiteResult:
+def evaluate_suite(suite: Suite, group: GenerationGroup | None, tokenizer: Any, saved: dict[str, dict[str, list[str]]],
+                   template: str, sampling: Sampling, limit: int | None, pass_at: Sequence[int], pool: Any, show: bool,
+                   generations_path: Path) -> SuiteResult:
     """Generate (or look up) one suite's samples, grade them, append them to generations.jsonl."""
     problems = suite.problems[:limit] if limit is not None else suite.problems
     result = SuiteResult(name=suite.name, kind=suite.kind, n_problems=0, k=0, metrics={}, skipped_rows=suite.skipped)
     started = time.perf_counter()
-    if runner is not None:
-        prompts = [render(suite, p, template, runner.tokenizer) for p in problems]
+    if group is not None:
+        prompts = [render(suite, p, template, tokenizer) for p in problems]
         stop = prompts[0].stop if prompts else ()
-        texts = runner.generate([p.text for p in prompts], stop, config)
-        prompt_texts = [p.text for p in prompts]
+        prompt_texts: list[str | None] = [p.text for p in prompts]
+        groups = group.generate(prompt_texts, replace(sampling, stop=tuple(stop)), progress=show)
+        texts = [[c.text for c in completions] for completions in groups]
     else:
         by_id = saved[suite.name]
         known = {p.id for p in suite.problems}
@@ -186,10 +246,8 @@ def evaluate_suite(suite: Suite, runner: Backend | None, saved: dict[str, dict[s
 
     started = time.perf_counter()
     flat = [(i, t) for i, samples in enumerate(texts) for t in samples]
-    graded_flat = grade_all(
-        suite.kind, [t for _, t in flat], [problems[i].reference for i, _ in flat], timeout_s=timeout_s,
-        extract_mode=extract_mode, pool=pool, description=f"grading {suite.name}", progress=show,
-    )
+    graded_flat = grade_all(suite.kind, [t for _, t in flat], [problems[i].reference for i, _ in flat], pool,
+                            description=f"grading {suite.name}", progress=show)
     graded: list[list[Graded]] = [[] for _ in problems]
     for (i, _), g in zip(flat, graded_flat):
         graded[i].append(g)

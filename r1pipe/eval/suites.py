@@ -17,7 +17,7 @@ from r1pipe.data.fields import CANDIDATES, FieldMap, pick_fields
 from r1pipe.data.rows import gold_text, row_id
 from r1pipe.data.sources import Records, read_records
 from r1pipe.errors import DataError
-from r1pipe.rewards import extract_gsm8k_gold
+from r1pipe.rewards import extract_gsm8k_gold, gold_answer
 
 # How a suite is graded; "stdio" are programs read from stdin, judged on stdout (`inputs`/`outputs`).
 KINDS = ("math", "humaneval", "mbpp", "stdio")
@@ -174,7 +174,7 @@ def load_suite_file(
 
     def gold(row: dict) -> str | None:
         text = gold_text(row.get(fields.answer)) if fields.answer else None
-        return (extract_gsm8k_gold(text) or text) if text is not None and "####" in text else text
+        return gold_answer(text) if text is not None else None
 
     stem = Path(str(path)).name.split(".")[0] or str(path)
     return build_suite(name or stem, records, kind, fields, gold if kind == "math" else None)

@@ -519,7 +519,8 @@ class EvalConfig(StageConfig):
     template: str = "r1-zero"  # r1pipe.data.templates: auto | r1-zero | r1 | chat | raw
     limit: Optional[int] = None  # first N problems of each suite
     pass_at: list[int] = field(default_factory=list)
-    backend: str = "auto"
+    backend: str = "engine"  # engine (r1pipe's own) | vllm
+    workers: int = 1  # generation workers (Ray actors; on GPUs one GPU each)
 
     def __post_init__(self) -> None:
         if not self.suites:
@@ -532,6 +533,10 @@ class EvalConfig(StageConfig):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.backend not in ENGINE_BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: choose one of {', '.join(ENGINE_BACKENDS)}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 # ---------------------------------------------------------------- distillation: teacher and comparison

@@ -6,6 +6,7 @@ Suites are shipped names (gsm8k, math500, ... and the groups math / code / all),
 source of math problems (a JSONL / Parquet / CSV file, a save_to_disk directory or a hub
 `name:split`; fields auto-detected), or `heldout`: the held-out problems an earlier stage wrote
 (its "heldout_path").
+Generates with `workers` rollout workers of `backend` (r1pipe.workers.generation) in the run's Ray cluster.
 Writes report.json / report.md / generations.jsonl in the stage folder.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from r1pipe.eval import evaluate
 from r1pipe.eval.suites import GROUPS, REGISTRY, load_suite_file, resolve_suites
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import EvalConfig
+from r1pipe.workers.cluster import ray_init
 
 
 def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
@@ -38,9 +40,11 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
 
 def run_eval(cfg: EvalConfig, ctx: StageContext) -> dict:
     model_path = Path(cfg.model_path).expanduser() if cfg.model_path else ctx.model_path()
+    suites = resolve_suite_list(cfg, ctx)
+    ray_init(ctx.recipe)
     report = evaluate(
-        str(model_path), resolve_suite_list(cfg, ctx), ctx.stage_dir, k=cfg.k, greedy=cfg.greedy,
+        str(model_path), suites, ctx.stage_dir, k=cfg.k, greedy=cfg.greedy,
         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, template=cfg.template,
-        backend=cfg.backend, seed=ctx.seed, limit=cfg.limit, pass_at=list(cfg.pass_at),
+        backend=cfg.backend, workers=cfg.workers, seed=ctx.seed, limit=cfg.limit, pass_at=list(cfg.pass_at),
     )
     return {"report_path": str(ctx.stage_dir / "report.json"), "model_path": str(model_path), "suites": report.get("suites", {})}

@@ -1,6 +1,6 @@
 """Stage `grpo`: GRPO with a single Ray controller (HybridFlow-style).
 
-A step reads top to bottom (GRPOTrainer.step): `collect` has the RolloutWorker(s) sample a group of
+A step reads top to bottom (GRPOTrainer.step): `collect` has the rollout engines (a GenerationGroup) sample a group of
 completions per prompt and `score`s them on the RewardPool (refilling groups dropped by dynamic
 sampling) into a RolloutBatch; `train` computes group-relative advantages, the trainer's old (and
 reference) log-probs, optional TIS weights against the engine's log-probs, and runs the update(s)
@@ -46,9 +46,10 @@ from r1pipe.stages.sections import Workers
 from r1pipe.tracking import MetricsLogger, StepProgress, plot_metrics
 from r1pipe.tracking.checkpoints import check_room_for_checkpoints, latest_checkpoint, write_checkpoint
 from r1pipe.tracking.plots import DEFAULT_PLOTS
-from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch, RolloutWorker
+from r1pipe.workers import DraftStats, PolicyConfig, RolloutBatch
 from r1pipe.workers.batch import Completion
 from r1pipe.workers.cluster import ray_init
+from r1pipe.workers.generation import GenerationGroup, Pending, Sampling
 from r1pipe.workers.group import PolicyGroup
 from r1pipe.workers.placement import ResourcePlan, reserve, role_resources
 from r1pipe.workers.weight_sync import check_probe
@@ -102,16 +103,16 @@ class Prefetch:
 
     problems: list[dict]
     version: int
-    refs: list[Any] | None = None  # Ray references to each worker's part while it runs
+    pending: Pending | None = None  # the engines' work while it runs
     done: list[list[Completion]] | None = None
 
     def groups(self) -> list[list[Completion]]:
         """The completions of each prompt (waiting for the engines if they are still at it)."""
         if self.done is None:
-            self.done = [g for part in ray.get(self.refs) for g in part]
+            self.done = self.pending.result()
             for c in (c for g in self.done for c in g):
                 c.version = self.version
-            self.refs = None
+            self.pending = None
         return self.done
 
     def save(self, path: Path) -> None:
@@ -277,12 +278,11 @@ class GRPOTrainer:
                                   policy_path if cfg.algorithm.kl_coef > 0 else None,
                                   placement=self.placement)
         engine_kwargs = {"device": cfg.resources.device, "dtype": precision.dtype, **dict(cfg.rollout.engine)}
-        self.rollout = [ray.remote(RolloutWorker).options(**self.placement.options("rollout", i)).remote(
-                            rollout_path, engine_kwargs, self.ctx.seed + i, cfg.resources.rollout.threads or None,
-                            backend=cfg.rollout.backend)
-                        for i in range(cfg.resources.rollout.workers)]
-        self.pad_id = ray.get(self.rollout[0].pad_token_id.remote())
-        self.policy.connect_engines(self.rollout, cfg.sync.bucket_mb, cfg.sync.shared_memory,
+        self.rollout = GenerationGroup(rollout_path, self.placement, workers=cfg.resources.rollout.workers,
+                                       engine=engine_kwargs, seed=self.ctx.seed, threads=cfg.resources.rollout.threads or None,
+                                       backend=cfg.rollout.backend)
+        self.pad_id = ray.get(self.rollout.workers[0].pad_token_id.remote())
+        self.policy.connect_engines(self.rollout.workers, cfg.sync.bucket_mb, cfg.sync.shared_memory,
                                     engines_read_in_place=cfg.rollout.max_staleness == 0)
         self.scorer = Scorer(dict(cfg.rewards.weights), dict(cfg.rewards.extra), cfg.resources.reward, dict(cfg.rewards.options))
 
@@ -323,22 +323,17 @@ class GRPOTrainer:
 
     # ---- rollout
 
-    def _launch(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[ray.ObjectRef]:
-        """Start sampling n completions of each prompt, prompts split over the rollout workers; one
-        reference per worker's part, in prompt order. Workers get the token ids made once on the
-        driver when loading the problems."""
-        prompts = [self.prompt_ids.get(p, p) for p in prompts]
-        k = len(self.rollout)
-        chunks = [(i * len(prompts) // k, (i + 1) * len(prompts) // k) for i in range(k)]
-        return [
-            w.generate.remote(prompts[a:b], n, temperature, self.cfg.rollout.max_tokens, seeds[a:b], list(self.cfg.rollout.stop) or None,
-                              self.cfg.rollout.routing_replay and temperature > 0)
-            for w, (a, b) in zip(self.rollout, chunks) if b > a
-        ]
+    def _launch(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> Pending:
+        """Start sampling n completions of each prompt (prompt i with seeds[i]) on the rollout group. The
+        engines get the token ids made once on the driver when loading the problems."""
+        cfg = self.cfg.rollout
+        sampling = Sampling(k=n, temperature=temperature, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop), seed=self.ctx.seed)
+        return self.rollout.submit([self.prompt_ids.get(p, p) for p in prompts], sampling, seeds,
+                                   return_routing=cfg.routing_replay and temperature > 0)
 
     def _generate(self, prompts: list[str], n: int, temperature: float, seeds: list[int]) -> list[list[Completion]]:
         """The n completions of each prompt, sampled by the engines' current weights (`self.version`)."""
-        groups = [r for part in ray.get(self._launch(prompts, n, temperature, seeds)) for r in part]
+        groups = self._launch(prompts, n, temperature, seeds).result()
         for c in (c for g in groups for c in g):
             c.version = self.version
         return groups
@@ -348,9 +343,9 @@ class GRPOTrainer:
         trainer trains (max_staleness 1)."""
         first = stream.position
         problems = stream.take(self.cfg.rollout.prompts_per_step)
-        refs = self._launch([p["prompt"] for p in problems], self.cfg.rollout.group_size, self.cfg.rollout.temperature,
-                            self._seeds(first, len(problems)))
-        return Prefetch(problems, self.version, refs=refs)
+        pending = self._launch([p["prompt"] for p in problems], self.cfg.rollout.group_size, self.cfg.rollout.temperature,
+                               self._seeds(first, len(problems)))
+        return Prefetch(problems, self.version, pending=pending)
 
     def _seeds(self, first: int, n: int) -> list[int]:
         """The sampling seed of each prompt, from its position in the prompt stream."""
@@ -521,7 +516,7 @@ class GRPOTrainer:
         """Every engine samples the probe (the first training prompt, fixed seed); the trainer scores
         the same tokens; check_probe raises on disagreement."""
         prompt = [self.probe_prompt]
-        groups = ray.get([w.generate.remote(prompt, 2, self.cfg.rollout.temperature, self.cfg.rollout.max_tokens, [0]) for w in self.rollout])
+        groups = self.rollout.on_each("generate", prompt, 2, self.cfg.rollout.temperature, self.cfg.rollout.max_tokens, [0])
         batch = RolloutBatch(problems=[], completions=[c for g in groups for c in g[0]])
         train_batch = batch.train_batch(self.pad_id)
         trainer = self.policy.logprobs(train_batch)
@@ -529,7 +524,7 @@ class GRPOTrainer:
 
     def draft_stats(self) -> DraftStats:
         """MTP drafts the engines proposed and accepted since the last call."""
-        return sum(ray.get([w.take_draft_stats.remote() for w in self.rollout]), DraftStats())
+        return sum(self.rollout.on_each("take_draft_stats"), DraftStats())
 
     def checkpoint(self, step: int, state: dict, stream: PromptStream, t_start: float) -> None:
         """Model, optimizer, RNG, data position and policy version (and the next step's prefetched rollouts),
@@ -587,7 +582,7 @@ class GRPOTrainer:
         metrics["time/step"] = step_time
         # what each side waited for: the trainer for rollouts (and scoring), the engines for weights
         metrics["time/trainer_idle"] = step_time - self.timings["train"]
-        metrics["time/engine_idle"] = step_time - _mean(ray.get([w.take_busy_seconds.remote() for w in self.rollout]))
+        metrics["time/engine_idle"] = step_time - _mean(self.rollout.on_each("take_busy_seconds"))
         metrics["tokens_per_second"] = batch.generated_tokens / max(step_time, 1e-9)
         return metrics
 
@@ -642,7 +637,7 @@ class GRPOTrainer:
             logger.log(0, {"heldout_accuracy": state["base_accuracy"],
                            **{f"heldout_accuracy/{d}": v for d, v in self.heldout_by_domain.items()}})
 
-        ray.get([w.take_busy_seconds.remote() for w in self.rollout])  # the base check is not a step's work
+        self.rollout.on_each("take_busy_seconds")  # the base check is not a step's work
         with StepProgress(cfg.steps, step, "grpo", show=("reward/mean", "accuracy", "response_length/mean")) as progress:
             while step < cfg.steps:
                 step += 1
@@ -680,8 +675,7 @@ class GRPOTrainer:
         }
         (self.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.policy.shutdown()
-        for w in self.rollout:
-            ray.kill(w)
+        self.rollout.shutdown()
         self.placement.remove()
         print(f"grpo: held-out accuracy {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
               f"in {cfg.steps} steps, {summary['wall_seconds']:.0f}s")

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from r1pipe.model import ModelConfig, Precision, Transformer
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
 from r1pipe.stages.configs import R1_WORLD_DEFAULTS, PretrainConfig
+from r1pipe.stages.sections import SamplingResources
 from r1pipe.stages.supervised import Schedule, SupervisedRun, export_model, train, trainer_policy
 from r1pipe.tracking.checkpoints import atomic_write
 
@@ -193,8 +194,13 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
                               "num_params": num_params, "vocab_size": len(tokenizer)}
     if cfg.eval_size > 0:
         rows = [problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout[: cfg.eval_size])]
+        # the base check generates where the trainer workers trained
+        r = cfg.resources
+        check_resources = SamplingResources(device=r.device, placement_strategy=r.placement_strategy,
+                                            placement_timeout_s=r.placement_timeout_s, rollout=replace(r.trainer))
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            acc = measure_accuracy(model_dir, rows, temperature, cfg.eval_max_tokens, seed=seed)
+            acc = measure_accuracy(model_dir, rows, temperature, cfg.eval_max_tokens, seed=seed, resources=check_resources,
+                                   key="pretrain.resources", recipe=recipe)
             report[f"base_accuracy_{name}"] = acc.accuracy
             report[f"base_worked_fraction_{name}"] = acc.worked_fraction
             report[f"base_worked_accuracy_{name}"] = None if math.isnan(acc.worked_accuracy) else acc.worked_accuracy

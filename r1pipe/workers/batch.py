@@ -60,7 +60,7 @@ class Completion:
 
     prompt_ids: list[int]
     token_ids: list[int]
-    text: str  # with the stop string that ended it (the engine cuts it; the rewards need it)
+    text: str  # up to and including the stop string that ended it (the rewards read it)
     logprobs: list[float]  # the engine's log-prob of each token in token_ids
     finish_reason: str  # "stop" | "length"
     routing: Tensor | None = None  # LongTensor[num_moe_layers, P + C, top_k] for routing replay, or None

@@ -10,6 +10,7 @@ one line naming the address and exit status 2, and ends it at once on SIGTERM or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -74,8 +75,10 @@ class JoinWatchdog:
             os.close(fd)
 
 
-def ray_init(recipe: Any, join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
-    """Start (or join) Ray as the recipe's `cluster` section says; a no-op when already up."""
+def ray_init(recipe: Any, join_timeout_s: float = JOIN_TIMEOUT_S, quiet: bool = False) -> None:
+    """Start (or join) Ray as the recipe's `cluster` section says; a no-op when already up. `quiet`: no
+    start-up lines and no worker output on the driver (a command that starts Ray only for itself, such as
+    `r1pipe eval`; errors still reach the caller)."""
     if ray.is_initialized():
         return
     cluster = recipe.get("cluster", {}) or {}
@@ -99,7 +102,8 @@ def ray_init(recipe: Any, join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
     try:
         with JoinWatchdog(given[0], join_timeout_s) if given is not None else contextlib.nullcontext():
             ray.init(address=address, num_cpus=cluster.get("num_cpus") if local else None,
-                     num_gpus=cluster.get("num_gpus") if local else None, include_dashboard=False, log_to_driver=True)
+                     num_gpus=cluster.get("num_gpus") if local else None, include_dashboard=False, log_to_driver=not quiet,
+                     logging_level=logging.ERROR if quiet else logging.INFO)
     except (ConnectionError, RuntimeError, ValueError) as e:
         if local:
             raise

@@ -1,9 +1,10 @@
-"""RolloutWorker: the generation engine (r1pipe's own, r1pipe.engine.LLM, or vLLM through
-r1pipe.engine.vllm_backend.VLLMEngine) as a Ray actor.
+"""RolloutWorker: a generation engine (r1pipe.engine.backend.open_engine: r1pipe's own LLM or vLLM) as a
+Ray actor; r1pipe.workers.generation.GenerationGroup drives several of them as one.
 
-It samples `n` completions per prompt with their per-token log-probs (and, for routing replay, which
-needs r1pipe's engine, the experts the engine chose), and takes new weights from the policy after every
-step. Results travel as `Completion` dataclasses, so the controller needs no engine types.
+It samples `n` completions per prompt with their per-token log-probs (and, for routing replay,
+which needs r1pipe's engine, the experts it chose), and takes new weights from the policy after every step.
+Results travel as `Completion` dataclasses, so the controller needs no engine types. A completion
+that a stop string ended keeps it (`... </answer>`: the rewards read it) and nothing after it.
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ class RolloutWorker:
         self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
         self.busy_seconds = 0.0  # time in `generate` since `take_busy_seconds` last asked
 
-    def generate_stream(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                        seeds: list[int] | None = None, stop: list[str] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
+    def generate_stream(self, prompts: list[str] | list[list[int]], n: int, temperature: float, max_tokens: int,
+                        seeds: list[int] | None = None, stop: list[str] | None = None,
+                        top_p: float = 1.0) -> Iterator[list[tuple[int, list[Completion]]]]:
         """The same samples as `generate`, streamed: after each engine step, the prompts (index, n
         completions) that have just finished. Call as a Ray streaming generator
-        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores."""
-        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False)
-        for finished in self.llm.iter_generate(prompts, params):
+        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores.
+        An engine without `iter_generate` (vLLM's) returns every prompt at the end."""
+        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False, top_p)
+        steps = (self.llm.iter_generate(prompts, params) if hasattr(self.llm, "iter_generate")
+                 else [list(enumerate(self.llm.generate(prompts, params, use_tqdm=False)))])
+        for finished in steps:
             yield [(i, [self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)]) for i, out in finished]
 
     def generate(
@@ -53,10 +58,12 @@ class RolloutWorker:
         seeds: list[int] | None = None,
         stop: list[str] | None = None,
         return_routing: bool = False,
+        top_p: float = 1.0,
     ) -> list[list[Completion]]:
         """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
-        reproducible. GRPO trains on untruncated log-probs, so there is no top-p / top-k here."""
-        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing)
+        reproducible. Log-probs are of the untruncated distribution whatever `top_p` (GRPO samples with
+        top_p 1, evaluation with the R1 protocol's 0.95)."""
+        params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing, top_p)
         started = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.busy_seconds += time.perf_counter() - started
@@ -69,10 +76,11 @@ class RolloutWorker:
 
     @staticmethod
     def _params(num_prompts: int, n: int, temperature: float, max_tokens: int, seeds: list[int] | None,
-                stop: list[str] | None, return_routing: bool) -> list[SamplingParams]:
-        """One prompt's sampling settings each: untruncated (GRPO trains on untruncated log-probs), log-probs on."""
-        return [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop,
-                               seed=None if seeds is None else seeds[i], logprobs=True, return_routing=return_routing)
+                stop: list[str] | None, return_routing: bool, top_p: float = 1.0) -> list[SamplingParams]:
+        """One prompt's sampling settings each: log-probs on, a stop string kept in the text."""
+        return [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                               include_stop_str_in_output=True, seed=None if seeds is None else seeds[i], logprobs=True,
+                               return_routing=return_routing)
                 for i in range(num_prompts)]
 
     @staticmethod
@@ -80,8 +88,7 @@ class RolloutWorker:
         routing = None
         if c.routing is not None and getattr(out, "prompt_routing", None) is not None:
             routing = torch.cat([out.prompt_routing, c.routing], dim=1)
-        stop = c.stop_reason if isinstance(getattr(c, "stop_reason", None), str) else ""
-        return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text + stop,
+        return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text,
                           logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing)
 
     def take_draft_stats(self) -> DraftStats:

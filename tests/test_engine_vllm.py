@@ -126,19 +126,18 @@ def test_missing_vllm_is_a_clear_import_error(monkeypatch):
         VLLMEngine("/ckpt")
 
 
-def test_eval_uses_the_same_wrapper(fake_vllm, tmp_path):
-    from r1pipe.eval.backends import EngineBackend, GenerationConfig, load_backend
+def test_every_generation_path_opens_the_same_wrapper(fake_vllm):
+    """GRPO, rejection sampling and `r1pipe eval --backend vllm` all build RolloutWorker(backend="vllm"), which
+    opens VLLMEngine through open_engine and asks vLLM to keep the stop string (the rewards read `</answer>`)."""
+    from r1pipe.engine.backend import open_engine
     from r1pipe.engine.vllm_backend import VLLMEngine
     from r1pipe.workers import RolloutWorker
 
-    assert isinstance(open_engine("vllm", tmp_path, seed=2), VLLMEngine)
-    with pytest.raises(ValueError, match="backend='hf'"):
-        open_engine("hf", tmp_path)
-    worker = RolloutWorker(str(tmp_path), {"max_num_seqs": 8}, seed=1, backend="vllm")
+    assert isinstance(open_engine("vllm", "/ckpt", seed=2), VLLMEngine)
+    with pytest.raises(ValueError, match="'hf'.*engine, vllm"):
+        open_engine("hf", "/ckpt")
+    worker = RolloutWorker("/ckpt", {"max_num_seqs": 8}, seed=1, backend="vllm")
     assert isinstance(worker.llm, VLLMEngine) and worker.llm._llm.kwargs["max_num_seqs"] == 8
-    asked = []
-    generate = worker.llm._llm.generate
-    worker.llm._llm.generate = lambda inputs, params, use_tqdm=True: asked.extend(params) or generate(inputs, params, use_tqdm)
-    groups = worker.generate(["ab", "cd"], 1, 0.0, 4, seeds=[0, 1], stop=["</answer>"])
-    assert [len(g[0].token_ids) for g in groups] == [4, 4] and [len(g[0].text) for g in groups] == [4, 4]
-    assert all(p.include_stop_str_in_output and p.stop == ["</answer>"] for p in asked) and len(asked) == 2
+    worker.generate([[3, 4], [5, 6]], 1, 0.0, 4, seeds=[0, 1], stop=["</answer>"])
+    asked = [e["params"] for e in fake_vllm.RECORD if "params" in e][-2:]  # after the start-up contract probes
+    assert all(p["temperature"] == 0.0 and p["include_stop_str_in_output"] and p["stop"] == ["</answer>"] for p in asked), asked

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from r1pipe.errors import UserError, unwrap
-from r1pipe.engine.backend import BACKENDS
+from r1pipe.vocab import ENGINE_BACKENDS as BACKENDS
 from r1pipe.eval.runner import check_request, evaluate
 from r1pipe.eval.suites import KINDS, REGISTRY, Suite, load_suite_file, resolve_suites
 from r1pipe.eval.templates import TEMPLATES

@@ -20,7 +20,7 @@ import torch
 
 from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
 from r1pipe.data.tokenizer import load_tokenizer
-from r1pipe.engine.backend import BACKENDS
+from r1pipe.vocab import ENGINE_BACKENDS as BACKENDS
 from r1pipe.errors import DataError
 from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
 from r1pipe.eval.report import SuiteResult, append_generations, print_table, write_report

@@ -266,7 +266,7 @@ class LLM:
             hit = [(text.find(s), s) for s in p.stop or [] if s in text]
             if hit:  # the text stops before the stop string; the token that completed it stays
                 at, s = min(hit)
-                finish, stop_reason, text = "stop", s, text[:at]
+                finish, stop_reason, text = "stop", s, text[:at + len(s) if p.include_stop_str_in_output else at]
                 break
         if not isinstance(stop_reason, str):
             text = tok.decode(ids, p.skip_special_tokens)

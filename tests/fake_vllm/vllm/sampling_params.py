@@ -19,6 +19,7 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off, as in vLLM
     max_tokens: int | None = 16
     stop: list[str] | None = None
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text (not what follows)
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None  # the sampled token's log-prob and this many top ones; None: no log-probs

@@ -48,6 +48,9 @@ def build_files(root: Path) -> dict[str, Path]:
     (root / "empty.jsonl").write_text("")
     (root / "garbage.jsonl").write_text("this is not JSON\nnor is this\n")
     (root / "empty.yaml").write_text("")
+    gpt2 = root / "gpt2"  # whole files, but an architecture the engine does not run
+    shutil.copytree(model, gpt2)
+    (gpt2 / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), "model_type": "gpt2"}))
     return {"root": root, "model": model, "corrupt": corrupt, "no_tokenizer": no_tokenizer, "no_mtp": root / "no_mtp"}
 
 
@@ -111,6 +114,11 @@ CASES = [
     ("no tokenizer", lambda f: ["run", "r1-zero", f"model.path={f['no_tokenizer']}", "stages=[rl]"], "no tokenizer files there"),
     ("model init: missing --tokenizer", lambda f: ["model", "init", "tiny-qwen2", "--tokenizer", str(f["root"] / "nothing"),
                                                    "--out", str(f["root"] / "out")], "--tokenizer="),
+    ("eval: unsupported model", lambda f: ["eval", "--model", str(f["root"] / "gpt2"), "--suite", "gsm8k", "--out",
+                                           str(f["root"] / "eval_gpt2")],
+     "model_type 'gpt2' is not supported by r1pipe's engine; supported model types: deepseek_v3, llama, qwen2"),
+    ("grpo: unsupported model", lambda f: ["run", "r1-zero", f"model.path={f['root'] / 'gpt2'}", "stages=[rl]"],
+     "model_type 'gpt2' is not supported by r1pipe's engine; supported model types: deepseek_v3, llama, qwen2"),
     ("eval: empty responses", lambda f: ["eval", "--suite", "gsm8k", "--responses", str(f["root"] / "empty.jsonl"),
                                          "--out", str(f["root"] / "eval_out")], "no responses: the file is empty"),
     # data, read by the stage on the driver before Ray starts

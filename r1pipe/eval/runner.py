@@ -20,6 +20,7 @@ import torch
 
 from r1pipe.data.jsonl import SkipReport, read_jsonl_rows
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.engine import check_supported
 from r1pipe.vocab import ENGINE_BACKENDS as BACKENDS
 from r1pipe.errors import DataError
 from r1pipe.eval.metrics import cons_at_k, mean_pass_at_1, mean_pass_at_k
@@ -166,6 +167,8 @@ def evaluate(
         raise FileNotFoundError(f"responses file not found: {responses}")
     if model is not None and not Path(model).exists():
         raise FileNotFoundError(f"model not found: {model} (a checkpoint directory is expected; nothing is downloaded)")
+    if model is not None and backend == "engine":
+        check_supported(model)  # an architecture the engine does not run: one error before Ray or a worker starts
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     generations_path = out / "generations.jsonl"

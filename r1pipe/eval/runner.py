@@ -33,8 +33,6 @@ from r1pipe.workers.cluster import ray_init
 from r1pipe.workers.generation import GenerationGroup, Sampling
 
 REWARD_CPUS = 0.5  # Ray CPUs of the grading actor; the generation workers share the rest
-# r1pipe engine options vLLM has no such name for (it shares max_num_seqs, max_model_len and speculative_k)
-ENGINE_ONLY = {"max_num_batched_tokens", "block_size", "num_blocks", "cache_memory_gb", "cuda_graphs", "fp8"}
 
 
 def read_responses(path: str | Path, suites: Sequence[Suite]) -> tuple[dict[str, dict[str, list[str]]], SkipReport]:
@@ -108,10 +106,10 @@ def check_request(model: Any, responses: str | Path | None, out_dir: str | Path,
 
 def engine_options(backend: str, device: str, dtype: torch.dtype, options: dict[str, Any]) -> dict[str, Any]:
     """The engine's keyword arguments: r1pipe's engine takes device, dtype and every sizing option; vLLM
-    (which places and types itself) the sizing options it shares by name and anything else given."""
+    (which places and types itself) the sizing options, which VLLMEngine translates to vLLM's names."""
     if backend == "engine":
         return {"device": device, "dtype": dtype, **options}
-    return {k: v for k, v in options.items() if k not in ENGINE_ONLY}
+    return dict(options)
 
 
 def generation_resources(workers: int, device: str) -> SamplingResources:

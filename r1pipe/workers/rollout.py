@@ -41,13 +41,10 @@ class RolloutWorker:
                         top_p: float = 1.0) -> Iterator[list[tuple[int, list[Completion]]]]:
         """The same samples as `generate`, streamed: after each engine step, the prompts (index, n
         completions) that have just finished. Call as a Ray streaming generator
-        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores.
-        An engine without `iter_generate` (vLLM's) returns every prompt at the end."""
+        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False, top_p)
-        steps = (self.llm.iter_generate(prompts, params) if hasattr(self.llm, "iter_generate")
-                 else [list(enumerate(self.llm.generate(prompts, params, use_tqdm=False)))])
-        for finished in steps:
-            yield [(i, [self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)]) for i, out in finished]
+        for finished in self.llm.iter_generate(prompts, params):
+            yield [(i, self._completions(out)) for i, out in finished]
 
     def generate(
         self,
@@ -67,7 +64,7 @@ class RolloutWorker:
         started = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.busy_seconds += time.perf_counter() - started
-        return [[self._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return [self._completions(out) for out in outputs]
 
     def take_busy_seconds(self) -> float:
         """Seconds spent in `generate` since the last call (the rest of a step, the engine waited)."""
@@ -82,6 +79,11 @@ class RolloutWorker:
                                include_stop_str_in_output=True, seed=None if seeds is None else seeds[i], logprobs=True,
                                return_routing=return_routing)
                 for i in range(num_prompts)]
+
+    @classmethod
+    def _completions(cls, out: Any) -> list[Completion]:
+        """A request's completions in sample-index order."""
+        return [cls._completion(out, c) for c in sorted(out.outputs, key=lambda c: c.index)]
 
     @staticmethod
     def _completion(out: Any, c: Any) -> Completion:

@@ -52,7 +52,8 @@ EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_p
 
 
 def _expert_target(model: nn.Module, key: str) -> tuple[GroupedExperts, str, int] | None:
-    """A per-expert Hugging Face key -> (stacked experts module, stacked attribute, expert index)."""
+    """A per-expert Hugging Face key -> (stacked experts module, stacked attribute, index in the stack); None
+    for a key the model has no place for, or an expert another expert-parallel rank holds."""
     m = EXPERT_KEY.match(key)
     if m is None:
         return None
@@ -61,9 +62,9 @@ def _expert_target(model: nn.Module, key: str) -> tuple[GroupedExperts, str, int
     except AttributeError:
         return None
     j = int(m["j"])
-    if not isinstance(module, GroupedExperts) or j >= module.num_experts:
+    if not isinstance(module, GroupedExperts) or j not in module.held_experts:
         return None
-    return module, m["proj"] + ("" if m["attr"] == "weight" else SCALE_SUFFIX), j
+    return module, m["proj"] + ("" if m["attr"] == "weight" else SCALE_SUFFIX), j - module.first_expert
 
 
 def _write_expert(target: tuple[GroupedExperts, str, int], value: Tensor, name: str) -> None:
@@ -158,7 +159,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                     scale = open_file(files[scale_name]).get_tensor(scale_name)
                     if keeps_fp8 and block == (128, 128):
                         if expert is not None:  # checks both shapes
-                            module.load_fp8_weight(attr, expert[2], tensor.to(device), scale.to(device))
+                            module.load_fp8_weight(attr, expert[0].first_expert + expert[2], tensor.to(device), scale.to(device))
                         else:
                             module.load_fp8_weight(tensor.to(device), scale.to(device))
                         loaded.add(aliases.get(name, name))

@@ -171,6 +171,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, fp8: bool = False):
         super().__init__()
         self.num_experts, self.dim, self.hidden, self.fp8 = num_experts, dim, hidden, fp8
+        self.first_expert = 0  # global id of the first expert held here (expert parallelism holds a slice)
         self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -181,6 +182,23 @@ class GroupedExperts(nn.Module):
 
     def __len__(self) -> int:
         return self.num_experts
+
+    @property
+    def held_experts(self) -> range:
+        """Global ids of the experts whose weights this module holds (all, unless expert-parallel)."""
+        return range(self.first_expert, self.first_expert + self.gate_proj.shape[0])  # a DTensor: all
+
+    def hold_slice(self, start: int, end: int) -> None:
+        """Keep only experts [start, end) (plain tensors; inference, e.g. one process of an expert-parallel
+        engine); the state dict then speaks those experts' global Hugging Face keys."""
+        for name in PROJECTIONS:
+            for attr in (name, name + SCALE_SUFFIX):
+                t = getattr(self, attr)
+                if t is None:
+                    continue
+                piece = t.detach()[start - self.first_expert: end - self.first_expert].clone()
+                setattr(self, attr, nn.Parameter(piece, requires_grad=t.requires_grad) if attr == name else piece)
+        self.first_expert = start
 
     def expert_weight_shape(self, proj: str) -> tuple[int, int]:
         return (self.dim, self.hidden) if proj == "down_proj" else (self.hidden, self.dim)
@@ -207,11 +225,11 @@ class GroupedExperts(nn.Module):
     def _swiglu(self, xs: Tensor, offsets: Tensor, fp8: bool, scale: Tensor | None = None) -> Tensor:
         def proj(x: Tensor, name: str) -> Tensor:
             if fp8:
-                weight, weight_scale = getattr(self, name), getattr(self, name + SCALE_SUFFIX)
+                weight, weight_scale = _local(getattr(self, name)), getattr(self, name + SCALE_SUFFIX)
                 if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                     return fp8_segment_linear(x, weight, weight_scale, offsets)
                 return fp8_grouped_linear(x, weight, weight_scale, offsets)
-            return grouped_linear(x, getattr(self, name), offsets)
+            return grouped_linear(x, _local(getattr(self, name)), offsets)
 
         hidden = F.silu(proj(xs, "gate_proj")) * proj(xs, "up_proj")
         if scale is not None:
@@ -220,7 +238,7 @@ class GroupedExperts(nn.Module):
 
     # ---- FP8 weights (inference from official FP8 checkpoints)
     def load_fp8_weight(self, proj: str, expert: int, weight: Tensor, weight_scale_inv: Tensor) -> None:
-        """Hold expert `expert`'s `proj` as float8_e4m3fn with its 128x128 block scales (all experts of a
+        """Hold expert `expert`'s (global id) `proj` as float8_e4m3fn with its 128x128 block scales (all experts of a
         projection switch to FP8 storage on the first call)."""
         from .fp8 import FP8_DTYPE
 
@@ -232,11 +250,12 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"expert {proj}: expected weight_scale_inv {blocks}, got {tuple(weight_scale_inv.shape)}")
         stacked = getattr(self, proj)
         if stacked.dtype != FP8_DTYPE or stacked.is_meta:
-            setattr(self, proj, nn.Parameter(torch.zeros(self.num_experts, *shape, dtype=FP8_DTYPE,
-                                                         device=weight.device), requires_grad=False))
-            setattr(self, proj + SCALE_SUFFIX, torch.ones(self.num_experts, *blocks, device=weight.device))
-        getattr(self, proj).data[expert].copy_(weight)
-        getattr(self, proj + SCALE_SUFFIX)[expert].copy_(weight_scale_inv.float())
+            held = len(self.held_experts)
+            setattr(self, proj, nn.Parameter(torch.zeros(held, *shape, dtype=FP8_DTYPE, device=weight.device),
+                                             requires_grad=False))
+            setattr(self, proj + SCALE_SUFFIX, torch.ones(held, *blocks, device=weight.device))
+        getattr(self, proj).data[expert - self.first_expert].copy_(weight)
+        getattr(self, proj + SCALE_SUFFIX)[expert - self.first_expert].copy_(weight_scale_inv.float())
 
     def quantize_weight_(self) -> None:
         """Replace the master weights by FP8 128x128 blocks per expert (inference only)."""
@@ -246,8 +265,8 @@ class GroupedExperts(nn.Module):
             return
         for proj in PROJECTIONS:
             master = getattr(self, proj).detach()
-            quantized = [gemm.weight_quant(master[e]) for e in range(self.num_experts)]
-            for e, (q, s) in enumerate(quantized):
+            quantized = [gemm.weight_quant(w) for w in master]
+            for e, (q, s) in zip(self.held_experts, quantized):
                 self.load_fp8_weight(proj, e, q, s)
 
     def _apply(self, fn, recurse=True):
@@ -268,6 +287,11 @@ class GroupedExperts(nn.Module):
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}{mode}"
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a weight that expert parallelism distributed (a DTensor), else the weight itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def expert_key(prefix: str, expert: int, proj: str, attr: str = "weight") -> str:
     """The Hugging Face key of one expert's tensor, e.g. model.layers.3.mlp.experts.7.up_proj.weight."""
     return f"{prefix}{expert}.{proj}.{attr}"
@@ -280,16 +304,21 @@ def _split_experts(module: GroupedExperts, state_dict: dict, prefix: str, local_
             stacked = state_dict.pop(prefix + name, None)
             if stacked is None:
                 continue
-            for j in range(module.num_experts):
-                state_dict[expert_key(prefix, j, proj, attr)] = stacked[j]
+            for i, j in enumerate(module.held_experts):
+                state_dict[expert_key(prefix, j, proj, attr)] = stacked[i]
 
 
 def _stack_experts(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
-    """load_state_dict pre-hook: per-expert keys -> the stacked tensors (missing experts stay reported)."""
+    """load_state_dict pre-hook: per-expert keys -> the stacked tensors of the experts held here (missing ones
+    stay reported; other experts' keys, which a whole checkpoint has for an expert-parallel slice, are dropped)."""
+    held = module.held_experts
     for proj in PROJECTIONS:
         for name, attr in ((proj, "weight"), (proj + SCALE_SUFFIX, "weight" + SCALE_SUFFIX)):
-            keys = [expert_key(prefix, j, proj, attr) for j in range(module.num_experts)]
+            for j in range(module.num_experts):
+                if j not in held:
+                    state_dict.pop(expert_key(prefix, j, proj, attr), None)
+            keys = [expert_key(prefix, j, proj, attr) for j in held]
             present = [k for k in keys if k in state_dict]
             if not present:
                 continue

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .expert_parallel import ExpertShard, dispatch_combine
 from .experts import GroupedExperts
 from .linear import make_linear
 
@@ -78,6 +79,7 @@ class MoE(nn.Module):
                                       fp8=c.fp8_for(f"{prefix}.experts"))
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts,
                                    fp8=c.fp8_for(f"{prefix}.shared_experts")) if c.n_shared_experts else None)
+        self.expert_shard: ExpertShard | None = None  # set by expert parallelism (r1pipe.model.expert_parallel)
         # tokens routed to each expert by training forwards since the last bias update
         self.register_buffer("expert_load", torch.zeros(c.n_routed_experts, dtype=torch.float32), persistent=False)
 
@@ -107,7 +109,10 @@ class MoE(nn.Module):
     def routed(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """Sort the (token, expert) pairs by expert once, run every expert's projections as grouped GEMMs on the
         sorted rows (each weighted by its gate before the down projection) and scatter back. x [N,D],
-        weights/indices [N,k] -> [N,D]. No host synchronisation: the segment offsets stay on the device."""
+        weights/indices [N,k] -> [N,D]. No host synchronisation: the segment offsets stay on the device. With an
+        expert shard the pairs travel to the experts' ranks and back (expert_parallel.dispatch_combine)."""
+        if self.expert_shard is not None:
+            return dispatch_combine(x, weights, indices, self.config.n_routed_experts, self.expert_shard, self.experts)
         N, k = indices.shape
         flat_expert = indices.flatten()
         sorted_expert, order = flat_expert.sort(stable=True)

@@ -269,7 +269,7 @@ class GRPOTrainer:
             freeze_router_bias=algo.freeze_router_bias, draft_loss=self.draft_loss, draft_lr_scale=algo.draft_lr_scale,
             draft_depth=max(self.speculative_k, 1),
             device=cfg.resources.device, num_threads=cfg.resources.trainer.threads, seed=self.ctx.seed,
-            precision=precision, fsdp=par.fsdp, fsdp_keep_gathered=par.fsdp_keep_gathered,
+            precision=precision, fsdp=par.fsdp, fsdp_keep_gathered=par.fsdp_keep_gathered, ep_size=par.ep_size,
             activation_checkpointing=par.activation_checkpointing, share_prompts=algo.share_prompts,
             shared_memory=cfg.sync.shared_memory,
         )

@@ -138,6 +138,14 @@ class Parallelism:
     fsdp: bool = True  # FSDP2-shard the model (and a reference) across the trainer workers; False: replicas
     fsdp_keep_gathered: bool = False  # gather parameters / reduce gradients once per step, not per micro-batch
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
+    ep_size: int = 1  # r1pipe V3: each MoE layer's routed experts split over this many trainer workers (needs fsdp)
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.ep_size > 1 and not self.fsdp:
+            raise ValueError(f"ep_size={self.ep_size} needs fsdp: true (expert parallelism composes with FSDP2 for "
+                             "the rest of the model)")
 
 
 @dataclass

@@ -79,7 +79,7 @@ def trainer_policy(optim: Optim, resources: TrainerResources, parallelism: Paral
     return PolicyConfig(lr=optim.lr, weight_decay=optim.weight_decay, adam_betas=tuple(optim.betas), grad_clip=optim.grad_clip,
                         supervised=loss, micro_batch_size=micro_batch_size, device=resources.device,
                         num_threads=resources.trainer.threads, seed=seed, precision=precision, fsdp=parallelism.fsdp,
-                        fsdp_keep_gathered=parallelism.fsdp_keep_gathered,
+                        fsdp_keep_gathered=parallelism.fsdp_keep_gathered, ep_size=parallelism.ep_size,
                         activation_checkpointing=parallelism.activation_checkpointing)
 
 

@@ -36,8 +36,8 @@ from r1pipe.workers.allocator import retain_freed_memory
 from r1pipe.data.batch import TrainBatch, by_length
 from r1pipe.workers.packing import by_prompt, pack_shared_prompts
 from r1pipe.workers.sharding import (
-    accumulate, checkpoint_activations, checkpoint_bytes, full_tensors, gathered_model, load_sharded, local_bytes, reshard,
-    save_sharded, shard, undo_gradient_average,
+    accumulate, apply_expert_parallel, checkpoint_activations, clip_grad_norm, checkpoint_bytes, expert_mesh, full_tensors, gathered_model,
+    load_sharded, local_bytes, reduce_expert_gradients, reshard, save_sharded, shard, undo_gradient_average,
 )
 from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, node_ip, unlink
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, tensor_meta
@@ -73,6 +73,7 @@ class PolicyConfig:
     fsdp: bool = True  # shard policy and reference across the workers (FSDP2); False: replicas + all-reduce
     activation_checkpointing: bool = False  # recompute each block's attention in the backward
     fsdp_keep_gathered: bool = False  # gather once per step, not per micro-batch (sharding.accumulate)
+    ep_size: int = 1  # r1pipe V3 with fsdp: routed experts split over groups of this many ranks (expert parallelism)
     share_prompts: bool = True  # rows with the same prompt run it once (r1pipe.workers.packing); not with draft_loss
     shared_memory: bool = True  # CPU replicas on one machine sum gradients in shared memory, not over gloo's TCP
 
@@ -106,6 +107,7 @@ class PolicyWorker:
         if cfg.activation_checkpointing:
             checkpoint_activations(self.model)
         self.sharded = cfg.fsdp and world_size > 1
+        self.mesh = None  # the (dp, ep) mesh of expert parallelism (cfg.ep_size > 1)
         self.sync_group = None
         self.flat_weights: FlatWeights | None = None  # a whole model's weights laid out as the sync buckets
         self.flat_grad: torch.Tensor | None = None  # replicas: every gradient is a view of it (_flat_gradients)
@@ -147,9 +149,13 @@ class PolicyWorker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
         if self.sharded:
-            shard(self.model, self.cfg.fsdp_keep_gathered)
-            if self.reference is not None:
-                shard(self.reference, self.cfg.fsdp_keep_gathered)
+            models = [m for m in (self.model, self.reference) if m is not None]
+            if self.cfg.ep_size > 1:
+                self.mesh = expert_mesh(self.world_size, self.cfg.ep_size, self.device.type)
+                for model in models:
+                    apply_expert_parallel(model, self.mesh)
+            for model in models:
+                shard(model, self.cfg.fsdp_keep_gathered)
             self._build_optimizer()
         elif self.world_size > 1:
             self._flat_gradients()
@@ -397,14 +403,14 @@ class PolicyWorker:
         cfg = self.cfg
         if self.sharded:  # FSDP has reduce-scattered (averaged) them already
             undo_gradient_average(self.model, self.world_size)
+            if self.mesh is not None:
+                reduce_expert_gradients(self.model, self.mesh)
         else:
             self._all_reduce_grads()
         drafter = {id(p) for p in self.draft_params}
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) not in drafter], cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm([p for p in self.model.parameters() if id(p) not in drafter], cfg.grad_clip)
         if self.draft_params:
-            torch.nn.utils.clip_grad_norm_(self.draft_params, cfg.grad_clip)
+            clip_grad_norm(self.draft_params, cfg.grad_clip)
         self.optimizer.step()
         maxvio = self._update_router_bias()
         return {"grad_norm": float(grad_norm), "maxvio": max(maxvio) if maxvio else 0.0}

@@ -36,10 +36,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from r1pipe import causal_lm
+from r1pipe.model.expert_parallel import ExpertShard
+from r1pipe.model.experts import PROJECTIONS
 from r1pipe.model.transformer import Transformer
 
 
@@ -71,13 +75,62 @@ def precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
 def shard(model: nn.Module, keep_gathered: bool = False, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard each decoder block (decoder_blocks), then the root (in place; parameters become
     DTensors), gathering and reducing in `compute_dtype` (precision_policy; None: the model's own,
-    r1pipe.causal_lm.compute_dtype).
-    With `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
+    r1pipe.causal_lm.compute_dtype). Routed experts that expert parallelism placed (expert_parameters) are
+    left to it. With `keep_gathered`, a forward leaves the blocks gathered (see accumulate; reshard frees them)."""
     policy = precision_policy(causal_lm.compute_dtype(model) if compute_dtype is None else compute_dtype)
+    ignored = set(expert_parameters(model)) or None
     for block in decoder_blocks(model):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=not keep_gathered)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not keep_gathered, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
     return model
+
+
+# ---------------------------------------------------------------- expert parallelism (r1pipe V3)
+
+def expert_mesh(world_size: int, ep_size: int, device_type: str) -> DeviceMesh:
+    """The trainer ranks as a (dp, ep) mesh: ep_size consecutive ranks share one copy of every layer's
+    routed experts, each holding 1/ep_size of them; the world_size / ep_size such groups are replicas."""
+    return init_device_mesh(device_type, (world_size // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
+
+
+def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Split every MoE layer's routed experts (main and MTP layers) over `mesh`'s ep dimension (in place; call
+    before `shard`, which then leaves them alone). Each stacked expert weight becomes a DTensor, replicated
+    over dp and cut on the expert dimension over ep: this rank keeps its experts' rows (as torch.chunk cuts
+    them), the forward sends tokens to them (r1pipe.model.expert_parallel), and a checkpoint (DCP, keyed by
+    the whole tensor) reads back into any ep_size. The routers, shared experts and everything else stay
+    whole here, for FSDP to shard over all ranks."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"{type(model).__name__}: expert parallelism splits r1pipe DeepSeek-V3's routed experts")
+    ep = mesh["ep"]
+    expert_shard = ExpertShard(ep.get_group(), ep.size(), ep.get_local_rank())
+    for moe in model.moe_layers():
+        start, end = expert_shard.local_range(moe.experts.num_experts)
+        for name in PROJECTIONS:
+            whole = getattr(moe.experts, name)
+            piece = DTensor.from_local(whole.detach()[start:end].clone(), mesh, [Replicate(), Shard(0)], run_check=False)
+            setattr(moe.experts, name, nn.Parameter(piece, requires_grad=whole.requires_grad))
+        moe.expert_shard = expert_shard
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed-expert weights expert parallelism placed (apply_expert_parallel), in model order."""
+    if not isinstance(model, Transformer):
+        return []
+    return [getattr(moe.experts, name) for moe in model.moe_layers() if moe.expert_shard is not None
+            for name in PROJECTIONS]
+
+
+def reduce_expert_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Sum the expert-parallel weights' gradients over the dp replicas. Each already sums every ep rank's
+    tokens (the backward of the dispatch), so afterwards it is the whole step's sum, as the sharded
+    parameters' are after undo_gradient_average."""
+    if mesh["dp"].size() == 1:
+        return
+    for p in expert_parameters(model):
+        if p.grad is not None:
+            dist.all_reduce(p.grad.to_local(), op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
 
 
 def accumulate(model: nn.Module, last_micro_batch: bool) -> None:
@@ -103,9 +156,31 @@ def undo_gradient_average(model: nn.Module, world_size: int) -> None:
     """FSDP's reduce-scatter averages gradients over ranks; the GRPO loss already divides by the
     global token / sequence counts, so the step needs their sum (gloo has no PREMUL_SUM for
     set_gradient_divide_factor(1.0), hence the rescale)."""
+    placed = {id(p) for p in expert_parameters(model)}  # summed by their own collectives
     for p in model.parameters():
-        if p.grad is not None:
+        if p.grad is not None and id(p) not in placed:
             p.grad.mul_(world_size)
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) over parameters that may live on different device meshes (FSDP's
+    and expert parallelism's, whose norms torch cannot stack): each mesh's gradients' norm, then the global
+    norm of those, then each mesh's gradients scaled by the same coefficient. Returns the global norm (a plain
+    tensor, the same on every rank)."""
+    groups: dict[object, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def checkpoint_activations(model: nn.Module) -> nn.Module:
@@ -175,7 +250,9 @@ def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
     sharded: dict[torch.dtype, dict[int, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     for name, t in _persistent(model):
-        if hasattr(t, "to_local"):
+        if isinstance(t, DTensor) and t.device_mesh.ndim > 1:  # expert-parallel weights: one collective each
+            full[name] = t.full_tensor().detach()
+        elif hasattr(t, "to_local"):
             names.setdefault(id(t), []).append(name)
             sharded.setdefault(t.dtype, {})[id(t)] = t
         else:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.errors import ConfigError, ModelError
 from r1pipe.model import ModelConfig, ModelOutput, Transformer, load_pretrained, save_pretrained
+from r1pipe.model.expert_parallel import check_ep_size
 from r1pipe.model.precision import Precision, apply_precision
 from r1pipe.model.transformer import right_padded
 from r1pipe.model_dir import tokenizer_dir_error
@@ -35,6 +36,21 @@ def model_config(path: str | Path) -> dict:
     if not config.is_file():
         raise ModelError(f"{path}: no config.json (a Hugging Face layout checkpoint directory is expected)")
     return json.loads(config.read_text())
+
+
+def check_expert_parallel(path: str | Path, ep_size: int, workers: int, key: str) -> None:
+    """On the driver, before any actor starts: ep_size > 1 needs r1pipe's DeepSeek-V3 (routed experts to split)
+    with n_routed_experts and `workers` both multiples of ep_size; a ConfigError naming `key` and the numbers."""
+    if ep_size == 1:
+        return
+    config = model_config(path)
+    if config.get("model_type") != V3:
+        raise ConfigError(f"{key}={ep_size}: expert parallelism splits r1pipe DeepSeek-V3's routed experts; {path} is "
+                          f"a {config.get('model_type')} model (set {key}: 1)")
+    try:
+        check_ep_size(ep_size, int(config.get("n_routed_experts") or 0), workers, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_type_of(path: str | Path) -> str:

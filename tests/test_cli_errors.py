@@ -121,6 +121,12 @@ CASES = [
      "model_type 'gpt2' is not supported by r1pipe's engine; supported model types: deepseek_v3, llama, qwen2"),
     ("eval: empty responses", lambda f: ["eval", "--suite", "gsm8k", "--responses", str(f["root"] / "empty.jsonl"),
                                          "--out", str(f["root"] / "eval_out")], "no responses: the file is empty"),
+    ("ep_size without fsdp", lambda f: ["run", "r1-zero", "rl.parallelism.ep_size=2", "--dry-run"],
+     "rl.parallelism.ep_size=2 needs fsdp: true"),
+    ("ep_size and the experts", lambda f: tiny_rl(f, "rl.parallelism={fsdp: true, ep_size: 3}", "rl.resources.trainer.workers=3"),
+     "rl.parallelism.ep_size=3 does not divide the model's 16 routed experts per layer"),
+    ("ep_size and the workers", lambda f: tiny_rl(f, "rl.parallelism={fsdp: true, ep_size: 4}", "rl.resources.trainer.workers=2"),
+     "rl.parallelism.ep_size=4: the 2 workers must be a multiple of it"),
     # data, read by the stage on the driver before Ray starts
     ("empty data file", lambda f: tiny_rl(f, f"rl.data.train_path={f['root']}/empty.jsonl"), "empty.jsonl: no rows (the file is empty)"),
     ("non-JSON data file", lambda f: tiny_rl(f, f"rl.data.train_path={f['root']}/garbage.jsonl"), "2 not JSON (line 1"),

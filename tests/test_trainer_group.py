@@ -4,6 +4,7 @@ a pretraining step), each holds about half the parameter and optimizer bytes, an
 workers resumes on 1 and continues like the 2."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -135,3 +136,27 @@ def test_the_supervised_loss_is_the_masked_mean_ce_plus_lambda_mtp(models):
     assert got["loss"] == pytest.approx(float(expected), abs=1e-5)
     assert got["ce"] == pytest.approx(float(ce / n), abs=1e-5)
     group.shutdown()
+
+
+def test_expert_parallel_workers_step_like_one_on_sft_and_resume_on_one(models, tmp_path):
+    """ep_size 2 (each rank 8 of the 16 experts, tokens sent by all-to-all; FSDP2 for the rest) against 1 worker:
+    one micro-batch per row, so the rank with fewer rows joins the MoE collectives idle, MTP modules included."""
+    cfg = dataclasses.replace(CFG, micro_batch_size=1)
+    one, two = PolicyGroup(1, models["v3"], cfg), PolicyGroup(2, models["v3"], dataclasses.replace(cfg, ep_size=2))
+    for seed in (0, 1):
+        batch = sft_batch(seed, rows=5)
+        s1, s2 = one.supervised_step(batch, lr=1e-4), two.supervised_step(batch, lr=1e-4)
+        assert abs(s1["loss"] - s2["loss"]) <= 1e-5 * s1["loss"] and abs(s1["mtp"] - s2["mtp"]) <= 1e-5
+        assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1, s1["grad_norm"])
+        assert s1["maxvio"] == pytest.approx(s2["maxvio"], abs=1e-6)
+    assert_same(weights(one, tmp_path / "one"), weights(two, tmp_path / "two"))
+    halves = two.memory()
+    assert all(0.4 <= h["parameters"] / one.memory()[0]["parameters"] <= 0.6 for h in halves)
+    resumed = PolicyGroup(1, models["v3"], cfg)  # the ep_size-2 checkpoint on one worker
+    resumed.load_checkpoint(str(tmp_path / "two"))
+    batch = sft_batch(2, rows=5)
+    r, t = resumed.supervised_step(batch, lr=1e-4), two.supervised_step(batch, lr=1e-4)
+    assert abs(r["loss"] - t["loss"]) <= 1e-5 * t["loss"]
+    assert_same(weights(resumed, tmp_path / "resumed"), weights(two, tmp_path / "two-after"))
+    for g in (one, two, resumed):
+        g.shutdown()

@@ -30,7 +30,7 @@ from r1pipe.algo import compute_advantages, dynamic_sampling_keep, overlong_filt
 from r1pipe.data import load_prompt_rows
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.algo.schedule import scheduled_lr
-from r1pipe.causal_lm import V3, model_config
+from r1pipe.causal_lm import V3, check_expert_parallel, model_config
 from r1pipe.data.batch import epoch_order
 from r1pipe.data.tokenizer import load_tokenizer
 from r1pipe.engine import check_supported
@@ -240,6 +240,8 @@ class GRPOTrainer:
         model's family; the drafter (MTP speculation, the draft loss) needs a model with an MTP module; routing
         replay and FP8 need r1pipe's DeepSeek-V3 (a dense model has no experts and no FP8 path)."""
         model_type = check_supported(self.base_model)
+        check_expert_parallel(self.base_model, self.cfg.parallelism.ep_size, self.cfg.resources.trainer.workers,
+                              f"{self.stage_dir.name}.parallelism.ep_size")
         if model_type != V3:
             engine = dict(self.cfg.rollout.engine)
             refused = [("rl.rollout.routing_replay", self.cfg.rollout.routing_replay),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from r1pipe.algo.schedule import scheduled_lr
+from r1pipe.causal_lm import check_expert_parallel
 from r1pipe.data.batch import EpochOrder, TrainBatch, collate
 from r1pipe.data.rows import SFTExample
 from r1pipe.algo.sft import SupervisedLoss
@@ -86,8 +87,9 @@ def trainer_policy(optim: Optim, resources: TrainerResources, parallelism: Paral
 def start_group(run: SupervisedRun) -> tuple[PolicyGroup, Placement]:
     """The trainer group in a placement group reserved for it (failing within the timeout, with the
     arithmetic, when the cluster cannot hold it)."""
-    ray_init(run.recipe)
     r, t = run.resources, run.resources.trainer
+    check_expert_parallel(run.model_path, run.trainer.ep_size, t.workers, f"{run.stage_dir.name}.parallelism.ep_size")
+    ray_init(run.recipe)
     plan = ResourcePlan([role_resources("policy", t, f"{run.stage_dir.name}.resources.trainer")])
     placement = reserve(plan, r.placement_timeout_s, r.placement_strategy, stage=run.name)
     group = PolicyGroup(t.workers, run.model_path, run.trainer, run.teacher_path, placement=placement)

@@ -271,18 +271,19 @@ class PolicyWorker:
         bounds = [round(i * n / num_micro) for i in range(num_micro + 1)]
         return [order[bounds[i]:bounds[i + 1]] for i in range(num_micro)]
 
-    def _idle_pass(self, model: torch.nn.Module, backward: bool) -> None:
+    def _idle_pass(self, model: torch.nn.Module, backward: bool, mtp: bool = False) -> None:
         """A rank with no rows for this micro-batch still joins the sharded collectives: a one-token
-        forward in eval mode (no expert loads counted) and a zero backward (through the drafter too
-        with the draft loss, as the other ranks' backward reaches it)."""
+        forward in eval mode (no expert loads counted) through the modules the other ranks run (the MTP
+        modules with `mtp`: under expert parallelism each MoE layer is a collective) and a zero backward
+        (through the drafter too with the draft loss, as the other ranks' backward reaches it)."""
         was_training = model.training
         model.eval()
         try:
             with torch.set_grad_enabled(backward):
                 ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-                out = run_model(model, ids)
+                out = run_model(model, ids, mtp=mtp)
                 if backward:
-                    zero = out.logits.sum() * 0.0
+                    zero = out.logits.sum() * 0.0 + sum(m.sum() * 0.0 for m in (out.mtp_logits or []))
                     if self.draft_params:  # FSDP reduces the gradients a backward made: the MTP module's too
                         chain = model.mtp_draft_chain(out.hidden.detach(), ids, 1, detach_shared=True)
                         zero = zero + chain[0].sum() * 0.0
@@ -438,7 +439,7 @@ class PolicyWorker:
             if self.sharded and self.cfg.fsdp_keep_gathered:
                 accumulate(self.model, last_micro_batch=i == len(micro_batches) - 1)
             if len(rows) == 0:
-                self._idle_pass(self.model, backward=True)
+                self._idle_pass(self.model, backward=True, mtp=depth > 0)
                 continue
             micro = self._to_device(batch.rows(rows).trimmed(self.width_multiple))
             out = run_model(self.model, micro.input_ids, micro.attention_mask, mtp=depth > 0)

@@ -7,8 +7,16 @@ weights and the forward under autocast for both implementations alike:
   whose ratio is taken against transformers in bf16.
 CPU default: a tiny shape. `--device cuda`: the 1.7B shape of issue 12. The last printed line is a JSON object.
 
+`--ep N` measures something else: N trainer workers (gloo processes, one CPU thread each) taking supervised steps
+on a shape with 64 routed experts, first FSDP2 alone (every layer's experts gathered on every worker), then
+expert parallelism at ep_size N with FSDP2 for the rest (each worker keeps 64/N experts per layer and sends
+tokens to them). It prints each layout's median step seconds, the bytes each worker holds (parameters and
+AdamW state, measured on its tensors) and the bytes of the largest unit gathered during a step (parameters a
+worker materialises at once: FSDP2 gathers a whole MoE layer; under EP the experts stay local).
+
   python bench/bench_train.py                      # CPU, tiny
   python bench/bench_train.py --device cuda        # 1.7B shape, 8 x 512 tokens, bf16 and fp8
+  python bench/bench_train.py --ep 2               # CPU, 2 workers: FSDP2 alone against ep_size 2
 """
 from __future__ import annotations
 
@@ -22,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {
+    # 64 routed experts (the expert-parallel comparison, --ep)
+    "moe64": dict(vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                  n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6, first_k_dense_replace=1,
+                  kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32),
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
                  n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
@@ -77,6 +90,66 @@ def timed_pair(first, second, steps: int, warmup: int, device: str) -> tuple[flo
     return statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
 
 
+def _ep_worker(rank: int, world: int, port: int, path: str, ep_size: int, batch: int, seq: int, steps: int,
+               warmup: int, out: str) -> None:
+    """One trainer worker of the --ep comparison: supervised steps on its rows, timed after `warmup`."""
+    import torch.distributed as dist
+
+    from r1pipe.algo.sft import SupervisedLoss, TargetCounts
+    from r1pipe.data.batch import collate
+    from r1pipe.workers.policy import PolicyConfig, PolicyWorker
+    from r1pipe.workers.sharding import expert_parameters, local_bytes
+
+    torch.set_num_threads(1)
+    cfg = PolicyConfig(lr=1e-4, micro_batch_size=batch, supervised=SupervisedLoss(mtp=False), ep_size=ep_size)
+    worker = PolicyWorker(rank, world, path, cfg)
+    worker.init_distributed(f"tcp://127.0.0.1:{port}")
+    vocab = SHAPES["moe64"]["vocab_size"]
+    g = torch.Generator().manual_seed(rank)
+    seqs = [torch.randint(0, vocab, (seq,), generator=g).tolist() for _ in range(batch)]
+    rows = collate(seqs, [[True] * seq for _ in range(batch)], pad_id=0)
+    counts = TargetCounts.of(rows.target_mask, 0)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        worker.supervised_step(rows, counts, num_micro=1)
+        times.append(time.perf_counter() - t)
+    moe = worker.model.moe_layers()[0]
+    layer = worker.model.blocks[moe.config.first_k_dense_replace]  # a whole MoE layer, as FSDP2 gathers it
+    placed = {id(p) for p in expert_parameters(worker.model)}
+    gathered = sum(p.numel() * 4 for p in layer.parameters() if id(p) not in placed)
+    result = {**local_bytes(worker.model, worker.optimizer), "largest_gathered_unit": gathered,
+              "step_s": statistics.median(times[warmup:])}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def ep_comparison(args) -> None:
+    """--ep N: FSDP2 alone against expert parallelism at ep_size N, N gloo workers, the moe64 shape."""
+    import torch.multiprocessing as mp
+
+    from r1pipe.workers.weight_sync import free_port
+
+    batch, seq = args.batch or 4, args.seq or 128
+    result: dict = {"shape": "moe64", "workers": args.ep, "tokens_per_worker_step": batch * seq}
+    with tempfile.TemporaryDirectory() as path:
+        write_checkpoint("moe64", path)
+        for name, ep_size in (("fsdp2", 1), (f"ep{args.ep}", args.ep)):
+            out = f"{path}/{name}.json"
+            mp.spawn(_ep_worker, args=(args.ep, free_port(), path, ep_size, batch, seq, args.steps, args.warmup, out),
+                     nprocs=args.ep)
+            with open(out) as f:
+                result[name] = json.load(f)
+            r = result[name]
+            print(f"{name:6s} step {r['step_s']:.3f} s   per worker: parameters {r['parameters'] / 2**20:.2f} MiB, "
+                  f"AdamW {r['optimizer'] / 2**20:.2f} MiB, largest gathered unit {r['largest_gathered_unit'] / 2**20:.2f} MiB",
+                  flush=True)
+    result["step_ratio_fsdp2_over_ep"] = round(result["fsdp2"]["step_s"] / result[f"ep{args.ep}"]["step_s"], 3)
+    print(json.dumps(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -88,7 +161,10 @@ def main() -> None:
     ap.add_argument("--precisions", default=None, help="comma list of fp32,bf16,fp8 (default: fp32,bf16 on CPU; "
                                                         "bf16,fp8 on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--ep", type=int, default=0, help="N: FSDP2 alone against expert parallelism, N CPU workers")
     args = ap.parse_args()
+    if args.ep:
+        return ep_comparison(args)
     from r1pipe.model import Precision, apply_precision
 
     shape = args.shape or ("1.7b" if args.device == "cuda" else "tiny")

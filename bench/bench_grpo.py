@@ -23,6 +23,12 @@ Medians over the steps after the first.
 `--workers N` runs N policy and N rollout workers with --threads / N torch threads each, on the same cores
 (`--sharding`: FSDP2, FSDP2 gathering once per step, or replicas); TRL keeps one process of --threads threads.
 
+`--pin-cores` (CPU, one worker per role): the trainer's process on core 0 and the engine's on core 1, one torch
+thread each, every thread of each pinned (found by Ray's process titles, `ray::PolicyWorker...`,
+`ray::RolloutWorker...`, re-checked every half second): the layout of a cluster where trainer and engines have
+devices of their own, so overlapping them (--max-staleness 1) can pay off. Reward workers, the driver and TRL
+stay unpinned.
+
 `--heldout-every N` (with `--base`) evaluates greedy pass@1 on the base's held-out problems every N
 steps, outside the clock, for three runs: TRL, r1pipe at the same work, and r1pipe with dynamic sampling
 (its R1-Zero setting: groups whose rewards are all equal are not trained on). r1pipe's runs use their
@@ -42,16 +48,20 @@ forward (what it does now with updates_per_step == 1). Last line: a JSON object 
         --heldout-every 5                            # time to 90% held-out, ~5 minutes on 2 cores
     python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 100 \
         --heldout-every 5 --workers 2 --sharding replicas   # the r1-zero recipe's layout: 2 + 2 workers, a thread each
+    python bench/bench_grpo.py --base runs/r1-zero/pretrain --prompts 32 --group 8 --max-tokens 64 --steps 30 \
+        --max-staleness 1 --pin-cores                       # trainer and engine on a core each: sync against async
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +105,39 @@ STOP = "</answer>"  # completions end there (the R1-Zero recipe's rl.rollout.sto
 Curve = list[tuple[float, float]]  # (training seconds so far, greedy held-out accuracy)
 
 
+class CorePinning:
+    """While open, every thread of the trainer's processes runs on core 0 and of the engines' on core 1 (found by
+    Ray's process titles; re-applied every half second, as processes and threads come and go)."""
+
+    CORES = {"ray::PolicyWorker": 0, "ray::RolloutWorker": 1}
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.stop, self.pinned = enabled, threading.Event(), set()
+
+    def __enter__(self) -> "CorePinning":
+        if self.enabled:
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                    core = next((c for prefix, c in self.CORES.items() if title.startswith(prefix)), None)
+                    if core is None:
+                        continue
+                    for task in (proc / "task").iterdir():
+                        os.sched_setaffinity(int(task.name), {core})
+                    self.pinned.add((title.split(".")[0].split(" ")[0], core))
+                except (OSError, ValueError):  # the process or thread ended meanwhile
+                    continue
+
+
 def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool = False,
                heldout: Path | None = None, max_staleness: int = 0) -> tuple[dict[str, float], Curve]:
     """r1pipe's grpo stage: median phase seconds after step 1 (and the trainer's and engines' idle seconds)
@@ -102,7 +145,8 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     evaluation time is not training time)."""
     # each role: --workers workers with threads / workers torch threads; the roles take turns on the same cores
     # (0.5 CPU each in all) and, on cuda, share the one GPU
-    workers = {"workers": args.workers, "cpus": 0.5 / args.workers, "threads": args.threads // args.workers,
+    workers = {"workers": args.workers, "cpus": 0.5 / args.workers,
+               "threads": 1 if args.pin_cores else args.threads // args.workers,
                "gpus": 0.5 / args.workers if args.device == "cuda" else 0.0}
     cfg = make_config(GRPOConfig, {
         "steps": args.steps,
@@ -118,7 +162,10 @@ def r1pipe_run(model: Path, data: Path, args, root: Path, dynamic_sampling: bool
     }, "rl")
     recipe = OmegaConf.create({"cluster": {"address": None, "num_cpus": 2, "num_gpus": int(args.device == "cuda")},
                                "model": {"path": str(model), "dtype": args.dtype}})
-    run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
+    with CorePinning(args.pin_cores) as pinning:
+        run_grpo(cfg, StageContext(run_dir=root, stage_dir=root / "rl", recipe=recipe, seed=0))
+    if args.pin_cores and {c for _, c in pinning.pinned} != {0, 1}:
+        raise SystemExit(f"--pin-cores: found and pinned only {sorted(pinning.pinned)}")
     rows = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
         r["time/step"] -= r.get("time/heldout", 0.0)
@@ -336,7 +383,11 @@ def main() -> None:
     p.add_argument("--max-staleness", type=int, choices=(0, 1), default=0,
                    help="1: also run r1pipe asynchronously (rl.rollout.max_staleness=1) at the same work, against its synchronous "
                         "run and TRL in the same run, with each side's idle share")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="r1pipe's trainer on core 0 and engine on core 1, a thread each (CPU, --workers 1)")
     args = p.parse_args()
+    if args.pin_cores and (args.workers != 1 or args.device != "cpu" or len(os.sched_getaffinity(0)) < 2):
+        p.error("--pin-cores needs --device cpu, --workers 1 and at least 2 cores")
     if args.heldout_every and args.base is None:
         p.error("--heldout-every needs --base (a base whose held-out problems it can learn)")
     if args.workers < 1 or args.threads % args.workers:
@@ -360,8 +411,11 @@ def main() -> None:
         print(f"{k:8s} {ours[k]:10.3f} {theirs[k]:10.3f}")
     ratio = theirs["step"] / ours["step"]
     layout = f", r1pipe: {args.workers} policy + {args.workers} rollout workers ({args.sharding})" if args.workers > 1 else ""
+    if args.pin_cores:
+        layout = ", r1pipe: trainer on core 0, engine on core 1"
     print(f"r1pipe step is {ratio:.2f}x TRL's speed ({args.prompts} prompts x {args.group}, {args.max_tokens} tokens{layout})")
     result = {"base": str(args.base) if args.base else f"random {args.shape}", "device": args.device, "dtype": args.dtype,
+              "pin_cores": args.pin_cores,
               "threads": args.threads, "workers": args.workers, "sharding": args.sharding,
               "skip_zero_advantage": not args.keep_zero_advantage,
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps,

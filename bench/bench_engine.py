@@ -40,7 +40,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from r1pipe.causal_lm import is_v3
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.model import ModelConfig, Transformer, lm_loss, load_pretrained, save_pretrained
-from r1pipe.model.expert_parallel import ExpertShard
 from r1pipe.workers.weight_sync import free_port
 from r1pipe.vocab import DENSE_PRESETS
 
@@ -262,12 +261,11 @@ def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_token
 
 
 def ep_engine_times(path: str, prompts: list[list[list[int]]], new_tokens: int, device: torch.device,
-                    dtype: torch.dtype, threads: int, expert_shard: ExpertShard | None = None
-                    ) -> list[tuple[float, list[list[int]]]]:
+                    dtype: torch.dtype, threads: int, ep_size: int = 1) -> list[tuple[float, list[list[int]]]]:
     """(seconds, greedy token ids) of each batch of `prompts` on one engine of the checkpoint `path` (this
-    process's share of one when `expert_shard` is given), after a warm-up."""
+    process's share of one, with ep_size > 1), after a warm-up."""
     torch.set_num_threads(threads)
-    llm = LLM(path, max_num_seqs=max(len(p) for p in prompts), device=device, dtype=dtype, expert_shard=expert_shard,
+    llm = LLM(path, max_num_seqs=max(len(p) for p in prompts), device=device, dtype=dtype, ep_size=ep_size,
               max_model_len=len(prompts[0][0]) + new_tokens + 8, cache_memory_gb=8.0 if device.type == "cuda" else 0.5)
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
@@ -285,7 +283,7 @@ def _ep_process(rank: int, n: int, port: int, path: str, prompts: list, new_toke
         torch.cuda.set_device(here)
     dist.init_process_group("nccl" if here.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=n)
-    rows = ep_engine_times(path, prompts, new_tokens, here, dtype, threads, ExpertShard(dist.group.WORLD, n, rank))
+    rows = ep_engine_times(path, prompts, new_tokens, here, dtype, threads, n)
     if rank == 0:
         torch.save(rows, out)
     dist.destroy_process_group()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from r1pipe.engine import LLM, SamplingParams
+from r1pipe.engine.families import load_engine_model
 from r1pipe.errors import ConfigError
 from r1pipe.model import ModelConfig, Transformer
 from r1pipe.model.expert_parallel import ExpertShard
@@ -53,7 +54,7 @@ def _engine_process(rank: int, port: int, path: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     results = {}
     for k in (0, 2):
-        llm = LLM(path, speculative_k=k, expert_shard=ExpertShard(dist.group.WORLD, 2, rank), **SMALL)
+        llm = LLM(path, speculative_k=k, ep_size=2, **SMALL)
         experts = [m.experts for m in llm.model.moe_layers()]
         assert experts and all(list(e.held_experts) == list(range(4 * rank, 4 * rank + 4)) for e in experts)
         results[k] = [outputs(llm, GREEDY), outputs(llm, SAMPLED)]
@@ -144,6 +145,8 @@ def test_settings_that_rule_expert_parallelism_out_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"engine\.cuda_graphs: true with engine\.ep_size=2"):
         RejectionSampleConfig(engine={"ep_size": 2, "cuda_graphs": True})
     with pytest.raises(ConfigError, match="cuda_graphs=True with ep_size=2"):  # and in the engine itself
-        LLM(v3, cuda_graphs=True, expert_shard=ExpertShard(None, 2, 0))  # type: ignore[arg-type]
+        LLM(v3, cuda_graphs=True, ep_size=2)
+    with pytest.raises(ConfigError, match="ep_size=2: .* this process's group has 1"):
+        LLM(v3, ep_size=2)
     with pytest.raises(ConfigError, match="ep_size=2: .* qwen2 model without them"):
-        LLM(dense, expert_shard=ExpertShard(None, 2, 0))  # type: ignore[arg-type]
+        load_engine_model(dense, torch.float32, torch.device("cpu"), expert_shard=ExpertShard(None, 2, 0))  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from torch import nn
 from r1pipe.causal_lm import V3, context_length
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.families import check_supported, load_engine_model
-from r1pipe.engine.lockstep import Lockstep
+from r1pipe.engine.lockstep import Lockstep, engine_shard
 from r1pipe.engine.paged_cache import PagedCache
 from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
 from r1pipe.engine.runner import Batch, ModelRunner
@@ -30,7 +30,7 @@ from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
 from r1pipe.errors import ConfigError
 from r1pipe.model import parse_dtype
-from r1pipe.model.expert_parallel import ExpertShard, experts_held_elsewhere
+from r1pipe.model.expert_parallel import experts_held_elsewhere
 from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight
 from r1pipe.tracking.progress import StepProgress
 
@@ -71,22 +71,24 @@ class LLM:
     (DeepSeek-V3 only): hold the projections (attention, MLPs, routed and shared experts; not
     fp8_exclude) as FP8 weights in 128x128 blocks computing on 1x128 activation tiles (r1pipe.model.fp8), the
     rest in `dtype`; a model object is then copied first (its own weights stay as they are), and
-    `update_weights` quantizes what it is given. expert_shard (DeepSeek-V3 only): this process is one of the
-    shard's group that together make one expert-parallel engine (r1pipe.engine.lockstep): it holds only its
-    rank's routed experts, every process of the group must generate the same requests with the same seeds at
-    once, and `update_weights` skips the other ranks' experts; no CUDA graphs.
+    `update_weights` quantizes what it is given. ep_size > 1 (DeepSeek-V3 only): this process is one of the
+    ep_size processes of the default torch.distributed group that together make one expert-parallel engine
+    (r1pipe.engine.lockstep): it holds only its rank's share of the routed experts, every process must generate
+    the same requests with the same seeds at once, and `update_weights` skips the other ranks' experts; no CUDA
+    graphs.
     """
 
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5, cuda_graphs: bool | None = None,
-                 fp8: bool = False, expert_shard: ExpertShard | None = None) -> None:
+                 fp8: bool = False, ep_size: int = 1) -> None:
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.rollout.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
-        if cuda_graphs and expert_shard is not None:
-            raise ConfigError(f"cuda_graphs=True with ep_size={expert_shard.size}: the expert-parallel dispatch reads "
-                              "its split sizes on the host, which a CUDA graph cannot replay (leave cuda_graphs unset)")
+        if cuda_graphs and ep_size > 1:
+            raise ConfigError(f"cuda_graphs=True with ep_size={ep_size}: the expert-parallel dispatch reads its split "
+                              "sizes on the host, which a CUDA graph cannot replay (leave cuda_graphs unset)")
+        expert_shard = engine_shard(ep_size)
         self.family = load_engine_model(model, dtype, self.device, fp8, expert_shard)
         if isinstance(model, (str, Path)):
             tokenizer = model if tokenizer is None else tokenizer

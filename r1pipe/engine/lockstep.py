@@ -13,7 +13,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from r1pipe.errors import ConfigError
 from r1pipe.model.expert_parallel import ExpertShard
+
+
+def engine_shard(ep_size: int) -> ExpertShard | None:
+    """This process's place in an engine of `ep_size` processes: the default torch.distributed group, which must
+    have exactly ep_size ranks (r1pipe.workers.generation.GenerationGroup forms it); None for ep_size 1."""
+    if ep_size < 1:
+        raise ConfigError(f"ep_size must be >= 1, got {ep_size}")
+    if ep_size == 1:
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != ep_size:
+        raise ConfigError(f"ep_size={ep_size}: an expert-parallel engine is one of ep_size processes that form the "
+                          f"default torch.distributed group (init_process_group); this process's group has {world}")
+    return ExpertShard(dist.group.WORLD, ep_size, dist.get_rank())
 
 
 class Lockstep:

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from r1pipe.engine import SamplingParams
 from r1pipe.engine.backend import open_engine
 from r1pipe.errors import ConfigError
-from r1pipe.model.expert_parallel import ExpertShard
 from r1pipe.stages.configs import engine_ep_size
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
@@ -42,7 +41,6 @@ class RolloutWorker:
             self.ep_size, self.ep_rank = engine_ep_size(kwargs, backend), ep_rank
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        kwargs.pop("ep_size", None)
         self._engine = (model_path, seed, kwargs)
         self.llm = open_engine(backend, model_path, seed=seed, **kwargs) if self.ep_size == 1 else None  # dtype names parsed there
         self._draft_seen = DraftStats()
@@ -56,14 +54,13 @@ class RolloutWorker:
 
     def join_engine(self, address: str) -> None:
         """Join the engine's process group at `address` as its process ep_rank (every actor of the engine at
-        once; the actor's default torch.distributed group, gloo on CPU, NCCL on CUDA) and open the engine
-        holding this rank's share of the routed experts."""
+        once; this actor's default torch.distributed group, gloo on CPU, NCCL on CUDA) and open the engine on
+        it (LLM's ep_size: this rank's share of the routed experts)."""
         model_path, seed, kwargs = self._engine
         device = torch.device(kwargs.get("device", "cpu"))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=self.ep_rank,
                                 world_size=self.ep_size)
-        shard = ExpertShard(dist.group.WORLD, self.ep_size, self.ep_rank)
-        self.llm = open_engine(self.backend, model_path, seed=seed, expert_shard=shard, **kwargs)
+        self.llm = open_engine(self.backend, model_path, seed=seed, **kwargs)
 
     def generate_stream(self, prompts: list[str] | list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None,

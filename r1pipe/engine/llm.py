@@ -93,7 +93,6 @@ class LLM:
         if isinstance(model, (str, Path)):
             tokenizer = model if tokenizer is None else tokenizer
         self.model = self.family.module  # the torch module: its state-dict names are the checkpoint's
-        self.expert_shard = expert_shard
         self.experts_elsewhere = experts_held_elsewhere(self.model)  # other ranks' experts (update_weights skips)
         self.fp8 = bool(fp8)
         self.config = self.family.config

@@ -70,9 +70,10 @@ class VLLMEngine:
     r1pipe's engine options carry over: dtype, max_num_seqs, speculative_k (vLLM's deepseek_mtp drafter),
     max_model_len, max_num_batched_tokens and block_size by name; num_blocks as num_gpu_blocks_override,
     cache_memory_gb as kv_cache_memory_bytes, cuda_graphs False as enforce_eager, fp8 as vLLM's online FP8
-    quantization; ep_size must be 1 (vLLM's expert parallelism is its own enable_expert_parallel). Other keyword arguments go to vllm.LLM as they are. `device`: where the tensors this
-    process exchanges with the engine live (the weight-sync buffers); vLLM itself runs on the device its build
-    targets. check_logprobs: run `check_logprob_contract` once at start-up (raises LogprobContractError)."""
+    quantization; ep_size must be 1 (vLLM's expert parallelism is its own enable_expert_parallel). Other
+    keyword arguments go to vllm.LLM as they are. `device`: where the tensors this process exchanges with the
+    engine live (the weight-sync buffers); vLLM itself runs on the device its build targets. check_logprobs:
+    run `check_logprob_contract` once at start-up (raises LogprobContractError)."""
 
     def __init__(self, model: str | Path, tokenizer: Any = None, dtype: torch.dtype | str = "auto",
                  seed: int = 0, max_num_seqs: int = 256, speculative_k: int = 0, check_logprobs: bool = True,

@@ -8,7 +8,10 @@ Prints, all measured in this run:
     here by a large device copy), counting only the routed experts a batch of that size is expected to touch;
   * cache bytes per token: r1pipe's latent cache vs transformers' cache for the same model (V3 only);
   * MTP self-speculation at batch 1: speed-up over plain decoding and acceptance rate, on the tiny model
-    trained briefly (main + MTP loss) on a repetitive synthetic corpus, or on --checkpoint (V3 only).
+    trained briefly (main + MTP loss) on a repetitive synthetic corpus, or on --checkpoint (V3 only);
+  * with --ep N (V3 only): generated tokens/s of one engine spanning N processes (expert parallelism, gloo on
+    CPU, NCCL on cuda:0..N-1; each process --threads threads) against one engine in this process, per batch
+    size, with the greedy outputs compared.
 The last line is all figures as JSON.
 
   python bench/bench_engine.py                      # full: tiny model, batches 1,64,256 x 128 new tokens
@@ -16,6 +19,7 @@ The last line is all figures as JSON.
   python bench/bench_engine.py --device cuda --shape 1.7b --prompt-len 64 --skip cache   # the GPU shape
   python bench/bench_engine.py --device cuda --shape 1.7b --cuda-graphs both             # with and without graphs
   python bench/bench_engine.py --model tiny-qwen2 --batches 256 --new-tokens 64          # dense Qwen2 on CPU
+  python bench/bench_engine.py --ep 2 --skip throughput,cache,spec --batches 1,64 --new-tokens 32  # ep-2 on CPU
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -34,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from r1pipe.causal_lm import is_v3
 from r1pipe.engine import LLM, SamplingParams
 from r1pipe.model import ModelConfig, Transformer, lm_loss, load_pretrained, save_pretrained
+from r1pipe.workers.weight_sync import free_port
 from r1pipe.vocab import DENSE_PRESETS
 
 
@@ -253,6 +260,58 @@ def speculative(model: Transformer, perm: torch.Tensor, ks: list[int], new_token
     return rows
 
 
+def ep_engine_times(path: str, prompts: list[list[list[int]]], new_tokens: int, device: torch.device,
+                    dtype: torch.dtype, threads: int, ep_size: int = 1) -> list[tuple[float, list[list[int]]]]:
+    """(seconds, greedy token ids) of each batch of `prompts` on one engine of the checkpoint `path` (this
+    process's share of one, with ep_size > 1), after a warm-up."""
+    torch.set_num_threads(threads)
+    llm = LLM(path, max_num_seqs=max(len(p) for p in prompts), device=device, dtype=dtype, ep_size=ep_size,
+              max_model_len=len(prompts[0][0]) + new_tokens + 8, cache_memory_gb=8.0 if device.type == "cuda" else 0.5)
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+    rows = []
+    for batch in prompts:
+        outs, t = timed(lambda: llm.generate(batch, sp, use_tqdm=False), device)
+        rows.append((t, [o.outputs[0].token_ids for o in outs]))
+    return rows
+
+
+def _ep_process(rank: int, n: int, port: int, path: str, prompts: list, new_tokens: int, device: str, dtype: torch.dtype,
+                threads: int, out: str) -> None:
+    here = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+    if here.type == "cuda":
+        torch.cuda.set_device(here)
+    dist.init_process_group("nccl" if here.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=n)
+    rows = ep_engine_times(path, prompts, new_tokens, here, dtype, threads, n)
+    if rank == 0:
+        torch.save(rows, out)
+    dist.destroy_process_group()
+
+
+def expert_parallel(model: Transformer, n: int, batches: list[int], prompt_len: int, new_tokens: int, seed: int,
+                    device: torch.device, dtype: torch.dtype, threads: int) -> list[dict]:
+    """Tokens/s of one engine over `n` processes against one engine, one row per batch size."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, model.config.vocab_size, (b, prompt_len), generator=g).tolist() for b in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        one = ep_engine_times(tmp, prompts, new_tokens, device, dtype, threads)
+        out = str(Path(tmp) / "ep.pt")
+        mp.start_processes(_ep_process, args=(n, free_port(), tmp, prompts, new_tokens, device.type, dtype, threads, out),
+                           nprocs=n)
+        split = torch.load(out)
+    rows = []
+    for batch, (t1, ids1), (tn, idsn) in zip(batches, one, split):
+        made = batch * new_tokens
+        same = sum(a == b for a, b in zip(ids1, idsn))
+        rows.append(dict(batch=batch, ep=n, one_engine_tok_s=made / t1, ep_engine_tok_s=made / tn, ratio=t1 / tn,
+                         identical_greedy=f"{same}/{batch}"))
+        print(f"batch {batch:4d}: one engine {made / t1:9.1f} tok/s   ep-{n} engine ({n} processes) {made / tn:9.1f} "
+              f"tok/s   ratio {t1 / tn:5.2f}x   identical greedy outputs {same}/{batch}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64,256")
@@ -278,6 +337,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda-graphs", choices=("auto", "on", "off", "both"), default="auto",
                     help="engine.cuda_graphs for the throughput part (auto: on on CUDA; both: a row for each)")
+    ap.add_argument("--ep", type=int, default=1,
+                    help="N > 1: also time one engine spanning N processes (expert parallelism; V3 only) against one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -293,6 +354,8 @@ def main() -> None:
     if any(graph_settings) and device.type != "cuda":
         raise SystemExit(f"--cuda-graphs {args.cuda_graphs}: CUDA graphs need --device cuda")
     skip = set(filter(None, args.skip.split(",")))
+    if dense and args.ep > 1:
+        raise SystemExit(f"--ep {args.ep}: expert parallelism splits the routed experts of r1pipe's DeepSeek-V3")
     if dense:
         model = dense_model(args.model, args.vocab, device, dtype, args.seed)
         print(f"{args.model} ({model.config.model_type}): {model.num_parameters() / 1e6:.2f} M parameters, "
@@ -318,6 +381,10 @@ def main() -> None:
                                            args.new_tokens, args.seed, device, dtype, graph_settings)
     if "cache" not in skip:
         results["cache"] = cache_bytes(model, hf, device, dtype)
+    if args.ep > 1:
+        results["expert_parallel"] = expert_parallel(model, args.ep, [int(b) for b in args.batches.split(",")],
+                                                     args.prompt_len, args.new_tokens, args.seed, device, dtype,
+                                                     args.threads)
     del model, hf
     if "spec" not in skip:
         if args.checkpoint is not None:

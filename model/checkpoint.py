@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .expert_parallel import ExpertShard, experts_held_elsewhere, hold_local_experts
 from .experts import GroupedExperts
 from .rope import rope_inv_freq
 from .transformer import Transformer
@@ -107,8 +108,12 @@ def _shared_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    config: ModelConfig | None = None, fp8_weights: bool = False) -> Transformer:
+                    config: ModelConfig | None = None, fp8_weights: bool = False,
+                    expert_shard: ExpertShard | None = None) -> Transformer:
     """Load a DeepSeek-V3 checkpoint directory (HF layout). device='meta' builds the shape without reading weights.
+
+    expert_shard: one process of an expert-parallel engine; every MoE layer holds and reads only the routed
+    experts of the shard's rank (expert_parallel.hold_local_experts), the other experts' tensors stay unread.
 
     fp8_weights=True (inference): projections become FP8Linear (config.fp8, fp8_exclude still applies) and
     float8 checkpoint weights stay float8_e4m3fn with their weight_scale_inv blocks, computed through the
@@ -120,10 +125,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         config.fp8 = True
     with torch.device("meta"):
         model = Transformer(config)
+    if expert_shard is not None:
+        hold_local_experts(model, expert_shard)
     if str(device) == "meta":
         return model.to(dtype)
     block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
     aliases = _shared_aliases(model)
+    elsewhere = experts_held_elsewhere(model)
     files = _weight_files(path)
     loaded: set[str] = set()
     skipped: list[str] = []
@@ -142,8 +150,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         for file, names in sorted(by_file.items()):
             handle = open_file(file)
             for name in names:
-                if name.endswith(SCALE_SUFFIX):
-                    continue  # consumed with its weight below
+                if name.endswith(SCALE_SUFFIX) or name in elsewhere:
+                    continue  # a scale: consumed with its weight below; another expert-parallel rank's expert
                 expert = _expert_target(model, name)
                 target = _get_submodule_and_attr(model, name) if expert is None else (expert[0], expert[1])
                 if target is None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from .experts import GroupedExperts
+from .experts import PROJECTIONS, SCALE_SUFFIX, GroupedExperts, expert_key
 
 
 @dataclass(frozen=True)
@@ -102,4 +102,18 @@ def hold_local_experts(model: nn.Module, shard: ExpertShard) -> nn.Module:
     return model
 
 
-__all__ = ["ExpertShard", "check_ep_size", "dispatch_combine", "expert_major", "hold_local_experts"]
+def experts_held_elsewhere(model: nn.Module) -> frozenset[str]:
+    """The Hugging Face keys (weights and their FP8 `weight_scale_inv`) of the routed experts that `model`'s MoE
+    layers route to but other expert-parallel ranks hold (hold_local_experts); empty for a whole model. A whole
+    checkpoint or a weight sync names them; this rank skips them."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            held = module.held_experts
+            keys += [expert_key(f"{name}.", j, proj, attr) for j in range(module.num_experts) if j not in held
+                     for proj in PROJECTIONS for attr in ("weight", "weight" + SCALE_SUFFIX)]
+    return frozenset(keys)
+
+
+__all__ = ["ExpertShard", "check_ep_size", "dispatch_combine", "expert_major", "experts_held_elsewhere",
+           "hold_local_experts"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from r1pipe.engine.lockstep import Lockstep
 from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.sampler import SamplingTensors, sample, token_logprobs
 from r1pipe.engine.scheduler import Sequence
@@ -16,8 +17,11 @@ class PlainDecoding:
 
     lookahead = 0  # cache positions a step writes past a sequence's newest token
 
-    def __init__(self, runner: ModelRunner, stopper: StopChecker, vocab_size: int, stats: dict[str, int]) -> None:
+    def __init__(self, runner: ModelRunner, stopper: StopChecker, vocab_size: int, stats: dict[str, int],
+                 lockstep: Lockstep | None = None) -> None:
+        """`lockstep`: the processes of an expert-parallel engine append its rank 0's tokens."""
         self.runner, self.stopper, self.vocab_size, self.stats = runner, stopper, vocab_size, stats
+        self.lockstep = lockstep or Lockstep()
         self.device = runner.device
         self._uniform: dict[tuple, SamplingTensors] = {}  # (rows, temperature, top_p, top_k) -> tensors (read only)
 
@@ -67,7 +71,7 @@ class PlainDecoding:
     def sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Draw one token per row of logits [B, V] from each sequence's own stream and append it."""
         st = self.sampling_tensors(seqs)
-        tokens = sample(logits, st, [s.stream for s in seqs])
+        tokens = self.lockstep.agree(sample(logits, st, [s.stream for s in seqs]))
         want_lp = any(s.params.logprobs for s in seqs)
         lps = token_logprobs(logits, tokens, st).tolist() if want_lp else None
         for i, (seq, tok) in enumerate(zip(seqs, tokens.tolist())):

@@ -20,6 +20,7 @@ from torch import nn
 from r1pipe.causal_lm import V3, context_length
 from r1pipe.engine.decoding import PlainDecoding
 from r1pipe.engine.families import check_supported, load_engine_model
+from r1pipe.engine.lockstep import Lockstep, engine_shard
 from r1pipe.engine.paged_cache import PagedCache
 from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
 from r1pipe.engine.runner import Batch, ModelRunner
@@ -29,6 +30,7 @@ from r1pipe.engine.stopping import StopChecker
 from r1pipe.engine.tokenizer import TokenizerAdapter
 from r1pipe.errors import ConfigError
 from r1pipe.model import parse_dtype
+from r1pipe.model.expert_parallel import experts_held_elsewhere
 from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight
 from r1pipe.tracking.progress import StepProgress
 
@@ -69,20 +71,29 @@ class LLM:
     (DeepSeek-V3 only): hold the projections (attention, MLPs, routed and shared experts; not
     fp8_exclude) as FP8 weights in 128x128 blocks computing on 1x128 activation tiles (r1pipe.model.fp8), the
     rest in `dtype`; a model object is then copied first (its own weights stay as they are), and
-    `update_weights` quantizes what it is given.
+    `update_weights` quantizes what it is given. ep_size > 1 (DeepSeek-V3 only): this process is one of the
+    ep_size processes of the default torch.distributed group that together make one expert-parallel engine
+    (r1pipe.engine.lockstep): it holds only its rank's share of the routed experts, every process must generate
+    the same requests with the same seeds at once, and `update_weights` skips the other ranks' experts; no CUDA
+    graphs.
     """
 
     def __init__(self, model: str | Path | nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, speculative_k: int = 0,
                  max_model_len: int | None = None, cache_memory_gb: float = 0.5, cuda_graphs: bool | None = None,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, ep_size: int = 1) -> None:
         dtype = parse_dtype(dtype, key="dtype")  # "bfloat16" from a recipe (rl.rollout.engine.dtype) or a torch.dtype
         self.device = torch.device(device)
-        self.family = load_engine_model(model, dtype, self.device, fp8)
+        if cuda_graphs and ep_size > 1:
+            raise ConfigError(f"cuda_graphs=True with ep_size={ep_size}: the expert-parallel dispatch reads its split "
+                              "sizes on the host, which a CUDA graph cannot replay (leave cuda_graphs unset)")
+        expert_shard = engine_shard(ep_size)
+        self.family = load_engine_model(model, dtype, self.device, fp8, expert_shard)
         if isinstance(model, (str, Path)):
             tokenizer = model if tokenizer is None else tokenizer
         self.model = self.family.module  # the torch module: its state-dict names are the checkpoint's
+        self.experts_elsewhere = experts_held_elsewhere(self.model)  # other ranks' experts (update_weights skips)
         self.fp8 = bool(fp8)
         self.config = self.family.config
         facts = self.family.facts
@@ -111,7 +122,7 @@ class LLM:
             raise ConfigError(f"cuda_graphs=True: CUDA graphs of the decode step are for r1pipe's DeepSeek-V3; this "
                               f"is a {facts.model_type} model (leave cuda_graphs unset or false)")
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and self.family.supports_cuda_graphs
+            cuda_graphs = self.device.type == "cuda" and self.family.supports_cuda_graphs and expert_shard is None
         elif cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
         self.cuda_graphs = bool(cuda_graphs)
@@ -119,8 +130,9 @@ class LLM:
                                   cuda_graphs=self.cuda_graphs)
         self.stats = {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "first_drafts": 0, "first_accepted": 0}
         stopper = StopChecker(self.eos_token_ids, self.tokenizer)
-        self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k)
-                         if speculative_k else PlainDecoding(self.runner, stopper, self.vocab_size, self.stats))
+        lockstep = Lockstep(expert_shard)
+        self.decoding = (SpeculativeDecoding(self.runner, stopper, self.vocab_size, self.stats, speculative_k, lockstep)
+                         if speculative_k else PlainDecoding(self.runner, stopper, self.vocab_size, self.stats, lockstep))
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
                                    lookahead=self.decoding.lookahead)
         self._seeds = random.Random(seed)
@@ -183,9 +195,12 @@ class LLM:
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy new weights into the model in place (names as in its state dict); returns how many were set.
-        FP8 weights (fp8=True) are quantized on the way in. Unknown names or wrong shapes are an error naming
-        them; nothing is half-applied on error."""
+        FP8 weights (fp8=True) are quantized on the way in. An expert-parallel process skips the routed experts
+        other ranks hold. Unknown names or wrong shapes are an error naming them; nothing is half-applied on
+        error."""
         items = list(weights.items()) if isinstance(weights, dict) else list(weights)
+        if self.experts_elsewhere:
+            items = [(n, t) for n, t in items if n not in self.experts_elsewhere]
         own = self.model.state_dict(keep_vars=True)
         unknown = [n for n, _ in items if n not in own and not n.endswith(_SHARED_ALIASES)]
         if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from r1pipe.engine.decoding import PlainDecoding
+from r1pipe.engine.lockstep import Lockstep
 from r1pipe.engine.runner import Batch, ModelRunner
 from r1pipe.engine.sampler import draw, sampling_probs, token_logprobs, uniforms
 from r1pipe.engine.scheduler import Sequence
@@ -45,8 +46,8 @@ class SpeculativeDecoding(PlainDecoding):
     """k MTP drafts per sequence and step, verified in one main-model forward."""
 
     def __init__(self, runner: ModelRunner, stopper: StopChecker, vocab_size: int, stats: dict[str, int],
-                 k: int) -> None:
-        super().__init__(runner, stopper, vocab_size, stats)
+                 k: int, lockstep: Lockstep | None = None) -> None:
+        super().__init__(runner, stopper, vocab_size, stats, lockstep)
         self.k = self.lookahead = k
 
     def after_prefill(self, batch: Batch, out, lens: list[int]) -> None:
@@ -157,6 +158,8 @@ class SpeculativeDecoding(PlainDecoding):
             accepted, bonus = rejection_sample(target, draft_probs, drafts, u)
             new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
             new[torch.arange(B, device=logits.device), accepted] = bonus
+        agreed = self.lockstep.agree(torch.cat([new, accepted.unsqueeze(1)], dim=1))  # rank 0's, expert-parallel
+        new, accepted = agreed[:, :K1], agreed[:, K1]
         want_lp = any(s.params.logprobs for s in seqs)
         lps = token_logprobs(flat, new.reshape(-1), st_pos).view(B, K1).tolist() if want_lp else None
         self.stats["draft_tokens"] += B * K

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from r1pipe.engine.params import CompletionOutput, RequestOutput, SamplingParams, pair_requests
-from r1pipe.errors import UserError
+from r1pipe.errors import ConfigError, UserError
 
 
 def _import_vllm() -> Any:
@@ -70,16 +70,21 @@ class VLLMEngine:
     r1pipe's engine options carry over: dtype, max_num_seqs, speculative_k (vLLM's deepseek_mtp drafter),
     max_model_len, max_num_batched_tokens and block_size by name; num_blocks as num_gpu_blocks_override,
     cache_memory_gb as kv_cache_memory_bytes, cuda_graphs False as enforce_eager, fp8 as vLLM's online FP8
-    quantization. Other keyword arguments go to vllm.LLM as they are. `device`: where the tensors this
-    process exchanges with the engine live (the weight-sync buffers); vLLM itself runs on the device its build
-    targets. check_logprobs: run `check_logprob_contract` once at start-up (raises LogprobContractError)."""
+    quantization; ep_size must be 1 (vLLM's expert parallelism is its own enable_expert_parallel). Other
+    keyword arguments go to vllm.LLM as they are. `device`: where the tensors this process exchanges with the
+    engine live (the weight-sync buffers); vLLM itself runs on the device its build targets. check_logprobs:
+    run `check_logprob_contract` once at start-up (raises LogprobContractError)."""
 
     def __init__(self, model: str | Path, tokenizer: Any = None, dtype: torch.dtype | str = "auto",
                  seed: int = 0, max_num_seqs: int = 256, speculative_k: int = 0, check_logprobs: bool = True,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  num_blocks: int | None = None, cache_memory_gb: float | None = None, cuda_graphs: bool | None = None,
-                 fp8: bool = False, **vllm_kwargs: Any) -> None:
+                 fp8: bool = False, ep_size: int = 1, **vllm_kwargs: Any) -> None:
+        if ep_size != 1:
+            raise ConfigError(f"ep_size={ep_size}: r1pipe's ep_size spans r1pipe's own engine over several workers; "
+                              "vLLM splits the experts inside one engine (enable_expert_parallel=True with "
+                              "tensor_parallel_size / data_parallel_size, as vllm keyword arguments)")
         vllm = _import_vllm()
         if speculative_k:
             vllm_kwargs.setdefault("speculative_config", {"method": "deepseek_mtp",

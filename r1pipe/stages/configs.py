@@ -26,11 +26,12 @@ from r1pipe.vocab import ADVANTAGE_ESTIMATORS, ENGINE_BACKENDS, LOSS_AGGREGATION
 
 # What a recipe's `engine:` section may set: r1pipe.engine.LLM keyword arguments (the stage sets device and seed),
 # with the types each takes; VLLMEngine (backend: vllm) takes the same names and translates them to vLLM's.
-# cuda_graphs None: on exactly on CUDA; fp8: FP8 projections (docs/fp8.md).
+# cuda_graphs None: on exactly on CUDA; fp8: FP8 projections (docs/fp8.md); ep_size: rollout workers one engine
+# spans, each holding its share of the routed experts (r1pipe.workers.generation; docs/engine.md).
 ENGINE_OPTIONS: dict[str, tuple[type, ...]] = {
     "dtype": (str,), "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "block_size": (int,),
     "num_blocks": (int, type(None)), "speculative_k": (int,), "max_model_len": (int, type(None)),
-    "cache_memory_gb": (int, float), "cuda_graphs": (bool, type(None)), "fp8": (bool,),
+    "cache_memory_gb": (int, float), "cuda_graphs": (bool, type(None)), "fp8": (bool,), "ep_size": (int,),
 }
 
 
@@ -45,6 +46,25 @@ def check_engine_options(options: Any, key: str = "engine") -> None:
             raise ValueError(f"{key}.{name}: expected {names}, got {value!r}")
         if name == "dtype":
             dtype_name(value, f"{key}.dtype")
+
+
+def engine_ep_size(options: Any, backend: str = "engine", key: str = "engine") -> int:
+    """The engine option ep_size (1 when unset); a ValueError naming `key`.ep_size when it is below 1 or the other
+    settings rule it out: vLLM (its own expert parallelism is not driven from here), CUDA graphs (the
+    expert-parallel dispatch reads its split sizes on the host)."""
+    options = dict(options)
+    ep_size = options.get("ep_size", 1)
+    if ep_size < 1:
+        raise ValueError(f"{key}.ep_size must be >= 1, got {ep_size}")
+    if ep_size > 1 and backend != "engine":
+        raise ValueError(f"{key}.ep_size={ep_size} with backend: {backend}: r1pipe's ep_size spans r1pipe's own engine "
+                         "over several workers; vLLM splits the experts inside one engine (its enable_expert_parallel "
+                         "over tensor_parallel_size x data_parallel_size GPUs), which r1pipe does not drive: use "
+                         "backend: engine or ep_size: 1")
+    if ep_size > 1 and options.get("cuda_graphs"):
+        raise ValueError(f"{key}.cuda_graphs: true with {key}.ep_size={ep_size}: the expert-parallel dispatch reads its "
+                         "split sizes on the host, which a CUDA graph cannot replay (leave cuda_graphs unset)")
+    return ep_size
 
 
 def check_backend(backend: Any, key: str = "backend") -> None:
@@ -201,6 +221,7 @@ class Rollout:
     def __post_init__(self) -> None:
         check_engine_options(self.engine)
         check_backend(self.backend)
+        engine_ep_size(self.engine, self.backend)
         if self.backend == "vllm":
             engine = dict(self.engine)
             if self.routing_replay:
@@ -462,6 +483,7 @@ class RejectionSampleConfig(StageConfig):
         if self.select not in SELECT_MODES:
             raise ValueError(f"select={self.select!r}: choose one of {SELECT_MODES}")
         check_engine_options(self.engine)
+        engine_ep_size(self.engine, self.backend)
         for name in ("k", "max_tokens", "max_per_prompt", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

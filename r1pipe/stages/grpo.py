@@ -238,10 +238,13 @@ class GRPOTrainer:
     def _check_model(self) -> None:
         """What the workers would find out only when they start, checked on the driver: the engine runs the
         model's family; the drafter (MTP speculation, the draft loss) needs a model with an MTP module; routing
-        replay and FP8 need r1pipe's DeepSeek-V3 (a dense model has no experts and no FP8 path)."""
+        replay, FP8 and an expert-parallel engine (rl.rollout.engine.ep_size) need r1pipe's DeepSeek-V3 (a dense
+        model has no experts and no FP8 path)."""
         model_type = check_supported(self.base_model)
         check_expert_parallel(self.base_model, self.cfg.parallelism.ep_size, self.cfg.resources.trainer.workers,
                               f"{self.stage_dir.name}.parallelism.ep_size")
+        GenerationGroup.check_engines(self.base_model, self.cfg.resources.rollout.workers, dict(self.cfg.rollout.engine),
+                                      self.cfg.rollout.backend, f"{self.stage_dir.name}.rollout.engine")
         if model_type != V3:
             engine = dict(self.cfg.rollout.engine)
             refused = [("rl.rollout.routing_replay", self.cfg.rollout.routing_replay),
@@ -282,7 +285,7 @@ class GRPOTrainer:
         engine_kwargs = {"device": cfg.resources.device, "dtype": precision.dtype, **dict(cfg.rollout.engine)}
         self.rollout = GenerationGroup(rollout_path, self.placement, workers=cfg.resources.rollout.workers,
                                        engine=engine_kwargs, seed=self.ctx.seed, threads=cfg.resources.rollout.threads or None,
-                                       backend=cfg.rollout.backend)
+                                       backend=cfg.rollout.backend, key="rl.rollout.engine")
         self.pad_id = ray.get(self.rollout.workers[0].pad_token_id.remote())
         self.policy.connect_engines(self.rollout.workers, cfg.sync.bucket_mb, cfg.sync.shared_memory,
                                     engines_read_in_place=cfg.rollout.max_staleness == 0)

@@ -4,9 +4,13 @@ stage's base check and `r1pipe eval`.
 
 The workers sit in bundles of a placement group (r1pipe.workers.placement): the stage's own (GRPO reserves one
 for its trainers, engines and reward workers) or one the group reserves for itself (`GenerationGroup.reserve`).
-Prompts (token ids or texts) are split into contiguous parts, one per worker, and every prompt samples with a
-seed of its own, so which worker draws a prompt does not change its samples; results come back in prompt order.
+Prompts (token ids or texts) are split into contiguous parts, one per engine, and every prompt samples with a
+seed of its own, so which engine draws a prompt does not change its samples; results come back in prompt order.
 A completion ended by a stop string keeps it, and nothing after it (the engine's include_stop_str_in_output).
+
+An engine is one worker, or with the engine option `ep_size` > 1 that many consecutive workers (expert
+parallelism: each holds its share of the routed experts; r1pipe.engine.lockstep): all of them get the engine's
+part with the same seeds and generate together, and the first returns the engine's results.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from typing import Any
 
 import ray
 
+from r1pipe.causal_lm import check_expert_parallel
+from r1pipe.errors import ConfigError
+from r1pipe.stages.configs import engine_ep_size
 from r1pipe.stages.sections import SamplingResources
 from r1pipe.tracking.progress import StepProgress
 from r1pipe.workers.batch import Completion
@@ -52,35 +59,70 @@ class Sampling:
         return (self.seed * 1_000_003 + index * 7919 + 12345) % (2**31)
 
 
+def gather(refs: list[Any], others: Sequence[Any] = ()) -> list[Any]:
+    """ray.get(refs), after `others` (the calls of expert-parallel processes whose results are not used) have
+    finished too; the first failure of any is raised at once (the rest of its engine would wait for it)."""
+    waiting = list(refs) + list(others)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        ray.get(ready)  # raises a failed call's error
+    return ray.get(list(refs))
+
+
 class Pending:
     """A generation the group has started (`GenerationGroup.submit`); `result()` waits for it."""
 
-    def __init__(self, refs: list[Any]):
-        self.refs = refs  # one Ray reference per worker's part, in prompt order
+    def __init__(self, refs: list[Any], others: Sequence[Any] = ()):
+        self.refs = refs  # one Ray reference per engine's part, in prompt order
+        self.others = list(others)  # the other processes of expert-parallel engines (their results are [])
         self._done: list[list[Completion]] | None = None
 
     def result(self) -> list[list[Completion]]:
         """The completions of each prompt, in prompt order."""
         if self._done is None:
-            self._done = [group for part in ray.get(self.refs) for group in part]
-            self.refs = []
+            self._done = [group for part in gather(self.refs, self.others) for group in part]
+            self.refs, self.others = [], []
         return self._done
 
 
 class GenerationGroup:
     """`workers` RolloutWorker actors of the checkpoint `model_path`, actor i in bundle i of `role` in
-    `placement` and seeded `seed + i` (per-prompt seeds decide the samples; see `generate`)."""
+    `placement`: workers / ep_size engines, engine e of actors e * ep_size .. (e + 1) * ep_size - 1, seeded
+    `seed + e` (per-prompt seeds decide the samples; see `generate`)."""
 
     def __init__(self, model_path: str, placement: Placement, *, workers: int, engine: dict[str, Any] | None = None,
                  seed: int = 0, threads: int | None = None, backend: str = "engine", role: str = "rollout",
-                 owns_placement: bool = False):
-        """`engine`: the engine's options (r1pipe.engine.LLM's, or VLLMEngine's for backend "vllm"); `threads`:
-        torch threads per actor (None: Ray's per-actor default); `owns_placement`: `shutdown` removes it."""
+                 owns_placement: bool = False, key: str = "engine"):
+        """`engine`: the engine's options (r1pipe.engine.LLM's, or VLLMEngine's for backend "vllm"; `ep_size`:
+        workers per engine); `threads`: torch threads per actor (None: Ray's per-actor default);
+        `owns_placement`: `shutdown` removes it; `key`: the recipe section of `engine`, which errors name."""
+        options = dict(engine or {})
+        self.ep_size = self.check_engines(model_path, workers, options, backend, key)  # before any actor starts
         actor = ray.remote(RolloutWorker)
         self.placement, self.owns_placement = placement, owns_placement
-        self.workers = [actor.options(**placement.options(role, i)).remote(str(model_path), dict(engine or {}), seed + i,
-                                                                            threads, backend)
+        self.workers = [actor.options(**placement.options(role, i)).remote(
+                            str(model_path), options, seed + i // self.ep_size, threads, backend, i % self.ep_size)
                         for i in range(workers)]
+        if self.ep_size > 1:  # each engine's actors form its process group, then open the engine on it
+            leaders = self.workers[::self.ep_size]
+            addresses = ray.get([w.rendezvous_address.remote() for w in leaders])
+            gather([w.join_engine.remote(addresses[i // self.ep_size]) for i, w in enumerate(self.workers)])
+
+    @staticmethod
+    def check_engines(model_path: str, workers: int, engine: dict[str, Any], backend: str, key: str = "engine") -> int:
+        """The workers per engine (engine option ep_size); a ConfigError naming `key`.ep_size when the model, the
+        backend, the other options or the number of workers rule it out (reads config.json only)."""
+        try:
+            ep_size = engine_ep_size(engine, backend, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        check_expert_parallel(model_path, ep_size, workers, f"{key}.ep_size")
+        return ep_size
+
+    @property
+    def engines(self) -> list[list[Any]]:
+        """The actors of each engine (one each, or ep_size)."""
+        return [self.workers[i:i + self.ep_size] for i in range(0, len(self.workers), self.ep_size)]
 
     @classmethod
     def reserve(cls, model_path: str, resources: SamplingResources, *, key: str = "resources", seed: int = 0,
@@ -89,7 +131,10 @@ class GenerationGroup:
         """A group in a placement group of its own, made from `resources.rollout` (on `resources.device`) and
         checked, with `resources.reward` when `with_reward` (a RewardPool beside it; not placed in the group),
         against the cluster before any actor starts (r1pipe.workers.placement.reserve); `key` is the recipe
-        section that errors name. Ray must be initialised (r1pipe.workers.cluster.ray_init)."""
+        section that errors name (and its sibling `engine` the engine options' errors). Ray must be initialised
+        (r1pipe.workers.cluster.ray_init)."""
+        engine_key = key.removesuffix("resources") + "engine"
+        cls.check_engines(model_path, resources.rollout.workers, dict(engine or {}), backend, engine_key)
         roles = [role_resources("rollout", resources.rollout, f"{key}.rollout")]
         if with_reward:
             roles.append(role_resources("reward", resources.reward, f"{key}.reward", in_group=False))
@@ -97,14 +142,15 @@ class GenerationGroup:
         try:
             return cls(model_path, placement, workers=resources.rollout.workers,
                        engine={"device": resources.device, **dict(engine or {})},
-                       seed=seed, threads=resources.rollout.threads or None, backend=backend, owns_placement=True)
+                       seed=seed, threads=resources.rollout.threads or None, backend=backend, owns_placement=True,
+                       key=engine_key)
         except BaseException:
             placement.remove()
             raise
 
     def _parts(self, n: int) -> list[tuple[int, int]]:
-        """Contiguous [start, end) ranges of n prompts, one per worker."""
-        k = len(self.workers)
+        """Contiguous [start, end) ranges of n prompts, one per engine."""
+        k = len(self.engines)
         return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
     @staticmethod
@@ -121,9 +167,14 @@ class GenerationGroup:
         sampling.prompt_seed(i)); the workers run while the caller goes on."""
         seeds = self._seeds(prompts, sampling, seeds)
         stop = list(sampling.stop) or None
-        return Pending([w.generate.remote(list(prompts[a:b]), sampling.k, sampling.temperature, sampling.max_tokens,
-                                          seeds[a:b], stop, return_routing, sampling.top_p)
-                        for w, (a, b) in zip(self.workers, self._parts(len(prompts))) if b > a])
+        refs, others = [], []
+        for actors, (a, b) in zip(self.engines, self._parts(len(prompts))):
+            if b > a:
+                calls = [w.generate.remote(list(prompts[a:b]), sampling.k, sampling.temperature, sampling.max_tokens,
+                                           seeds[a:b], stop, return_routing, sampling.top_p) for w in actors]
+                refs.append(calls[0])
+                others += calls[1:]
+        return Pending(refs, others)
 
     def generate(self, prompts: Prompts, sampling: Sampling, seeds: Sequence[int] | None = None,
                  return_routing: bool = False, progress: bool = False) -> list[list[Completion]]:
@@ -148,20 +199,27 @@ class GenerationGroup:
                seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, list[Completion]]]]:
         """The samples of `generate`, as prompts finish: each item is every [(prompt index, completions)]
         that the workers have streamed back since the last one (at least one; the first wait blocks). The
-        workers keep their continuous batches full meanwhile (RolloutWorker.generate_stream)."""
+        workers keep their continuous batches full meanwhile (RolloutWorker.generate_stream; the other
+        processes of an expert-parallel engine generate along, and only a failure of theirs is read)."""
         seeds = self._seeds(prompts, sampling, seeds)
         stop = list(sampling.stop) or None
-        streams = {w.generate_stream.options(num_returns="streaming").remote(
-                       list(prompts[a:b]), sampling.k, sampling.temperature, sampling.max_tokens, seeds[a:b], stop,
-                       sampling.top_p): a
-                   for w, (a, b) in zip(self.workers, self._parts(len(prompts))) if b > a}
+        streams, others = {}, set()
+        for (leader, *rest), (a, b) in zip(self.engines, self._parts(len(prompts))):
+            if b > a:
+                part = (list(prompts[a:b]), sampling.k, sampling.temperature, sampling.max_tokens, seeds[a:b], stop)
+                streams[leader.generate_stream.options(num_returns="streaming").remote(*part, sampling.top_p)] = a
+                others.update(w.generate.remote(*part, False, sampling.top_p) for w in rest)
         while streams:
             done: list[tuple[int, list[Completion]]] = []
             timeout = None
             while streams:
-                ready, _ = ray.wait(list(streams), num_returns=1, timeout=timeout)
+                ready, _ = ray.wait(list(streams) + list(others), num_returns=1, timeout=timeout)
                 if not ready:
                     break
+                if ready[0] in others:
+                    ray.get(ready[0])  # raises a failed process's error
+                    others.discard(ready[0])
+                    continue
                 try:
                     ref = next(ready[0])
                 except StopIteration:
@@ -172,10 +230,13 @@ class GenerationGroup:
                 timeout = 0  # after the first, only what is already there
             if done:
                 yield done
+        gather([], list(others))
 
     def on_each(self, method: str, *args: Any) -> list[Any]:
-        """`method(*args)` run on every worker; their results in worker order."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        """`method(*args)` run on every worker (an expert-parallel engine's all at once); the results of each
+        engine's first worker, in engine order."""
+        calls = [[getattr(w, method).remote(*args) for w in actors] for actors in self.engines]
+        return gather([c[0] for c in calls], [r for c in calls for r in c[1:]])
 
     def shutdown(self) -> None:
         """End the workers (and remove the placement group when the group reserved it)."""

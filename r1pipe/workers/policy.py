@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ from r1pipe.workers.sharding import (
     load_sharded, local_bytes, reduce_expert_gradients, reshard, save_sharded, shard, undo_gradient_average,
 )
 from r1pipe.workers.shared_memory import SharedBuckets, SharedGradients, make_directory, node_id, node_ip, unlink
-from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, tensor_meta
+from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, free_port, rehome, rendezvous_address, tensor_meta
 
 
 @dataclass
@@ -206,10 +205,7 @@ class PolicyWorker:
 
     def rendezvous_address(self) -> str:
         """tcp://this-node:free-port, for rank 0 to host the process group."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return f"tcp://{node_ip()}:{port}"
+        return rendezvous_address()
 
     def _draft_parameters(self) -> list[torch.nn.Parameter]:
         """The MTP module's own parameters (not the embedding and output head it shares)."""

@@ -1,5 +1,6 @@
 """RolloutWorker: a generation engine (r1pipe.engine.backend.open_engine: r1pipe's own LLM or vLLM) as a
-Ray actor; r1pipe.workers.generation.GenerationGroup drives several of them as one.
+Ray actor, or one process of an engine that spans several (engine option ep_size: expert parallelism, see
+r1pipe.engine.lockstep); r1pipe.workers.generation.GenerationGroup drives several of them as one.
 
 It samples `n` completions per prompt with their per-token log-probs (and, for routing replay,
 which needs r1pipe's engine, the experts it chose), and takes new weights from the policy after every step.
@@ -12,39 +13,66 @@ import time
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from r1pipe.engine import SamplingParams
 from r1pipe.engine.backend import open_engine
+from r1pipe.errors import ConfigError
+from r1pipe.stages.configs import engine_ep_size
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
-from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome
+from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome, rendezvous_address
 
 
 class RolloutWorker:
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any] | None = None, seed: int = 0,
-                 num_threads: int | None = None, backend: str = "engine"):
+                 num_threads: int | None = None, backend: str = "engine", ep_rank: int = 0):
         """`num_threads`: torch threads of this actor's process; None (a worker used in the caller's own
         process, e.g. the pretrain stage's base check) leaves the process's setting alone. `backend`: "engine"
         (r1pipe.engine.LLM) or "vllm" (VLLMEngine, which checks its log-prob contract here and raises
-        LogprobContractError when vLLM's log-probs are not the ones the trainer assumes)."""
+        LogprobContractError when vLLM's log-probs are not the ones the trainer assumes). With the engine
+        option `ep_size` > 1 this actor is process `ep_rank` of an engine spanning ep_size actors (r1pipe's
+        engine only); the engine opens in `join_engine`, once every actor of it exists."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.backend = backend
-        self.llm = open_engine(backend, model_path, seed=seed, **dict(engine_kwargs or {}))  # dtype names parsed there
+        kwargs = dict(engine_kwargs or {})
+        try:
+            self.ep_size, self.ep_rank = engine_ep_size(kwargs, backend), ep_rank
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self._engine = (model_path, seed, kwargs)
+        self.llm = open_engine(backend, model_path, seed=seed, **kwargs) if self.ep_size == 1 else None  # dtype names parsed there
         self._draft_seen = DraftStats()
         self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
         self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
         self.busy_seconds = 0.0  # time in `generate` since `take_busy_seconds` last asked
+
+    def rendezvous_address(self) -> str:
+        """tcp://this-node:free-port, for an expert-parallel engine's process 0 to host its group."""
+        return rendezvous_address()
+
+    def join_engine(self, address: str) -> None:
+        """Join the engine's process group at `address` as its process ep_rank (every actor of the engine at
+        once; this actor's default torch.distributed group, gloo on CPU, NCCL on CUDA) and open the engine on
+        it (LLM's ep_size: this rank's share of the routed experts)."""
+        model_path, seed, kwargs = self._engine
+        device = torch.device(kwargs.get("device", "cpu"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=self.ep_rank,
+                                world_size=self.ep_size)
+        self.llm = open_engine(self.backend, model_path, seed=seed, **kwargs)
 
     def generate_stream(self, prompts: list[str] | list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None,
                         top_p: float = 1.0) -> Iterator[list[tuple[int, list[Completion]]]]:
         """The same samples as `generate`, streamed: after each engine step, the prompts (index, n
         completions) that have just finished. Call as a Ray streaming generator
-        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores."""
+        (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores. An
+        expert-parallel engine's processes other than 0 yield nothing."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False, top_p)
         for finished in self.llm.iter_generate(prompts, params):
-            yield [(i, self._completions(out)) for i, out in finished]
+            if self.ep_rank == 0:
+                yield [(i, self._completions(out)) for i, out in finished]
 
     def generate(
         self,
@@ -59,12 +87,13 @@ class RolloutWorker:
     ) -> list[list[Completion]]:
         """The n completions of each prompt, in index order; `seeds` (one per prompt) make sampling
         reproducible. Log-probs are of the untruncated distribution whatever `top_p` (GRPO samples with
-        top_p 1, evaluation with the R1 protocol's 0.95)."""
+        top_p 1, evaluation with the R1 protocol's 0.95). An expert-parallel engine's processes other than 0
+        take part and return [] (process 0 returns the engine's completions)."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing, top_p)
         started = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.busy_seconds += time.perf_counter() - started
-        return [self._completions(out) for out in outputs]
+        return [self._completions(out) for out in outputs] if self.ep_rank == 0 else []
 
     def take_busy_seconds(self) -> float:
         """Seconds spent in `generate` since the last call (the rest of a step, the engine waited)."""
@@ -133,13 +162,14 @@ class RolloutWorker:
         engine has its weights laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
         lands in one piece; with shared buckets they are the buckets, which hold the trainer's weights. vLLM
         takes each bucket's named tensors through VLLMEngine.update_weights (received into this worker's own
-        buffers, or read from the shared buckets)."""
-        if self.backend == "vllm":
+        buffers, or read from the shared buckets), and so does a process of an expert-parallel engine that does
+        not read the shared buckets in place (LLM.update_weights keeps the experts it holds: its buffers stay
+        the size of its own weights)."""
+        buckets, shared = self.sync_group.buckets, self.sync_group.shared
+        in_place = shared is not None and self.read_in_place
+        if self.backend == "vllm" or (self.ep_size > 1 and not in_place):
             return self.sync_group.receive_each(self.llm.update_weights)
-        buckets = self.sync_group.buckets
         if self.flat_weights is None or not self.flat_weights.fits(buckets):
-            shared = self.sync_group.shared
-            in_place = shared is not None and self.read_in_place
             self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
                                  else rehome(self.llm.model, buckets))
         return self.sync_group.receive_flat(self.flat_weights)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from r1pipe.model.fp8 import FP8_DTYPE, set_fp8_weight, weight_dequant
-from r1pipe.workers.shared_memory import SharedBuckets
+from r1pipe.workers.shared_memory import SharedBuckets, node_ip
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_address() -> str:
+    """tcp://this-node:free-port, for a process group's rank 0 to host the group's store."""
+    return f"tcp://{node_ip()}:{free_port()}"
 
 
 class SyncMismatch(RuntimeError):

@@ -8,6 +8,8 @@ in its own process (its own Ray instance).
     python bench/bench_algorithms.py                           # all settings, ~2 minutes each on 2 cores
     python bench/bench_algorithms.py --only grpo-x4 gspo-x4 cispo-x4   # the surrogates off-policy
     python bench/bench_algorithms.py --only grpo async --steps 100
+    python bench/bench_algorithms.py --only grpo async --seeds 3   # seeds 0, 1, 2 (each its own base): means and
+                                                                   # each setting's paired gap to the first
 """
 from __future__ import annotations
 
@@ -70,27 +72,51 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def print_seed_means(results: list[dict], names: list[str], last: int) -> None:
+    """Each setting's mean held-out accuracy over the seeds at every checkpoint, and its per-seed gap to the first
+    setting at the last step (paired: the same seed is the same base)."""
+    by = {(r["name"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    first = names[0]
+    print(f"\n| setting | mean held-out at 20 | 50 | {last} | gap to {first} at {last}, per seed | mean gap | s/step |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        means = [statistics.mean(by[name, s]["heldout"].get(c, float("nan")) for s in seeds) for c in (20, 50, last)]
+        gaps = [by[name, s]["heldout"].get(last, float("nan")) - by[first, s]["heldout"].get(last, float("nan"))
+                for s in seeds]
+        print(f"| {name} | " + " | ".join(f"{100 * m:.1f}%" for m in means)
+              + f" | {', '.join(f'{100 * g:+.1f}' for g in gaps)} | {100 * statistics.mean(gaps):+.1f} | "
+              + f"{statistics.median(by[name, s]['s_per_step'] for s in seeds):.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=tuple(SETTINGS), default=list(SETTINGS))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides for every setting, e.g. run.seed=1 (another base)")
+    p.add_argument("--seeds", type=int, default=1, help="run every setting with run.seed 0..N-1 (N bases)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/algorithms"))
     p.add_argument("--png", type=Path, default=Path("runs/bench/algorithms.png"))
     args = p.parse_args()
     results = []
-    for name in args.only:
-        print(f"{name}: {' '.join(SETTINGS[name]) or '(the recipe)'}", flush=True)
-        results.append(run(name, SETTINGS[name] + args.extra, args.steps, args.out))
-        r = results[-1]
-        shares = " / ".join(f"{100 * r['heldout'].get(s, float('nan')):.1f}%" for s in CHECKPOINTS)
-        print(f"  held-out {shares} at steps {' / '.join(map(str, CHECKPOINTS))}, {r['s_per_step']:.3f} s/step, "
-              f"{r['wall_s']:.0f} s in all", flush=True)
+    for seed in range(args.seeds):
+        for name in args.only:
+            label = name if args.seeds == 1 else f"{name} seed {seed}"
+            extra = args.extra if args.seeds == 1 else [*args.extra, f"run.seed={seed}"]
+            print(f"{label}: {' '.join(SETTINGS[name] + extra) or '(the recipe)'}", flush=True)
+            results.append({**run(name if args.seeds == 1 else f"{name}-seed{seed}", SETTINGS[name] + extra, args.steps,
+                                  args.out), "setting": label, "name": name, "seed": seed})
+            r = results[-1]
+            shares = " / ".join(f"{100 * r['heldout'].get(s, float('nan')):.1f}%" for s in CHECKPOINTS)
+            print(f"  held-out {shares} at steps {' / '.join(map(str, CHECKPOINTS))}, {r['s_per_step']:.3f} s/step, "
+                  f"{r['wall_s']:.0f} s in all", flush=True)
     print("\n| setting | held-out at step 0 | 20 | 50 | 100 | s/step |\n|---|---|---|---|---|---|")
     for r in results:
         cells = " | ".join(f"{100 * r['heldout'][s]:.1f}%" if s in r["heldout"] else "-" for s in (0, *CHECKPOINTS))
         print(f"| {r['setting']} | {cells} | {r['s_per_step']:.3f} |")
+    if args.seeds > 1:
+        print_seed_means(results, args.only, args.steps)
     plot(results, args.png)
     print(f"plot: {args.png}")
     print(json.dumps(results))

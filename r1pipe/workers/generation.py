@@ -73,13 +73,15 @@ class GenerationGroup:
 
     def __init__(self, model_path: str, placement: Placement, *, workers: int, engine: dict[str, Any] | None = None,
                  seed: int = 0, threads: int | None = None, backend: str = "engine", role: str = "rollout",
-                 owns_placement: bool = False):
+                 owns_placement: bool = False, concurrency: int = 1):
         """`engine`: the engine's options (r1pipe.engine.LLM's, or VLLMEngine's for backend "vllm"); `threads`:
-        torch threads per actor (None: Ray's per-actor default); `owns_placement`: `shutdown` removes it."""
+        torch threads per actor (None: Ray's per-actor default); `owns_placement`: `shutdown` removes it;
+        `concurrency`: calls an actor runs at once (Ray's max_concurrency): 2 lets a worker take weights
+        while it generates (GRPO's partial rollouts)."""
         actor = ray.remote(RolloutWorker)
         self.placement, self.owns_placement = placement, owns_placement
-        self.workers = [actor.options(**placement.options(role, i)).remote(str(model_path), dict(engine or {}), seed + i,
-                                                                            threads, backend)
+        self.workers = [actor.options(**placement.options(role, i), max_concurrency=concurrency).remote(
+                            str(model_path), dict(engine or {}), seed + i, threads, backend)
                         for i in range(workers)]
 
     @classmethod

@@ -5,9 +5,16 @@ It samples `n` completions per prompt with their per-token log-probs (and, for r
 which needs r1pipe's engine, the experts it chose), and takes new weights from the policy after every step.
 Results travel as `Completion` dataclasses, so the controller needs no engine types. A completion
 that a stop string ended keeps it (`... </answer>`: the rewards read it) and nothing after it.
+
+As a threaded actor (GenerationGroup's `concurrency` 2: partial rollouts) it takes new weights while a
+generation runs: one generation at a time (a second `generate` waits for the first), and weights land
+between two engine steps (r1pipe.engine.LLM.step_lock); each completion then records the policy version
+of every token (`Completion.token_versions`).
 """
 from __future__ import annotations
 
+import bisect
+import threading
 import time
 from typing import Any, Iterator
 
@@ -35,6 +42,7 @@ class RolloutWorker:
         self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
         self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
         self.busy_seconds = 0.0  # time in `generate` since `take_busy_seconds` last asked
+        self.generation_lock = threading.Lock()  # held for a whole generate / generate_stream call
 
     def generate_stream(self, prompts: list[str] | list[list[int]], n: int, temperature: float, max_tokens: int,
                         seeds: list[int] | None = None, stop: list[str] | None = None,
@@ -43,8 +51,9 @@ class RolloutWorker:
         completions) that have just finished. Call as a Ray streaming generator
         (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False, top_p)
-        for finished in self.llm.iter_generate(prompts, params):
-            yield [(i, self._completions(out)) for i, out in finished]
+        with self.generation_lock:
+            for finished in self.llm.iter_generate(prompts, params):
+                yield [(i, self._completions(out)) for i, out in finished]
 
     def generate(
         self,
@@ -61,9 +70,10 @@ class RolloutWorker:
         reproducible. Log-probs are of the untruncated distribution whatever `top_p` (GRPO samples with
         top_p 1, evaluation with the R1 protocol's 0.95)."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing, top_p)
-        started = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        self.busy_seconds += time.perf_counter() - started
+        with self.generation_lock:
+            started = time.perf_counter()
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            self.busy_seconds += time.perf_counter() - started
         return [self._completions(out) for out in outputs]
 
     def take_busy_seconds(self) -> float:
@@ -90,8 +100,12 @@ class RolloutWorker:
         routing = None
         if c.routing is not None and getattr(out, "prompt_routing", None) is not None:
             routing = torch.cat([out.prompt_routing, c.routing], dim=1)
+        versions = None
+        if c.weight_changes is not None:  # the engine's version at the request's start, plus the changes before each token
+            versions = [out.weights_version + bisect.bisect_right(c.weight_changes, j) for j in range(len(c.token_ids))]
         return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text,
-                          logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing)
+                          logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing,
+                          token_versions=versions)
 
     def take_draft_stats(self) -> DraftStats:
         """MTP drafts proposed and accepted since the last call."""
@@ -108,9 +122,11 @@ class RolloutWorker:
         if self.backend == "vllm":
             self.llm.update_weights(state_dict)
             return
-        if self.flat_weights is not None and self.flat_weights.adopted:
-            self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
-        self.llm.update_weights(state_dict)
+        with self.llm.step_lock:
+            if self.flat_weights is not None and self.flat_weights.adopted:
+                self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
+            self.llm.update_weights(state_dict)
+            self.llm.weights_changed()
 
     def join_sync(self, host: str, port: int, rank: int, world_size: int, buckets: list) -> None:
         """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync); syncs
@@ -136,13 +152,23 @@ class RolloutWorker:
         buffers, or read from the shared buckets)."""
         if self.backend == "vllm":
             return self.sync_group.receive_each(self.llm.update_weights)
-        buckets = self.sync_group.buckets
-        if self.flat_weights is None or not self.flat_weights.fits(buckets):
-            shared = self.sync_group.shared
-            in_place = shared is not None and self.read_in_place
-            self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
-                                 else rehome(self.llm.model, buckets))
-        return self.sync_group.receive_flat(self.flat_weights)
+        with self.llm.step_lock:  # between two engine steps of a generation in flight (threaded actor)
+            buckets = self.sync_group.buckets
+            if self.flat_weights is None or not self.flat_weights.fits(buckets):
+                shared = self.sync_group.shared
+                in_place = shared is not None and self.read_in_place
+                self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
+                                     else rehome(self.llm.model, buckets))
+            count = self.sync_group.receive_flat(self.flat_weights)
+            self.llm.weights_changed()
+            return count
+
+    def set_policy_version(self, version: int) -> None:
+        """The policy version of the weights the engine holds now (its count goes on from there at each sync;
+        `Completion.token_versions` are in it). Only r1pipe's engine keeps one."""
+        if self.backend == "engine":
+            with self.llm.step_lock:
+                self.llm.weights_version = version
 
     def pad_token_id(self) -> int:
         """Padding id for training batches (any valid id: padded positions are masked out): the model's pad id,

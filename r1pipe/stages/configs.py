@@ -192,7 +192,7 @@ class Rollout:
     backend: str = "engine"  # engine (r1pipe.engine.LLM) | vllm (VLLMEngine: GPU, `pip install 'r1pipe[vllm]'`)
     routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
     max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
-    partial_rollouts: bool = False  # with max_staleness 1: sync as soon as the trainer is done; sequences in flight go on under the new weights
+    partial_rollouts: bool = False  # with max_staleness 1: sync once trained; sequences in flight go on under the new weights
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
     overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)

@@ -75,8 +75,8 @@ class Completion:
         return self.finish_reason == "length"
 
     def versions(self) -> list[int]:
-        """The policy version of each token (token_versions, else `version` for all); one entry for an empty completion."""
-        if self.token_versions is not None and self.token_versions:
+        """The policy version of each token (token_versions, else `version` for all); one for an empty completion."""
+        if self.token_versions:
             return list(self.token_versions)
         return [self.version] * max(len(self.token_ids), 1)
 

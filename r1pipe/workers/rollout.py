@@ -14,9 +14,10 @@ of every token (`Completion.token_versions`).
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -25,6 +26,23 @@ from r1pipe.engine.backend import open_engine
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome
+
+
+def between_engine_steps(method: Callable) -> Callable:
+    """A RolloutWorker method that replaces the engine's weights, run with r1pipe's engine's step lock held (so
+    a generation in flight in another thread takes them between two of its steps) and followed by
+    LLM.weights_changed (each sequence in flight records where they took over); vLLM's run as they are."""
+
+    @functools.wraps(method)
+    def wrapped(self: "RolloutWorker", *args: Any, **kwargs: Any) -> Any:
+        if self.backend != "engine":
+            return method(self, *args, **kwargs)
+        with self.llm.step_lock:
+            out = method(self, *args, **kwargs)
+            self.llm.weights_changed()
+            return out
+
+    return wrapped
 
 
 class RolloutWorker:
@@ -116,17 +134,16 @@ class RolloutWorker:
         seen, self._draft_seen = self._draft_seen, now
         return now - seen
 
+    @between_engine_steps
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy these weights into the engine (an engine reading the trainer's shared weights first takes its own
         copy, so the trainer's stay as they are; vLLM loads them with its model's own loader)."""
         if self.backend == "vllm":
             self.llm.update_weights(state_dict)
             return
-        with self.llm.step_lock:
-            if self.flat_weights is not None and self.flat_weights.adopted:
-                self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
-            self.llm.update_weights(state_dict)
-            self.llm.weights_changed()
+        if self.flat_weights is not None and self.flat_weights.adopted:
+            self.flat_weights = rehome(self.llm.model, self.flat_weights.plan)
+        self.llm.update_weights(state_dict)
 
     def join_sync(self, host: str, port: int, rank: int, world_size: int, buckets: list) -> None:
         """Join the trainer -> engines weight-sync group as receiver `rank` (r1pipe.workers.weight_sync); syncs
@@ -144,6 +161,7 @@ class RolloutWorker:
         """The Ray node this worker runs on."""
         return node_id()
 
+    @between_engine_steps
     def receive_weights(self) -> int:
         """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. r1pipe's
         engine has its weights laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
@@ -152,16 +170,13 @@ class RolloutWorker:
         buffers, or read from the shared buckets)."""
         if self.backend == "vllm":
             return self.sync_group.receive_each(self.llm.update_weights)
-        with self.llm.step_lock:  # between two engine steps of a generation in flight (threaded actor)
-            buckets = self.sync_group.buckets
-            if self.flat_weights is None or not self.flat_weights.fits(buckets):
-                shared = self.sync_group.shared
-                in_place = shared is not None and self.read_in_place
-                self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
-                                     else rehome(self.llm.model, buckets))
-            count = self.sync_group.receive_flat(self.flat_weights)
-            self.llm.weights_changed()
-            return count
+        buckets = self.sync_group.buckets
+        if self.flat_weights is None or not self.flat_weights.fits(buckets):
+            shared = self.sync_group.shared
+            in_place = shared is not None and self.read_in_place
+            self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
+                                 else rehome(self.llm.model, buckets))
+        return self.sync_group.receive_flat(self.flat_weights)
 
     def set_policy_version(self, version: int) -> None:
         """The policy version of the weights the engine holds now (its count goes on from there at each sync;

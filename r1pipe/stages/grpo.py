@@ -103,7 +103,8 @@ class PromptStream:
 @dataclass
 class Prefetch:
     """The first round of a step's rollouts, started before the previous step trains (max_staleness 1):
-    its prompts, the policy version the engines sampled it with, and the engines' pending results."""
+    its prompts, the policy version the engines had when it started (with partial rollouts the tokens after
+    the sync carry the next one: Completion.token_versions), and the engines' pending results."""
 
     problems: list[dict]
     version: int

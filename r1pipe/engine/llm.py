@@ -10,7 +10,9 @@ drafts verified in one forward). The model runner (r1pipe.engine.runner) plans a
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterable, Iterator, Sequence as Seq
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,10 @@ class LLM:
                                    lookahead=self.decoding.lookahead)
         self._seeds = random.Random(seed)
         self._next_request = 0
+        # held around each engine step (and while requests enter or leave the scheduler): a caller that replaces
+        # the weights from another thread takes it too, so they change between steps, never inside one
+        self.step_lock = threading.Lock()
+        self.weights_version = 0  # the weights' policy version, as their owner counts them (weights_changed)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -159,8 +165,10 @@ class LLM:
         prompts while generation goes on. Closing the iterator early frees everything in flight."""
         prompts, plist = pair_requests(prompts, params)
         groups = [self._make_group(p, sp) for p, sp in zip(prompts, plist)]
-        for group in groups:
-            self.scheduler.add(group)
+        with self.step_lock:
+            for group in groups:
+                group.weights_version = self.weights_version
+                self.scheduler.add(group)
         index = {id(g): i for i, g in enumerate(groups)}
         pending = set(range(len(groups)))
         progress = StepProgress(len(groups), 0, "generate", unit="prompt", transient=True).start() if use_tqdm else None
@@ -169,7 +177,7 @@ class LLM:
         self.scheduler.take_retired()
         try:
             while self.scheduler.has_work():
-                with torch.inference_mode():
+                with self.step_lock, torch.inference_mode():
                     self._step()
                 # only the groups of sequences that finished in this step can have finished
                 touched = {id(s.group): s.group for s in self.scheduler.take_retired()}
@@ -185,7 +193,8 @@ class LLM:
                     progress.advance(n=len(pending))
                 yield [(i, self._request_output(groups[i])) for i in sorted(pending)]
         except BaseException:  # an error, or the caller closed the iterator: nothing stays allocated
-            self._abort()
+            with self.step_lock:
+                self._abort()
             raise
         finally:
             self.model.train(was_training)
@@ -215,6 +224,21 @@ class LLM:
                 set_weight(own, name, tensor)
                 count += 1
         return count
+
+    def weights_changed(self) -> None:
+        """Record that the caller has just replaced the weights, between engine steps (with `step_lock` held while
+        it did, when another thread generates): `weights_version` counts one more, and every request in flight
+        goes on under the new weights from where it is. A running or preempted sequence records the change at its
+        output length (CompletionOutput.weight_changes): the tokens it sampled so far are the old weights', the
+        rest the new ones'. A running sequence keeps its cache, which the old weights computed (as PipelineRL
+        does); a preempted one recomputes it with the new weights when it resumes. A prompt not yet admitted
+        records it at 0."""
+        self.weights_version += 1
+        for group in chain(self.scheduler.waiting, self.scheduler.prefilling):
+            group.weight_changes.append(0)
+        for seq in chain(self.scheduler.running, self.scheduler.preempted):
+            if not seq.finished:
+                seq.weight_changes.append(len(seq.output_ids))
 
     # ------------------------------------------------------------------ requests
     def _make_group(self, prompt: str | Seq[int], params: SamplingParams) -> SequenceGroup:
@@ -308,6 +332,6 @@ class LLM:
             outs.append(CompletionOutput(index=seq.index, text=text, token_ids=list(seq.output_ids),
                                          logprobs=list(seq.logprobs) if seq.params.logprobs else None,
                                          finish_reason=seq.finish_reason or "length", routing=routing,
-                                         stop_reason=seq.stop_reason))
+                                         stop_reason=seq.stop_reason, weight_changes=list(seq.weight_changes)))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=list(group.prompt_ids),
-                             outputs=outs, prompt_routing=group.prompt_routing)
+                             outputs=outs, prompt_routing=group.prompt_routing, weights_version=group.weights_version)

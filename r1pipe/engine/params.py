@@ -57,7 +57,10 @@ class SamplingParams:
 class CompletionOutput:
     """One completion. routing[l, j] are the experts MoE layer l chose for completion token j when
     it was fed to the model; torch.cat([RequestOutput.prompt_routing, routing], 1) replays the whole
-    sequence through model(prompt + token_ids, routing=...)."""
+    sequence through model(prompt + token_ids, routing=...). weight_changes: the output positions where
+    newer weights took over while it was generated (r1pipe.engine.LLM.weights_changed), so token j was
+    sampled by version RequestOutput.weights_version + bisect_right(weight_changes, j); None from an engine
+    that does not record them (vLLM)."""
 
     index: int
     text: str
@@ -66,6 +69,7 @@ class CompletionOutput:
     finish_reason: str  # "stop" | "length"
     routing: torch.Tensor | None = None  # LongTensor[num_moe_layers, len(token_ids), top_k]
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    weight_changes: list[int] | None = None  # nondecreasing output positions
 
 
 @dataclass
@@ -78,6 +82,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_routing: torch.Tensor | None = None  # LongTensor[num_moe_layers, len(prompt), top_k]
     finished: bool = True
+    weights_version: int = 0  # the engine's LLM.weights_version when the request entered it
 
 
 def pair_requests(prompts, params: "SamplingParams | list[SamplingParams] | None") -> tuple[list, list[SamplingParams]]:

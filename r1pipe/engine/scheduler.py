@@ -35,6 +35,8 @@ class SequenceGroup:
     seqs: list["Sequence"] = field(default_factory=list)
     prompt_blocks: list[int] = field(default_factory=list)
     prompt_routing: torch.Tensor | None = None  # [num_moe_layers, P, top_k]
+    weights_version: int = 0  # the engine's LLM.weights_version when the request entered it
+    weight_changes: list[int] = field(default_factory=list)  # before its samples exist: a 0 per change (see Sequence)
 
     @property
     def prompt_len(self) -> int:
@@ -57,6 +59,9 @@ class Sequence:
     stop_reason: int | str | None = None
     text_cut: int | None = None  # where a stop string begins in the decoded text
     awaiting_final_feed: bool = False  # finished, but its last token's routing is still to record
+    # output positions where newer weights took over (LLM.weights_changed): output token j was sampled by
+    # the weights after bisect_right(weight_changes, j) changes
+    weight_changes: list[int] = field(default_factory=list)
     # speculative decoding state: main hidden states not yet consumed by the MTP drafter
     pending_hidden: torch.Tensor | None = None
 
@@ -200,7 +205,7 @@ class Scheduler:
                     self.cache.copy_block(partial, copy)
                     blocks.append(copy)
             seq = Sequence(group=group, index=i, stream=RandomStream(group.seeds[i]), blocks=blocks,
-                           num_cached=P)
+                           num_cached=P, weight_changes=list(group.weight_changes))
             seqs.append(seq)
         group.seqs = seqs
         self.prefilling.remove(group)

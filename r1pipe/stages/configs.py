@@ -212,6 +212,7 @@ class Rollout:
     backend: str = "engine"  # engine (r1pipe.engine.LLM) | vllm (VLLMEngine: GPU, `pip install 'r1pipe[vllm]'`)
     routing_replay: bool = False  # train on the experts the engine chose (MoE log-prob agreement)
     max_staleness: int = 0  # 0: synchronous; 1: the next step's rollouts are generated while this one trains (one version old)
+    partial_rollouts: bool = False  # with max_staleness 1: sync once trained; sequences in flight go on under the new weights
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     max_refill_rounds: int = 0  # sample this many extra rounds of prompts to refill dropped groups
     overlong: str = "none"  # none | filter (mask truncated completions) | soft (DAPO length penalty)
@@ -233,6 +234,9 @@ class Rollout:
             if engine.get("fp8"):
                 raise ValueError("engine.fp8 with backend: vllm: vLLM quantizes to FP8 when it loads the checkpoint, "
                                  "not the weights a sync loads; use backend: engine for FP8 rollouts")
+            if self.partial_rollouts:
+                raise ValueError("partial_rollouts with backend: vllm: vLLM cannot take weights in the middle of a "
+                                 "generation; use backend: engine or partial_rollouts: false")
         if self.top_p != 1.0:
             raise ValueError(
                 f"top_p={self.top_p}: GRPO samples from the full tempered distribution (top_p: 1.0). Truncated "
@@ -248,6 +252,12 @@ class Rollout:
         if self.max_staleness not in (0, 1):
             raise ValueError(f"max_staleness must be 0 (synchronous) or 1 (one batch generated while the trainer "
                              f"trains), got {self.max_staleness}")
+        if self.partial_rollouts and int(dict(self.engine).get("ep_size", 1)) > 1:
+            raise ValueError("partial_rollouts with engine.ep_size > 1: the processes of an expert-parallel engine "
+                             "would have to take new weights at the same engine step; set one of them off")
+        if self.partial_rollouts and self.max_staleness < 1:
+            raise ValueError("partial_rollouts: true needs max_staleness: 1 (it lets the rollouts sampled while the "
+                             "trainer trains go on under the new weights); set max_staleness: 1 or partial_rollouts: false")
         if self.max_refill_rounds < 0:
             raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
         if self.overlong not in OVERLONG_MODES:

@@ -9,6 +9,10 @@ weights to the engines; `checkpoint` saves model, optimizer, RNG and data positi
 stage continues after the newest checkpoint, so a SIGKILLed run neither loses nor repeats a step;
 the KL reference is always the stage's initial policy, never the checkpoint being resumed.
 
+With rl.rollout.max_staleness 1 the next step's first round of rollouts is sampled while the trainer trains;
+with rl.rollout.partial_rollouts the sync then lands in the middle of that generation, and each token records
+the policy version that sampled it (Completion.token_versions).
+
 Sampling is from the full tempered distribution: top_p < 1 is refused, because the trainer's (and
 the engine's) log-probs are of the untruncated distribution, so a truncated behaviour policy would
 make every importance ratio silently off-policy.
@@ -99,7 +103,8 @@ class PromptStream:
 @dataclass
 class Prefetch:
     """The first round of a step's rollouts, started before the previous step trains (max_staleness 1):
-    its prompts, the policy version the engines sampled it with, and the engines' pending results."""
+    its prompts, the policy version the engines had when it started (with partial rollouts the tokens after
+    the sync carry the next one: Completion.token_versions), and the engines' pending results."""
 
     problems: list[dict]
     version: int
@@ -202,6 +207,7 @@ class GRPOTrainer:
         self.version = 0  # weight syncs so far: the engines' policy version
         self.step_number = 0  # the step running (1-based)
         self.pending: Prefetch | None = None  # the next step's rollouts, running while this step trains
+        self.probe_due = False  # a sync's probe check waits for the engines to be idle (partial rollouts)
 
     # ---- setup
 
@@ -285,7 +291,9 @@ class GRPOTrainer:
         engine_kwargs = {"device": cfg.resources.device, "dtype": precision.dtype, **dict(cfg.rollout.engine)}
         self.rollout = GenerationGroup(rollout_path, self.placement, workers=cfg.resources.rollout.workers,
                                        engine=engine_kwargs, seed=self.ctx.seed, threads=cfg.resources.rollout.threads or None,
-                                       backend=cfg.rollout.backend, key="rl.rollout.engine")
+                                       backend=cfg.rollout.backend, key=f"{self.stage_dir.name}.rollout.engine",
+                                       concurrency=2 if cfg.rollout.partial_rollouts else 1)
+        self.rollout.on_each("set_policy_version", self.version)  # a resumed run's engines hold the checkpoint's
         self.pad_id = ray.get(self.rollout.workers[0].pad_token_id.remote())
         self.policy.connect_engines(self.rollout.workers, cfg.sync.bucket_mb, cfg.sync.shared_memory,
                                     engines_read_in_place=cfg.rollout.max_staleness == 0)
@@ -500,14 +508,21 @@ class GRPOTrainer:
         """The policy's new weights to every rollout engine over torch.distributed, then (at the first
         sync of the stage and every sync.check_every steps) the probe check: a fixed prompt's sampled
         tokens scored by engine and trainer must agree (else SyncMismatch). Returns the probe's mean
-        |trainer - engine| log-prob, or None when not checked."""
+        |trainer - engine| log-prob, or None when not checked. With partial rollouts the engines take the
+        weights in the middle of the next step's generation; the probe then waits for them to be idle
+        (`probe_due`: run by `step` once the next step's rollouts are collected, before it trains)."""
         ta = time.perf_counter()
         self.policy.sync_weights()
         self.version += 1
         every = self.cfg.sync.check_every
         first = not getattr(self, "_synced", False)
         self._synced = True
-        diff = self.check_sync() if every and (first or step % every == 0) else None
+        diff = None
+        if every and (first or step % every == 0):
+            if self.cfg.rollout.partial_rollouts and self.pending is not None:
+                self.probe_due = True
+            else:
+                diff = self.check_sync()
         self.timings["sync"] = time.perf_counter() - ta
         return diff
 
@@ -566,11 +581,17 @@ class GRPOTrainer:
             metrics["mtp/acceptance_first"] = drafts.first_acceptance
             if self.speculative_k > 1:
                 metrics["mtp/acceptance_chained"] = drafts.chained_acceptance
+        if self.probe_due:  # the last sync's probe: the engines are idle now and the trainer has not trained since
+            ta = time.perf_counter()
+            metrics["sync/probe_logprob_diff"] = self.check_sync()
+            self.probe_due = False
+            self.timings["sync"] += time.perf_counter() - ta
         if len(batch):
             if cfg.rollout.max_staleness and step < cfg.steps:
                 self.pending = self.prefetch(stream)  # the engines sample the next step while the trainer trains
             metrics.update(self.train(batch))
-            if self.pending is not None:  # a sync waits for the engines to finish: wait here, as rollout time
+            if self.pending is not None and not cfg.rollout.partial_rollouts:
+                # a sync waits for the engines to finish: wait here, as rollout time (partial rollouts: it does not)
                 ta = time.perf_counter()
                 self.pending.groups()
                 self.timings["rollout"] += time.perf_counter() - ta
@@ -698,10 +719,14 @@ class GRPOTrainer:
 
 
 def staleness_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
-    """How many policy versions behind the trainer's weights (`version`) the batch was sampled."""
-    lags = [version - c.version for c in batch.completions] or [0]
+    """How many policy versions behind the trainer's weights (`version`) the batch's tokens were sampled
+    (min, token mean, max of version - Completion.versions()), and the share of completions whose tokens
+    span more than one version (partial rollouts: a sync landed while they were generated)."""
+    per_completion = [c.versions() for c in batch.completions]
+    lags = [version - v for versions in per_completion for v in versions] or [0]
     return {"staleness/min": float(min(lags)), "staleness/mean": _mean([float(x) for x in lags]),
-            "staleness/max": float(max(lags))}
+            "staleness/max": float(max(lags)),
+            "staleness/spanning_share": _mean([float(len(set(v)) > 1) for v in per_completion])}
 
 
 def rollout_metrics(batch: RolloutBatch, accuracy_reward: str) -> dict[str, Any]:

@@ -65,11 +65,20 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     routing: Tensor | None = None  # LongTensor[num_moe_layers, P + C, top_k] for routing replay, or None
     reward: float = 0.0
-    version: int = 0  # the policy version (weight syncs so far) the engine sampled it with
+    version: int = 0  # the policy version (weight syncs so far) the engines had when it was asked for
+    # the policy version that sampled each token (later than `version` past a sync that landed mid-generation:
+    # partial rollouts); None where the engine does not record it (vLLM)
+    token_versions: list[int] | None = None
 
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+    def versions(self) -> list[int]:
+        """The policy version of each token (token_versions, else `version` for all); one for an empty completion."""
+        if self.token_versions:
+            return list(self.token_versions)
+        return [self.version] * max(len(self.token_ids), 1)
 
 
 @dataclass

@@ -92,15 +92,17 @@ class GenerationGroup:
 
     def __init__(self, model_path: str, placement: Placement, *, workers: int, engine: dict[str, Any] | None = None,
                  seed: int = 0, threads: int | None = None, backend: str = "engine", role: str = "rollout",
-                 owns_placement: bool = False, key: str = "engine"):
+                 owns_placement: bool = False, key: str = "engine", concurrency: int = 1):
         """`engine`: the engine's options (r1pipe.engine.LLM's, or VLLMEngine's for backend "vllm"; `ep_size`:
         workers per engine); `threads`: torch threads per actor (None: Ray's per-actor default);
-        `owns_placement`: `shutdown` removes it; `key`: the recipe section of `engine`, which errors name."""
+        `owns_placement`: `shutdown` removes it; `key`: the recipe section of `engine`, which errors name;
+        `concurrency`: calls an actor runs at once (Ray's max_concurrency): 2 lets a worker take weights
+        while it generates (GRPO's partial rollouts)."""
         options = dict(engine or {})
         self.ep_size = self.check_engines(model_path, workers, options, backend, key)  # before any actor starts
         actor = ray.remote(RolloutWorker)
         self.placement, self.owns_placement = placement, owns_placement
-        self.workers = [actor.options(**placement.options(role, i)).remote(
+        self.workers = [actor.options(**placement.options(role, i), max_concurrency=concurrency).remote(
                             str(model_path), options, seed + i // self.ep_size, threads, backend, i % self.ep_size)
                         for i in range(workers)]
         if self.ep_size > 1:  # each engine's actors form its process group, then open the engine on it

@@ -6,11 +6,19 @@ It samples `n` completions per prompt with their per-token log-probs (and, for r
 which needs r1pipe's engine, the experts it chose), and takes new weights from the policy after every step.
 Results travel as `Completion` dataclasses, so the controller needs no engine types. A completion
 that a stop string ended keeps it (`... </answer>`: the rewards read it) and nothing after it.
+
+As a threaded actor (GenerationGroup's `concurrency` 2: partial rollouts) it takes new weights while a
+generation runs: one generation at a time (a second `generate` waits for the first), and weights land
+between two engine steps (r1pipe.engine.LLM.step_lock); each completion then records the policy version
+of every token (`Completion.token_versions`).
 """
 from __future__ import annotations
 
+import bisect
+import functools
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +30,23 @@ from r1pipe.stages.configs import engine_ep_size
 from r1pipe.workers.batch import Completion, DraftStats
 from r1pipe.workers.shared_memory import SharedBuckets, node_id
 from r1pipe.workers.weight_sync import FlatWeights, SyncGroup, rehome, rendezvous_address
+
+
+def between_engine_steps(method: Callable) -> Callable:
+    """A RolloutWorker method that replaces the engine's weights, run with r1pipe's engine's step lock held (so
+    a generation in flight in another thread takes them between two of its steps) and followed by
+    LLM.weights_changed (each sequence in flight records where they took over); vLLM's run as they are."""
+
+    @functools.wraps(method)
+    def wrapped(self: "RolloutWorker", *args: Any, **kwargs: Any) -> Any:
+        if self.backend != "engine":
+            return method(self, *args, **kwargs)
+        with self.llm.step_lock:
+            out = method(self, *args, **kwargs)
+            self.llm.weights_changed()
+            return out
+
+    return wrapped
 
 
 class RolloutWorker:
@@ -47,6 +72,7 @@ class RolloutWorker:
         self.flat_weights: FlatWeights | None = None  # the engine's weights laid out as the sync buckets
         self.read_in_place = True  # with shared buckets, read the trainer's weights where they are (no copy)
         self.busy_seconds = 0.0  # time in `generate` since `take_busy_seconds` last asked
+        self.generation_lock = threading.Lock()  # held for a whole generate / generate_stream call
 
     def rendezvous_address(self) -> str:
         """tcp://this-node:free-port, for an expert-parallel engine's process 0 to host its group."""
@@ -70,9 +96,10 @@ class RolloutWorker:
         (`.options(num_returns="streaming")`): the engine keeps its batch full while the caller scores. An
         expert-parallel engine's processes other than 0 yield nothing."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, False, top_p)
-        for finished in self.llm.iter_generate(prompts, params):
-            if self.ep_rank == 0:
-                yield [(i, self._completions(out)) for i, out in finished]
+        with self.generation_lock:
+            for finished in self.llm.iter_generate(prompts, params):
+                if self.ep_rank == 0:
+                    yield [(i, self._completions(out)) for i, out in finished]
 
     def generate(
         self,
@@ -90,9 +117,10 @@ class RolloutWorker:
         top_p 1, evaluation with the R1 protocol's 0.95). An expert-parallel engine's processes other than 0
         take part and return [] (process 0 returns the engine's completions)."""
         params = self._params(len(prompts), n, temperature, max_tokens, seeds, stop, return_routing, top_p)
-        started = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        self.busy_seconds += time.perf_counter() - started
+        with self.generation_lock:
+            started = time.perf_counter()
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            self.busy_seconds += time.perf_counter() - started
         return [self._completions(out) for out in outputs] if self.ep_rank == 0 else []
 
     def take_busy_seconds(self) -> float:
@@ -119,8 +147,12 @@ class RolloutWorker:
         routing = None
         if c.routing is not None and getattr(out, "prompt_routing", None) is not None:
             routing = torch.cat([out.prompt_routing, c.routing], dim=1)
+        versions = None
+        if c.weight_changes is not None:  # the engine's version at the request's start, plus the changes before each token
+            versions = [out.weights_version + bisect.bisect_right(c.weight_changes, j) for j in range(len(c.token_ids))]
         return Completion(prompt_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids), text=c.text,
-                          logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing)
+                          logprobs=list(c.logprobs or []), finish_reason=c.finish_reason, routing=routing,
+                          token_versions=versions)
 
     def take_draft_stats(self) -> DraftStats:
         """MTP drafts proposed and accepted since the last call."""
@@ -131,6 +163,7 @@ class RolloutWorker:
         seen, self._draft_seen = self._draft_seen, now
         return now - seen
 
+    @between_engine_steps
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy these weights into the engine (an engine reading the trainer's shared weights first takes its own
         copy, so the trainer's stay as they are; vLLM loads them with its model's own loader)."""
@@ -157,6 +190,7 @@ class RolloutWorker:
         """The Ray node this worker runs on."""
         return node_id()
 
+    @between_engine_steps
     def receive_weights(self) -> int:
         """Take one sync of the weights, bucket by bucket, into the engine; returns how many were set. r1pipe's
         engine has its weights laid out as the buckets (weight_sync.rehome, on the first sync), so each bucket
@@ -173,6 +207,13 @@ class RolloutWorker:
             self.flat_weights = (rehome(self.llm.model, buckets, into=shared.tensors, adopt=True) if in_place
                                  else rehome(self.llm.model, buckets))
         return self.sync_group.receive_flat(self.flat_weights)
+
+    def set_policy_version(self, version: int) -> None:
+        """The policy version of the weights the engine holds now (its count goes on from there at each sync;
+        `Completion.token_versions` are in it). Only r1pipe's engine keeps one."""
+        if self.backend == "engine":
+            with self.llm.step_lock:
+                self.llm.weights_version = version
 
     def pad_token_id(self) -> int:
         """Padding id for training batches (any valid id: padded positions are masked out): the model's pad id,

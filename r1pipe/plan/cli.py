@@ -47,8 +47,9 @@ def main(args: argparse.Namespace) -> int:
     cfg, ep = load(args.recipe, args.overrides)
     stages = plan_stages(cfg, ep, prompt_tokens)
     plans = [plan_stage(s, gpus_per_node, gpu_memory, nodes) for s in stages]
+    flags = f" --gpus-per-node {gpus_per_node} --gpu-memory {gpu_memory:g}" + (f" --nodes {nodes}" if nodes else "")
     where = f"{nodes} node(s)" if nodes is not None else "the fewest nodes per stage"
-    header = [f"r1pipe plan {args.recipe}{''.join(' ' + o for o in args.overrides)}",
+    header = [f"r1pipe plan {args.recipe}{''.join(' ' + o for o in args.overrides)}{flags}",
               f"{where} of {gpus_per_node} GPUs with {gpu_memory:g} GiB each; prompts of {prompt_tokens} tokens; "
               "GiB = 2^30 bytes, per device, before the CUDA context and allocator slack"]
     print(render(plans, header))

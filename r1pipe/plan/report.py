@@ -169,8 +169,9 @@ def _engine_search(p: StagePlan, r: RolePlan, fp8: bool) -> Found | str:
     fits, with the max_num_seqs that fit there (and at the largest ep_size)."""
     model, setup = p.info.model, r.engine
     budget = _budget(p, r)
+    experts = model.n_routed_experts if r.engine_key else 0  # a stage without engine options has no ep_size
     at = lambda ep: engine_memory(model, replace(setup, ep_size=ep), fp8)  # noqa: E731
-    found = smallest_engine(lambda ep: at(ep).total, budget, r.workers, r.ep_size, model.n_routed_experts)
+    found = smallest_engine(lambda ep: at(ep).total, budget, r.workers, r.ep_size, experts)
     if found is not None:
         return Found(found.workers, _describe_engine(found, at(found.ep_size)))
     per_seq = at(r.ep_size).kv_cache / setup.max_num_seqs
@@ -179,12 +180,12 @@ def _engine_search(p: StagePlan, r: RolePlan, fp8: bool) -> Found | str:
         m = at(ep)
         return int((budget - m.working - m.activations) // per_seq)
     one = smallest_engine(lambda ep: budget - seqs(ep) * per_seq if seqs(ep) >= 1 else math.inf, budget, r.workers,
-                          r.ep_size, model.n_routed_experts)
-    largest = max(divisors(model.n_routed_experts)) if model.n_routed_experts else 1
+                          r.ep_size, experts)
+    largest = max(divisors(experts)) if experts else 1
     if one is None:
         m = at(largest)
-        return (f"rollout: even at ep_size {largest} the weights and activations take {_gib(m.working + m.activations)} "
-                "GiB per device")
+        where = f"even at ep_size {largest}" if r.engine_key else "on one GPU (this stage's engines take no ep_size)"
+        return f"rollout: {where} the weights and activations take {_gib(m.working + m.activations)} GiB per device"
     n = seqs(one.ep_size)
     setting = f"with {r.engine_key}.max_num_seqs={n}" if r.engine_key else f"with engines of max_num_seqs {n}"
     more = f"; ep_size {largest} holds {seqs(largest)} sequences" if largest != one.ep_size else ""

@@ -173,6 +173,7 @@ def test_ep_size_overrides_are_read_and_checked():
     (["plan", "r1", "--nodes", "two"], "--nodes"),
     (["plan", "r1", "reasoning_rl.parallelism.ep_size=3"], "reasoning_rl.parallelism.ep_size=3"),
     (["plan", "r1", "reasoning_rl.rollout.engine.ep_size=0"], "ep_size"),
+    (["plan", "r1", "eval.engine.ep_size=2"], "eval.engine.ep_size"),
     (["plan", "r1", "reasoning_rl.no_such_key=1"], "no_such_key"),
     (["plan", "r1", "model.preset=no-such-preset"], "no-such-preset"),
 ])

@@ -89,13 +89,14 @@ def _relaxations(r: RolePlan) -> list[tuple[str, RolePlan]]:
     """The trainer as the recipe has it, then with a micro-batch of one sequence, then also with activation
     checkpointing: (the overrides in words, the role so changed)."""
     out = [("", r)]
-    one = replace(r, micro_rows=1, trainer=replace(r.trainer, rows=1))
-    if r.micro_rows > 1 and r.trainer.rows > 1:
-        out.append((f"with {r.micro_key}=1: ", one))
+    shrink = r.micro_rows > 1 and r.trainer.rows > 1
+    base = replace(r, micro_rows=1, trainer=replace(r.trainer, rows=1)) if shrink else r
+    if shrink:
+        out.append((f"with {r.micro_key}=1: ", base))
     if not r.trainer.activation_checkpointing:
         key = r.key.replace(".resources.trainer", ".parallelism.activation_checkpointing")
-        out.append((f"with {r.micro_key}=1 {key}=true: " if one.micro_rows != r.micro_rows else f"with {key}=true: ",
-                    replace(one, trainer=replace(one.trainer, activation_checkpointing=True))))
+        out.append((f"with {r.micro_key}=1 {key}=true: " if shrink else f"with {key}=true: ",
+                    replace(base, trainer=replace(base.trainer, activation_checkpointing=True))))
     return out
 
 

@@ -54,6 +54,7 @@ class RolePlan:
     micro_rows: int = 0  # trainer: the recipe's micro-batch size
     micro_key: str = ""  # trainer: the recipe key of the micro-batch size
     engine_key: str | None = None  # rollout: the recipe key of the engine options (None: the stage has none)
+    ep_key: str = ""  # the recipe key of the role's ep_size ("" where it has none)
 
 
 @dataclass
@@ -125,6 +126,11 @@ def plan_stages(cfg: DictConfig, ep: dict[str, int], prompt_tokens: int) -> list
         if s.kind in MODEL_KINDS and model is not None:
             models[name] = current = model
         out.append(info)
+    unused = sorted(set(ep) - {r.ep_key for info in out for r in info.roles})
+    if unused:
+        kind = next(stage_config(cfg, k.split(".")[0]).kind for k in unused[:1])
+        raise ConfigError(f"{unused[0]}: stage kind {kind!r} has no such key (trainers take STAGE.parallelism.ep_size, "
+                          "GRPO engines STAGE.rollout.engine.ep_size, sampling engines STAGE.engine.ep_size)")
     return out
 
 
@@ -148,7 +154,7 @@ def _precision(cfg: DictConfig, fp8: bool, dtype: str | None = None) -> str:
     return "bf16" if dtype_name(dtype or cfg.model.dtype) == "bfloat16" else "float32"
 
 
-def _gpus(info: StageInfo, device: str, role: str, w: Workers, key: str) -> float:
+def _gpus(info: StageInfo, device: str, w: Workers, key: str) -> float:
     """The GPUs each worker is planned with: as asked, or 1 (with a note) when the recipe would run it on CPU."""
     if device == "cpu":
         info.notes.append(f"{key}: resources.device is cpu; planned as if each worker had a GPU of its own "
@@ -189,10 +195,11 @@ def _trainer_role(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], 
                          frozen=frozen)
     sharding = f"FSDP over {t.workers}" if s.parallelism.fsdp and t.workers > 1 else "unsharded"
     detail = f"{sharding}, ep_size {ep_size}, micro-batch {rows} x {seq_len} tokens{what}"
-    info.roles.append(RolePlan("trainer", key, t.workers, _gpus(info, s.resources.device, "trainer", t, key), ep_size,
+    info.roles.append(RolePlan("trainer", key, t.workers, _gpus(info, s.resources.device, t, key), ep_size,
                                _both(model, lambda fp8: trainer_memory(model, setup, fp8)), detail,
                                _precision(cfg, cfg.model.fp8), trainer=setup, batch_rows=batch_rows,
-                               micro_rows=micro_rows, micro_key=f"{name}.{micro_key}"))
+                               micro_rows=micro_rows, micro_key=f"{name}.{micro_key}",
+                               ep_key=f"{name}.parallelism.ep_size"))
     info.strategy = s.resources.placement_strategy
 
 
@@ -253,9 +260,9 @@ def _rollout_role(cfg: DictConfig, info: StageInfo, key: str, w: Workers, device
     detail = (f"{engines} engine{'s' * (engines != 1)} of ep_size {ep_size}, max_num_seqs {setup.max_num_seqs} x "
               f"{setup.seq_len} tokens")
     precision = _precision(cfg, bool(engine.get("fp8")), engine.get("dtype") or dtype)
-    info.roles.append(RolePlan("rollout", key, w.workers, _gpus(info, device, "rollout", w, key), ep_size,
+    info.roles.append(RolePlan("rollout", key, w.workers, _gpus(info, device, w, key), ep_size,
                                _both(model, lambda fp8: engine_memory(model, setup, fp8)), detail, precision,
-                               engine=setup, engine_key=engine_key))
+                               engine=setup, engine_key=engine_key, ep_key=ep_key))
 
 
 def _grpo_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], model: ModelShape,

@@ -217,7 +217,10 @@ def _trainer_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int],
     frozen = None
     if s.kind == "sft" and s.loss != "ce" and s.teacher_path:
         frozen = resolve_shape(s.teacher_path, fp8_exclude=list(cfg.model.fp8_exclude))
-    what = "" if getattr(getattr(s, "data", None), "max_length", 0) else " (the model's context: data.max_length is 0)"
+    if hasattr(getattr(s, "data", None), "max_length"):
+        what = "" if s.data.max_length else " (the model's context: data.max_length is 0)"
+    else:
+        what = " (the model's context: the stage sets no sequence length)"
     micro_key = "micro_batch_size" if hasattr(s, "micro_batch_size") else "batch_size"
     _trainer_role(cfg, info, s, ep, model, s.batch_size, getattr(s, micro_key), micro_key, seq_len, trains_mtp, frozen,
                   what)

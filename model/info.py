@@ -1,7 +1,9 @@
 """`r1pipe model info <preset|path>`: parameter counts, activated parameters, KV-cache and weight memory.
 
 Counts are computed from the config (the same formulas the model's modules realise; a test checks them
-against real module trees), so the 671B shape is reported instantly without building it.
+against real module trees), so the 671B shape is reported instantly without building it. The same
+arithmetic per layer (`layer_parameters`, `routed_expert_parameters`, `mtp_layer_parameters`) and for dense
+Llama / Qwen2 students (`DenseShape`) feeds `r1pipe plan` (r1pipe.plan).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from r1pipe.errors import ModelError
 
@@ -41,7 +44,9 @@ def _attention(c: ModelConfig) -> int:
     return q + kv + H * c.v_head_dim * D + bias * D
 
 
-def _layer(c: ModelConfig, layer: int, activated: bool) -> int:
+def layer_parameters(c: ModelConfig, layer: int, activated: bool = False) -> int:
+    """Parameters of decoder block `layer` (all its routed experts, or only the num_experts_per_tok a token
+    activates)."""
     D = c.hidden_size
     n = _attention(c) + 2 * D
     if not c.is_moe_layer(layer):
@@ -51,14 +56,34 @@ def _layer(c: ModelConfig, layer: int, activated: bool) -> int:
     return n + c.n_routed_experts * D + routed * expert + c.n_shared_experts * expert
 
 
+def routed_expert_parameters(c: ModelConfig, layer: int) -> int:
+    """Parameters of block `layer`'s routed experts (what expert parallelism splits); 0 in a dense layer."""
+    return c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size if c.is_moe_layer(layer) else 0
+
+
+def norm_and_router_parameters(c: ModelConfig, layer: int) -> int:
+    """Parameters of block `layer` that are not projection weights (its RMSNorms, the router, biases): what
+    stays in high precision when the projections are FP8."""
+    D = c.hidden_size
+    norms = 2 * D + c.kv_lora_rank + (c.q_lora_rank or 0)
+    bias = c.attention_bias * ((c.q_lora_rank or 0) + c.kv_lora_rank + c.qk_rope_head_dim + D)
+    return norms + bias + (c.n_routed_experts * D if c.is_moe_layer(layer) else 0)
+
+
+def mtp_layer_parameters(c: ModelConfig, layer: int) -> int:
+    """Parameters of MTP module `layer` (>= num_hidden_layers) of its own: its block, enorm, hnorm, the shared
+    head's norm and eh_proj (the embedding and head it shares with the main model not counted)."""
+    D = c.hidden_size
+    return layer_parameters(c, layer) + 3 * D + 2 * D * D
+
+
 def parameter_counts(c: ModelConfig) -> ParameterCounts:
     D, L = c.hidden_size, c.num_hidden_layers
     embed = c.vocab_size * D
     head = 0 if c.tie_word_embeddings else embed
-    total = embed + head + D + sum(_layer(c, i, False) for i in range(L))
-    activated = embed + D + sum(_layer(c, i, True) for i in range(L))  # the output head (tied or not) counts
-    mtp_layers = range(L, L + c.num_nextn_predict_layers)
-    mtp = sum(_layer(c, i, False) + 3 * D + 2 * D * D for i in mtp_layers)  # enorm, hnorm, head norm, eh_proj
+    total = embed + head + D + sum(layer_parameters(c, i) for i in range(L))
+    activated = embed + D + sum(layer_parameters(c, i, True) for i in range(L))  # the output head (tied or not) counts
+    mtp = sum(mtp_layer_parameters(c, i) for i in range(L, L + c.num_nextn_predict_layers))
     return ParameterCounts(total=total, mtp=mtp, mtp_stored=mtp + c.num_nextn_predict_layers * (embed + embed),
                            activated=activated, activated_with_embedding=activated + head)
 
@@ -68,6 +93,60 @@ def kv_cache_bytes_per_token_per_layer(c: ModelConfig, bytes_per_value: int = 2)
     latent = (c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value
     mha = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_value
     return latent, mha
+
+
+@dataclass(frozen=True)
+class DenseShape:
+    """The sizes of a dense Llama / Qwen2 causal LM that its memory depends on (from its config.json)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # biases on q/k/v (always in Qwen2; Llama's attention_bias)
+    o_bias: bool  # a bias on o_proj (Llama's attention_bias)
+    mlp_bias: bool
+    max_position_embeddings: int
+
+
+def dense_shape(config: Any) -> DenseShape:
+    """The DenseShape of a transformers config object (or any object with the same attributes)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ("llama", "qwen2"):
+        raise ModelError(f"model_type {model_type!r}: sizes are known for deepseek_v3, llama and qwen2")
+    heads = config.num_attention_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    return DenseShape(
+        model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads, num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        tie_word_embeddings=bool(config.tie_word_embeddings), qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=model_type == "llama" and attention_bias, mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 0) or 2048))
+
+
+def dense_layer_parameters(s: DenseShape) -> int:
+    """Parameters of one decoder layer: q/k/v/o projections (GQA), the SwiGLU MLP, two RMSNorms."""
+    D, I, q, kv = s.hidden_size, s.intermediate_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    attention = D * q + 2 * D * kv + q * D + s.qkv_bias * (q + 2 * kv) + s.o_bias * D
+    return attention + 3 * D * I + s.mlp_bias * (2 * I + D) + 2 * D
+
+
+def dense_parameter_count(s: DenseShape) -> int:
+    """All parameters: embedding, layers, final norm, and the head unless tied to the embedding."""
+    embed = s.vocab_size * s.hidden_size
+    return embed * (1 if s.tie_word_embeddings else 2) + s.num_hidden_layers * dense_layer_parameters(s) + s.hidden_size
+
+
+def dense_kv_bytes_per_token_per_layer(s: DenseShape, bytes_per_value: int = 2) -> int:
+    """K and V of the num_key_value_heads heads (GQA), as the engine's paged cache holds them."""
+    return 2 * s.num_key_value_heads * s.head_dim * bytes_per_value
 
 
 def resolve(name_or_path: str) -> ModelConfig:

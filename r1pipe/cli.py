@@ -26,6 +26,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("model", "info"), "r1pipe.model.info", "parameter counts, KV-cache and weight memory of a preset or checkpoint"),
     (("model", "init"), "r1pipe.causal_lm", "a freshly initialised model (V3 or dense preset) around a tokenizer, no download"),
     (("run",), "r1pipe.run", "run a recipe (a shipped one such as r1-zero, or a .yaml path) with key=value overrides"),
+    (("plan",), "r1pipe.plan.cli", "memory per GPU and placement of a recipe's stages, and the smallest layout that fits"),
     (("eval",), "r1pipe.eval.cli", "evaluate a model or saved generations on math and code suites"),
     (("sandbox", "check"), "r1pipe.rewards.sandbox", "which code-sandbox isolation is active here, probed from inside"),
 ]

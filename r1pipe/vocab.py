@@ -17,6 +17,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
+    # A 16B-total / ~2.5B-activated V3-architecture model: DeepSeek-V2-Lite's published layer shape (its
+    # config.json: 27 layers, hidden 2048, 16 heads, q_lora_rank null, kv_lora_rank 512, 64 routed experts top-6
+    # in one group, 2 shared, moe_intermediate 1408, intermediate 10944, first_k_dense_replace 1), the size
+    # class of Moonshot's Moonlight-16B-A3B, with DeepSeek-V3's tokenizer vocabulary, sigmoid router, YaRN
+    # context and one MTP module. Shape only: `r1pipe plan` and `r1pipe model info` read it, nothing is shipped.
+    "v3-16b-a3b": dict(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+        num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
     # ~2.4 M parameters: 4 layers (3 MoE, n_group 4), 16 routed experts, 1 MTP module; fast on a laptop CPU.
     "tiny": dict(
         vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
@@ -28,9 +40,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Tiny dense students through transformers: config fields (~0.1-0.3 M parameters besides the
-# embedding), for CPU tests and the distillation recipes.
+# Dense students through transformers: config fields. The tiny ones (~0.1-0.3 M parameters besides the
+# embedding) are for CPU tests and the distillation recipes; a preset sized to the tokenizer takes its vocabulary.
 DENSE_PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen2-7B's layer shape and vocabulary (as in its published config.json; Qwen2.5-7B and Qwen2.5-Math-7B
+    # share them): 7.6B parameters, GQA with 4 KV heads, q/k/v biases; the context set to 32768 here. For
+    # `r1pipe plan` (sizes, no weights) of a 7B distillation student.
+    "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                     max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=1000000.0),
     "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        tie_word_embeddings=True, rope_theta=10000.0),

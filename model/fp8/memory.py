@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .quant import BLOCK, cdiv
@@ -21,11 +21,14 @@ class FP8WeightMemory:
     fp8_bytes: int  # FP8 projections + scales + the rest in bf16
 
 
-def projection_shapes(c) -> Iterator[tuple[str, int, int]]:
-    """(module name, out_features, in_features) of every projection linear of the main model (no MTP)."""
+def projection_shapes(c, layers: Iterable[int] | None = None) -> Iterator[tuple[str, int, int]]:
+    """(module name, out_features, in_features) of every projection linear of `layers` (default: the main
+    model's, no MTP; a layer >= num_hidden_layers is an MTP module, which adds its eh_proj)."""
     D, H = c.hidden_size, c.num_attention_heads
     qk_head = c.qk_nope_head_dim + c.qk_rope_head_dim
-    for i in range(c.num_hidden_layers):
+    for i in range(c.num_hidden_layers) if layers is None else layers:
+        if i >= c.num_hidden_layers:
+            yield f"model.layers.{i}.eh_proj", D, 2 * D
         attn = f"model.layers.{i}.self_attn"
         if c.q_lora_rank is None:
             yield f"{attn}.q_proj", H * qk_head, D
@@ -48,15 +51,28 @@ def projection_shapes(c) -> Iterator[tuple[str, int, int]]:
             yield f"{prefix}.down_proj", D, hidden
 
 
-def fp8_weight_memory(c, total_params: int) -> FP8WeightMemory:
-    """Memory of the main model (total_params parameters) with every projection not in c.fp8_exclude in FP8."""
+def quantized_projections(c, layers: Iterable[int] | None = None, routed: bool | None = None) -> tuple[int, int]:
+    """(parameters, fp32 scale blocks) of the projections of `layers` (as projection_shapes) held in FP8: those
+    not in c.fp8_exclude; routed True / False: only the routed experts' / all but them, None: every one."""
     params = blocks = 0
-    for name, out_f, in_f in projection_shapes(c):
+    for name, out_f, in_f in projection_shapes(c, layers):
         # routed experts are one module per layer (model.layers.N.mlp.experts): excluded as a whole
         owner = re.sub(r"(\.experts)\.\d+\.\w+$", r"\1", name)
+        if routed is not None and owner.endswith(".experts") != routed:
+            continue
         if any(fnmatch.fnmatch(owner, p) for p in c.fp8_exclude):
             continue
         params += out_f * in_f
         blocks += cdiv(out_f, BLOCK) * cdiv(in_f, BLOCK)
-    bf16 = 2 * total_params
-    return FP8WeightMemory(params, blocks, bf16, bf16 - 2 * params + params + 4 * blocks)
+    return params, blocks
+
+
+def fp8_bytes(params: int, quantized: int, blocks: int) -> int:
+    """Bytes of `params` parameters of which `quantized` are FP8 (1 B) with `blocks` fp32 scales, the rest bf16."""
+    return 2 * (params - quantized) + quantized + 4 * blocks
+
+
+def fp8_weight_memory(c, total_params: int) -> FP8WeightMemory:
+    """Memory of the main model (total_params parameters) with every projection not in c.fp8_exclude in FP8."""
+    params, blocks = quantized_projections(c)
+    return FP8WeightMemory(params, blocks, 2 * total_params, fp8_bytes(total_params, params, blocks))

@@ -21,9 +21,7 @@ from r1pipe.plan.layout import Role, nodes_needed, place, smallest_trainer
 from r1pipe.plan.memory import GiB, TrainerSetup, trainer_memory
 from r1pipe.plan.report import plan_stage
 from r1pipe.plan.shapes import config_shape, preset_shape, v3_shape
-from r1pipe.plan.stages import load, plan_stages, split_ep_overrides
-from r1pipe.stages.configs import ENGINE_OPTIONS
-from r1pipe.stages.sections import Parallelism
+from r1pipe.plan.stages import load, plan_stages
 from r1pipe.vocab import DENSE_PRESETS
 from r1pipe.workers.sharding import local_bytes, tensor_bytes
 
@@ -120,8 +118,8 @@ def test_fit_decision_and_the_smallest_layout(tmp_path):
     recipe.write_text("model: {preset: qwen2-7b, dtype: bfloat16}\nstages: [sft]\n"
                       "sft: {kind: sft, micro_batch_size: 1, batch_size: 64, data: {max_length: 128},\n"
                       "      resources: {device: cuda, trainer: {workers: 8, gpus: 1}}}\n")
-    cfg, ep = load(str(recipe), [])
-    [stage] = plan_stages(cfg, ep, prompt_tokens=0)
+    cfg = load(str(recipe), [])
+    [stage] = plan_stages(cfg, prompt_tokens=0)
     trainer = stage.roles[0]
     at = lambda w, offload="none": trainer_memory(stage.model, dataclasses.replace(trainer.trainer, workers=w, offload=offload))  # noqa: E731
     eight, offloaded, sixteen = at(8).total, at(8, "optimizer").total, at(16).total
@@ -152,17 +150,10 @@ def test_layout_search_and_placement_by_hand():
     assert [[(s.first, s.count) for s in node] for node in spread] == [[(0, 1), (2, 1)], [(1, 1), (3, 1)]]
 
 
-def test_ep_size_overrides_are_read_and_checked():
-    overrides = ["reasoning_rl.parallelism.ep_size=8", "reasoning_rl.rollout.engine.ep_size=4", "reasoning_rl.steps=3"]
-    kept, ep = split_ep_overrides(overrides)
-    if "ep_size" in {f.name for f in dataclasses.fields(Parallelism)}:  # the schema takes them once EP is in
-        assert "ep_size" in ENGINE_OPTIONS and (kept, ep) == (overrides, {})
-    else:
-        assert kept == ["reasoning_rl.steps=3"]
-        assert ep == {"reasoning_rl.parallelism.ep_size": 8, "reasoning_rl.rollout.engine.ep_size": 4}
-    cfg, ep = load("r1", ["reasoning_rl.parallelism.ep_size=8", "reasoning_rl.rollout.engine.ep_size=4",
-                          "model.preset=v3-16b-a3b"])
-    rl = next(s for s in plan_stages(cfg, ep, 1024) if s.name == "reasoning_rl")
+def test_the_recipes_ep_size_keys_are_read_and_checked():
+    cfg = load("r1", ["reasoning_rl.parallelism.ep_size=8", "reasoning_rl.rollout.engine.ep_size=4",
+                      "model.preset=v3-16b-a3b"])
+    rl = next(s for s in plan_stages(cfg, 1024) if s.name == "reasoning_rl")
     assert [r.ep_size for r in rl.roles] == [8, 4]
     assert "2 engines of ep_size 4" in rl.roles[1].detail
 
@@ -173,7 +164,7 @@ def test_ep_size_overrides_are_read_and_checked():
     (["plan", "r1", "--nodes", "two"], "--nodes"),
     (["plan", "r1", "reasoning_rl.parallelism.ep_size=3"], "reasoning_rl.parallelism.ep_size=3"),
     (["plan", "r1", "reasoning_rl.rollout.engine.ep_size=0"], "ep_size"),
-    (["plan", "r1", "eval.engine.ep_size=2"], "eval.engine.ep_size"),
+    (["plan", "r1", "eval.engine.ep_size=2"], "eval.engine"),
     (["plan", "r1", "reasoning_rl.no_such_key=1"], "no_such_key"),
     (["plan", "r1", "model.preset=no-such-preset"], "no-such-preset"),
 ])

@@ -44,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
     gpu_memory = number("--gpu-memory", args.gpu_memory, float, minimum=0.001)
     nodes = None if args.nodes is None else number("--nodes", args.nodes)
     prompt_tokens = number("--prompt-tokens", args.prompt_tokens, minimum=0)
-    cfg, ep = load(args.recipe, args.overrides)
-    stages = plan_stages(cfg, ep, prompt_tokens)
+    cfg = load(args.recipe, args.overrides)
+    stages = plan_stages(cfg, prompt_tokens)
     plans = [plan_stage(s, gpus_per_node, gpu_memory, nodes) for s in stages]
     flags = f" --gpus-per-node {gpus_per_node} --gpu-memory {gpu_memory:g}" + (f" --nodes {nodes}" if nodes else "")
     where = f"{nodes} node(s)" if nodes is not None else "the fewest nodes per stage"

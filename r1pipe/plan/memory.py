@@ -2,9 +2,9 @@
 
 Trainer (r1pipe.workers.policy with r1pipe.workers.sharding): fp32 master weights, fp32 gradients and AdamW's
 two fp32 moments, each split 1/W over W FSDP workers (a single worker, or fsdp off, holds them whole). Expert
-parallelism splits a MoE layer's routed experts over ep_size workers, each FSDP-sharded over the W / ep_size
-workers holding the same experts: still 1/W of them per device, so ep_size changes what a device *gathers*:
-FSDP gathers, in the compute dtype, the root unit (embedding, head, MTP: FSDP2 keeps the root gathered through
+parallelism (r1pipe.workers.sharding.apply_expert_parallel) cuts a MoE layer's routed experts over ep_size
+workers and replicates that cut over the W / ep_size groups: a device holds 1/ep_size of the experts (the same
+1/W when ep_size = W) and 1/W of everything else, and gathers no expert. FSDP gathers, in the compute dtype, the root unit (embedding, head, MTP: FSDP2 keeps the root gathered through
 forward and backward) and a block while prefetching the next, and holds a block's and the root's unsharded
 gradients until they are reduce-scattered; those units hold 1/ep_size of their routed experts. With
 fsdp_keep_gathered the whole model and its gradients stay gathered through the step. A KL reference / teacher
@@ -101,6 +101,8 @@ class EngineSetup:
 
 def _split(params: float, routed: float, workers: int, ep_size: int, sharded: bool) -> float:
     """Parameters a trainer device holds of `params` (`routed` of them routed experts)."""
+    if sharded and ep_size > 1:  # the experts cut over ep_size and replicated over the W / ep_size groups
+        return (params - routed) / workers + routed / ep_size
     if sharded:
         return params / workers
     return params - routed + routed / ep_size

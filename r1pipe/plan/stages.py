@@ -8,23 +8,20 @@ name), else the newest earlier stage's model, else the recipe's `model.path` or 
 `model.overrides`.
 
 Expert parallelism is read from `<stage>.parallelism.ep_size` (trainers) and `<stage>.rollout.engine.ep_size`
-(GRPO) or `<stage>.engine.ep_size` (sampling stages), default 1. Where the recipe schema does not have those
-keys yet they are accepted as plan-only overrides (`split_ep_overrides`), checked here: integers >= 1 that
-divide the trainer (rollout) workers and the model's routed experts.
+(GRPO) or `<stage>.engine.ep_size` (sampling stages), default 1, checked here against the stage's model:
+integers >= 1 that divide the trainer (rollout) workers and the model's routed experts.
 """
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
 
 from r1pipe.config import STAGE_REF, load_recipe, stage_config
 from r1pipe.errors import ConfigError
-from r1pipe.stages.configs import ENGINE_OPTIONS
-from r1pipe.stages.sections import Parallelism, Workers
+from r1pipe.stages.sections import Workers
 from r1pipe.vocab import dtype_name
 
 from .memory import GiB, EngineSetup, Memory, TrainerSetup, engine_memory, kv_bytes_per_token, trainer_memory
@@ -33,7 +30,6 @@ from .shapes import ModelShape, preset_shape, resolve_shape
 # r1pipe.engine.LLM's defaults
 ENGINE_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "speculative_k": 0, "cache_memory_gb": 0.5}
 MODEL_KINDS = ("pretrain", "sft", "grpo", "teacher", "eval")  # stages whose outputs name a model_path
-_EP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\.(parallelism|rollout\.engine|engine)\.ep_size$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,6 @@ class RolePlan:
     micro_rows: int = 0  # trainer: the recipe's micro-batch size
     micro_key: str = ""  # trainer: the recipe key of the micro-batch size
     engine_key: str | None = None  # rollout: the recipe key of the engine options (None: the stage has none)
-    ep_key: str = ""  # the recipe key of the role's ep_size ("" where it has none)
 
 
 @dataclass
@@ -70,32 +65,9 @@ class StageInfo:
     strategy: str = "PACK"
 
 
-def split_ep_overrides(overrides: list[str]) -> tuple[list[str], dict[str, int]]:
-    """(the overrides the recipe schema takes, {dotted key: ep_size} of the ep_size keys it does not have yet)."""
-    schema_has = {"parallelism": "ep_size" in {f.name for f in fields(Parallelism)},
-                  "engine": "ep_size" in ENGINE_OPTIONS}
-    kept, ep = [], {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        m = _EP_KEY.match(key.strip())
-        if m is None or schema_has["parallelism" if m.group(2) == "parallelism" else "engine"]:
-            kept.append(item)
-            continue
-        try:
-            ep[key.strip()] = int(value)
-        except ValueError:
-            raise ConfigError(f"{key.strip()}={value!r}: expected an integer >= 1") from None
-    return kept, ep
-
-
-def load(recipe: str, overrides: list[str]) -> tuple[DictConfig, dict[str, int]]:
-    """The validated recipe (its tiny_recipe not followed) and the plan-only ep_size overrides."""
-    kept, ep = split_ep_overrides(list(overrides))
-    cfg = load_recipe(recipe, [*kept, "run.tiny_recipe=null"])
-    for key in ep:
-        if key.split(".")[0] not in cfg.stages:
-            raise ConfigError(f"{key}: the recipe has no stage {key.split('.')[0]!r} (stages: {', '.join(cfg.stages)})")
-    return cfg, ep
+def load(recipe: str, overrides: list[str]) -> DictConfig:
+    """The validated recipe, its tiny_recipe not followed."""
+    return load_recipe(recipe, [*overrides, "run.tiny_recipe=null"])
 
 
 def recipe_model(cfg: DictConfig) -> ModelShape:
@@ -105,7 +77,7 @@ def recipe_model(cfg: DictConfig) -> ModelShape:
     return preset_shape(m.preset, dict(m.overrides), list(m.fp8_exclude))
 
 
-def plan_stages(cfg: DictConfig, ep: dict[str, int], prompt_tokens: int) -> list[StageInfo]:
+def plan_stages(cfg: DictConfig, prompt_tokens: int) -> list[StageInfo]:
     """Every listed stage's model and roles, in order."""
     base = recipe_model(cfg)
     models: dict[str, ModelShape] = {}
@@ -116,21 +88,16 @@ def plan_stages(cfg: DictConfig, ep: dict[str, int], prompt_tokens: int) -> list
         model = _stage_model(cfg, s, models, current or base)
         info = StageInfo(name, s.kind, model)
         if s.kind in ("sft", "pretrain"):
-            _trainer_stage(cfg, info, s, ep, model)
+            _trainer_stage(cfg, info, s, model)
         elif s.kind == "grpo":
-            _grpo_stage(cfg, info, s, ep, model, prompt_tokens)
+            _grpo_stage(cfg, info, s, model, prompt_tokens)
         elif s.kind in ("rejection_sample", "scorecard"):
-            _sampling_stage(cfg, info, s, ep, model, prompt_tokens)
+            _sampling_stage(cfg, info, s, model, prompt_tokens)
         elif s.kind == "eval":
             _eval_stage(info, s, model, prompt_tokens)
         if s.kind in MODEL_KINDS and model is not None:
             models[name] = current = model
         out.append(info)
-    unused = sorted(set(ep) - {r.ep_key for info in out for r in info.roles})
-    if unused:
-        kind = next(stage_config(cfg, k.split(".")[0]).kind for k in unused[:1])
-        raise ConfigError(f"{unused[0]}: stage kind {kind!r} has no such key (trainers take STAGE.parallelism.ep_size, "
-                          "GRPO engines STAGE.rollout.engine.ep_size, sampling engines STAGE.engine.ep_size)")
     return out
 
 
@@ -167,8 +134,8 @@ def _gpus(info: StageInfo, device: str, w: Workers, key: str) -> float:
     return float(w.gpus)
 
 
-def _ep(ep: dict[str, int], key: str, declared: Any, workers: int, workers_key: str, model: ModelShape) -> int:
-    value = ep.get(key, declared if declared is not None else 1)
+def _ep(key: str, declared: Any, workers: int, workers_key: str, model: ModelShape) -> int:
+    value = declared if declared is not None else 1
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value!r}: expected an integer >= 1")
     if value > 1 and not model.n_routed_experts:
@@ -181,13 +148,13 @@ def _ep(ep: dict[str, int], key: str, declared: Any, workers: int, workers_key: 
     return value
 
 
-def _trainer_role(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], model: ModelShape, batch_rows: int,
+def _trainer_role(cfg: DictConfig, info: StageInfo, s: Any, model: ModelShape, batch_rows: int,
                   micro_rows: int, micro_key: str, seq_len: int, trains_mtp: bool, frozen: ModelShape | None,
                   what: str) -> None:
     t, name = s.resources.trainer, info.name
     rows = min(micro_rows, math.ceil(batch_rows / t.workers))
     key = f"{name}.resources.trainer"
-    ep_size = _ep(ep, f"{name}.parallelism.ep_size", getattr(s.parallelism, "ep_size", None), t.workers,
+    ep_size = _ep(f"{name}.parallelism.ep_size", getattr(s.parallelism, "ep_size", None), t.workers,
                   f"{key}.workers", model)
     setup = TrainerSetup(workers=t.workers, rows=rows, seq_len=seq_len, ep_size=ep_size, fsdp=s.parallelism.fsdp,
                          keep_gathered=s.parallelism.fsdp_keep_gathered,
@@ -198,8 +165,7 @@ def _trainer_role(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], 
     info.roles.append(RolePlan("trainer", key, t.workers, _gpus(info, s.resources.device, t, key), ep_size,
                                _both(model, lambda fp8: trainer_memory(model, setup, fp8)), detail,
                                _precision(cfg, cfg.model.fp8), trainer=setup, batch_rows=batch_rows,
-                               micro_rows=micro_rows, micro_key=f"{name}.{micro_key}",
-                               ep_key=f"{name}.parallelism.ep_size"))
+                               micro_rows=micro_rows, micro_key=f"{name}.{micro_key}"))
     info.strategy = s.resources.placement_strategy
 
 
@@ -211,7 +177,7 @@ def _both(model: ModelShape, memory) -> dict[str, Memory]:
     return out
 
 
-def _trainer_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], model: ModelShape) -> None:
+def _trainer_stage(cfg: DictConfig, info: StageInfo, s: Any, model: ModelShape) -> None:
     seq_len = getattr(getattr(s, "data", None), "max_length", 0) or model.context
     trains_mtp = bool(getattr(s, "mtp", False)) and model.mtp is not None
     frozen = None
@@ -222,7 +188,7 @@ def _trainer_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int],
     else:
         what = " (the model's context: the stage sets no sequence length)"
     micro_key = "micro_batch_size" if hasattr(s, "micro_batch_size") else "batch_size"
-    _trainer_role(cfg, info, s, ep, model, s.batch_size, getattr(s, micro_key), micro_key, seq_len, trains_mtp, frozen,
+    _trainer_role(cfg, info, s, model, s.batch_size, getattr(s, micro_key), micro_key, seq_len, trains_mtp, frozen,
                   what)
 
 
@@ -254,8 +220,8 @@ def _cache_cap(info: StageInfo, key: str | None, engine: dict[str, Any], setup: 
 
 
 def _rollout_role(cfg: DictConfig, info: StageInfo, key: str, w: Workers, device: str, engine: dict[str, Any],
-                  ep_key: str, ep: dict[str, int], model: ModelShape, seq_len: int, dtype: str | None) -> None:
-    ep_size = _ep(ep, ep_key, engine.get("ep_size"), w.workers, f"{key}.workers", model)
+                  ep_key: str, model: ModelShape, seq_len: int, dtype: str | None) -> None:
+    ep_size = _ep(ep_key, engine.get("ep_size"), w.workers, f"{key}.workers", model)
     setup = _engine_setup(engine, seq_len, ep_size, model)
     engine_key = ep_key.rsplit(".", 1)[0]
     _cache_cap(info, engine_key, engine, setup, model)
@@ -265,10 +231,10 @@ def _rollout_role(cfg: DictConfig, info: StageInfo, key: str, w: Workers, device
     precision = _precision(cfg, bool(engine.get("fp8")), engine.get("dtype") or dtype)
     info.roles.append(RolePlan("rollout", key, w.workers, _gpus(info, device, w, key), ep_size,
                                _both(model, lambda fp8: engine_memory(model, setup, fp8)), detail, precision,
-                               engine=setup, engine_key=engine_key, ep_key=ep_key))
+                               engine=setup, engine_key=engine_key))
 
 
-def _grpo_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], model: ModelShape,
+def _grpo_stage(cfg: DictConfig, info: StageInfo, s: Any, model: ModelShape,
                 prompt_tokens: int) -> None:
     r, name = s.resources, info.name
     engine = dict(s.rollout.engine)
@@ -277,19 +243,19 @@ def _grpo_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], mo
     draft = s.algorithm.draft_loss if s.algorithm.draft_loss is not None else bool(engine.get("speculative_k"))
     frozen = model if s.algorithm.kl_coef > 0 else None
     what = ", with the KL reference" if frozen else ""
-    _trainer_role(cfg, info, s, ep, model, s.rollout.prompts_per_step * s.rollout.group_size,
+    _trainer_role(cfg, info, s, model, s.rollout.prompts_per_step * s.rollout.group_size,
                   s.algorithm.micro_batch_size, "algorithm.micro_batch_size", seq_len, draft and model.mtp is not None,
                   frozen, what)
     _rollout_role(cfg, info, f"{name}.resources.rollout", r.rollout, r.device, engine, f"{name}.rollout.engine.ep_size",
-                  ep, model, seq_len, None)
+                  model, seq_len, None)
     info.cpu_workers.append(("reward", r.reward.workers))
 
 
-def _sampling_stage(cfg: DictConfig, info: StageInfo, s: Any, ep: dict[str, int], model: ModelShape,
+def _sampling_stage(cfg: DictConfig, info: StageInfo, s: Any, model: ModelShape,
                     prompt_tokens: int) -> None:
     engine = dict(getattr(s, "engine", {}) or {})
     _rollout_role(cfg, info, f"{info.name}.resources.rollout", s.resources.rollout, s.resources.device, engine,
-                  f"{info.name}.engine.ep_size", ep, model, prompt_tokens + s.max_tokens, None)
+                  f"{info.name}.engine.ep_size", model, prompt_tokens + s.max_tokens, None)
     info.cpu_workers.append(("reward", s.resources.reward.workers))
     info.strategy = s.resources.placement_strategy
 

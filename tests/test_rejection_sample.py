@@ -55,15 +55,15 @@ def base(tmp_path_factory) -> dict:
         ray.shutdown()
 
 
-def known_prompts(base: dict, path: Path, n: int = 12) -> tuple[Path, list[bool], list[str]]:
+def known_prompts(base: dict, path: Path, n: int = 12, max_tokens: int = 40) -> tuple[Path, list[bool], list[str]]:
     """The first n mixed-domain rows, with gold answers (math) or tests (code) set to what the
-    base answers greedily on every other row, so those rows are known to be graded right, and the
-    rest known to be wrong. Returns the file and, per row, whether the greedy answer is right and its text."""
+    base answers greedily (in at most `max_tokens`) on every other row, so those rows are known to be
+    graded right, and the rest known to be wrong. Returns the file and, per row, whether the greedy answer is right and its text."""
     from r1pipe.engine import LLM, SamplingParams
 
     rows = read_jsonl(base["mixed_train_path"])[:n]
     llm = LLM(str(Path(base["model_path"])), seed=0)
-    outs = llm.generate([r["prompt"] for r in rows], SamplingParams(n=1, temperature=0.0, max_tokens=40, stop=["</answer>"]),
+    outs = llm.generate([r["prompt"] for r in rows], SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, stop=["</answer>"]),
                         use_tqdm=False)
     right, texts = [], []
     for i, (row, out) in enumerate(zip(rows, outs)):

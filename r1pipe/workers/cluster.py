@@ -101,7 +101,8 @@ def ray_init(recipe: Any, join_timeout_s: float = JOIN_TIMEOUT_S, quiet: bool = 
     t0 = time.monotonic()
     try:
         with JoinWatchdog(given[0], join_timeout_s) if given is not None else contextlib.nullcontext():
-            ray.init(address=address, num_cpus=cluster.get("num_cpus") if local else None,
+            # "local": a Ray of this run's own, even when another is running on this machine (null never joins one)
+            ray.init(address="local" if local else address, num_cpus=cluster.get("num_cpus") if local else None,
                      num_gpus=cluster.get("num_gpus") if local else None, include_dashboard=False, log_to_driver=not quiet,
                      logging_level=logging.ERROR if quiet else logging.INFO)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -1,13 +1,8 @@
 """Asynchronous GRPO (`rl.rollout.max_staleness: 1`) end to end on Ray, with the toy task of test_grpo_run: the
 next step's rollouts are sampled while the trainer trains, so every batch after the first is exactly one
 policy version old and is corrected by truncated importance sampling; a SIGKILLed run resumes on the
-rollouts its checkpoint saved and takes the uninterrupted run's steps."""
+rollouts its checkpoint saved and takes the uninterrupted run's steps (run meanwhile, in the test's process)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +10,13 @@ import torch
 
 from r1pipe.stages.configs import GRPOConfig
 from r1pipe.stages.grpo import PREFETCH_FILE, run_grpo
-from test_grpo_run import context, grpo_config, ray_cluster, task  # noqa: F401 (fixtures)
+from test_grpo_run import context, grpo_config, killed_and_straight, ray_cluster, task  # noqa: F401 (fixtures)
 
 
 def async_config(task: dict, overrides: dict | None = None) -> GRPOConfig:
     cfg = grpo_config(task, {"steps": 4, "checkpoint.every": 2, "resources.trainer.workers": 1, "rollout.max_staleness": 1,
                              **(overrides or {})})
-    cfg.rewards.extra["test_grpo_run:slow_zero"] = 0.0  # a step of about a second: room to kill between checkpoints
+    cfg.rewards.extra["test_grpo_run:slow_zero"] = 0.0  # in the run to be killed, a step of about a second
     return cfg
 
 
@@ -44,33 +39,13 @@ def test_one_version_old_rollouts_learn_and_log_their_versions(ray_cluster, task
     assert {"staleness", "idle", "importance"} <= {p.stem for p in (tmp_path / "rl" / "plots").glob("*.png")}
 
 
-KILLED_RUN = """
-import sys, json
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-import test_grpo_async as t
-task = json.loads({task!r})
-t.run_grpo(t.async_config(task), t.context(Path({run_dir!r}), task["model"], {address!r}))
-"""
-
-
-def test_an_async_run_resumes_on_its_saved_rollouts_and_takes_the_same_steps(ray_cluster, task, tmp_path):
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), task=json.dumps(task), run_dir=str(tmp_path),
-                               address=ray_cluster)
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def test_an_async_run_resumes_on_its_saved_rollouts_and_takes_the_same_steps(ray_cluster, task, tmp_path, killed_run):
+    straight_out = killed_and_straight(killed_run, async_config, task, tmp_path, tmp_path / "straight", ray_cluster, step=2,
+                                       model="model")
     ckpt = tmp_path / "rl" / "checkpoints" / "step_000002"
-    deadline = time.time() + 240
-    while not (ckpt / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert (ckpt / "trainer_state.json").exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "late"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert (ckpt / PREFETCH_FILE).exists()  # step 3's rollouts, sampled by version 1 while step 2 trained
-    assert not (tmp_path / "rl" / "checkpoints" / "step_000004").exists()
 
     resumed_out = run_grpo(async_config(task), context(tmp_path, task["model"]))
-    straight_out = run_grpo(async_config(task), context(tmp_path / "straight", task["model"]))
     resumed, straight = metrics(tmp_path), metrics(tmp_path / "straight")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [0, 1, 2, 3, 4]
     for a, b in zip(resumed, straight, strict=True):

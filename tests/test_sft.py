@@ -4,8 +4,6 @@ in their frameworks, and a SIGKILLed run resumes to the same weights as an unint
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,9 +16,10 @@ from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_model, run_model
-from r1pipe.config import make_config
+from r1pipe.config import load_recipe, make_config
 from r1pipe.data.batch import EpochOrder
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.run import run_recipe
 from r1pipe.stages import StageContext
 from r1pipe.stages.configs import SFTConfig
 from r1pipe.stages.sft import load_data, run_sft
@@ -131,29 +130,24 @@ sft: {{kind: sft, data: {{train_path: {data}}}, steps: 12, batch_size: 8, micro_
 """
 
 
-def run_command(recipe: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", str(run_dir)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def command(recipe: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", str(run_dir)]
 
 
 @pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])  # r1-tiny's SFT layout: 2 workers
-def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers):
+def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers, killed_run):
     """SIGKILL mid-run, then the same command: it resumes after the newest checkpoint (no step lost or run
-    twice) and ends on the uninterrupted run's weights, in the recipe's own worker layout."""
+    twice) and ends on the uninterrupted run's weights (the same recipe run here meanwhile), in the recipe's
+    own worker layout."""
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=workers, cpus=2 // workers))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_command(recipe, straight).wait(timeout=600) == 0
-
-    proc = run_command(recipe, killed)
     ckpt = killed / "sft" / "checkpoints" / "step_000006" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (killed / "sft" / "DONE.json").exists()
-    again = run_command(recipe, killed)
+    run = killed_run(command(recipe, killed), ckpt)
+    run_recipe(load_recipe(str(recipe)), straight)
+    err = run.wait()
+    assert ckpt.exists() and not (killed / "sft" / "DONE.json").exists(), err
+    again = subprocess.Popen(command(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err.decode()[-2000:]
     steps = [json.loads(line)["step"] for line in (killed / "sft" / "metrics.jsonl").read_text().splitlines()]

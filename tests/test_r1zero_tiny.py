@@ -80,7 +80,7 @@ def test_readme_bring_your_own_command(tmp_path: Path) -> None:
     train, heldout = write_problems(tmp_path / "p.jsonl", 16), write_problems(tmp_path / "h.jsonl", 4)
     small = ["rl.steps=1", "rl.rollout.prompts_per_step=2", "rl.rollout.group_size=2", "rl.rollout.max_tokens=8",
              "rl.data.heldout_size=4", "rl.data.eval_every=0", "rl.rollout.dynamic_sampling=false", "eval.max_tokens=8",
-             "cluster.num_cpus=2"]
+             "cluster.num_cpus=2", "rl.resources.trainer.workers=1", "rl.resources.rollout.workers=1"]
     done = run_cli("run", "r1-zero", "stages=[rl,eval]", f"model.path={model}", f"rl.data.train_path={train}",
                    f"rl.data.heldout_path={heldout}", *small, "--run-dir", "rd", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

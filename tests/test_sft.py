@@ -48,9 +48,24 @@ def sft_config(task: dict, **overrides) -> SFTConfig:
     return make_config(SFTConfig, {**fields, **overrides})
 
 
+@pytest.fixture(scope="module")
+def sft_run(task, tmp_path_factory):
+    """sft_run(family): the outputs and run directory of sft_config's run on that student, run once for the
+    module (the V3 one is also the distillation test's teacher)."""
+    runs: dict[str, tuple[dict, Path]] = {}
+
+    def run(family: str) -> tuple[dict, Path]:
+        if family not in runs:
+            run_dir = tmp_path_factory.mktemp(f"sft_{family}")
+            runs[family] = run_sft(sft_config(task), context(run_dir, task[family])), run_dir
+        return runs[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", ["v3", "qwen2"])
-def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(task, tmp_path, family):
-    out = run_sft(sft_config(task), context(tmp_path, task[family]))
+def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(sft_run, family):
+    out, tmp_path = sft_run(family)
     assert out["val_loss_end"] < 0.6 * out["val_loss_start"], out
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 25))
@@ -208,8 +223,8 @@ def test_forward_kl_hand_checked():
     assert torch.isclose(kl2, 4 * forward_kl_sum(student / 2, teacher / 2, mask)[0])
 
 
-def test_logit_distillation_from_a_teacher(task, tmp_path):
-    teacher = run_sft(sft_config(task, steps=16), context(tmp_path / "teacher", task["v3"]))["model_path"]
+def test_logit_distillation_from_a_teacher(task, sft_run, tmp_path):
+    teacher = sft_run("v3")[0]["model_path"]  # 24 steps of SFT on the data
     student = run_sft(sft_config(task, steps=12, loss="kl", teacher_path=teacher, mtp=False),
                       context(tmp_path / "student", task["v3"]))
     assert student["val_loss_end"] < 0.7 * student["val_loss_start"]  # held-out CE falls under a KL-only loss

@@ -50,21 +50,49 @@ def ray_cluster():
 # far under the 1e-5 the comparison allows, while a real error (e.g. averaged instead of summed
 # gradients, which halves grad_norm) does not.
 CFG = PolicyConfig(lr=1e-4, kl_coef=0.1, micro_batch_size=2, clip_low=0.2, clip_high=0.28)
+PROBE, _ = batch_and_advantages(seed=9)
 
 
-def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, tmp_path):
-    model = tiny_model(tmp_path / "model")
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return tiny_model(tmp_path_factory.mktemp("fsdp") / "model")
+
+
+@dataclasses.dataclass
+class OneWorker:
+    """What one policy worker does on `model` with CFG: the stats of its GRPO steps on seeds 0, 1, 2, 3, the
+    log-probs of PROBE after 2 and after 4 of them, and the bytes it holds after 2 (optimizer state made)."""
+
+    steps: list[dict]
+    probe: dict[int, torch.Tensor]
+    memory: dict
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_cluster, model) -> OneWorker:
+    """The layouts' reference, run once for the module (one worker neither shards nor shares: fsdp and
+    shared_memory do not change it)."""
     one = PolicyGroup(1, model, CFG, frozen_path=model)
+    steps, probe = [], {}
+    for seed in range(4):
+        steps.append(grpo_step(one, seed))
+        if seed == 1:
+            probe[2], memory = one.logprobs(PROBE), one.memory()[0]
+    probe[4] = one.logprobs(PROBE)
+    one.shutdown()
+    return OneWorker(steps, probe, memory)
+
+
+def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(model, one_worker, tmp_path):
     two = PolicyGroup(2, model, CFG, frozen_path=model)
     for seed in (0, 1):
-        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        s1, s2 = one_worker.steps[seed], grpo_step(two, seed)
         assert s1["tokens"] == s2["tokens"]
         assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
         assert abs(s1["kl"] - s2["kl"]) <= 1e-5
-    probe, _ = batch_and_advantages(seed=9)
-    assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5  # same weights after two updates
+    assert (one_worker.probe[2] - two.logprobs(PROBE)).abs().max() <= 1e-5  # same weights after two updates
 
-    whole, halves = one.memory()[0], two.memory()
+    whole, halves = one_worker.memory, two.memory()
     print(f"\nbytes held: 1 worker {whole}; 2 FSDP workers {halves}")
     for kind in ("parameters", "optimizer"):
         # the shards cover the whole (FSDP pads dim 0 of a parameter to a multiple of the rank count)
@@ -79,8 +107,8 @@ def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, 
     resumed.load_checkpoint(str(ckpt))
     a, b = grpo_step(two, 2), grpo_step(resumed, 2)
     assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"])
-    assert (two.logprobs(probe) - resumed.logprobs(probe)).abs().max() <= 1e-5
-    for g in (one, two, resumed):
+    assert (two.logprobs(PROBE) - resumed.logprobs(PROBE)).abs().max() <= 1e-5
+    for g in (two, resumed):
         g.shutdown()
 
     # the exported checkpoint is the whole model in the Hugging Face layout
@@ -90,31 +118,25 @@ def test_two_sharded_workers_step_like_one_and_hold_half_the_bytes(ray_cluster, 
     ours = load_pretrained(ckpt).eval()
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
     with torch.no_grad():
-        assert (ours(probe.input_ids).logits - hf(probe.input_ids).logits).abs().max() <= 1e-4
+        assert (ours(PROBE.input_ids).logits - hf(PROBE.input_ids).logits).abs().max() <= 1e-4
 
 
-def test_activation_checkpointing_gives_the_same_update(ray_cluster, tmp_path):
-    model = tiny_model(tmp_path / "model")
+def test_activation_checkpointing_gives_the_same_update(ray_cluster, model):
     plain = PolicyGroup(2, model, CFG, frozen_path=model)
     recompute = PolicyGroup(2, model, dataclasses.replace(CFG, activation_checkpointing=True), frozen_path=model)
     a, b = grpo_step(plain, 0), grpo_step(recompute, 0)
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * max(1.0, a["grad_norm"])
-    probe, _ = batch_and_advantages(seed=9)
-    assert (plain.logprobs(probe) - recompute.logprobs(probe)).abs().max() <= 1e-6
+    assert (plain.logprobs(PROBE) - recompute.logprobs(PROBE)).abs().max() <= 1e-6
     plain.shutdown()
     recompute.shutdown()
 
 
-def test_sharded_workers_that_keep_parameters_gathered_step_like_one(ray_cluster, tmp_path):
-    model = tiny_model(tmp_path / "model")
-    one = PolicyGroup(1, model, CFG, frozen_path=model)
+def test_sharded_workers_that_keep_parameters_gathered_step_like_one(model, one_worker):
     kept = PolicyGroup(2, model, dataclasses.replace(CFG, fsdp_keep_gathered=True), frozen_path=model)
     for seed in (0, 1):
-        s1, s2 = grpo_step(one, seed), grpo_step(kept, seed)
+        s1, s2 = one_worker.steps[seed], grpo_step(kept, seed)
         assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
-    probe, _ = batch_and_advantages(seed=9)
-    assert (one.logprobs(probe) - kept.logprobs(probe)).abs().max() <= 1e-5
-    one.shutdown()
+    assert (one_worker.probe[2] - kept.logprobs(PROBE)).abs().max() <= 1e-5
     kept.shutdown()
 
 
@@ -177,25 +199,23 @@ def test_sharded_parameters_gather_in_one_collective_and_keep_gathered_gathers_o
 
 
 @pytest.mark.parametrize("shared_memory", [True, False])
-def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(ray_cluster, tmp_path, shared_memory):
+def test_two_replicas_step_like_one_summing_in_shared_memory_or_over_gloo(model, one_worker, tmp_path, shared_memory):
     """Replicas (fsdp=False) keep their gradients in one flat buffer each: on this machine's CPUs it is a slot of
     a shared-memory region summed in place, else the group all-reduces it; a checkpoint load that replaces the
     gradients is put back into the buffer."""
-    model = tiny_model(tmp_path / "model")
     cfg = dataclasses.replace(CFG, fsdp=False, shared_memory=shared_memory)
-    one, two = PolicyGroup(1, model, cfg, frozen_path=model), PolicyGroup(2, model, cfg, frozen_path=model)
+    two = PolicyGroup(2, model, cfg, frozen_path=model)
     assert ray.get([w.__ray_call__.remote(lambda w: w.shared_grads is not None) for w in two.workers]) == [shared_memory] * 2
     for seed in (0, 1):
-        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        s1, s2 = one_worker.steps[seed], grpo_step(two, seed)
         assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
     two.save_checkpoint(str(tmp_path / "ckpt"), None)
     two.load_checkpoint(str(tmp_path / "ckpt"))  # sets fresh gradient tensors
     for seed in (2, 3):
-        s1, s2 = grpo_step(one, seed), grpo_step(two, seed)
+        s1, s2 = one_worker.steps[seed], grpo_step(two, seed)
         assert abs(s1["grad_norm"] - s2["grad_norm"]) <= 1e-5 * max(1.0, s1["grad_norm"])
-    probe, _ = batch_and_advantages(seed=9)
-    assert (one.logprobs(probe) - two.logprobs(probe)).abs().max() <= 1e-5
-    one.shutdown(), two.shutdown()
+    assert (one_worker.probe[4] - two.logprobs(PROBE)).abs().max() <= 1e-5
+    two.shutdown()
 
 
 @pytest.mark.parametrize("workers,fsdp", [(1, True), (2, False), (2, True)], ids=["one", "replicas", "sharded"])
@@ -235,8 +255,7 @@ def test_a_checkpoint_is_sized_before_it_is_written_and_resumes_exactly(ray_clus
     for seed in (2, 3):
         a, b = grpo_step(writer, seed), grpo_step(reader, seed)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), seed
-    probe, _ = batch_and_advantages(seed=9)
-    torch.testing.assert_close(reader.logprobs(probe), writer.logprobs(probe), atol=1e-6, rtol=0)
+    torch.testing.assert_close(reader.logprobs(PROBE), writer.logprobs(PROBE), atol=1e-6, rtol=0)
     writer.shutdown(), reader.shutdown()
 
 

@@ -3,19 +3,20 @@
 The task: completions are rewarded by their share of the letter "a" (a dense reward any policy
 can climb). One shared run checks that reward rises, that a reward which raises on some inputs
 only scores 0 and is counted, and what the run directory holds. The resume tests SIGKILL a run
-after its step-2 checkpoint (one policy worker with a KL reference; and the r1-zero recipe's own
-layout) and re-enter it: every step must equal an uninterrupted run's. A disk without room for a
-checkpoint stops a run before it trains.
+after its step-2 checkpoint (the r1-zero recipe's own layout; a sharded dense policy with a KL
+reference; test_grpo_async: one policy worker with a KL reference) and re-enter it: every step must
+equal an uninterrupted run's, which runs in the test's process while the killed one runs in a
+subprocess. A disk without room for a checkpoint stops a run before it trains.
 """
 import dataclasses
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -51,9 +52,14 @@ def crashes_on_b(text: str, reference: dict) -> float:
     return 0.0
 
 
+SLOW_STEPS = "R1PIPE_TEST_SLOW_STEPS"  # set in the environment of a run that is to be killed
+
+
 def slow_zero(text: str, reference: dict) -> float:
-    """Slows a step to about a second, so the resume test can kill a run between checkpoints."""
-    time.sleep(0.03)
+    """In a run started with SLOW_STEPS set, slows a step to about a second, so that a resume test can kill
+    it between checkpoints; 0 either way (the runs compared with it take the same steps, only sooner)."""
+    if os.environ.get(SLOW_STEPS):
+        time.sleep(0.03)
     return 0.0
 
 
@@ -91,7 +97,9 @@ def write_problems(path: Path, n: int) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A local Ray cluster for the module; 4 logical CPUs, so that a run killed in a subprocess and its
+    uninterrupted reference (each placing up to 1.5 CPUs) are placed at once."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -185,35 +193,27 @@ RESUME_SCRIPT = """
 import sys, json
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import test_grpo_run as t
+import {module} as t
 task = json.loads({task!r})
 t.run_grpo(t.{config}(task), t.context(Path({run_dir!r}), task[{model!r}], {address!r}))
 """
 
 
-def kill_after_checkpoint(config: str, task: dict, run_dir: Path, address: str, step: int,
-                          model: str = "mtp_model") -> None:
-    """Run the stage `config(task)` names on task[model] in a subprocess and SIGKILL its process group once
-    checkpoint `step` is complete (the next one is not: each step takes about a second, see slow_zero)."""
-    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), task=json.dumps(task), run_dir=str(run_dir),
-                                  address=address, config=config, model=model)
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = run_dir / "rl" / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def killed_and_straight(killed_run, config: Callable[[dict], GRPOConfig], task: dict, killed: Path, straight: Path,
+                        address: str, step: int, model: str = "mtp_model") -> dict:
+    """The stage `config(task)` names, on task[model], twice at once: in a subprocess (run dir `killed`, each
+    step slowed to about a second) SIGKILLed once checkpoint `step` is complete (the next one is not), and
+    uninterrupted here (run dir `straight`). Returns the uninterrupted run's outputs."""
+    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), module=config.__module__, task=json.dumps(task),
+                                  run_dir=str(killed), address=address, config=config.__name__, model=model)
+    ckpt = killed / "rl" / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    run = killed_run([sys.executable, "-c", script], ckpt, timeout_s=240, env={SLOW_STEPS: "1"})
+    outputs = run_grpo(config(task), context(straight, task[model]))
+    err = run.wait()
+    assert ckpt.exists(), err if run.proc.returncode != -signal.SIGKILL else "no checkpoint in time"
     assert json.loads(ckpt.read_text())["step"] == step
-
-
-def resume_config(task: dict) -> GRPOConfig:
-    # kl_coef > 0: the reference must stay the base model across the kill, not the resumed checkpoint
-    cfg = grpo_config(task, {"steps": 4, "checkpoint.every": 2, "resources.trainer.workers": 1, "algorithm.kl_coef": 0.01})
-    cfg.rewards.extra[f"{__name__}:slow_zero"] = 0.0
-    return cfg
+    assert not (killed / "rl" / "checkpoints" / f"step_{step + 2:06d}").exists()  # killed mid-run, not after it
+    return outputs
 
 
 def assert_same_steps(resumed: list[dict], uninterrupted: list[dict]) -> None:
@@ -224,34 +224,6 @@ def assert_same_steps(resumed: list[dict], uninterrupted: list[dict]) -> None:
             if key.startswith(("time/", "tokens_per_second")):
                 continue
             assert a[key] == pytest.approx(value, abs=1e-6), (key, a["step"])
-
-
-def test_resume_after_sigkill_loses_and_repeats_no_step(ray_cluster, task, tmp_path, capsys):
-    """One policy worker, a model with an MTP module (never stepped: no optimizer state), a KL reference."""
-    kill_after_checkpoint("resume_config", task, tmp_path, ray_cluster, step=2)
-    assert not (tmp_path / "rl" / "checkpoints" / "step_000004").exists()  # killed mid-run, not after it
-
-    outputs = run_grpo(resume_config(task), context(tmp_path, task["mtp_model"]))
-    assert "resuming after step 2" in capsys.readouterr().out
-    rows = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    # the data stream continues where the checkpoint left it: 4 prompts a step, none twice
-    assert [r["data_position"] for r in rows[1:]] == [4, 8, 12, 16]
-    assert Path(outputs["model_path"]).name == "step_000004"
-    assert json.loads((tmp_path / "rl" / "summary.json").read_text())["steps"] == 4
-
-    # the same run uninterrupted: identical metrics (KL included) and final weights
-    straight = tmp_path / "straight"
-    reference = run_grpo(resume_config(task), context(straight, task["mtp_model"]))
-    plain = [json.loads(l) for l in (straight / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["kl"] > 0 for r in rows[2:]), rows  # a re-anchored reference would give kl == 0 at step 3
-    assert_same_steps(rows, plain)
-    from r1pipe.model import load_pretrained
-
-    a = load_pretrained(outputs["model_path"]).state_dict()
-    b = load_pretrained(reference["model_path"]).state_dict()
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
 
 
 def recipe_layout_config(task: dict) -> GRPOConfig:
@@ -269,15 +241,14 @@ def recipe_layout_config(task: dict) -> GRPOConfig:
     return cfg
 
 
-def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, task, tmp_path):
+def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, task, tmp_path, killed_run):
     """A run of the r1-zero recipe's layout SIGKILLed after its step-2 checkpoint and started again takes
     exactly the steps of an uninterrupted run: the three after the resume compared metric by metric."""
     layout = recipe_layout_config(task)
     assert (layout.resources.trainer.workers, layout.resources.rollout.workers, layout.parallelism.fsdp,
             layout.sync.shared_memory) == (2, 2, False, True)
-    kill_after_checkpoint("recipe_layout_config", task, tmp_path / "killed", ray_cluster, step=2)
+    killed_and_straight(killed_run, recipe_layout_config, task, tmp_path / "killed", tmp_path / "straight", ray_cluster, step=2)
     run_grpo(recipe_layout_config(task), context(tmp_path / "killed", task["mtp_model"]))
-    run_grpo(recipe_layout_config(task), context(tmp_path / "straight", task["mtp_model"]))
     resumed, plain = (read_metrics(tmp_path / d / "rl" / "metrics.jsonl") for d in ("killed", "straight"))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
     assert all(r["grad_norm"] > 0 for r in plain[3:])  # the steps compared train
@@ -291,13 +262,13 @@ def dense_config(task: dict) -> GRPOConfig:
     return cfg
 
 
-def test_a_dense_qwen2_policy_trains_syncs_and_resumes_to_the_same_steps(ray_cluster, task, tmp_path):
+def test_a_dense_qwen2_policy_trains_syncs_and_resumes_to_the_same_steps(ray_cluster, task, tmp_path, killed_run):
     """GRPO on transformers' Qwen2: sharded trainer group, r1pipe's engine, weight sync with the post-sync probe
     (first sync and every step), SIGKILL after the step-2 checkpoint, then the same steps as an uninterrupted run."""
     assert (dense_config(task).resources.trainer.workers, dense_config(task).parallelism.fsdp) == (2, True)
-    kill_after_checkpoint("dense_config", task, tmp_path / "killed", ray_cluster, step=2, model="qwen2")
+    outputs = killed_and_straight(killed_run, dense_config, task, tmp_path / "killed", tmp_path / "straight", ray_cluster,
+                                  step=2, model="qwen2")
     run_grpo(dense_config(task), context(tmp_path / "killed", task["qwen2"]))
-    outputs = run_grpo(dense_config(task), context(tmp_path / "straight", task["qwen2"]))
     resumed, plain = (read_metrics(tmp_path / d / "rl" / "metrics.jsonl") for d in ("killed", "straight"))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["kl"] > 0 for r in plain[2:])

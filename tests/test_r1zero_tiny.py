@@ -1,16 +1,22 @@
 """The main command end to end on the seconds-long tiny recipe: `r1pipe run r1-zero-tiny`
-pre-trains a base, runs GRPO on Ray, evaluates, and leaves the run directory people read."""
+pre-trains a base, runs GRPO on Ray, evaluates, and leaves the run directory people read; its
+stages hand their models on, and every generation goes one way (the same figures, the same texts)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from r1pipe.config import load_recipe
+from r1pipe.data.jsonl import read_jsonl
+from r1pipe.run import run_recipe
+from r1pipe.stages.base_eval import measure_accuracy
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "r1pipe.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-def test_r1_zero_tiny_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
+def test_r1_zero_tiny_end_to_end_then_rerun_skips(tmp_path: Path, capsys) -> None:
     first = run_cli("run", "r1-zero-tiny", "--run-dir", "rd", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rd = tmp_path / "rd"
@@ -34,10 +40,27 @@ def test_r1_zero_tiny_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
         assert key in trained[-1], key
     assert (rd / "rl" / "plots" / "reward.png").stat().st_size > 1000
     assert (rd / "eval" / "report.json").is_file() and (rd / "eval" / "generations.jsonl").is_file()
+    # with output not on a terminal (as here), pre-training and generation print plain progress lines
+    printed = first.stdout.splitlines()
+    assert any(line.startswith("pretrain: step 1/20 (5%)  loss=") and "elapsed" in line for line in printed), printed
+    assert any(line.startswith("pretrain: step 20/20 (100%)  loss=") for line in printed)
+    assert any(line.startswith("generate: prompt 8/8 (100%)") for line in printed)
 
-    again = run_cli("run", "r1-zero-tiny", "--run-dir", "rd", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done earlier, skipped") == 3
+    # the eval stage scores the model the rl stage wrote, on the held-out problems, and its greedy completions
+    # are the base check's (measure_accuracy) on that model: both go through a generation group
+    evaluated = json.loads((rd / "eval" / "DONE.json").read_text())
+    assert evaluated["model_path"] == rl["model_path"]
+    assert evaluated["suites"]["heldout"]["skipped_rows"] == 0
+    generations = read_jsonl(rd / "eval" / "generations.jsonl")
+    rows = read_jsonl(tmp_path / pretrain["heldout_path"])[:8]  # the outputs' paths are the command's, relative to its cwd
+    mine = measure_accuracy(tmp_path / rl["model_path"], rows, 0.0, load_recipe("r1-zero-tiny").eval.max_tokens)
+    cut = lambda text: text.split("</answer>")[0]  # the engine stops at </answer>
+    assert [cut(g["response"]) for g in generations] == [cut(s["completion"]) for s in mine.samples]
+
+    # the same recipe again (here, not in a subprocess: what is left to test is the run's own skipping)
+    capsys.readouterr()
+    run_recipe(load_recipe("r1-zero-tiny"), rd)
+    assert capsys.readouterr().out.count("done earlier, skipped") == 3
 
 
 def test_misspelt_key_is_named_before_anything_runs(tmp_path: Path) -> None:
@@ -57,7 +80,7 @@ def test_readme_bring_your_own_command(tmp_path: Path) -> None:
     train, heldout = write_problems(tmp_path / "p.jsonl", 16), write_problems(tmp_path / "h.jsonl", 4)
     small = ["rl.steps=1", "rl.rollout.prompts_per_step=2", "rl.rollout.group_size=2", "rl.rollout.max_tokens=8",
              "rl.data.heldout_size=4", "rl.data.eval_every=0", "rl.rollout.dynamic_sampling=false", "eval.max_tokens=8",
-             "cluster.num_cpus=2"]
+             "cluster.num_cpus=2", "rl.resources.trainer.workers=1", "rl.resources.rollout.workers=1"]
     done = run_cli("run", "r1-zero", "stages=[rl,eval]", f"model.path={model}", f"rl.data.train_path={train}",
                    f"rl.data.heldout_path={heldout}", *small, "--run-dir", "rd", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

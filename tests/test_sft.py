@@ -4,8 +4,6 @@ in their frameworks, and a SIGKILLed run resumes to the same weights as an unint
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,9 +16,10 @@ from safetensors.torch import load_file
 
 from r1pipe.algo.sft import forward_kl_sum, masked_ce_sum
 from r1pipe.causal_lm import load_model, run_model
-from r1pipe.config import make_config
+from r1pipe.config import load_recipe, make_config
 from r1pipe.data.batch import EpochOrder
 from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.run import run_recipe
 from r1pipe.stages import StageContext
 from r1pipe.stages.configs import SFTConfig
 from r1pipe.stages.sft import load_data, run_sft
@@ -49,9 +48,24 @@ def sft_config(task: dict, **overrides) -> SFTConfig:
     return make_config(SFTConfig, {**fields, **overrides})
 
 
+@pytest.fixture(scope="module")
+def sft_run(task, tmp_path_factory):
+    """sft_run(family): the outputs and run directory of sft_config's run on that student, run once for the
+    module (the V3 one is also the distillation test's teacher)."""
+    runs: dict[str, tuple[dict, Path]] = {}
+
+    def run(family: str) -> tuple[dict, Path]:
+        if family not in runs:
+            run_dir = tmp_path_factory.mktemp(f"sft_{family}")
+            runs[family] = run_sft(sft_config(task), context(run_dir, task[family])), run_dir
+        return runs[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", ["v3", "qwen2"])
-def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(task, tmp_path, family):
-    out = run_sft(sft_config(task), context(tmp_path, task[family]))
+def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(sft_run, family):
+    out, tmp_path = sft_run(family)
     assert out["val_loss_end"] < 0.6 * out["val_loss_start"], out
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 25))
@@ -131,29 +145,24 @@ sft: {{kind: sft, data: {{train_path: {data}}}, steps: 12, batch_size: 8, micro_
 """
 
 
-def run_command(recipe: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", str(run_dir)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def command(recipe: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "r1pipe.cli", "run", str(recipe), "--run-dir", str(run_dir)]
 
 
 @pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])  # r1-tiny's SFT layout: 2 workers
-def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers):
+def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_path, workers, killed_run):
     """SIGKILL mid-run, then the same command: it resumes after the newest checkpoint (no step lost or run
-    twice) and ends on the uninterrupted run's weights, in the recipe's own worker layout."""
+    twice) and ends on the uninterrupted run's weights (the same recipe run here meanwhile), in the recipe's
+    own worker layout."""
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(RECIPE.format(model=task["v3"], data=task["data"], workers=workers, cpus=2 // workers))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_command(recipe, straight).wait(timeout=600) == 0
-
-    proc = run_command(recipe, killed)
     ckpt = killed / "sft" / "checkpoints" / "step_000006" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (killed / "sft" / "DONE.json").exists()
-    again = run_command(recipe, killed)
+    run = killed_run(command(recipe, killed), ckpt)
+    run_recipe(load_recipe(str(recipe)), straight)
+    err = run.wait()
+    assert ckpt.exists() and not (killed / "sft" / "DONE.json").exists(), err
+    again = subprocess.Popen(command(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err.decode()[-2000:]
     steps = [json.loads(line)["step"] for line in (killed / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -214,8 +223,8 @@ def test_forward_kl_hand_checked():
     assert torch.isclose(kl2, 4 * forward_kl_sum(student / 2, teacher / 2, mask)[0])
 
 
-def test_logit_distillation_from_a_teacher(task, tmp_path):
-    teacher = run_sft(sft_config(task, steps=16), context(tmp_path / "teacher", task["v3"]))["model_path"]
+def test_logit_distillation_from_a_teacher(task, sft_run, tmp_path):
+    teacher = sft_run("v3")[0]["model_path"]  # 24 steps of SFT on the data
     student = run_sft(sft_config(task, steps=12, loss="kl", teacher_path=teacher, mtp=False),
                       context(tmp_path / "student", task["v3"]))
     assert student["val_loss_end"] < 0.7 * student["val_loss_start"]  # held-out CE falls under a KL-only loss

@@ -101,8 +101,12 @@ class PretrainConfig(StageConfig):
     guess_correct: float = 0.15  # share of bare guesses that are right
     train_size: int = 2000  # RL prompts written to train_path
     heldout_size: int = 256  # held-out problems written to heldout_path
+    valid_size: int = 0  # validation problems written to valid_path, disjoint from both and from the corpus; 0: none
     # tokenizer
-    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
+    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size (unused with tokenizer_path)
+    # a model or tokenizer directory whose tokenizer the base uses as is instead of training a BPE (e.g.
+    # `stage:teacher.model_path`: a student sharing its teacher's vocabulary, for sft.loss kl); vocab_size is then ignored
+    tokenizer_path: Optional[str] = None
     tokenizer_examples: int = 20000
     # training
     steps: int = 450
@@ -145,6 +149,8 @@ class PretrainConfig(StageConfig):
         for name in ("steps", "batch_size", "heldout_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.valid_size < 0:
+            raise ValueError(f"valid_size={self.valid_size}: must be >= 0")
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
         if self.world not in WORLDS:

@@ -596,12 +596,29 @@ class CompareConfig(StageConfig):
     rows: dict[str, str] = field(default_factory=dict)  # label -> name of an earlier eval stage
     suite: str = "heldout"
     reference: Optional[str] = None  # a label: the others' difference to it in points
+    # an RL row's label -> an SFT row's label: checks the RL model trained with at least the SFT model's
+    # optimizer steps and tokens (sampled against trained), warning when it did not
+    budgets: dict[str, str] = field(default_factory=dict)
+    # pairs [a, b] of labels: a's pass@1 minus b's, paired over the problems both eval stages scored, with a
+    # 95% interval and the sign-test p-value (r1pipe.eval.stats)
+    margins: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.rows:
             raise ValueError("rows: name at least one eval stage (label: stage)")
+        labels = ", ".join(self.rows)
         if self.reference is not None and self.reference not in self.rows:
-            raise ValueError(f"reference={self.reference!r}: not a label of rows ({', '.join(self.rows)})")
+            raise ValueError(f"reference={self.reference!r}: not a label of rows ({labels})")
+        for rl, sft in self.budgets.items():
+            for label in (rl, sft):
+                if label not in self.rows:
+                    raise ValueError(f"budgets.{rl}={sft!r}: {label!r} is not a label of rows ({labels})")
+        for i, pair in enumerate(self.margins):
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"margins[{i}]={list(pair)}: a pair [a, b] of two different labels of rows")
+            for label in pair:
+                if label not in self.rows:
+                    raise ValueError(f"margins[{i}]={list(pair)}: {label!r} is not a label of rows ({labels})")
 
 
 # ---------------------------------------------------------------- keys that moved into sections

@@ -101,7 +101,8 @@ def test_valid_size_and_tokenizer_path_enter_the_key_only_when_set(tmp_path) -> 
     teacher = make_tiny_v3(tmp_path / "teacher", vocab_size=400)
     load_tokenizer(teacher).save_pretrained(str(tmp_path / "copy"))
     other = make_tiny_v3(tmp_path / "other", vocab_size=300)
-    keys = {path: base_key(PretrainConfig(tokenizer_path=str(path)), {"preset": "tiny"}, 0) for path in (teacher, tmp_path / "copy", other)}
+    keys = {path: base_key(PretrainConfig(tokenizer_path=str(path)), {"preset": "tiny"}, 0)
+            for path in (teacher, tmp_path / "copy", other)}
     assert keys[teacher] == keys[tmp_path / "copy"] != keys[other] and "1b11c63b6c79160c" not in keys.values()
     assert base_key(PretrainConfig(tokenizer_path=str(teacher), vocab_size=99), {"preset": "tiny"}, 0) == keys[teacher]
     (tmp_path / "empty").mkdir()

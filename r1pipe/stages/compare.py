@@ -126,7 +126,8 @@ def to_markdown(table: dict[str, dict[str, Any]], suite: str, reference: Optiona
         for c in budgets:
             verdict = {True: "holds", False: "does NOT hold", None: "unknown"}[c["holds"]]
             lines.append(f"- {c['rl']} vs {c['sft']}: optimizer steps {_count(c['rl_optimizer_steps'])} vs "
-                         f"{_count(c['sft_optimizer_steps'])}, tokens {_count(c['rl_tokens'])} vs {_count(c['sft_tokens'])}: {verdict}")
+                         f"{_count(c['sft_optimizer_steps'])}, tokens {_count(c['rl_tokens'])} vs "
+                         f"{_count(c['sft_tokens'])}: {verdict}")
     if margins:
         lines += ["", f"Margins (paired difference in {suite} pass@1, 95% interval; sign test on the problems one side won):"]
         for m in margins:

@@ -16,8 +16,8 @@ block-scaled FP8 (`model.fp8_exclude` leaves modules out).
 
 Outputs: model_path (final weights + tokenizer, Hugging Face layout: loads in r1pipe for V3 and in
 transformers for dense models), the training budget (optimizer_steps; trained_tokens: the target tokens the
-loss covered, summed over the steps; tokens: all their non-padding tokens; also in summary.json), metrics (loss, validation loss, learning rate, grad norm, tokens/s) in
-metrics.jsonl + TensorBoard + PNG plots.
+loss covered, summed over the steps; tokens: all their non-padding tokens; also in summary.json), metrics
+(loss, validation loss, learning rate, grad norm, tokens/s) in metrics.jsonl + TensorBoard + PNG plots.
 """
 from __future__ import annotations
 

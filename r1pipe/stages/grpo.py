@@ -394,8 +394,9 @@ class GRPOTrainer:
 
     def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
-        groups whose rewards are all equal and refills up to max_refill_rounds times). `prefetched`: the
-        first round, sampled while the previous step trained (its wait counts as rollout time)."""
+        groups whose rewards are all equal and refills up to max_refill_rounds times), counting every
+        completion scored, dropped ones too, in the budget. `prefetched`: the first round, sampled while the
+        previous step trained (its wait counts as rollout time)."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         batch = RolloutBatch(problems=[], completions=[])
         for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
@@ -417,6 +418,8 @@ class GRPOTrainer:
                 if kept and len(batch.problems) < cfg.rollout.prompts_per_step:
                     batch.problems.append(problem)
                     batch.completions.extend(group)
+        self.count("sampled_tokens", batch.generated_tokens)
+        self.count("sampled_sequences", len(batch.all_rewards))
         return batch
 
     def score(self, problems: list[dict], groups: list[list[Completion]], batch: RolloutBatch) -> list[float]:
@@ -583,8 +586,6 @@ class GRPOTrainer:
             self.draft_stats()  # drop what held-out evaluation proposed
         batch = self.collect(stream, self.pending)
         self.pending = None
-        self.count("sampled_tokens", batch.generated_tokens)
-        self.count("sampled_sequences", len(batch.all_rewards))
         metrics = rollout_metrics(batch, cfg.rewards.accuracy_reward)
         metrics.update(staleness_metrics(batch, self.version))
         metrics["data_position"] = stream.position

@@ -9,7 +9,7 @@ import pytest
 
 from r1pipe.data.jsonl import SkipReport, read_jsonl, read_jsonl_rows, write_jsonl
 from r1pipe.data.synthetic import (
-    KINDS, Problem, completion, corpus_texts, guess_answer, make_splits, problem_row, sample_problem, worked_add,
+    KINDS, Problem, completion, corpus_texts, draw_splits, guess_answer, make_splits, problem_row, sample_problem, worked_add,
     worked_mul, worked_steps, worked_sub,
 )
 from r1pipe.data.templates import R1_MATH_SUFFIX, r1_math_prompt, r1_zero_prompt, render_prompt
@@ -81,6 +81,13 @@ def test_splits_are_disjoint_and_seeded():
     assert abs(sum("guess" not in c for c in asked) / len(asked) - 0.25) < 0.03
     row = problem_row(heldout[0], "h0")
     assert row["prompt"] == r1_zero_prompt(row["problem"]) and row["answer"] == str(heldout[0].answer)
+
+
+def test_a_split_drawn_last_leaves_the_earlier_ones_and_is_disjoint_from_them():
+    heldout, train = make_splits(3, list(KINDS), 2, 50, 120)
+    with_valid = draw_splits(3, list(KINDS), 2, (50, 120, 40))
+    assert with_valid[:2] == [heldout, train] and draw_splits(3, list(KINDS), 2, (50, 120, 0)) == [heldout, train, []]
+    assert len(set(with_valid[2])) == 40 and not set(with_valid[2]) & (set(heldout) | set(train))
 
 
 def test_splits_too_small_a_space_is_an_error():

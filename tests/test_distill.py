@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from r1pipe.causal_lm import is_v3, load_model
-from r1pipe.config import ConfigError, load_recipe, stage_config
+from r1pipe.config import ConfigError, load_recipe, make_config, stage_config
 from r1pipe.data import load_sft_examples
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.templates import r1_zero_prompt
@@ -141,27 +141,79 @@ def test_eval_stage_scores_the_named_model(tmp_path: Path) -> None:
     assert out["model_path"] == str(a) and out["suites"]["s"]["n_problems"] == 1
 
 
-def test_comparison_table_and_summary() -> None:
-    outputs = {
+def comparison_outputs(root: Path | None = None) -> dict[str, dict]:
+    """A run's outputs as the compare stage sees them: a teacher, an SFT and a GRPO stage with their budgets, and
+    an eval stage of each model (report_path under `root` when given)."""
+    report = (lambda name: str(root / name / "report.json")) if root else (lambda name: "x")
+    return {
         "teacher": {"model_path": "T"},
-        "sft": {"model_path": "S", "steps": 60},
-        "rl": {"model_path": "R", "steps": 60},
-        "eval_t": {"report_path": "x", "model_path": "T", "suites": {"heldout": {"pass@1": 0.9, "n_problems": 256}}},
-        "eval_s": {"report_path": "x", "model_path": "S", "suites": {"heldout": {"pass@1": 0.85, "n_problems": 256}}},
-        "eval_r": {"report_path": "x", "model_path": "R", "suites": {"heldout": {"pass@1": 0.125, "n_problems": 256}}},
+        "sft": {"model_path": "S", "steps": 60, "optimizer_steps": 60, "trained_tokens": 5000, "tokens": 9000},
+        "rl": {"model_path": "R", "steps": 60, "optimizer_steps": 120, "sampled_tokens": 4000, "sampled_sequences": 100},
+        "eval_t": {"report_path": report("eval_t"), "model_path": "T", "suites": {"heldout": {"pass@1": 0.9, "n_problems": 256}}},
+        "eval_s": {"report_path": report("eval_s"), "model_path": "S", "suites": {"heldout": {"pass@1": 0.85, "n_problems": 20}}},
+        "eval_r": {"report_path": report("eval_r"), "model_path": "R", "suites": {"heldout": {"pass@1": 0.125, "n_problems": 256}}},
     }
+
+
+def test_comparison_table_and_summary() -> None:
+    outputs = comparison_outputs()
     cfg = CompareConfig(rows={"teacher": "eval_t", "distilled": "eval_s", "rl": "eval_r"}, reference="teacher")
     table = comparison_table(cfg, outputs)
-    assert table["distilled"] == {"eval_stage": "eval_s", "model_path": "S", "trained_by": "sft", "steps": 60,
-                                  "pass@1": 0.85, "n_problems": 256, "points_vs_reference": -5.0}
+    distilled = dict(table["distilled"])
+    # Wilson 17/20: centre (0.85 + 0.09604) / 1.19208 = 0.793604, half 1.96 * sqrt(0.006375 + 0.002401) / 1.19208 = 0.154028
+    assert distilled.pop("pass@1_interval") == pytest.approx([0.639577, 0.947632], abs=1e-6)
+    assert distilled == {"eval_stage": "eval_s", "model_path": "S", "trained_by": "sft", "steps": 60, "optimizer_steps": 60,
+                         "tokens": 5000, "pass@1": 0.85, "n_problems": 20, "points_vs_reference": -5.0}
+    assert (table["rl"]["optimizer_steps"], table["rl"]["tokens"]) == (120, 4000)  # GRPO: the tokens it sampled
     assert table["rl"]["points_vs_reference"] == -77.5 and table["teacher"]["trained_by"] == "teacher"
-    assert "| rl | 12.5% | rl | 60 | -77.5 |" in to_markdown(table, "heldout", "teacher")
+    assert table["teacher"]["tokens"] is None and table["teacher"]["optimizer_steps"] is None
+    # Wilson 32/256: 0.130544 -+ 0.040593
+    assert "| rl | 12.5% [9.0, 17.1] | rl | 60 | 120 | 4,000 | -77.5 |" in to_markdown(table, "heldout", "teacher")
     with pytest.raises(ValueError, match="compare.rows.x='sft'"):
         comparison_table(CompareConfig(rows={"x": "sft"}), outputs)
     recipe = OmegaConf.create({"run": {"name": "d"}, "stages": [*outputs, "compare"]})
     summary = run_summary(recipe, {**outputs, "compare": {"comparison": table}}, {})
     assert summary["evals"]["eval_r"] == {"model_path": "R", "heldout": 0.125}
     assert summary["comparison"]["distilled"]["pass@1"] == 0.85
+
+
+def test_budgets_and_margins_of_the_comparison(tmp_path: Path, capsys) -> None:
+    """The RL row's budget against the SFT row's (fewer tokens: a warning), and the paired margin of the distilled
+    row over the RL row on the problems both scored, by hand: per-problem scores a = 1, 1, 1, 0, 1, 0.5 (p5: two
+    samples 1 and 0) and b = 0, 1, 0, 0, 0, 1; differences 1, 0, 1, 0, 1, -0.5: mean 5/12, sample sd 0.664580,
+    half-width 1.96 * 0.664580 / sqrt(6) = 0.531775; a higher on 3 problems, b on 1: p = 2 * (1 + 4) / 16."""
+    outputs = comparison_outputs(tmp_path)
+    for stage, rows in {
+        "eval_s": [("p0", 1), ("p1", 1), ("p2", 1), ("p3", 0), ("p4", 1), ("p5", 1), ("p5", 0), ("p6", 1)],  # p6: not in eval_r
+        "eval_r": [("p0", 0), ("p1", 1), ("p2", 0), ("p3", 0), ("p4", 0), ("p5", 1)],
+    }.items():
+        samples = [{"suite": "heldout", "id": pid, "score": float(score)} for pid, score in rows]
+        samples.append({"suite": "other", "id": "p3", "score": 1.0})  # another suite's row: not counted
+        write_jsonl(tmp_path / stage / "generations.jsonl", samples)
+    cfg = make_config(CompareConfig, {"rows": {"teacher": "eval_t", "distilled": "eval_s", "rl": "eval_r"},
+                                      "reference": "teacher", "budgets": {"rl": "distilled"}, "margins": [["distilled", "rl"]]})
+    spec = get_stage("compare")
+    out = spec.fn(cfg, StageContext(run_dir=tmp_path, stage_dir=tmp_path, recipe=OmegaConf.create({}), seed=0, outputs=outputs))
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["rows"] == out["comparison"] and saved["budgets"] == out["budgets"] and saved["margins"] == out["margins"]
+    assert saved["budgets"] == [{"rl": "rl", "sft": "distilled", "rl_optimizer_steps": 120, "sft_optimizer_steps": 60,
+                                 "rl_tokens": 4000, "sft_tokens": 5000, "holds": False}]
+    assert "compare: warning: the budget of 'rl' >= 'distilled' does not hold" in capsys.readouterr().err
+    [m] = saved["margins"]
+    assert {k: m[k] for k in ("a", "b", "n", "a_only", "b_only")} == {"a": "distilled", "b": "rl", "n": 6, "a_only": 3, "b_only": 1}
+    assert (m["difference"], m["low"], m["high"]) == pytest.approx((5 / 12, 5 / 12 - 0.531775, 5 / 12 + 0.531775), abs=1e-6)
+    assert m["p_value"] == pytest.approx(0.625)
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "- rl vs distilled: optimizer steps 120 vs 60, tokens 4,000 vs 5,000: does NOT hold" in markdown
+    assert "- distilled - rl: +41.7 points [-11.5, +94.8] over 6 problems; 3 vs 1 won by one side only, p = 0.625" in markdown
+    # labels are checked when the recipe loads
+    rows = {"a": "eval_s", "b": "eval_r"}
+    with pytest.raises(ValueError, match=r"budgets.a='c': 'c' is not a label of rows"):
+        CompareConfig(rows=rows, budgets={"a": "c"})
+    with pytest.raises(ValueError, match=r"margins\[0\]=\['a', 'a'\]"):
+        CompareConfig(rows=rows, margins=[["a", "a"]])
+    with pytest.raises(ConfigError, match=r"margins\[0\]=\['a', 'x'\]: 'x' is not a label"):
+        make_config(CompareConfig, {"rows": rows, "margins": [["a", "x"]]})
 
 
 def test_distill_runs_the_tiny_recipe_without_a_model() -> None:

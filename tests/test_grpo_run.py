@@ -183,6 +183,12 @@ def test_run_directory_contents(finished_run):
     assert all(r["time/heldout"] == 0.0 for r in rows[1:] if r["step"] != 3)
     assert rows[3]["time/step"] > rows[3]["time/heldout"] + rows[3]["time/train"]
     assert {p.stem for p in (stage_dir / "plots").glob("*.png")} >= {"reward", "accuracy", "response_length", "kl"}
+    # the budget: every step sampled 4 prompts x 8 (dynamic sampling on, without refills: dropped groups count too),
+    # each of response_length/mean tokens on average; a step that kept a group took one optimizer step
+    trained = [r for r in rows[1:] if r["groups_kept"] > 0]
+    budget = {"optimizer_steps": len(trained), "sampled_sequences": 6 * 32,
+              "sampled_tokens": round(sum(32 * r["response_length/mean"] for r in rows[1:]))}
+    assert {k: outputs[k] for k in budget} == {k: summary[k] for k in budget} == budget
     assert list((stage_dir / "tensorboard").glob("events.*"))
     model_dir = Path(outputs["model_path"])
     assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
@@ -247,8 +253,11 @@ def test_killed_run_in_the_recipe_layout_resumes_to_the_same_steps(ray_cluster, 
     layout = recipe_layout_config(task)
     assert (layout.resources.trainer.workers, layout.resources.rollout.workers, layout.parallelism.fsdp,
             layout.sync.shared_memory) == (2, 2, False, True)
-    killed_and_straight(killed_run, recipe_layout_config, task, tmp_path / "killed", tmp_path / "straight", ray_cluster, step=2)
-    run_grpo(recipe_layout_config(task), context(tmp_path / "killed", task["mtp_model"]))
+    plain_out = killed_and_straight(killed_run, recipe_layout_config, task, tmp_path / "killed", tmp_path / "straight",
+                                    ray_cluster, step=2)
+    resumed_out = run_grpo(recipe_layout_config(task), context(tmp_path / "killed", task["mtp_model"]))
+    budget = ("optimizer_steps", "sampled_tokens", "sampled_sequences")
+    assert [resumed_out[k] for k in budget] == [plain_out[k] for k in budget] and plain_out["optimizer_steps"] == 5
     resumed, plain = (read_metrics(tmp_path / d / "rl" / "metrics.jsonl") for d in ("killed", "straight"))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
     assert all(r["grad_norm"] > 0 for r in plain[3:])  # the steps compared train

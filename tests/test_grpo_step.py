@@ -62,6 +62,9 @@ def test_collect_refills_groups_dropped_by_dynamic_sampling(tmp_path, monkeypatc
     metrics = rollout_metrics(batch, "count_a")
     assert metrics["groups_kept"] == pytest.approx(2 / batch.groups_seen)
     assert metrics["response_length/mean"] == 1.0
+    # the budget counts every completion sampled, the dropped groups' too: 2 per problem seen, 1 token each
+    assert t.budget == {"optimizer_steps": 0, "sampled_sequences": 2 * stream.position, "sampled_tokens": 2 * stream.position}
+    assert stream.position > 2
 
 
 def test_rollout_batch_rows_and_engine_logprobs_on_the_target_grid():
@@ -120,6 +123,7 @@ def test_a_batch_with_no_advantage_still_steps_the_optimizer(tmp_path):
         c.reward = 1.0
     metrics = t.train(batch)
     assert metrics["advantage/zero_share"] == 1.0 and metrics["grad_norm"] == 0.0
+    assert t.budget["optimizer_steps"] == 2  # a step that skipped every row still counts
     moved = [float((p.detach() - b).abs().max()) for p, b in zip(t.policy.model.parameters(), before)]
     assert max(moved) > 0
 

@@ -7,12 +7,15 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from r1pipe.config import load_recipe, make_config
 from r1pipe.data.jsonl import read_jsonl
+from r1pipe.data.templates import r1_zero_prompt
+from r1pipe.errors import ConfigError
 from r1pipe.run import run_recipe
 from r1pipe.stages.configs import PretrainConfig
 from r1pipe.stages.pretrain import run_pretrain, train_base
@@ -164,3 +167,67 @@ def test_stage_reuses_a_cached_base(straight_run, tmp_path, monkeypatch):
     assert second["base_accuracy_greedy"] == first["base_accuracy_greedy"]
     third = run_pretrain(cfg, StageContext(tmp_path / "r3", tmp_path / "r3" / "pretrain", recipe, 1))  # another seed
     assert len(trained) == 2 and third["base_key"] != first["base_key"]
+
+
+@pytest.fixture(scope="module")
+def given_tokenizer_run(straight_run, tmp_path_factory):
+    """small_cfg with 6 validation problems and the straight run's tokenizer given as is (2 steps, no base check)."""
+    out = tmp_path_factory.mktemp("given_tokenizer")
+    cfg = small_cfg(valid_size=6, tokenizer_path=str(straight_run / "model"), vocab_size=50, steps=2, eval_size=0)
+    train_base(cfg, SMALL_MODEL, 0, out)
+    return cfg, out
+
+
+def test_validation_problems_are_apart_from_train_heldout_and_corpus(straight_run, given_tokenizer_run):
+    from r1pipe.data.synthetic import corpus_texts, draw_splits
+
+    cfg, out = given_tokenizer_run
+    for name in ("heldout.jsonl", "train.jsonl"):  # as without validation problems
+        assert (out / name).read_bytes() == (straight_run / name).read_bytes()
+    assert not (straight_run / "valid.jsonl").exists()
+    valid = read_jsonl(out / "valid.jsonl")
+    assert [r["id"] for r in valid] == [f"valid-{i}" for i in range(6)]
+    others = {r["prompt"] for r in read_jsonl(out / "heldout.jsonl") + read_jsonl(out / "train.jsonl")}
+    assert len({r["prompt"] for r in valid}) == 6 and not {r["prompt"] for r in valid} & others
+    h, t, v = draw_splits(0, cfg.problem_kinds, cfg.max_digits, (cfg.heldout_size, cfg.train_size, cfg.valid_size))
+    assert [r["prompt"] for r in valid] == [r1_zero_prompt(p.question) for p in v]
+    corpus = corpus_texts(cfg.tokenizer_examples, 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
+                          cfg.guess_correct, set(h) | set(t) | set(v), cfg.tutor_fraction)  # train_base's call
+    assert not {r["prompt"] for r in valid} & {p for p, _ in corpus}
+
+
+def test_a_given_tokenizer_is_the_bases_own(straight_run, given_tokenizer_run):
+    from r1pipe.data.tokenizer import load_tokenizer, tokenizer_digest
+
+    _, out = given_tokenizer_run
+    given, base = load_tokenizer(straight_run / "model"), load_tokenizer(out / "model")
+    assert base.get_vocab() == given.get_vocab() and tokenizer_digest(base) == tokenizer_digest(given)
+    assert (base.eos_token_id, base.pad_token_id, base.bos_token_id) == (given.eos_token_id, given.pad_token_id, given.bos_token_id)
+    text = r1_zero_prompt("What is 47 + 38?") + " <think> 7+8=15 5 ; 4+3+1=8 85 </think> <answer> 85 </answer>"
+    assert base(text, add_special_tokens=False).input_ids == given(text, add_special_tokens=False).input_ids
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["vocab_size"] == len(given) and config["vocab_size"] != 50  # vocab_size is not used
+
+
+def test_a_cached_base_brings_its_validation_problems(given_tokenizer_run, tmp_path, monkeypatch):
+    import r1pipe.stages.pretrain as pretrain
+    from r1pipe.stages import StageContext
+
+    cfg, out = given_tokenizer_run
+    cfg = replace(cfg, cache_dir=str(tmp_path / "cache"))
+    recipe = load_recipe("r1-zero-tiny", ["model.overrides.hidden_size=64"])
+    trained = []
+
+    def fake_train(cfg_, model_section, seed, stage_dir, recipe=None):  # stands in for training: copy the finished base
+        trained.append(stage_dir)
+        pretrain._copy_outputs(out, stage_dir)
+
+    monkeypatch.setattr(pretrain, "train_base", fake_train)
+    first = run_pretrain(cfg, StageContext(tmp_path / "r1", tmp_path / "r1" / "pretrain", recipe, 0))
+    second = run_pretrain(cfg, StageContext(tmp_path / "r2", tmp_path / "r2" / "pretrain", recipe, 0))
+    assert len(trained) == 1 and first["base_key"] == second["base_key"]
+    assert second["valid_path"] == str(tmp_path / "r2" / "pretrain" / "valid.jsonl")
+    assert Path(second["valid_path"]).read_bytes() == (out / "valid.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"pretrain.tokenizer_path=.*nowhere: no such directory"):
+        run_pretrain(replace(cfg, tokenizer_path=str(tmp_path / "nowhere")),
+                     StageContext(tmp_path / "r3", tmp_path / "r3" / "pretrain", recipe, 0))

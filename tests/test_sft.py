@@ -64,9 +64,17 @@ def sft_run(task, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["v3", "qwen2"])
-def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(sft_run, family):
+def test_sft_lowers_heldout_loss_and_saves_a_loadable_model(task, sft_run, family):
     out, tmp_path = sft_run(family)
     assert out["val_loss_end"] < 0.6 * out["val_loss_start"], out
+    # the budget: 24 optimizer steps; trained tokens are the targets of the examples each step took, counted here
+    examples, _, _ = load_data(sft_config(task), context(tmp_path, task[family]), load_tokenizer(task[family]), 512)
+    order = EpochOrder(len(examples), 16, seed=0)
+    targets = sum(sum(examples[i].target_mask[1:]) for step in range(24) for i in order.step(step))
+    lengths = sum(len(examples[i].input_ids) for step in range(24) for i in order.step(step))
+    assert (out["optimizer_steps"], out["trained_tokens"], out["tokens"]) == (24, targets, lengths)
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert (summary["optimizer_steps"], summary["trained_tokens"], summary["tokens"]) == (24, targets, lengths)
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 25))
     assert {"lr", "grad_norm", "tokens_per_second"} <= set(rows[-1])
@@ -168,6 +176,8 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_weights(task, tmp_pat
     steps = [json.loads(line)["step"] for line in (killed / "sft" / "metrics.jsonl").read_text().splitlines()]
     trained = [s for s in steps if s > 0]
     assert trained == list(range(1, 13))  # each step logged once: the restart began after step 6, not at 0
+    done = [json.loads((d / "sft" / "DONE.json").read_text()) for d in (straight, killed)]
+    assert done[1]["trained_tokens"] == done[0]["trained_tokens"] > 0 and done[1]["optimizer_steps"] == 12  # kept over the resume
 
     a = load_weights(straight / "sft" / "model")
     b = load_weights(killed / "sft" / "model")

@@ -90,6 +90,37 @@ def test_the_shipped_bases_keep_their_keys(recipe, stage, key) -> None:
     assert base_key(pretrain, stage_model_section(pretrain, OmegaConf.to_container(cfg.model)), 0) == key
 
 
+def test_valid_size_and_tokenizer_path_enter_the_key_only_when_set(tmp_path) -> None:
+    """valid_size 0 and no tokenizer_path leave the R1-Zero base's key; a given tokenizer keys the base by its
+    content (a copy elsewhere gives the same key, another vocabulary another key), and vocab_size then not at all."""
+    from r1pipe.data.tokenizer import load_tokenizer
+    from tiny_models import make_tiny_v3
+
+    assert base_key(PretrainConfig(valid_size=0), {"preset": "tiny"}, 0) == "1b11c63b6c79160c"
+    assert base_key(PretrainConfig(valid_size=64), {"preset": "tiny"}, 0) != "1b11c63b6c79160c"
+    teacher = make_tiny_v3(tmp_path / "teacher", vocab_size=400)
+    load_tokenizer(teacher).save_pretrained(str(tmp_path / "copy"))
+    other = make_tiny_v3(tmp_path / "other", vocab_size=300)
+    keys = {path: base_key(PretrainConfig(tokenizer_path=str(path)), {"preset": "tiny"}, 0)
+            for path in (teacher, tmp_path / "copy", other)}
+    assert keys[teacher] == keys[tmp_path / "copy"] != keys[other] and "1b11c63b6c79160c" not in keys.values()
+    assert base_key(PretrainConfig(tokenizer_path=str(teacher), vocab_size=99), {"preset": "tiny"}, 0) == keys[teacher]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"tokenizer_path=.*empty: no tokenizer files"):
+        base_key(PretrainConfig(tokenizer_path=str(tmp_path / "empty")), {"preset": "tiny"}, 0)
+    with pytest.raises(ValueError, match="valid_size=-1"):
+        PretrainConfig(valid_size=-1)
+
+
+def test_a_pretrain_stage_takes_its_tokenizer_from_an_earlier_stage() -> None:
+    """`tokenizer_path: stage:teacher.model_path` is a reference like any other: checked at load, resolved at run."""
+    cfg = load_recipe("distill", ["v3_base.tokenizer_path=stage:teacher.model_path"])
+    pretrain = resolve_stage_refs(stage_config(cfg, "v3_base"), {"teacher": {"model_path": "/t/model"}}, "v3_base")
+    assert pretrain.tokenizer_path == "/t/model"
+    with pytest.raises(ConfigError, match=r"v3_base.tokenizer_path='stage:traces.model_path': stage 'traces' runs after"):
+        load_recipe("distill", ["v3_base.tokenizer_path=stage:traces.model_path"])
+
+
 def test_what_shapes_the_base_changes_its_key_and_what_does_not_leaves_it() -> None:
     default = base_key(PretrainConfig(), {"preset": "tiny"}, 0)
     for values in ({"optim.lr": 1e-3}, {"optim.schedule": "constant"}, {"optim.betas": [0.9, 0.99]}, {"steps": 10}):

@@ -19,6 +19,7 @@ All randomness comes from an explicit random.Random.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from r1pipe.data.templates import r1_zero_prompt
@@ -157,14 +158,16 @@ def problem_row(p: Problem, id_: str) -> dict:
     return {"id": id_, "prompt": r1_zero_prompt(p.question), "answer": str(p.answer), "problem": p.question, "kind": p.kind}
 
 
-def make_splits(
-    seed: int, kinds: tuple[str, ...] | list[str], max_digits: int, n_heldout: int, n_train: int
-) -> tuple[list[Problem], list[Problem]]:
-    """Held-out and RL-train problems: distinct questions, disjoint from each other."""
+def draw_splits(
+    seed: int, kinds: tuple[str, ...] | list[str], max_digits: int, sizes: Sequence[int]
+) -> list[list[Problem]]:
+    """One list of distinct problems per size, disjoint from each other, drawn in order from one stream
+    seeded by `seed`: a list's problems depend only on the sizes before and including its own, so a
+    list added at the end leaves the earlier ones as they were."""
     rng = random.Random(seed)
     seen: set[Problem] = set()
-    out: list[list[Problem]] = [[], []]
-    for split, n in enumerate((n_heldout, n_train)):
+    out: list[list[Problem]] = [[] for _ in sizes]
+    for split, n in enumerate(sizes):
         tries = 0
         while len(out[split]) < n:
             tries += 1
@@ -174,7 +177,15 @@ def make_splits(
             if p not in seen:
                 seen.add(p)
                 out[split].append(p)
-    return out[0], out[1]
+    return out
+
+
+def make_splits(
+    seed: int, kinds: tuple[str, ...] | list[str], max_digits: int, n_heldout: int, n_train: int
+) -> tuple[list[Problem], list[Problem]]:
+    """Held-out and RL-train problems: distinct questions, disjoint from each other (draw_splits)."""
+    heldout, train = draw_splits(seed, kinds, max_digits, (n_heldout, n_train))
+    return heldout, train
 
 
 def corpus_texts(

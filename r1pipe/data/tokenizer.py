@@ -8,6 +8,7 @@ load a checkpoint's tokenizer.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -81,3 +82,14 @@ def load_tokenizer(path: str | Path, key: str = "tokenizer") -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """16 hex digits of sha256 over what the tokenizer does, not where it lies: its `tokenizers` definition
+    (vocabulary, merges, normalizer, pre-tokenizer, added tokens) or, for one without that backend, its
+    vocabulary; and its bos / eos / pad tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")}
+    blob = json.dumps({"tokenizer": content, "special": special}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

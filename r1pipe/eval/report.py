@@ -1,6 +1,7 @@
 """Evaluation outputs: `report.json` (machine-readable), `report.md` (for people), the console table
 (rich), and `generations.jsonl` (every sample with its extracted answer and score; its `id` and
-`response` fields make it a valid `--responses` file, so a run can be re-scored later)."""
+`response` fields make it a valid `--responses` file, so a run can be re-scored later, and
+`problem_scores` reads its per-problem scores back for paired comparisons)."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,19 @@ def append_generations(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def problem_scores(path: Path, suite: str) -> dict[str, float]:
+    """Per problem of `suite` in a generations.jsonl, the mean score over its samples (the problem's share
+    of pass@1), by problem id in file order."""
+    scores: dict[str, list[float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("suite") == suite:
+                    scores.setdefault(str(row["id"]), []).append(float(row["score"]))
+    return {pid: sum(values) / len(values) for pid, values in scores.items()}
 
 
 def fmt(value: float | None) -> str:

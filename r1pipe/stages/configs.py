@@ -101,8 +101,12 @@ class PretrainConfig(StageConfig):
     guess_correct: float = 0.15  # share of bare guesses that are right
     train_size: int = 2000  # RL prompts written to train_path
     heldout_size: int = 256  # held-out problems written to heldout_path
+    valid_size: int = 0  # validation problems written to valid_path, disjoint from both and from the corpus; 0: none
     # tokenizer
-    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size
+    vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size (unused with tokenizer_path)
+    # a model or tokenizer directory whose tokenizer the base uses as is instead of training a BPE (e.g.
+    # `stage:teacher.model_path`: a student sharing its teacher's vocabulary, for sft.loss kl); vocab_size is then ignored
+    tokenizer_path: Optional[str] = None
     tokenizer_examples: int = 20000
     # training
     steps: int = 450
@@ -145,6 +149,8 @@ class PretrainConfig(StageConfig):
         for name in ("steps", "batch_size", "heldout_size", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.valid_size < 0:
+            raise ValueError(f"valid_size={self.valid_size}: must be >= 0")
         if self.eval_size > self.heldout_size:
             raise ValueError(f"eval_size={self.eval_size}: must be <= heldout_size={self.heldout_size}")
         if self.world not in WORLDS:
@@ -590,12 +596,29 @@ class CompareConfig(StageConfig):
     rows: dict[str, str] = field(default_factory=dict)  # label -> name of an earlier eval stage
     suite: str = "heldout"
     reference: Optional[str] = None  # a label: the others' difference to it in points
+    # an RL row's label -> an SFT row's label: checks the RL model trained with at least the SFT model's
+    # optimizer steps and tokens (sampled against trained), warning when it did not
+    budgets: dict[str, str] = field(default_factory=dict)
+    # pairs [a, b] of labels: a's pass@1 minus b's, paired over the problems both eval stages scored, with a
+    # 95% interval and the sign-test p-value (r1pipe.eval.stats)
+    margins: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.rows:
             raise ValueError("rows: name at least one eval stage (label: stage)")
+        labels = ", ".join(self.rows)
         if self.reference is not None and self.reference not in self.rows:
-            raise ValueError(f"reference={self.reference!r}: not a label of rows ({', '.join(self.rows)})")
+            raise ValueError(f"reference={self.reference!r}: not a label of rows ({labels})")
+        for rl, sft in self.budgets.items():
+            for label in (rl, sft):
+                if label not in self.rows:
+                    raise ValueError(f"budgets.{rl}={sft!r}: {label!r} is not a label of rows ({labels})")
+        for i, pair in enumerate(self.margins):
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"margins[{i}]={list(pair)}: a pair [a, b] of two different labels of rows")
+            for label in pair:
+                if label not in self.rows:
+                    raise ValueError(f"margins[{i}]={list(pair)}: {label!r} is not a label of rows ({labels})")
 
 
 # ---------------------------------------------------------------- keys that moved into sections

@@ -59,6 +59,11 @@ from r1pipe.workers.placement import ResourcePlan, reserve, role_resources
 from r1pipe.workers.weight_sync import check_probe
 
 PREFETCH_FILE = "prefetched_rollouts.pt"  # in a checkpoint of an asynchronous run
+# the training budget, counted over the run and kept in the checkpoints' trainer state (so a resumed run
+# reports the uninterrupted one's totals): optimizer steps taken (steps x algorithm.updates_per_step, less any
+# update left without rows: a step whose groups were all dropped), and every training completion the engines
+# sampled (groups dynamic sampling dropped included; held-out checks and sync probes not), with its tokens
+BUDGET_KEYS = ("optimizer_steps", "sampled_tokens", "sampled_sequences")
 
 
 def resource_plan(cfg: GRPOConfig) -> ResourcePlan:
@@ -208,6 +213,12 @@ class GRPOTrainer:
         self.step_number = 0  # the step running (1-based)
         self.pending: Prefetch | None = None  # the next step's rollouts, running while this step trains
         self.probe_due = False  # a sync's probe check waits for the engines to be idle (partial rollouts)
+        self.budget: dict[str, int | None] = dict.fromkeys(BUDGET_KEYS, 0)  # BUDGET_KEYS; None: not known
+
+    def count(self, key: str, n: int) -> None:
+        """Add n to the budget's `key` (one that is not known stays so)."""
+        if self.budget[key] is not None:
+            self.budget[key] += int(n)
 
     # ---- setup
 
@@ -383,8 +394,9 @@ class GRPOTrainer:
 
     def collect(self, stream: PromptStream, prefetched: Prefetch | None = None) -> RolloutBatch:
         """Sample and score groups until prompts_per_step groups are kept (dynamic sampling drops
-        groups whose rewards are all equal and refills up to max_refill_rounds times). `prefetched`: the
-        first round, sampled while the previous step trained (its wait counts as rollout time)."""
+        groups whose rewards are all equal and refills up to max_refill_rounds times), counting every
+        completion scored, dropped ones too, in the budget. `prefetched`: the first round, sampled while the
+        previous step trained (its wait counts as rollout time)."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         batch = RolloutBatch(problems=[], completions=[])
         for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
@@ -406,6 +418,8 @@ class GRPOTrainer:
                 if kept and len(batch.problems) < cfg.rollout.prompts_per_step:
                     batch.problems.append(problem)
                     batch.completions.extend(group)
+        self.count("sampled_tokens", batch.generated_tokens)
+        self.count("sampled_sequences", len(batch.all_rewards))
         return batch
 
     def score(self, problems: list[dict], groups: list[list[Completion]], batch: RolloutBatch) -> list[float]:
@@ -480,6 +494,7 @@ class GRPOTrainer:
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, 0.0), v) if k.endswith("_max") else sums.get(k, 0.0) + v
         self.timings["train"] = time.perf_counter() - ta
+        self.count("optimizer_steps", len(grad_norms))
         tokens = max(sums.get("tokens", 0.0), 1.0)
         out["logprob_mismatch/mean_abs"] = sums.get("mismatch_abs", 0.0) / tokens
         out["logprob_mismatch/max_abs"] = sums.get("mismatch_max", 0.0)
@@ -550,7 +565,7 @@ class GRPOTrainer:
         """Model, optimizer, RNG, data position and policy version (and the next step's prefetched rollouts),
         written atomically after a free-space check (DiskFullError); older ones pruned."""
         state.update(step=step, data_position=stream.position, version=self.version,
-                     wall_seconds=time.perf_counter() - t_start)
+                     wall_seconds=time.perf_counter() - t_start, budget=dict(self.budget))
 
         def write(staging: Path) -> None:
             self.policy.save_checkpoint(str(staging), self.base_model)
@@ -639,6 +654,8 @@ class GRPOTrainer:
         if resume is not None:
             rollout_model, state = str(resume[0]), resume[1]
             self.version = state.get("version", state["step"])
+            # a checkpoint that did not count the budget leaves it unknown, not counted from the resume on
+            self.budget = dict(state.get("budget") or dict.fromkeys(BUDGET_KEYS))
             if (resume[0] / PREFETCH_FILE).exists():  # the next step's rollouts, as the interrupted run had them
                 self.pending = Prefetch.load(resume[0] / PREFETCH_FILE)
             print(f"grpo: resuming after step {state['step']} from {resume[0]}")
@@ -695,6 +712,7 @@ class GRPOTrainer:
             "final_accuracy_by_domain": self.heldout_by_domain,
             "heldout_size": len(heldout_rows),
             "steps": cfg.steps,
+            **self.budget,
             "wall_seconds": time.perf_counter() - t_start,
             "reward_errors_sample": self.scorer.errors[:5],
             "data": self.data_reports,
@@ -714,6 +732,7 @@ class GRPOTrainer:
             "base_accuracy": summary["base_accuracy"],
             "final_accuracy": summary["final_accuracy"],
             "steps": summary["steps"],
+            **self.budget,
             "wall_seconds": round(summary["wall_seconds"], 1),
         }
 

@@ -1,12 +1,13 @@
 """Stage `pretrain`: the embedded tiny base model.
 
-Builds a BPE tokenizer and pre-trains a DeepSeek-V3 preset (normally `tiny`) from scratch on a
+Builds a BPE tokenizer (or takes a given one as is: `tokenizer_path`, e.g. a teacher's, so that a
+student shares its vocabulary) and pre-trains a DeepSeek-V3 preset (normally `tiny`) from scratch on a
 synthetic corpus of arithmetic problems in the R1-Zero format (r1pipe.data.synthetic), where
 completions that work the steps are rare and bare guesses are common. The result solves some but
 far from all held-out problems, which is what R1-Zero-style RL starts from.
 
-Outputs: model_path (Hugging Face layout + tokenizer), train_path and heldout_path (JSONL
-{"id", "prompt", "answer"}; held-out disjoint from train and from the corpus), and the base's
+Outputs: model_path (Hugging Face layout + tokenizer), train_path, heldout_path and, with valid_size > 0,
+valid_path (JSONL {"id", "prompt", "answer"}; pairwise disjoint, and none of them in the corpus), and the base's
 held-out accuracy (greedy and sampled at T=1). Training checkpoints every `checkpoint_every`
 steps and an interrupted run resumes from the last one; a finished base is cached under
 `cache_dir`, keyed by everything that shapes it, so later runs reuse it.
@@ -33,10 +34,11 @@ from r1pipe.causal_lm import DENSE_PRESETS, dense_config, load_model, save_model
 from r1pipe.data.rows import SFTExample
 from r1pipe.data.jsonl import write_jsonl
 from r1pipe.data.synthetic import (
-    CodeTask, code_row, cold_start_rows, corpus_texts, make_splits, math_row, problem_row, r1_corpus_texts,
+    CodeTask, Problem, code_row, cold_start_rows, corpus_texts, draw_splits, make_splits, math_row, problem_row,
+    r1_corpus_texts,
 )
-from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from r1pipe.errors import ConfigError
+from r1pipe.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_digest, train_tokenizer
+from r1pipe.errors import ConfigError, ModelError
 from r1pipe.model import ModelConfig, Precision, Transformer
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.base_eval import measure_accuracy
@@ -47,7 +49,8 @@ from r1pipe.tracking.checkpoints import atomic_write
 
 
 # what a finished base leaves in its stage folder (and in the cache), by output key
-OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "code_train_path": "code_train.jsonl",
+OUTPUT_FILES = {"train_path": "train.jsonl", "heldout_path": "heldout.jsonl", "valid_path": "valid.jsonl",
+                "code_train_path": "code_train.jsonl",
                 "code_heldout_path": "code_heldout.jsonl", "mixed_train_path": "mixed_train.jsonl",
                 "mixed_heldout_path": "mixed_heldout.jsonl", "sft_path": "cold_start.jsonl"}
 
@@ -73,12 +76,32 @@ def key_settings(cfg: PretrainConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
 
 
+def given_tokenizer(cfg: PretrainConfig, key: str = "tokenizer_path") -> Any:
+    """The tokenizer at cfg.tokenizer_path (None when unset); a ConfigError naming `key` when that path holds
+    no loadable tokenizer, or one without an end-of-sequence token (every corpus completion ends with it)."""
+    if not cfg.tokenizer_path:
+        return None
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer_path, key)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{key}={cfg.tokenizer_path}: the tokenizer has no end-of-sequence token")
+    return tokenizer
+
+
 def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
     """Everything that shapes the base (not where it is written, how it is checked, or how many workers train
-    it); `model_section` is stage_model_section's, so the stage's preset and model_overrides enter through it."""
-    shaping = {k: v for k, v in key_settings(cfg).items() if k not in ("cache_dir", "eval_size", "eval_max_tokens", "preset",
-                                                                       "model_overrides")
-               and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])}  # R1-Zero bases keep their key
+    it); `model_section` is stage_model_section's, so the stage's preset and model_overrides enter through it.
+    A given tokenizer enters by its content (tokenizer_digest), not its path, and vocab_size then not at all."""
+    unkeyed = {"cache_dir", "eval_size", "eval_max_tokens", "preset", "model_overrides", "tokenizer_path"}
+    if cfg.tokenizer_path:
+        unkeyed.add("vocab_size")
+    shaping = {k: v for k, v in key_settings(cfg).items() if k not in unkeyed
+               and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])  # R1-Zero bases keep their key
+               and not (k == "valid_size" and v == 0)}  # as do bases without validation problems
+    if cfg.tokenizer_path:
+        shaping["tokenizer"] = tokenizer_digest(given_tokenizer(cfg))
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
     model_section = {k: v for k, v in model_section.items() if not (k == "fp8_exclude" and not v)}
     # version 2 for dense bases: since then their corpus is tokenized by the trained tokenizer as is
@@ -114,6 +137,7 @@ def _outputs(stage_dir: Path, key: str) -> dict:
 
 def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
     model_section = stage_model_section(cfg, OmegaConf.to_container(ctx.recipe.model, resolve=True) if "model" in ctx.recipe else {})
+    given_tokenizer(cfg, f"{ctx.stage_dir.name}.tokenizer_path")  # a path without a tokenizer fails here, naming the key
     key = base_key(cfg, model_section, ctx.seed)
     stage_dir = ctx.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -142,28 +166,32 @@ def run_pretrain(cfg: PretrainConfig, ctx: StageContext) -> dict:
 
 
 def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: Path, recipe: Any = None) -> None:
-    """Write stage_dir/{train,heldout}.jsonl, stage_dir/model (weights + tokenizer), base_eval.json."""
+    """Write stage_dir/{train,heldout}.jsonl (and valid.jsonl with valid_size > 0), stage_dir/model (weights +
+    tokenizer), base_eval.json."""
     precision = Precision.from_section(model_section)  # model.dtype / fp8 / fp8_exclude; bad names fail here
     t0 = time.time()
 
-    # 1. problems: held-out and RL-train splits, then a corpus that avoids both
-    heldout, train_problems = make_splits(seed, cfg.problem_kinds, cfg.max_digits, cfg.heldout_size, cfg.train_size)
-    write_jsonl(stage_dir / "heldout.jsonl", (problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout)))
-    write_jsonl(stage_dir / "train.jsonl", (problem_row(p, f"train-{i}") for i, p in enumerate(train_problems)))
+    # 1. problems: held-out, RL-train and validation splits, then a corpus that avoids them all
+    heldout, train_problems, valid = write_splits(cfg, seed, stage_dir)
     n_corpus = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
     n_corpus = min(n_corpus, 200_000)
     if cfg.world == "r1":
-        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train_problems, n_corpus)
+        corpus = write_r1_world(cfg, seed, stage_dir, heldout, train_problems, valid, n_corpus)
     else:
-        corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction,
-                              cfg.guess_correct, exclude=set(heldout) | set(train_problems), tutor_fraction=cfg.tutor_fraction)
+        corpus = corpus_texts(n_corpus, seed + 1, cfg.problem_kinds, cfg.max_digits, cfg.worked_fraction, cfg.guess_correct,
+                              exclude=set(heldout) | set(train_problems) | set(valid), tutor_fraction=cfg.tutor_fraction)
 
-    # 2. tokenizer (deterministic given the corpus) and the initial model, saved together
+    # 2. tokenizer (the given one as is, else a BPE trained on the corpus: deterministic given it) and the
+    # initial model, saved together
     init_dir = stage_dir / "init"
     if not (init_dir / "config.json").exists():
+        given = given_tokenizer(cfg)
         with atomic_write(init_dir) as tmp:
-            tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
-            save_tokenizer(tok, tmp)
+            if given is not None:
+                given.save_pretrained(str(tmp))
+            else:
+                tok = train_tokenizer((p + c for p, c in corpus[: cfg.tokenizer_examples]), vocab_size=cfg.vocab_size)
+                save_tokenizer(tok, tmp)
             model = build_model(model_section, load_tokenizer(tmp), precision, seed)
             save_model(model, tmp)
     tokenizer = load_tokenizer(init_dir)  # as SFT, GRPO and eval will load it
@@ -214,6 +242,18 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     shutil.rmtree(init_dir, ignore_errors=True)
 
 
+def write_splits(cfg: PretrainConfig, seed: int, stage_dir: Path) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """(held-out, RL-train, validation) problems, drawn in that order from one seeded stream (draw_splits), so
+    validation problems leave the other two as without them; written as heldout.jsonl, train.jsonl and (when
+    there are any) valid.jsonl."""
+    heldout, train, valid = draw_splits(seed, cfg.problem_kinds, cfg.max_digits, (cfg.heldout_size, cfg.train_size, cfg.valid_size))
+    write_jsonl(stage_dir / OUTPUT_FILES["heldout_path"], (problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout)))
+    write_jsonl(stage_dir / OUTPUT_FILES["train_path"], (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
+    if valid:
+        write_jsonl(stage_dir / OUTPUT_FILES["valid_path"], (problem_row(p, f"valid-{i}") for i, p in enumerate(valid)))
+    return heldout, train, valid
+
+
 def build_model(model_section: dict, tokenizer: Any, precision: Any, seed: int) -> nn.Module:
     """A freshly initialised fp32 model of the section's preset, sized to the tokenizer: r1pipe's
     DeepSeek-V3 for a V3 preset, a transformers model for a dense preset (DENSE_PRESETS)."""
@@ -243,10 +283,11 @@ def interleave(a: list, b: list) -> list:
     return [(a, b)[which][i] for _, which, i in keyed]
 
 
-def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, n_corpus: int) -> list[tuple[str, str]]:
+def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: list, train: list, valid: list,
+                   n_corpus: int) -> list[tuple[str, str]]:
     """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
-    corpus, which avoids every held-out, RL and cold-start problem."""
-    exclude = set(heldout) | set(train)
+    corpus, which avoids every held-out, RL, validation and cold-start problem."""
+    exclude = set(heldout) | set(train) | set(valid)
     code_heldout, code_train = make_splits(seed + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
                                            cfg.code_train_size) if cfg.code_fraction > 0 else ([], [])
     exclude |= set(code_heldout) | set(code_train)

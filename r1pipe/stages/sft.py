@@ -15,8 +15,9 @@ fp32 master weights and optimizer state; `model.fp8` (r1pipe V3 only) computes t
 block-scaled FP8 (`model.fp8_exclude` leaves modules out).
 
 Outputs: model_path (final weights + tokenizer, Hugging Face layout: loads in r1pipe for V3 and in
-transformers for dense models), metrics (loss, validation loss, learning rate, grad norm, tokens/s) in
-metrics.jsonl + TensorBoard + PNG plots.
+transformers for dense models), the training budget (optimizer_steps; trained_tokens: the target tokens the
+loss covered, summed over the steps; tokens: all their non-padding tokens; also in summary.json), metrics
+(loss, validation loss, learning rate, grad norm, tokens/s) in metrics.jsonl + TensorBoard + PNG plots.
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def finish(run: SupervisedRun, final: Path, state: dict, base: Path, data_report
         "base_model": str(base), "family": model_type_of(base), "steps": total_steps, "workers": run.resources.trainer.workers,
         "train_loss": state.get("train_loss"), "val_loss_start": state.get("val_loss_start"),
         "val_loss_end": state.get("val_loss_end"), "tokens": state.get("tokens"),
+        "optimizer_steps": state["step"], "trained_tokens": state.get("trained_tokens"),
         "wall_seconds": round(state.get("wall_seconds", 0.0), 1), "data": data_report,
     }
     (run.stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -154,4 +156,5 @@ def finish(run: SupervisedRun, final: Path, state: dict, base: Path, data_report
         "val_loss_start": summary["val_loss_start"],
         "val_loss_end": summary["val_loss_end"],
         "steps": total_steps,
+        **{key: summary[key] for key in ("optimizer_steps", "trained_tokens", "tokens")},
     }

@@ -115,7 +115,9 @@ def save(group: PolicyGroup, run: SupervisedRun, step: int, state: dict, need_by
 
 def train(run: SupervisedRun, on_step: Callable[[int, dict], None] | None = None) -> tuple[Path, dict]:
     """Train `run` to its last step (resuming from its newest checkpoint) and return that checkpoint and its
-    trainer state (step, tokens, wall_seconds, val_loss_start, val_loss_end, train_loss)."""
+    trainer state (step, tokens, trained_tokens, wall_seconds, val_loss_start, val_loss_end, train_loss).
+    `tokens` counts every non-padding token of the steps' sequences, `trained_tokens` their targets (the
+    tokens the loss trains on); None when resumed from a checkpoint that did not count them."""
     order = EpochOrder(len(run.examples), run.batch_size, run.seed)
     total = run.schedule.total_steps
     resume = latest_checkpoint(run.ckpt_root)
@@ -123,10 +125,10 @@ def train(run: SupervisedRun, on_step: Callable[[int, dict], None] | None = None
         return resume
     group, placement = start_group(run)
     try:
-        state: dict[str, Any] = {"step": 0, "tokens": 0, "wall_seconds": 0.0, "val_loss_start": None}
+        state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "wall_seconds": 0.0, "val_loss_start": None}
         if resume is not None:
             group.load_checkpoint(str(resume[0]))
-            state = resume[1]
+            state = {"trained_tokens": None, **resume[1]}
             print(f"{run.name}: resuming after step {state['step']} from {resume[0]}")
         # a run that cannot write its checkpoints stops before it trains, not at a later save
         need = group.checkpoint_bytes()
@@ -147,6 +149,8 @@ def train(run: SupervisedRun, on_step: Callable[[int, dict], None] | None = None
                 metrics = group.supervised_step(batch_of([run.examples[i] for i in order.step(step)], run.pad_id), lr)
                 step += 1
                 state["tokens"] += int(metrics["tokens"])
+                if state["trained_tokens"] is not None:
+                    state["trained_tokens"] += int(metrics["targets"])
                 metrics.update(lr=lr, epoch=step / order.steps_per_epoch,
                                tokens_per_second=metrics["tokens"] / max(time.perf_counter() - t0, 1e-9))
                 if run.heldout and (step == total or (run.eval_every and step % run.eval_every == 0)):

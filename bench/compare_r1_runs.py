@@ -25,9 +25,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from r1pipe.eval.stats import paired_difference, wilson_interval
+from r1pipe.eval.stats import paired_comparison, wilson_interval
 
-FIGURES = ("format_compliance", "summary_share", "language_consistency", "mixed_script_share", "mean_length")
+FIGURES = {"format_compliance": "format", "summary_share": "closing summary", "language_consistency": "language consistency",
+           "mixed_script_share": "mixed scripts", "mean_length": "mean length (tokens)"}
 
 
 class Run:
@@ -49,12 +50,11 @@ class Run:
 
 
 def paired_by_domain(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
-    """Per domain, over the problems both answered: `paired_difference` of solved(a) - solved(b)."""
+    """Per domain, over the problems both answered: `paired_comparison` of solved(a) against solved(b)."""
     common = sorted(a.keys() & b.keys())
     domains = sorted({a[r]["domain"] for r in common})
-    return {d: paired_difference([float(a[r]["solved"]) for r in common if a[r]["domain"] == d],
-                                 [float(b[r]["solved"]) for r in common if a[r]["domain"] == d]).to_dict()
-            for d in domains}
+    return {d: paired_comparison([float(a[r]["solved"]) for r in common if a[r]["domain"] == d],
+                                 [float(b[r]["solved"]) for r in common if a[r]["domain"] == d]) for d in domains}
 
 
 def pooled(pairs: list[tuple[dict[str, dict], dict[str, dict]]]) -> dict[str, dict]:
@@ -80,7 +80,7 @@ def paired_cell(p: dict) -> str:
 
 
 def stage_table(runs: dict[str, Run], domains: list[str]) -> str:
-    head = ["run", "seed", "stage", *[f"{d} accuracy [95%]" for d in domains], *FIGURES]
+    head = ["run", "seed", "stage", *[f"{d} accuracy [95%]" for d in domains], *FIGURES.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, run in runs.items():
         for stage, row in run.card.items():

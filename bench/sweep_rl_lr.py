@@ -1,7 +1,8 @@
 """The learning rate of an RL stage, chosen on the validation split: one run of the stage per rate.
 
-Each run is `r1pipe run RECIPE "stages=[BASE,STAGE]" STAGE.optim.lr=LR` in its own process (its own Ray
-instance), from the same cached base, with the stage's own settings otherwise. The stage's held-out
+Each run is `r1pipe run RECIPE "stages=[...,BASE,STAGE]" STAGE.optim.lr=LR` (the stage and the stages it
+names through `stage:` references) in its own process (its own Ray instance), from the same cached base,
+with the stage's own settings otherwise. The stage's held-out
 check must read the base's validation split (`STAGE.data.heldout_path: stage:BASE.valid_path`, as the
 distill recipe's RL-alone stages do), never its test split: the sweep refuses otherwise. Prints the
 whole sweep (validation accuracy with its Wilson 95% interval, the base's, seconds) and the best rate,
@@ -20,9 +21,32 @@ import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from r1pipe.config import load_recipe
 from r1pipe.eval.stats import wilson_interval
+
+
+def references(section: object) -> set[str]:
+    """The stages a recipe section names in its `stage:NAME.key` values."""
+    if isinstance(section, dict):
+        return set().union(*map(references, section.values())) if section else set()
+    if isinstance(section, list):
+        return set().union(*map(references, section)) if section else set()
+    return {section.removeprefix("stage:").split(".")[0]} if isinstance(section, str) and section.startswith("stage:") else set()
+
+
+def stages_for(recipe: str, stage: str, overrides: list[str]) -> list[str]:
+    """The stage and every stage it needs (through stage: references), in the recipe's order."""
+    cfg = load_recipe(recipe, overrides)
+    containers = {name: OmegaConf.to_container(cfg[name]) for name in cfg.stages}
+    needed, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(references(containers[name]))
+    return [name for name in cfg.stages if name in needed]
 
 
 def base_of(recipe: str, stage: str, overrides: list[str]) -> str:
@@ -39,9 +63,9 @@ def base_of(recipe: str, stage: str, overrides: list[str]) -> str:
     return base
 
 
-def run(recipe: str, base: str, stage: str, lr: float, overrides: list[str], out: Path) -> dict:
+def run(recipe: str, stages: list[str], stage: str, lr: float, overrides: list[str], out: Path) -> dict:
     run_dir = out / f"{stage}-lr{lr:g}"
-    cmd = [sys.executable, "-m", "r1pipe.cli", "run", recipe, f"stages=[{base},{stage}]", f"{stage}.optim.lr={lr}",
+    cmd = [sys.executable, "-m", "r1pipe.cli", "run", recipe, f"stages=[{','.join(stages)}]", f"{stage}.optim.lr={lr}",
            *overrides, "--run-dir", str(run_dir)]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -80,9 +104,10 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="default: OUT/<stage>_lr.png")
     args = ap.parse_args()
     base = base_of(args.recipe, args.stage, args.overrides)
+    stages = stages_for(args.recipe, args.stage, args.overrides)
     results = []
     for lr in args.lrs:
-        results.append(run(args.recipe, base, args.stage, lr, args.overrides, args.out))
+        results.append(run(args.recipe, stages, args.stage, lr, args.overrides, args.out))
         r = results[-1]
         print(f"{args.stage} lr={lr:g}: validation {r['validation_accuracy']:.1%} (base {r['base_accuracy']:.1%}), {r['wall_s']:.0f}s",
               flush=True)

@@ -219,10 +219,14 @@ def test_budgets_and_margins_of_the_comparison(tmp_path: Path, capsys) -> None:
 def test_distill_runs_the_tiny_recipe_without_a_model() -> None:
     cfg = load_recipe("distill")
     assert cfg.run.name == "distill" and "compare" in cfg.stages and cfg.v3_base.preset == "tiny"
-    # RL alone trains on at least as many sequences as distillation (each sampled, then trained on)
+    # RL alone takes at least the optimizer steps of distillation and samples at least as many sequences as it
+    # trains on (the compare stage checks steps and tokens as counted; tests/test_distill_recipe.py runs it)
     for rl, sft in ((cfg.rl_v3, cfg.distill_v3), (cfg.rl_qwen, cfg.distill_qwen)):
         assert rl.model_path == sft.model_path  # from the same base
+        assert rl.steps * rl.algorithm.updates_per_step >= sft.steps
         assert rl.steps * rl.rollout.prompts_per_step * rl.rollout.group_size >= sft.steps * sft.batch_size
+        assert rl.data.heldout_path.endswith(".valid_path")  # RL's own check never reads the test split
+    assert cfg.distill_v3_kl.loss == "kl" and cfg.v3_base.tokenizer_path == cfg.distill_v3_kl.teacher_path
     real = load_recipe("distill", ["model.path=/ckpt/DeepSeek-R1"])
     assert real.teacher.model_path == "/ckpt/DeepSeek-R1" and "distill_qwen" in real.stages
     with pytest.raises(ConfigError, match="v3_base.preset=.gpt9."):

@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 from r1pipe.config import ConfigError, load_recipe, make_config, stage_config
 from r1pipe.run import resolve_stage_refs
 from r1pipe.stages.configs import GRPOConfig, PretrainConfig
-from r1pipe.stages.pretrain import base_key, stage_model_section
+from r1pipe.data.tokenizer import load_tokenizer
+from r1pipe.stages.pretrain import base_key, stage_model_section, write_splits
+from tiny_models import make_tiny_v3
 
 
 @dataclass
@@ -77,7 +79,7 @@ def test_r1_world_options_keep_the_r1_zero_base_key() -> None:
 
 @pytest.mark.parametrize("recipe, stage, key", [
     ("r1-zero", "pretrain", "b4311a9b6c087adf"),
-    ("r1", "pretrain", "8c9488967992d198"),
+    ("r1", "pretrain", "113331ce716fd337"),  # 1024 math + 256 code held-out
     ("r1-zero-tiny", "pretrain", "e8f35aacdb910f8d"),
     ("distill", "v3_base", "9319dcd499f9f5f1"),
     ("distill", "qwen_base", "78d95a73be4f7e93"),
@@ -93,9 +95,6 @@ def test_the_shipped_bases_keep_their_keys(recipe, stage, key) -> None:
 def test_valid_size_and_tokenizer_path_enter_the_key_only_when_set(tmp_path) -> None:
     """valid_size 0 and no tokenizer_path leave the R1-Zero base's key; a given tokenizer keys the base by its
     content (a copy elsewhere gives the same key, another vocabulary another key), and vocab_size then not at all."""
-    from r1pipe.data.tokenizer import load_tokenizer
-    from tiny_models import make_tiny_v3
-
     assert base_key(PretrainConfig(valid_size=0), {"preset": "tiny"}, 0) == "1b11c63b6c79160c"
     assert base_key(PretrainConfig(valid_size=64), {"preset": "tiny"}, 0) != "1b11c63b6c79160c"
     teacher = make_tiny_v3(tmp_path / "teacher", vocab_size=400)
@@ -110,6 +109,23 @@ def test_valid_size_and_tokenizer_path_enter_the_key_only_when_set(tmp_path) -> 
         base_key(PretrainConfig(tokenizer_path=str(tmp_path / "empty")), {"preset": "tiny"}, 0)
     with pytest.raises(ValueError, match="valid_size=-1"):
         PretrainConfig(valid_size=-1)
+
+
+def test_split_seed_fixes_the_problems_across_run_seeds(tmp_path) -> None:
+    """split_seed unset keeps the key and draws the splits from run.seed; set, run seeds 0 and 1 write the same
+    held-out, train and validation files (the corpus and the model still follow run.seed: the key differs)."""
+    assert base_key(PretrainConfig(split_seed=None), {"preset": "tiny"}, 0) == "1b11c63b6c79160c"
+    fixed = PretrainConfig(split_seed=0, heldout_size=16, train_size=32, valid_size=8, eval_size=16)
+    assert base_key(fixed, {"preset": "tiny"}, 0) != base_key(fixed, {"preset": "tiny"}, 1)
+    for seed in (0, 1):
+        (tmp_path / f"fixed{seed}").mkdir()
+        write_splits(fixed, seed, tmp_path / f"fixed{seed}")
+        (tmp_path / f"own{seed}").mkdir()
+        write_splits(PretrainConfig(heldout_size=16, train_size=32, valid_size=8, eval_size=16), seed, tmp_path / f"own{seed}")
+    for name in ("heldout.jsonl", "train.jsonl", "valid.jsonl"):
+        assert (tmp_path / "fixed0" / name).read_text() == (tmp_path / "fixed1" / name).read_text()
+        assert (tmp_path / "fixed0" / name).read_text() == (tmp_path / "own0" / name).read_text()
+        assert (tmp_path / "own0" / name).read_text() != (tmp_path / "own1" / name).read_text()
 
 
 def test_a_pretrain_stage_takes_its_tokenizer_from_an_earlier_stage() -> None:

@@ -8,6 +8,7 @@
   the differences (n - 1 in its denominator).
 - sign_test: the exact two-sided p-value of a split of discordant problems (solved by one model only)
   under a fair coin; on 0/1 scores this is McNemar's exact test.
+- paired_comparison: both of the above for two models' per-problem scores, as one JSON-ready dict.
 
 Z95 is the two-sided 95% normal quantile as reported (1.96).
 """
@@ -72,3 +73,13 @@ def sign_test(wins: int, losses: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], z: float = Z95) -> dict[str, float | int | None]:
+    """Two models' scores on the same problems: n, the mean difference a - b with its paired interval (low and
+    high None when n < 2), the problems a scored higher on (a_only) and b did (b_only), and their sign-test p-value."""
+    diff = paired_difference(a, b, z)
+    a_only, b_only = sum(p > q for p, q in zip(a, b)), sum(q > p for p, q in zip(a, b))
+    return {"n": diff.n, "difference": diff.difference, "low": None if math.isnan(diff.low) else diff.low,
+            "high": None if math.isnan(diff.high) else diff.high, "a_only": a_only, "b_only": b_only,
+            "p_value": sign_test(a_only, b_only)}

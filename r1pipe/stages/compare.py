@@ -13,7 +13,6 @@ interval and the sign-test p-value (r1pipe.eval.stats). Writes comparison.json (
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Optional
 
 from r1pipe.errors import ConfigError, DataError
 from r1pipe.eval.report import problem_scores
-from r1pipe.eval.stats import paired_difference, sign_test, wilson_interval
+from r1pipe.eval.stats import paired_comparison, wilson_interval
 from r1pipe.stages.base import StageContext
 from r1pipe.stages.configs import CompareConfig
 
@@ -93,12 +92,7 @@ def margin(cfg: CompareConfig, outputs: dict[str, dict], a: str, b: str) -> dict
     ids = [pid for pid in scores[0] if pid in scores[1]]
     if not ids:
         raise DataError(f"compare.margins [{a}, {b}]: no problem of suite {cfg.suite!r} was scored by both")
-    x, y = [scores[0][i] for i in ids], [scores[1][i] for i in ids]
-    diff = paired_difference(x, y)
-    a_only, b_only = sum(p > q for p, q in zip(x, y)), sum(q > p for p, q in zip(x, y))
-    return {"a": a, "b": b, "n": diff.n, "difference": diff.difference,
-            "low": None if math.isnan(diff.low) else diff.low, "high": None if math.isnan(diff.high) else diff.high,
-            "a_only": a_only, "b_only": b_only, "p_value": sign_test(a_only, b_only)}
+    return {"a": a, "b": b, **paired_comparison([scores[0][i] for i in ids], [scores[1][i] for i in ids])}
 
 
 def _count(value: Optional[int]) -> str:

@@ -102,6 +102,9 @@ class PretrainConfig(StageConfig):
     train_size: int = 2000  # RL prompts written to train_path
     heldout_size: int = 256  # held-out problems written to heldout_path
     valid_size: int = 0  # validation problems written to valid_path, disjoint from both and from the corpus; 0: none
+    # the seed the problem splits are drawn with (None: run.seed); fixed, every run seed shares one set of held-out,
+    # train and validation problems while the corpus and the model still follow run.seed (e.g. students of a teacher)
+    split_seed: Optional[int] = None
     # tokenizer
     vocab_size: int = 1024  # BPE target; the model's vocab_size is the trained tokenizer's size (unused with tokenizer_path)
     # a model or tokenizer directory whose tokenizer the base uses as is instead of training a BPE (e.g.

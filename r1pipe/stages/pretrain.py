@@ -99,7 +99,8 @@ def base_key(cfg: PretrainConfig, model_section: dict, seed: int) -> str:
         unkeyed.add("vocab_size")
     shaping = {k: v for k, v in key_settings(cfg).items() if k not in unkeyed
                and not (k in R1_WORLD_DEFAULTS and v == R1_WORLD_DEFAULTS[k])  # R1-Zero bases keep their key
-               and not (k == "valid_size" and v == 0)}  # as do bases without validation problems
+               and not (k == "valid_size" and v == 0)  # as do bases without validation problems
+               and not (k == "split_seed" and v is None)}  # and bases whose splits follow run.seed
     if cfg.tokenizer_path:
         shaping["tokenizer"] = tokenizer_digest(given_tokenizer(cfg))
     # an empty fp8_exclude leaves the key as before the field existed, so cached bases stay valid
@@ -242,10 +243,16 @@ def train_base(cfg: PretrainConfig, model_section: dict, seed: int, stage_dir: P
     shutil.rmtree(init_dir, ignore_errors=True)
 
 
+def split_seed(cfg: PretrainConfig, seed: int) -> int:
+    """The seed of the problem splits: cfg.split_seed when set, else the run's."""
+    return seed if cfg.split_seed is None else cfg.split_seed
+
+
 def write_splits(cfg: PretrainConfig, seed: int, stage_dir: Path) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """(held-out, RL-train, validation) problems, drawn in that order from one seeded stream (draw_splits), so
     validation problems leave the other two as without them; written as heldout.jsonl, train.jsonl and (when
-    there are any) valid.jsonl."""
+    there are any) valid.jsonl. `seed` is the run's; cfg.split_seed, when set, replaces it here."""
+    seed = split_seed(cfg, seed)
     heldout, train, valid = draw_splits(seed, cfg.problem_kinds, cfg.max_digits, (cfg.heldout_size, cfg.train_size, cfg.valid_size))
     write_jsonl(stage_dir / OUTPUT_FILES["heldout_path"], (problem_row(p, f"heldout-{i}") for i, p in enumerate(heldout)))
     write_jsonl(stage_dir / OUTPUT_FILES["train_path"], (problem_row(p, f"train-{i}") for i, p in enumerate(train)))
@@ -288,7 +295,7 @@ def write_r1_world(cfg: PretrainConfig, seed: int, stage_dir: Path, heldout: lis
     """The R1 world's extra files (code tasks, mixed-domain splits, the cold-start set) and its
     corpus, which avoids every held-out, RL, validation and cold-start problem."""
     exclude = set(heldout) | set(train) | set(valid)
-    code_heldout, code_train = make_splits(seed + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
+    code_heldout, code_train = make_splits(split_seed(cfg, seed) + 2, cfg.problem_kinds, cfg.max_digits, cfg.code_heldout_size,
                                            cfg.code_train_size) if cfg.code_fraction > 0 else ([], [])
     exclude |= set(code_heldout) | set(code_train)
     math_heldout_rows = [math_row(p, f"heldout-{i}") for i, p in enumerate(heldout)]

@@ -5,8 +5,9 @@ names through `stage:` references) in its own process (its own Ray instance), fr
 with the stage's own settings otherwise. The stage's held-out
 check must read the base's validation split (`STAGE.data.heldout_path: stage:BASE.valid_path`, as the
 distill recipe's RL-alone stages do), never its test split: the sweep refuses otherwise. Prints the
-whole sweep (validation accuracy with its Wilson 95% interval, the base's, seconds) and the best rate,
-plots validation accuracy against the rate; the last line is JSON.
+whole sweep (validation accuracy with its Wilson 95% interval, the base's, the stage's seconds) and the best rate,
+plots validation accuracy against the rate; the last line is JSON. A rate whose run directory has finished
+is read back, not rerun, so a sweep can be widened by naming more rates.
 
     python bench/sweep_rl_lr.py --stage rl_v3 --lrs 3e-5 1e-4 3e-4 1e-3
     python bench/sweep_rl_lr.py --stage rl_qwen --lrs 3e-5 1e-4 3e-4 1e-3 run.seed=0
@@ -17,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -67,13 +67,12 @@ def run(recipe: str, stages: list[str], stage: str, lr: float, overrides: list[s
     run_dir = out / f"{stage}-lr{lr:g}"
     cmd = [sys.executable, "-m", "r1pipe.cli", "run", recipe, f"stages=[{','.join(stages)}]", f"{stage}.optim.lr={lr}",
            *overrides, "--run-dir", str(run_dir)]
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # a finished run directory is reused as is
     summary = json.loads((run_dir / stage / "summary.json").read_text())
     n, acc = summary["heldout_size"], summary["final_accuracy"]
     low, high = wilson_interval(round(acc * n), n)
     return {"lr": lr, "validation_accuracy": acc, "low": low, "high": high, "n": n, "base_accuracy": summary["base_accuracy"],
-            "steps": summary["steps"], "wall_s": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)}
+            "steps": summary["steps"], "wall_s": round(summary["wall_seconds"], 1), "run_dir": str(run_dir)}
 
 
 def plot(results: list[dict], stage: str, path: Path) -> None:

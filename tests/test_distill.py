@@ -141,6 +141,20 @@ def test_eval_stage_scores_the_named_model(tmp_path: Path) -> None:
     assert out["model_path"] == str(a) and out["suites"]["s"]["n_problems"] == 1
 
 
+def test_eval_heldout_reads_its_heldout_path_over_the_newest_output(tmp_path: Path) -> None:
+    """`heldout` is heldout_path when set (the test split), not the newest output, e.g. a grpo stage's validation set."""
+    model = make_tiny_v3(tmp_path / "m")
+    test, valid = tmp_path / "heldout.jsonl", tmp_path / "valid.jsonl"
+    write_jsonl(test, [{"id": f"heldout-{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    write_jsonl(valid, [{"id": "valid-0", "problem": "What is 9 + 9?", "answer": "18"}])
+    spec = get_stage("eval")
+    outputs = {"base": {"heldout_path": str(test)}, "rl": {"model_path": str(model), "heldout_path": str(valid)}}
+    for heldout_path, n in ((None, 1), (str(test), 3)):
+        ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / f"e{n}", recipe=OmegaConf.create({}), seed=0, outputs=outputs)
+        out = spec.fn(spec.config_cls(model_path=str(model), heldout_path=heldout_path, max_tokens=4), ctx)
+        assert out["suites"]["heldout"]["n_problems"] == n
+
+
 def comparison_outputs(root: Path | None = None) -> dict[str, dict]:
     """A run's outputs as the compare stage sees them: a teacher, an SFT and a GRPO stage with their budgets, and
     an eval stage of each model (report_path under `root` when given)."""

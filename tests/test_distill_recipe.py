@@ -59,5 +59,9 @@ def test_distill_recipe_compares_students_at_equal_budgets(tmp_path: Path) -> No
     for (a, b), m in margins.items():
         assert m["n"] == 24 and m["low"] <= m["difference"] <= m["high"]
         assert m["difference"] == pytest.approx(rows[a]["pass@1"] - rows[b]["pass@1"])
+    # every eval read the test split (the bases' heldout.jsonl), not the validation set the RL stages checked on
+    for stage in {row["eval_stage"] for row in rows.values()}:
+        ids = {json.loads(line)["id"] for line in (run / stage / "generations.jsonl").read_text().splitlines()}
+        assert len(ids) == 24 and all(i.startswith("heldout-") for i in ids), stage
     markdown = (run / "compare" / "comparison.md").read_text()
     assert "v3-small distilled (logit KL)" in markdown and "95%" in markdown

@@ -551,6 +551,9 @@ class ScorecardConfig(StageConfig):
 class EvalConfig(StageConfig):
     kind: str = "eval"
     suites: list[str] = field(default_factory=lambda: ["heldout"])
+    # the file the `heldout` suite reads (e.g. stage:pretrain.heldout_path); default: the newest earlier stage output
+    # heldout_path, which after a grpo stage is the set that stage checked itself on
+    heldout_path: Optional[str] = None
     model_path: Optional[str] = None  # default: the newest earlier stage's model, else model.path
     k: int = 1  # samples per problem (pass@1 is averaged over them)
     greedy: bool = True

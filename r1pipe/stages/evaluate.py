@@ -4,8 +4,8 @@ same suites in one recipe.
 
 Suites are shipped names (gsm8k, math500, ... and the groups math / code / all), any data-layer
 source of math problems (a JSONL / Parquet / CSV file, a save_to_disk directory or a hub
-`name:split`; fields auto-detected), or `heldout`: the held-out problems an earlier stage wrote
-(its "heldout_path").
+`name:split`; fields auto-detected), or `heldout`: the held-out problems of `heldout_path`, by default
+the newest earlier stage output "heldout_path".
 Generates with `workers` rollout workers of `backend` (r1pipe.workers.generation) in the run's Ray cluster.
 Writes report.json / report.md / generations.jsonl in the stage folder.
 """
@@ -26,9 +26,9 @@ def resolve_suite_list(cfg: EvalConfig, ctx: StageContext) -> list:
     suites: list = []
     for name in cfg.suites:
         if name == "heldout":
-            path = ctx.output("heldout_path")
+            path = cfg.heldout_path or ctx.output("heldout_path")
             if path is None:
-                raise ConfigError("eval suite 'heldout': no earlier stage of this run wrote a heldout_path")
+                raise ConfigError("eval suite 'heldout': set heldout_path, or run a stage that writes one before")
             # rows carry the bare question in "problem" and the template is applied by eval
             suites.append(load_suite_file(path, name="heldout", prompt_field="problem"))
         elif name in REGISTRY or name in GROUPS:

@@ -1,5 +1,6 @@
-"""bench/compare_r1_runs.py on hand-made run directories: the paired figures come from the runs' answer
-files (checked by hand), seeds pair by run.seed, and the PNG is drawn."""
+"""bench/compare_r1_runs.py and bench/compare_distill_runs.py on hand-made run directories: the paired figures
+come from the runs' answer files (checked by hand), seeds pair by run.seed, each distill run's comparison is read
+as written, and the PNGs are drawn."""
 from __future__ import annotations
 
 import json
@@ -65,3 +66,32 @@ def test_runs_pair_only_by_equal_seeds(tmp_path: Path) -> None:
     zero = fake_run(tmp_path / "zero", 1, {"zero_rl": {"math": [1]}})
     done = compare("--r1", r1, "--r1-zero", zero, "--png", tmp_path / "x.png")
     assert done.returncode != 0 and "run.seed=0" in done.stderr and "run.seed=1" in done.stderr
+
+
+DISTILL = Path(__file__).resolve().parents[1] / "bench" / "compare_distill_runs.py"
+
+
+def fake_distill(path: Path, seed: int, sft: float, rl: float, rl_tokens: int) -> Path:
+    """A finished distill run's compare/comparison.json: two rows, one margin, one budget check."""
+    (path / "compare").mkdir(parents=True)
+    (path / "config.yaml").write_text(f"run:\n  seed: {seed}\n")
+    rows = {"distilled": {"pass@1": sft, "pass@1_interval": [sft - 0.05, sft + 0.05]},
+            "rl": {"pass@1": rl, "pass@1_interval": [rl - 0.05, rl + 0.05]}}
+    margin = {"a": "distilled", "b": "rl", "n": 100, "difference": sft - rl, "low": sft - rl - 0.1, "high": sft - rl + 0.1,
+              "a_only": 10, "b_only": 2, "p_value": 0.04}
+    budget = {"rl": "rl", "sft": "distilled", "rl_optimizer_steps": 300, "sft_optimizer_steps": 300,
+              "rl_tokens": rl_tokens, "sft_tokens": 1000, "holds": rl_tokens >= 1000}
+    (path / "compare" / "comparison.json").write_text(json.dumps({"rows": rows, "margins": [margin], "budgets": [budget]}))
+    return path
+
+
+def test_distill_seeds_table_comes_from_the_comparisons(tmp_path: Path) -> None:
+    runs = [fake_distill(tmp_path / "s0", 0, 0.80, 0.40, 1500), fake_distill(tmp_path / "s1", 1, 0.90, 0.30, 900)]
+    done = subprocess.run([sys.executable, str(DISTILL), *map(str, runs), "--png", str(tmp_path / "d.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["seeds"] == [0, 1] and result["mean_pass@1"] == pytest.approx({"distilled": 0.85, "rl": 0.35})
+    assert "| distilled - rl | +40.0 [+30.0, +50.0], p = 0.04 | +60.0 [+50.0, +70.0], p = 0.04 | **+50.0** |" in done.stdout
+    assert "tokens 1,500 vs 1,000 (holds)" in done.stdout and "tokens 900 vs 1,000 (DOES NOT HOLD)" in done.stdout
+    assert (tmp_path / "d.png").stat().st_size > 0

@@ -145,21 +145,30 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, workers
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_stage_reuses_a_cached_base(straight_run, tmp_path, monkeypatch):
+def run_twice_with_cache(cfg, finished: Path, tmp_path, monkeypatch):
+    """Two runs of the stage with one cache, training faked by copying the `finished` base: (first outputs,
+    second outputs, the stage folders trained, the recipe)."""
     import r1pipe.stages.pretrain as pretrain
     from r1pipe.stages import StageContext
 
     recipe = load_recipe("r1-zero-tiny", ["model.overrides.hidden_size=64"])
-    cfg = replace(small_cfg(), cache_dir=str(tmp_path / "cache"))
     trained = []
 
     def fake_train(cfg_, model_section, seed, stage_dir, recipe=None):  # stands in for training: copy a finished base
         trained.append(stage_dir)
-        pretrain._copy_outputs(straight_run, stage_dir)
+        pretrain._copy_outputs(finished, stage_dir)
 
     monkeypatch.setattr(pretrain, "train_base", fake_train)
     first = run_pretrain(cfg, StageContext(tmp_path / "r1", tmp_path / "r1" / "pretrain", recipe, 0))
     second = run_pretrain(cfg, StageContext(tmp_path / "r2", tmp_path / "r2" / "pretrain", recipe, 0))
+    return first, second, trained, recipe
+
+
+def test_stage_reuses_a_cached_base(straight_run, tmp_path, monkeypatch):
+    from r1pipe.stages import StageContext
+
+    cfg = replace(small_cfg(), cache_dir=str(tmp_path / "cache"))
+    first, second, trained, recipe = run_twice_with_cache(cfg, straight_run, tmp_path, monkeypatch)
     assert len(trained) == 1  # the second run copied the cached base instead of training
     assert first["base_key"] == second["base_key"]
     assert (tmp_path / "r2" / "pretrain" / "model" / "tokenizer.json").exists()
@@ -210,21 +219,11 @@ def test_a_given_tokenizer_is_the_bases_own(straight_run, given_tokenizer_run):
 
 
 def test_a_cached_base_brings_its_validation_problems(given_tokenizer_run, tmp_path, monkeypatch):
-    import r1pipe.stages.pretrain as pretrain
     from r1pipe.stages import StageContext
 
     cfg, out = given_tokenizer_run
     cfg = replace(cfg, cache_dir=str(tmp_path / "cache"))
-    recipe = load_recipe("r1-zero-tiny", ["model.overrides.hidden_size=64"])
-    trained = []
-
-    def fake_train(cfg_, model_section, seed, stage_dir, recipe=None):  # stands in for training: copy the finished base
-        trained.append(stage_dir)
-        pretrain._copy_outputs(out, stage_dir)
-
-    monkeypatch.setattr(pretrain, "train_base", fake_train)
-    first = run_pretrain(cfg, StageContext(tmp_path / "r1", tmp_path / "r1" / "pretrain", recipe, 0))
-    second = run_pretrain(cfg, StageContext(tmp_path / "r2", tmp_path / "r2" / "pretrain", recipe, 0))
+    first, second, trained, recipe = run_twice_with_cache(cfg, out, tmp_path, monkeypatch)
     assert len(trained) == 1 and first["base_key"] == second["base_key"]
     assert second["valid_path"] == str(tmp_path / "r2" / "pretrain" / "valid.jsonl")
     assert Path(second["valid_path"]).read_bytes() == (out / "valid.jsonl").read_bytes()

@@ -18,8 +18,8 @@ SMALL_BASE = ["steps=40", "eval_size=0", "cache_dir=null", "heldout_size=24", "t
 # recipes/r1-zero-tiny.yaml with a base long enough that some of its samples are right (traces to keep)
 TEACHER = ["pretrain.steps=120", "pretrain.batch_size=32", "pretrain.eval_size=0", "--run-dir", "runs/r1-zero"]
 SMALL_SFT = ["steps=4", "batch_size=8", "micro_batch_size=8", "checkpoint.every=4"]
-SMALL_RL = ["steps=3", "rollout.prompts_per_step=4", "rollout.group_size=4", "algorithm.updates_per_step=2",
-            "data.heldout_size=8", "checkpoint.every=3"]
+SMALL_RL = ["steps=4", "rollout.prompts_per_step=4", "rollout.group_size=4", "algorithm.updates_per_step=2",
+            "data.heldout_size=8", "checkpoint.every=4"]
 
 
 def r1pipe(cwd: Path, *argv: str) -> None:
@@ -50,7 +50,8 @@ def test_distill_recipe_compares_students_at_equal_budgets(tmp_path: Path) -> No
         b = budgets[rl]
         assert b["sft"] == sft and b["holds"] is True
         assert b["rl_optimizer_steps"] >= b["sft_optimizer_steps"] == 4 and b["rl_tokens"] >= b["sft_tokens"] > 0
-        assert rows[rl]["optimizer_steps"] == b["rl_optimizer_steps"] == 6
+        # 4 steps x 2 updates at most: a step whose groups dynamic sampling all dropped takes no update
+        assert rows[rl]["optimizer_steps"] == b["rl_optimizer_steps"] <= 8
     rl_summary = json.loads((run / "rl_v3" / "summary.json").read_text())
     assert rl_summary["sampled_tokens"] == budgets["v3-small RL alone (R1-Zero)"]["rl_tokens"]
     # margins: paired over the same 24 held-out problems

@@ -21,31 +21,20 @@ import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
-from r1pipe.config import load_recipe
+from r1pipe.config import STAGE_REF, load_recipe, stage_config, stage_refs
 from r1pipe.eval.stats import wilson_interval
-
-
-def references(section: object) -> set[str]:
-    """The stages a recipe section names in its `stage:NAME.key` values."""
-    if isinstance(section, dict):
-        return set().union(*map(references, section.values())) if section else set()
-    if isinstance(section, list):
-        return set().union(*map(references, section)) if section else set()
-    return {section.removeprefix("stage:").split(".")[0]} if isinstance(section, str) and section.startswith("stage:") else set()
 
 
 def stages_for(recipe: str, stage: str, overrides: list[str]) -> list[str]:
     """The stage and every stage it needs (through stage: references), in the recipe's order."""
     cfg = load_recipe(recipe, overrides)
-    containers = {name: OmegaConf.to_container(cfg[name]) for name in cfg.stages}
     needed, todo = set(), [stage]
     while todo:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            todo.extend(references(containers[name]))
+            todo.extend(ref for _, _, ref in stage_refs(stage_config(cfg, name), name))
     return [name for name in cfg.stages if name in needed]
 
 
@@ -56,7 +45,8 @@ def base_of(recipe: str, stage: str, overrides: list[str]) -> str:
     if section is None or section.get("kind") != "grpo":
         raise SystemExit(f"{recipe}: no grpo stage {stage!r}")
     model, heldout = str(section.get("model_path") or ""), str(section.data.get("heldout_path") or "")
-    base = model.removeprefix("stage:").split(".")[0] if model.startswith("stage:") else None
+    ref = STAGE_REF.match(model)
+    base = ref.group(1) if ref else None
     if base is None or heldout != f"stage:{base}.valid_path":
         raise SystemExit(f"{stage}.data.heldout_path={heldout or None!r}: the sweep scores on the validation split; "
                          f"set it to stage:<base>.valid_path (model_path={model or None!r})")

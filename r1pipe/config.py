@@ -232,16 +232,22 @@ def _check_finite(value: Any, key: str) -> None:
             _check_finite(v, f"{key}[{i}]")
 
 
+def stage_refs(section: Any, name: str) -> Iterator[tuple[str, str, str]]:
+    """(dotted key, value, stage named) of every `stage:NAME.KEY` string field of the typed stage config `name`."""
+    for key, holder, field_name in settings(section, name):
+        value = getattr(holder, field_name)
+        m = STAGE_REF.match(value) if isinstance(value, str) else None
+        if m is not None:
+            yield key, value, m.group(1)
+
+
 def _check_stage_refs(stages: list[str], sections: dict[str, Any]) -> None:
     """Every `stage:NAME.KEY` string field of a listed stage names a stage listed before it (which
     outputs the stage has is only known when it has run: r1pipe.run.resolve_stage_refs checks that)."""
     for i, name in enumerate(stages):
-        for key, holder, field_name in settings(sections[name], name):
-            value = getattr(holder, field_name)
-            m = STAGE_REF.match(value) if isinstance(value, str) else None
-            if m is None or m.group(1) in stages[:i]:
+        for key, value, ref in stage_refs(sections[name], name):
+            if ref in stages[:i]:
                 continue
-            ref = m.group(1)
             if ref in stages:
                 why = f"stage {ref!r} runs after {name!r}"
             elif ref in sections or ref in TOP_LEVEL:
